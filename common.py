@@ -1,0 +1,430 @@
+"""What every script shares: config, topic names, the message envelope and schemas, Kafka clients, and the one
+consume -> handle -> produce loop. It lives here once so that each service file holds only its own decision."""
+
+import base64
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger("common")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config: everything that differs between a laptop, CI and a real cluster comes from the environment.
+
+BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
+TOPIC_PREFIX = os.environ.get("TOPIC_PREFIX", "")
+TOPIC_PARTITIONS = int(os.environ.get("TOPIC_PARTITIONS", "1"))
+TOPIC_REPLICATION_FACTOR = int(os.environ.get("TOPIC_REPLICATION_FACTOR", "1"))
+MAX_MESSAGE_BYTES = 64 * 1024  # larger inputs are dead-lettered, not parsed
+
+SECURITY_SETTINGS = {  # kafka-python argument <- environment variable
+    "security_protocol": "KAFKA_SECURITY_PROTOCOL",
+    "sasl_mechanism": "KAFKA_SASL_MECHANISM",
+    "sasl_plain_username": "KAFKA_SASL_USERNAME",
+    "sasl_plain_password": "KAFKA_SASL_PASSWORD",
+    "ssl_cafile": "KAFKA_SSL_CAFILE",
+}
+
+
+def kafka_config() -> dict[str, Any]:
+    """Connection settings for every client: bootstrap address plus any SASL/TLS settings set in the environment."""
+    config = {"bootstrap_servers": BOOTSTRAP_SERVERS.split(","), "reconnect_backoff_max_ms": 1000}
+    config.update({arg: os.environ[env] for arg, env in SECURITY_SETTINGS.items() if os.environ.get(env)})
+    return config
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # the client's own chatter hides the flow
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Topics: each has a single writer (the orchestrator writes the commands; services write their outcomes).
+
+MESSAGE_STREAM = "message_stream"        # events in: detections, unit events, service outcomes
+SEC_COMMAND = "sec_command"              # orchestrator -> security_service
+NOTIFICATION_COMMAND = "notification_command"  # orchestrator -> notification_service
+REPORT_DATA = "report_data"              # orchestrator -> reporting_service
+UNIT_COMMAND = "unit_command"            # orchestrator -> unit_event_producer
+THIRD_PARTY = "third_party"              # notification_service -> external systems
+DEAD_LETTER = "dead_letter"              # anything that could not be handled, with the reason
+ALL_TOPICS = [MESSAGE_STREAM, SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND, THIRD_PARTY, DEAD_LETTER]
+
+
+def topic(name: str) -> str:
+    """The real topic name: TOPIC_PREFIX isolates tests and tenants on one cluster."""
+    return TOPIC_PREFIX + name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Messages: one envelope for everything, and a schema per type for the payload.
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SecurityDetection(Schema):
+    sensor_id: str = Field(min_length=1, max_length=64)
+    zone: str = Field(min_length=1, max_length=64)
+    kind: Literal["motion", "door_forced", "glass_break", "smoke"]
+    severity: int = Field(ge=1, le=5)
+
+
+class SecurityCommand(Schema):
+    action: Literal["inspect", "lock_zone", "dispatch_guard"]
+    zone: str
+    sensor_id: str
+    severity: int = Field(ge=1, le=5)
+
+
+class SecurityOutcome(Schema):
+    action: str
+    zone: str
+    detail: str = ""
+
+
+class NotificationCommand(Schema):
+    channel: Literal["sms", "email", "pager"]
+    recipient: str
+    text: str = Field(max_length=500)
+
+
+class NotificationDelivered(Schema):
+    channel: str
+    recipient: str
+    text: str
+
+
+class ReportData(Schema):
+    workflow: Literal["security", "unit"]
+    category: str  # detection kind or unit status
+    entity: str    # sensor or unit id
+    zone: str = ""
+
+
+class UnitEvent(Schema):
+    unit_id: str = Field(min_length=1, max_length=64)
+    status: Literal["heartbeat", "battery_low", "offline", "tamper"]
+    battery: int = Field(ge=0, le=100)
+
+
+class UnitCommand(Schema):
+    unit_id: str
+    command: Literal["acknowledge", "power_save", "reboot", "lockdown"]
+
+
+class UnitCommandApplied(Schema):
+    unit_id: str
+    command: str
+    state: str
+
+
+SCHEMAS: dict[str, type[Schema]] = {
+    "security_detection": SecurityDetection,
+    "security_command": SecurityCommand,
+    "security_action_completed": SecurityOutcome,
+    "security_action_failed": SecurityOutcome,
+    "notification_command": NotificationCommand,
+    "notification_delivered": NotificationDelivered,
+    "report_data": ReportData,
+    "unit_event": UnitEvent,
+    "unit_command": UnitCommand,
+    "unit_command_applied": UnitCommandApplied,
+}
+
+
+class Envelope(BaseModel):
+    """Every message on every topic: who, what, which workflow, when, and the typed payload."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(min_length=1, max_length=64)        # unique; the dedupe key
+    type: str = Field(min_length=1, max_length=64)
+    workflow_id: str = Field(min_length=1, max_length=64)  # id of the event that started the workflow
+    source: str = Field(min_length=1, max_length=64)    # the script that wrote it
+    created_at: datetime
+    payload: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class DeadLetter(Exception):
+    """Raised while handling a message that must go to dead_letter; the text is the reason."""
+
+
+def new_event(type_: str, payload: dict, source: str) -> Envelope:
+    """A message that starts a workflow: its own id is the workflow id."""
+    event_id = str(uuid.uuid4())
+    return _make(event_id, type_, payload, source, event_id)
+
+
+def caused_by(cause: Envelope, step: str, type_: str, payload: dict, source: str) -> Envelope:
+    """A message caused by another: same workflow, and an id derived from the cause and the step, so that
+    handling the same cause twice yields the same id and receivers can drop the repeat."""
+    derived = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{cause.id}/{step}"))
+    return _make(derived, type_, payload, source, cause.workflow_id)
+
+
+def _make(id_: str, type_: str, payload: dict, source: str, workflow_id: str) -> Envelope:
+    payload = SCHEMAS[type_].model_validate(payload).model_dump()
+    return Envelope(id=id_, type=type_, workflow_id=workflow_id, source=source,
+                    created_at=datetime.now(timezone.utc), payload=payload)
+
+
+def parse(raw: bytes | None) -> Envelope:
+    """Bytes from Kafka -> a validated Envelope, or DeadLetter saying what is wrong with them."""
+    if raw is None:
+        raise DeadLetter("empty message (null value)")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise DeadLetter(f"message of {len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; RecursionError: absurd nesting
+        raise DeadLetter(f"not valid JSON: {str(error)[:200]}") from None
+    try:
+        envelope = Envelope.model_validate(data)
+        schema = SCHEMAS.get(envelope.type)
+        if schema:
+            schema.model_validate(envelope.payload)
+    except ValidationError as error:
+        what = f"{envelope.type} payload" if "envelope" in locals() else "envelope"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:5])
+        raise DeadLetter(f"invalid {what}: {problems}") from None
+    return envelope
+
+
+def expect(event: Envelope, *types: str) -> None:
+    """Services call this first: a command of another type on their topic is a dead letter, not a guess."""
+    if event.type not in types:
+        raise DeadLetter(f"unexpected type {event.type!r}; this service handles {', '.join(types)}")
+
+
+def dead_letter(raw: bytes | None, reason: str, service: str, record=None) -> Envelope:
+    """A dead_letter message: the reason, where the input came from, and the original bytes (base64)."""
+    original = raw or b""
+    payload = {
+        "reason": reason, "service": service,
+        "topic": getattr(record, "topic", None), "partition": getattr(record, "partition", None),
+        "offset": getattr(record, "offset", None),
+        "key": (record.key or b"").decode(errors="replace") if record is not None else None,
+        "original_b64": base64.b64encode(original[:MAX_MESSAGE_BYTES * 4]).decode(),
+        "original_truncated": len(original) > MAX_MESSAGE_BYTES * 4,
+        "excerpt": original[:200].decode(errors="replace"),
+    }
+    where = f"{payload['topic']}:{payload['partition']}:{payload['offset']}"
+    dead_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dead/{service}/{where}"))
+    return Envelope(id=dead_id, type="dead_letter", workflow_id=dead_id, source=service,
+                    created_at=datetime.now(timezone.utc), payload=payload)
+
+
+class Seen:
+    """The ids handled recently (bounded), so a redelivered command has no second effect while the service runs."""
+
+    def __init__(self, capacity: int = 100_000):
+        self.capacity, self.ids = capacity, OrderedDict()
+
+    def add(self, message_id: str) -> bool:
+        """Remember message_id; False if it was already there."""
+        if message_id in self.ids:
+            return False
+        self.ids[message_id] = None
+        if len(self.ids) > self.capacity:
+            self.ids.popitem(last=False)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kafka clients.
+
+def wait_for_kafka(stop: "Stopper", what: str) -> KafkaAdminClient | None:
+    """Connect an admin client, saying clearly that we wait if the broker is not up yet; None if stopped meanwhile."""
+    waiting_since = None
+    while not stop:
+        try:
+            admin = KafkaAdminClient(**kafka_config(), bootstrap_timeout_ms=5000, client_id=what)
+            if waiting_since is not None:
+                log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
+            return admin
+        except KafkaTimeoutError:
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.warning("%s: waiting for Kafka at %s (start it with 'make kafka-up')", what, BOOTSTRAP_SERVERS)
+    return None
+
+
+def ensure_topics(admin: KafkaAdminClient, names: Iterable[str] = ALL_TOPICS) -> None:
+    """Create whichever of the project's topics are missing, so every script runs against any cluster."""
+    wanted = {topic(name) for name in names}
+    missing = wanted - set(admin.list_topics())
+    if not missing:
+        return
+    try:
+        admin.create_topics([NewTopic(name, TOPIC_PARTITIONS, TOPIC_REPLICATION_FACTOR) for name in sorted(missing)])
+        log.info("created topics %s", ", ".join(sorted(missing)))
+    except TopicAlreadyExistsError:  # another script created them at the same moment
+        pass
+
+
+def make_producer(**overrides) -> KafkaProducer:
+    """Idempotent, acks=all producer that keeps retrying through a broker outage rather than failing records."""
+    config = dict(kafka_config(), acks="all", enable_idempotence=True, linger_ms=5,
+                  delivery_timeout_ms=300_000, max_block_ms=300_000)
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def make_consumer(group: str, topics: list[str], instance: str | None = None, **overrides) -> KafkaConsumer:
+    """At-least-once consumer: manual commits, start from the beginning when the group is new.
+    A static member (group_instance_id) restarted within the session timeout rejoins without waiting out a
+    rebalance, which is what keeps an orchestrator restart short."""
+    config = dict(kafka_config(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
+                  session_timeout_ms=20_000, max_poll_records=500, client_id=group)
+    if instance:
+        config["group_instance_id"] = f"{group}-{instance}"
+    config.update(overrides)
+    return KafkaConsumer(*[topic(name) for name in topics], **config)
+
+
+class Stopper:
+    """SIGINT and SIGTERM take the same clean path: finish the batch, commit, close. A second signal exits at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.event.is_set():
+            os._exit(128 + signum)
+        log.info("stopping after this batch (signal %s; send again to exit at once)", signal.Signals(signum).name)
+        self.event.set()
+
+    def __bool__(self):
+        return self.event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self.event.wait(seconds)
+
+
+def send(producer: KafkaProducer, name: str, message: Envelope, key: bytes | str | None = None):
+    """Produce one envelope to a project topic; returns the future."""
+    if isinstance(key, str):
+        key = key.encode()
+    return producer.send(topic(name), value=message.to_bytes(), key=key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one loop: every consuming service is run_service(name, inputs, handle).
+
+Output = tuple[str, Envelope]               # (topic name, message)
+Handler = Callable[[Envelope], list[Output]]
+
+
+def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | None = None,
+                instance: str | None = None, tick: Callable[[], list[tuple[str, Envelope, str]]] | None = None) -> None:
+    """Consume inputs, handle each message, produce what it returns, then commit: at least once.
+
+    Offsets of a batch are committed only after every message the batch produced is acknowledged by Kafka, so a
+    crash anywhere re-delivers the batch rather than losing it. Messages the handler rejects (DeadLetter) go to
+    dead_letter with the original bytes and are committed like any other: visible, never blocking, never lost.
+    Outputs keep the input's key, so one entity's messages stay in order. `tick`, if given, is called every
+    loop and returns (topic, message, key) triples to send too (for scripts that also produce on a schedule).
+    """
+    group = group or name
+    stop = Stopper()
+    admin = wait_for_kafka(stop, name)
+    if admin is None:
+        return
+    ensure_topics(admin)
+    admin.close()
+    consumer = make_consumer(group, inputs, instance=instance or os.environ.get("INSTANCE_ID", "1"))
+    producer = make_producer()
+    log.info("%s: started; consuming %s as group %s from %s", name, ", ".join(map(topic, inputs)), group,
+             BOOTSTRAP_SERVERS)
+    handled = 0
+    try:
+        while not stop:
+            batch = consumer.poll(timeout_ms=100 if tick else 500)
+            futures = [send(producer, t, m, key) for t, m, key in (tick() if tick else [])]
+            offsets = {}
+            for partition, records in batch.items():
+                for record in records:
+                    try:
+                        outputs = handle(parse(record.value))
+                    except DeadLetter as reason:
+                        log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition,
+                                    record.offset, reason)
+                        outputs = [(DEAD_LETTER, dead_letter(record.value, str(reason), name, record))]
+                    futures += [send(producer, t, m, record.key) for t, m in outputs]
+                offsets[partition] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+                handled += len(records)
+            if futures:
+                producer.flush()
+                for future in futures:
+                    future.get()  # flush() does not raise for a failed record; get() does
+            if offsets:
+                consumer.commit(offsets)
+    finally:
+        log.info("%s: stopping after %d messages", name, handled)
+        consumer.close(autocommit=False)
+        producer.close(timeout=10)
+
+
+def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count: int | None, rate: float) -> int:
+    """Produce make()'s messages at `rate` per second until `count` are sent (None: until stopped)."""
+    stop = Stopper()
+    admin = wait_for_kafka(stop, name)
+    if admin is None:
+        return 0
+    ensure_topics(admin)
+    admin.close()
+    producer = make_producer()
+    pacer = Pacer(rate, count)
+    log.info("%s: producing %s at %s/s to %s", name, count or "forever", rate, BOOTSTRAP_SERVERS)
+    try:
+        while not stop and not pacer.finished:
+            futures = [send(producer, *make()) for _ in range(pacer.due())]
+            producer.flush()
+            for future in futures:
+                future.get()
+            stop.wait(pacer.pause())
+    finally:
+        producer.close(timeout=10)
+        log.info("%s: produced %d messages", name, pacer.sent)
+    return pacer.sent
+
+
+class Pacer:
+    """How many messages are due now to keep `rate` per second, up to `count` in all."""
+
+    def __init__(self, rate: float, count: int | None):
+        self.rate, self.count, self.sent, self.began = rate, count, 0, time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.count is not None and self.sent >= self.count
+
+    def due(self) -> int:
+        target = int((time.monotonic() - self.began) * self.rate) + 1
+        if self.count is not None:
+            target = min(target, self.count)
+        due, self.sent = max(0, target - self.sent), max(self.sent, target)
+        return due
+
+    def pause(self) -> float:
+        """Seconds until the next message is due (at most 0.1, so a stop is prompt)."""
+        return 0.0 if self.finished else min(0.1, max(0.0, (self.sent / self.rate) - (time.monotonic() - self.began)))

@@ -1,0 +1,114 @@
+"""Orchestrator: owns the workflows. Reads message_stream, decides with the routing table below which commands to send.
+
+Consumes: message_stream        Produces: sec_command, notification_command, report_data, unit_command, dead_letter
+Run:      python orchestrator.py --example 1        # stage of the walkthrough: 1, 2 or 3 (default 3, everything)
+          python orchestrator.py --workflows security   # one orchestrator per workflow, each restarts on its own
+Changing a workflow means editing route() and restarting this script; the services never change. Messages that
+arrive while it is down wait in message_stream and are routed as soon as it is back.
+"""
+
+import argparse
+import logging
+
+from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, Envelope, Output,
+                    caused_by, run_service, setup_logging)
+
+log = logging.getLogger("orchestrator")
+SOURCE = "orchestrator"
+
+# Which workflow each event type belongs to (for --workflows). Outcomes belong to the workflow that caused them.
+WORKFLOW_OF = {
+    "security_detection": "security",
+    "security_action_completed": "security",
+    "security_action_failed": "security",
+    "unit_event": "unit",
+    "unit_command_applied": "unit",
+}
+WORKFLOWS = ("security", "unit")
+UNKNOWN_TYPES_OWNER = "security"  # with --workflows, only the orchestrator owning this dead-letters unknown types
+
+
+def route(event: Envelope, example: int = 3) -> list[Output]:
+    """The routing table: the commands an event causes at a stage of the walkthrough."""
+    if event.type == "security_detection":
+        commands = [(SEC_COMMAND, security_command(event)), (NOTIFICATION_COMMAND, notify_on_duty(event))]
+        if example >= 2:  # EXAMPLE 2: the seed's "uncomment the reporting service line" -- reporting joins.
+            commands.append((REPORT_DATA, report(event, "security", event.payload["kind"], event.payload["sensor_id"])))
+        return commands
+    elif event.type == "unit_event" and example >= 3:  # EXAMPLE 3: the seed's new unit-event workflow.
+        return [(UNIT_COMMAND, unit_command(event)),
+                (REPORT_DATA, report(event, "unit", event.payload["status"], event.payload["unit_id"]))]
+    elif event.type == "security_action_failed":  # compensation is just another route: escalate to a human
+        return [(NOTIFICATION_COMMAND, escalate(event))]
+    elif event.type in ("security_action_completed", "unit_command_applied"):  # a step reported done; nothing follows
+        return []
+    else:
+        raise DeadLetter(f"no route for {event.type!r} at example {example}")
+
+
+def security_command(event: Envelope) -> Envelope:
+    detection = event.payload
+    action = "dispatch_guard" if detection["severity"] >= 4 else "lock_zone" if detection["severity"] == 3 else "inspect"
+    return caused_by(event, "security", "security_command", {
+        "action": action, "zone": detection["zone"], "sensor_id": detection["sensor_id"],
+        "severity": detection["severity"]}, SOURCE)
+
+
+def notify_on_duty(event: Envelope) -> Envelope:
+    detection = event.payload
+    return caused_by(event, "notify", "notification_command", {
+        "channel": "pager" if detection["severity"] >= 4 else "sms", "recipient": f"on-duty-{detection['zone']}",
+        "text": f"{detection['kind']} at {detection['zone']} (sensor {detection['sensor_id']}, "
+                f"severity {detection['severity']})"}, SOURCE)
+
+
+def escalate(event: Envelope) -> Envelope:
+    outcome = event.payload
+    return caused_by(event, "escalate", "notification_command", {
+        "channel": "pager", "recipient": "security-supervisor",
+        "text": f"ESCALATION: {outcome['action']} failed at {outcome['zone']}: {outcome['detail']}"}, SOURCE)
+
+
+def unit_command(event: Envelope) -> Envelope:
+    command = {"heartbeat": "acknowledge", "battery_low": "power_save", "offline": "reboot", "tamper": "lockdown"}
+    unit = event.payload
+    return caused_by(event, "unit", "unit_command", {"unit_id": unit["unit_id"], "command": command[unit["status"]]},
+                     SOURCE)
+
+
+def report(event: Envelope, workflow: str, category: str, entity: str) -> Envelope:
+    return caused_by(event, "report", "report_data", {
+        "workflow": workflow, "category": category, "entity": entity, "zone": event.payload.get("zone", "")}, SOURCE)
+
+
+def owns(event_type: str, workflows: set[str]) -> bool:
+    """Whether an orchestrator running `workflows` handles this event type (another orchestrator owns the rest)."""
+    workflow = WORKFLOW_OF.get(event_type, UNKNOWN_TYPES_OWNER)
+    return workflow in workflows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--example", type=int, choices=[1, 2, 3], default=3, help="walkthrough stage (default 3)")
+    parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(WORKFLOWS)} (default: all)")
+    args = parser.parse_args()
+    setup_logging()
+    workflows = set(args.workflows.split(",")) if args.workflows else set(WORKFLOWS)
+    if not workflows <= set(WORKFLOWS):
+        parser.error(f"unknown workflow in --workflows: {', '.join(sorted(workflows - set(WORKFLOWS)))}")
+    # One consumer group per set of workflows, so split orchestrators each read every event and restart independently.
+    group = "orchestrator" if workflows == set(WORKFLOWS) else "orchestrator-" + "-".join(sorted(workflows))
+    log.info("routing table: example %d, workflows %s", args.example, ", ".join(sorted(workflows)))
+
+    def handle(event: Envelope) -> list[Output]:
+        if not owns(event.type, workflows):
+            return []
+        commands = route(event, args.example)
+        log.info("%s %s -> %s", event.type, event.workflow_id[:8], ", ".join(t for t, _ in commands) or "done")
+        return commands
+
+    run_service("orchestrator", [MESSAGE_STREAM], handle, group=group)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Reporting service: stores every report in SQLite and prints a periodic summary. Joins in Example 2.
+
+Consumes: report_data           Produces: nothing (a SQLite file, REPORT_DB or --db, default reports.db)
+Run:      python reporting_service.py --example 2      # security reports only (the unit section is off)
+          python reporting_service.py --example 3      # plus the unit section
+          python reporting_service.py --summary --json # print the stored counts as one JSON object and exit
+The message id is the primary key, so a redelivered report is stored once.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sqlite3
+import time
+
+from common import REPORT_DATA, DeadLetter, Envelope, Output, expect, run_service, setup_logging
+
+log = logging.getLogger("reporting_service")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS reports (id TEXT PRIMARY KEY, workflow_id TEXT, workflow TEXT, category TEXT,
+                                    entity TEXT, zone TEXT, created_at TEXT);
+CREATE TABLE IF NOT EXISTS units (unit_id TEXT PRIMARY KEY, last_status TEXT, events INTEGER, updated_at TEXT);
+"""
+
+
+def open_store(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    return db
+
+
+def store(db: sqlite3.Connection, message: Envelope, example: int) -> list[Output]:
+    """Save one report (once, however often it is delivered)."""
+    expect(message, "report_data")
+    report = message.payload
+    if report["workflow"] == "security":
+        save_report(db, message)
+    elif report["workflow"] == "unit" and example >= 3:  # EXAMPLE 3: the seed's "uncomment the Unit Event section".
+        if save_report(db, message):
+            with db:
+                db.execute("INSERT INTO units VALUES (?, ?, 1, ?) ON CONFLICT(unit_id) DO UPDATE SET "
+                           "last_status = excluded.last_status, events = events + 1, updated_at = excluded.updated_at",
+                           (report["entity"], report["category"], message.created_at.isoformat()))
+    else:
+        raise DeadLetter(f"no report section for {report['workflow']!r} reports at example {example}")
+    return []
+
+
+def save_report(db: sqlite3.Connection, message: Envelope) -> bool:
+    """Insert the report; False if this message id was stored before (a redelivery)."""
+    r = message.payload
+    with db:
+        inserted = db.execute("INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?)", (
+            message.id, message.workflow_id, r["workflow"], r["category"], r["entity"], r["zone"],
+            message.created_at.isoformat())).rowcount
+    if not inserted:
+        log.info("report %s already stored; ignoring the redelivery", message.id[:8])
+    return bool(inserted)
+
+
+def summary(db: sqlite3.Connection) -> dict:
+    """Report counts per workflow and per category, plus the units whose last status needs attention."""
+    counts = {"reports": 0, "workflows": {}, "categories": {}}
+    for workflow, category, n in db.execute("SELECT workflow, category, COUNT(*) FROM reports GROUP BY 1, 2"):
+        counts["reports"] += n
+        counts["workflows"][workflow] = counts["workflows"].get(workflow, 0) + n
+        counts["categories"].setdefault(workflow, {})[category] = n
+    counts["units_needing_attention"] = [unit for (unit,) in db.execute(
+        "SELECT unit_id FROM units WHERE last_status != 'heartbeat' ORDER BY unit_id")]
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--example", type=int, choices=[2, 3], default=3, help="walkthrough stage (default 3)")
+    parser.add_argument("--db", default=os.environ.get("REPORT_DB", "reports.db"), help="SQLite file")
+    parser.add_argument("--summary", action="store_true", help="print the stored counts and exit")
+    parser.add_argument("--json", action="store_true", help="with --summary: one JSON object")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between printed summaries (default 10)")
+    args = parser.parse_args()
+    setup_logging()
+    db = open_store(args.db)
+    if args.summary:
+        counts = summary(db)
+        print(json.dumps(counts, sort_keys=True) if args.json else json.dumps(counts, indent=2, sort_keys=True))
+        return
+    next_summary = time.monotonic() + args.every
+
+    def print_summary_when_due() -> list:
+        nonlocal next_summary
+        if time.monotonic() >= next_summary:
+            next_summary = time.monotonic() + args.every
+            log.info("summary: %s", json.dumps(summary(db), sort_keys=True))
+        return []
+
+    log.info("storing reports in %s (unit section %s)", args.db, "on" if args.example >= 3 else "off")
+    run_service("reporting_service", [REPORT_DATA], lambda message: store(db, message, args.example),
+                tick=print_summary_when_due)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Security detector: simulates sensors and produces security detections.
+
+Produces: message_stream (type security_detection, keyed by sensor id)
+Run:      python security_detector.py                      # one detection a second, until Ctrl-C
+          python security_detector.py --count 10 --rate 5  # ten detections, five a second, then exit
+"""
+
+import argparse
+import logging
+import random
+
+from common import MESSAGE_STREAM, new_event, run_producer, setup_logging
+
+log = logging.getLogger("security_detector")
+KINDS = ["motion", "door_forced", "glass_break", "smoke"]
+
+
+def detection(rng: random.Random, sensors: int = 8):
+    """One simulated detection: (topic, message, key)."""
+    sensor = rng.randrange(sensors)
+    event = new_event("security_detection", {
+        "sensor_id": f"sensor-{sensor}", "zone": f"zone-{sensor % 4}", "kind": rng.choice(KINDS),
+        "severity": rng.randint(1, 5)}, "security_detector")
+    log.info("detected %s in %s (severity %s) workflow %s", event.payload["kind"], event.payload["zone"],
+             event.payload["severity"], event.workflow_id[:8])
+    return MESSAGE_STREAM, event, event.payload["sensor_id"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, help="detections to produce, then exit (default: forever)")
+    parser.add_argument("--rate", type=float, default=1.0, help="detections per second (default 1)")
+    parser.add_argument("--seed", type=int, help="random seed, for repeatable runs")
+    args = parser.parse_args()
+    if args.rate <= 0 or (args.count is not None and args.count < 0):
+        parser.error("--rate must be above 0 and --count not negative")
+    setup_logging()
+    rng = random.Random(args.seed)
+    run_producer("security_detector", lambda: detection(rng), args.count, args.rate)
+
+
+if __name__ == "__main__":
+    main()

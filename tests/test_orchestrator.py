@@ -1,0 +1,99 @@
+"""The routing table, without Kafka: every event type at every stage, and who owns what when split."""
+
+import pytest
+
+from common import NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
+from orchestrator import owns, route
+
+
+def detection(severity=3):
+    return new_event("security_detection", {"sensor_id": "sensor-1", "zone": "zone-1", "kind": "motion",
+                                            "severity": severity}, "test")
+
+
+def unit_event(status="battery_low"):
+    return new_event("unit_event", {"unit_id": "unit-1", "status": status, "battery": 12}, "test")
+
+
+def topics_of(commands):
+    return [name for name, _ in commands]
+
+
+def test_example_1_sends_a_detection_to_security_and_notification():
+    commands = route(detection(), example=1)
+    assert topics_of(commands) == [SEC_COMMAND, NOTIFICATION_COMMAND]
+
+
+@pytest.mark.parametrize("example", [2, 3])
+def test_from_example_2_the_security_workflow_also_reports(example):
+    commands = route(detection(), example=example)
+    assert topics_of(commands) == [SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA]
+    report = commands[2][1]
+    assert report.payload == {"workflow": "security", "category": "motion", "entity": "sensor-1", "zone": "zone-1"}
+
+
+def test_commands_carry_the_workflow_id_of_the_detection_and_are_typed():
+    event = detection()
+    commands = route(event, example=3)
+    assert {m.workflow_id for _, m in commands} == {event.id}
+    assert [m.type for _, m in commands] == ["security_command", "notification_command", "report_data"]
+
+
+def test_routing_the_same_event_twice_gives_the_same_command_ids():
+    # so a re-routed event is recognised downstream as a repeat
+    event = detection()
+    assert [m.id for _, m in route(event)] == [m.id for _, m in route(event)]
+    assert len({m.id for _, m in route(event)}) == 3
+
+
+@pytest.mark.parametrize("severity,action,channel", [(1, "inspect", "sms"), (3, "lock_zone", "sms"),
+                                                     (5, "dispatch_guard", "pager")])
+def test_severity_picks_the_security_action_and_the_channel(severity, action, channel):
+    sec, note = route(detection(severity), example=1)
+    assert sec[1].payload["action"] == action and note[1].payload["channel"] == channel
+
+
+@pytest.mark.parametrize("example", [1, 2])
+def test_a_unit_event_before_example_3_has_no_route(example):
+    with pytest.raises(DeadLetter, match="no route for 'unit_event' at example"):
+        route(unit_event(), example=example)
+
+
+@pytest.mark.parametrize("status,command", [("heartbeat", "acknowledge"), ("battery_low", "power_save"),
+                                            ("offline", "reboot"), ("tamper", "lockdown")])
+def test_example_3_routes_a_unit_event_to_the_unit_and_to_reporting(status, command):
+    commands = route(unit_event(status), example=3)
+    assert topics_of(commands) == [UNIT_COMMAND, REPORT_DATA]
+    assert commands[0][1].payload == {"unit_id": "unit-1", "command": command}
+    assert commands[1][1].payload["workflow"] == "unit" and commands[1][1].payload["category"] == status
+
+
+def test_a_failed_security_action_is_escalated_by_notification():
+    failed = caused_by(detection(), "done", "security_action_failed",
+                       {"action": "lock_zone", "zone": "zone-1", "detail": "door jammed"}, "test")
+    commands = route(failed, example=1)
+    assert topics_of(commands) == [NOTIFICATION_COMMAND]
+    assert commands[0][1].payload["recipient"] == "security-supervisor"
+    assert "door jammed" in commands[0][1].payload["text"]
+
+
+@pytest.mark.parametrize("type_,payload", [
+    ("security_action_completed", {"action": "inspect", "zone": "zone-1", "detail": ""}),
+    ("unit_command_applied", {"unit_id": "unit-1", "command": "reboot", "state": "rebooting"})])
+def test_a_completed_step_ends_its_workflow_with_no_command(type_, payload):
+    assert route(caused_by(detection(), "done", type_, payload, "test")) == []
+
+
+def test_an_unknown_type_has_no_route():
+    stranger = new_event("security_detection", {"sensor_id": "s", "zone": "z", "kind": "smoke", "severity": 1}, "t")
+    stranger = stranger.model_copy(update={"type": "weather_report"})
+    with pytest.raises(DeadLetter, match="no route for 'weather_report'"):
+        route(stranger)
+
+
+def test_split_orchestrators_own_disjoint_workflows_and_the_security_one_owns_unknown_types():
+    assert owns("security_detection", {"security"}) and not owns("security_detection", {"unit"})
+    assert owns("unit_event", {"unit"}) and not owns("unit_event", {"security"})
+    assert owns("unit_command_applied", {"unit"}) and owns("security_action_failed", {"security"})
+    assert owns("weather_report", {"security"}) and not owns("weather_report", {"unit"})
+    assert all(owns(t, {"security", "unit"}) for t in ["security_detection", "unit_event", "weather_report"])

@@ -1,0 +1,62 @@
+"""Unit event producer: simulates field units. Produces their events and obeys the commands sent back to them.
+
+Produces: message_stream (unit_event keyed by unit id; unit_command_applied, same workflow_id)
+Consumes: unit_command
+Run:      python unit_event_producer.py                         # one event a second from 5 units, until Ctrl-C
+          python unit_event_producer.py --count 20 --rate 10    # 20 events, then keep obeying commands
+Joins in Example 3.
+"""
+
+import argparse
+import logging
+import random
+
+from common import (MESSAGE_STREAM, UNIT_COMMAND, Envelope, Output, Pacer, Seen, caused_by, expect, new_event,
+                    run_service, setup_logging)
+
+log = logging.getLogger("unit_event_producer")
+STATUSES = ["heartbeat", "heartbeat", "battery_low", "offline", "tamper"]  # mostly heartbeats, as in the field
+STATE_AFTER = {"acknowledge": "ok", "power_save": "power_saving", "reboot": "rebooting", "lockdown": "locked_down"}
+units: dict[str, str] = {}  # unit id -> state after the last command applied
+seen = Seen()
+
+
+def unit_event(rng: random.Random, count: int) -> tuple[str, Envelope, str]:
+    """One simulated unit event: (topic, message, key)."""
+    unit = f"unit-{rng.randrange(count)}"
+    event = new_event("unit_event", {"unit_id": unit, "status": rng.choice(STATUSES), "battery": rng.randint(5, 100)},
+                      "unit_event_producer")
+    log.info("%s reports %s (battery %s%%) workflow %s", unit, event.payload["status"], event.payload["battery"],
+             event.workflow_id[:8])
+    return MESSAGE_STREAM, event, unit
+
+
+def apply(command: Envelope) -> list[Output]:
+    """Apply a command to the simulated unit and report that it was applied."""
+    expect(command, "unit_command")
+    if not seen.add(command.id):
+        return []
+    unit, what = command.payload["unit_id"], command.payload["command"]
+    units[unit] = STATE_AFTER[what]
+    log.info("%s: %s applied -> %s (workflow %s)", unit, what, units[unit], command.workflow_id[:8])
+    return [(MESSAGE_STREAM, caused_by(command, "applied", "unit_command_applied",
+                                       {"unit_id": unit, "command": what, "state": units[unit]}, "unit_event_producer"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, help="unit events to produce (default: forever); commands are obeyed after")
+    parser.add_argument("--rate", type=float, default=1.0, help="unit events per second (default 1)")
+    parser.add_argument("--units", type=int, default=5, help="number of simulated units (default 5)")
+    parser.add_argument("--seed", type=int, help="random seed, for repeatable runs")
+    args = parser.parse_args()
+    if args.rate <= 0 or args.units < 1 or (args.count is not None and args.count < 0):
+        parser.error("--rate and --units must be above 0 and --count not negative")
+    setup_logging()
+    rng, pacer = random.Random(args.seed), Pacer(args.rate, args.count)
+    run_service("unit_event_producer", [UNIT_COMMAND], apply,
+                tick=lambda: [unit_event(rng, args.units) for _ in range(pacer.due())])
+
+
+if __name__ == "__main__":
+    main()

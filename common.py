@@ -291,6 +291,7 @@ def make_consumer(group: str, topics: list[str], instance: str | None = None, **
     """At-least-once consumer: manual commits, start from the beginning when the group is new.
     A static member (group_instance_id) restarted within the session timeout rejoins without waiting out a
     rebalance, which is what keeps an orchestrator restart short."""
+    group = TOPIC_PREFIX + group  # a prefix isolates groups as it isolates topics
     config = dict(kafka_config(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
                   session_timeout_ms=20_000, max_poll_records=500, client_id=group)
     if instance:
@@ -352,6 +353,10 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     ensure_topics(admin)
     admin.close()
     consumer = make_consumer(group, inputs, instance=instance or os.environ.get("INSTANCE_ID", "1"))
+    # Join the group only once the input topics' partitions are in the client's metadata: a member that joins
+    # right after the topics were created can be assigned nothing, and is not told when they appear.
+    while not stop and not all(consumer.partitions_for_topic(topic(name)) for name in inputs):
+        stop.wait(0.1)
     producer = make_producer()
     log.info("%s: started; consuming %s as group %s from %s", name, ", ".join(map(topic, inputs)), group,
              BOOTSTRAP_SERVERS)

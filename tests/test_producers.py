@@ -1,0 +1,30 @@
+"""The two event sources against a real broker: security_detector and unit_event_producer."""
+
+from common import MESSAGE_STREAM, UNIT_COMMAND
+from orchestrator import route
+from test_orchestrator import unit_event
+
+
+def test_the_detector_produces_count_valid_detections_keyed_by_sensor(scripts, topics):
+    # When the detector runs with --count 5
+    scripts.run("security_detector.py", "--count", "5", "--rate", "50", "--seed", "7")
+    # Then exactly five detections are on message_stream, each its own workflow, keyed by its sensor
+    reader = topics(MESSAGE_STREAM)
+    detections = reader.read_count(5)
+    assert [d.type for d in detections] == ["security_detection"] * 5
+    assert len({d.workflow_id for d in detections}) == 5
+    assert [r.key.decode() for r in reader.raw] == [d.payload["sensor_id"] for d in detections]
+
+
+def test_the_unit_producer_emits_events_and_applies_commands(scripts, topics, producer):
+    # Given the unit producer with --count 3
+    scripts.start("unit_event_producer.py", "--count", "3", "--rate", "50", "--units", "2")
+    stream = topics(MESSAGE_STREAM)
+    assert len(stream.read_count(3, type_="unit_event")) == 3
+    # When a command for one of its units arrives
+    command = route(unit_event("offline"), example=3)[0][1]
+    producer(UNIT_COMMAND, command)
+    # Then it applies it and says so on message_stream, for the same workflow
+    [applied] = stream.read_count(1, type_="unit_command_applied")
+    assert applied.workflow_id == command.workflow_id
+    assert applied.payload == {"unit_id": "unit-1", "command": "reboot", "state": "rebooting"}

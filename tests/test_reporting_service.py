@@ -1,0 +1,51 @@
+"""reporting_service against a real broker: stores each report once; the unit section exists only from Example 3."""
+
+from common import REPORT_DATA
+from conftest import report_summary, wait_for_reports
+from orchestrator import route
+from test_orchestrator import detection, unit_event
+
+
+def security_report():
+    return route(detection(), example=2)[2][1]
+
+
+def unit_report(status):
+    return route(unit_event(status), example=3)[1][1]
+
+
+def test_a_report_delivered_twice_is_stored_once(scripts, producer):
+    # Given the reporting service at Example 2
+    scripts.start("reporting_service.py", "--example", "2")
+    repeated, other = security_report(), security_report()
+    # When one report arrives twice and another once
+    for report in (repeated, repeated, other):
+        producer(REPORT_DATA, report)
+    # Then the store counts two reports
+    summary = wait_for_reports(scripts, 2)
+    assert summary["reports"] == 2 and summary["workflows"] == {"security": 2}
+    assert summary["categories"] == {"security": {"motion": 2}}
+
+
+def test_before_example_3_a_unit_report_is_dead_lettered_not_dropped(scripts, topics, producer):
+    scripts.start("reporting_service.py", "--example", "2")
+    producer(REPORT_DATA, unit_report("tamper"))
+    producer(REPORT_DATA, security_report())
+    [letter] = topics("dead_letter").read_count(1)
+    assert letter.payload["reason"] == "no report section for 'unit' reports at example 2"
+    assert wait_for_reports(scripts, 1)["workflows"] == {"security": 1}
+
+
+def test_the_example_3_unit_section_tracks_units_needing_attention(scripts, producer):
+    scripts.start("reporting_service.py", "--example", "3")
+    for status in ("tamper", "heartbeat", "offline"):
+        producer(REPORT_DATA, unit_report(status))
+    summary = wait_for_reports(scripts, 3)
+    assert summary["workflows"] == {"unit": 3}
+    assert summary["categories"]["unit"] == {"tamper": 1, "heartbeat": 1, "offline": 1}
+    assert summary["units_needing_attention"] == ["unit-1"]  # its last status was "offline"
+
+
+def test_summary_of_an_empty_store_is_all_zero(scripts):
+    assert report_summary(scripts) == {"reports": 0, "workflows": {}, "categories": {},
+                                       "units_needing_attention": []}

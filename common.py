@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
-from kafka.structs import OffsetAndMetadata
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("common")
@@ -319,6 +319,25 @@ class Stopper:
 
     def wait(self, seconds: float) -> bool:
         return self.event.wait(seconds)
+
+
+def read_all(name: str, timeout: float = 30.0) -> list:
+    """Every record now in a project topic (all partitions, committed only), without joining a group."""
+    consumer = KafkaConsumer(**kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
+    try:
+        partitions = [TopicPartition(topic(name), p) for p in consumer.partitions_for_topic(topic(name))]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        end = consumer.end_offsets(partitions)
+        records, deadline = [], time.monotonic() + timeout
+        while any(consumer.position(p) < end[p] for p in partitions):
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"could not read {topic(name)} to its end within {timeout:.0f} s")
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close(autocommit=False)
 
 
 def send(producer: KafkaProducer, name: str, message: Envelope, key: bytes | str | None = None):

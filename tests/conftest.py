@@ -188,10 +188,11 @@ def report_summary(scripts: Scripts) -> dict:
     return json.loads(scripts.run("reporting_service.py", "--summary", "--json").stdout)
 
 
-def wait_for_reports(scripts: Scripts, count: int, timeout: float = 60) -> dict:
-    """Poll the report store (through the CLI users have) until it holds `count` reports."""
+def wait_for_reports(scripts: Scripts, count: int, workflow: str | None = None, timeout: float = 60) -> dict:
+    """Poll the report store (through the CLI users have) until it holds `count` reports (of `workflow`)."""
     deadline = time.monotonic() + timeout
     while True:
         summary = report_summary(scripts)
-        if summary["reports"] >= count or time.monotonic() > deadline:
+        stored = summary["workflows"].get(workflow, 0) if workflow else summary["reports"]
+        if stored >= count or time.monotonic() > deadline:
             return summary

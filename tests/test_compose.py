@@ -1,8 +1,8 @@
 """docker-compose-expose.yml cannot be started without a Docker engine, so check what Docker users will get."""
 
 import yaml
-
 from conftest import KAFKA_IMAGE, ROOT
+
 from common import ALL_TOPICS
 from local_kafka import KAFKA_VERSION
 

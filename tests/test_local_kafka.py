@@ -6,11 +6,11 @@ import subprocess
 import sys
 import uuid
 
+from conftest import ROOT
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 
 import local_kafka
-from conftest import ROOT
 
 
 def local_kafka_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,8 +1,9 @@
 """notification_service against a real broker: delivers, publishes to third_party, ignores repeats."""
 
+from test_orchestrator import detection
+
 from common import NOTIFICATION_COMMAND, THIRD_PARTY
 from orchestrator import route
-from test_orchestrator import detection
 
 
 def notification_command(severity=5):

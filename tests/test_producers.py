@@ -1,8 +1,9 @@
 """The two event sources against a real broker: security_detector and unit_event_producer."""
 
+from test_orchestrator import unit_event
+
 from common import MESSAGE_STREAM, UNIT_COMMAND
 from orchestrator import route
-from test_orchestrator import unit_event
 
 
 def test_the_detector_produces_count_valid_detections_keyed_by_sensor(scripts, topics):

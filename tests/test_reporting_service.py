@@ -1,9 +1,10 @@
 """reporting_service against a real broker: stores each report once; the unit section exists only from Example 3."""
 
-from common import REPORT_DATA
 from conftest import report_summary, wait_for_reports
-from orchestrator import route
 from test_orchestrator import detection, unit_event
+
+from common import REPORT_DATA
+from orchestrator import route
 
 
 def security_report():

@@ -1,0 +1,173 @@
+"""Examples 1-3 end to end, run as a user runs them: each script its own process, against the real broker."""
+
+import re
+import time
+
+from conftest import wait_for_reports
+
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, new_event
+
+SERVICES = ("security_service.py", "notification_service.py")
+
+
+def ids_of(messages, type_):
+    return {m.workflow_id for m in messages if m.type == type_}
+
+
+def detections(messages):
+    return ids_of(messages, "security_detection")
+
+
+def wait_completed(stream, third_party, workflows, timeout=60):
+    """Wait until every workflow has its security outcome and its delivered notification."""
+    stream.read_until(lambda ms: workflows <= ids_of(ms, "security_action_completed"), timeout)
+    third_party.read_until(lambda ms: workflows <= ids_of(ms, "notification_delivered"), timeout)
+
+
+def test_example_1_each_detection_reaches_security_and_notification(scripts, topics):
+    # Given the two services and an Example 1 orchestrator
+    for service in SERVICES:
+        scripts.start(service)
+    scripts.start("orchestrator.py", "--example", "1")
+    # When ten detections are produced
+    scripts.run("security_detector.py", "--count", "10", "--rate", "50")
+    stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
+    workflows = ids_of(stream.read_count(10, type_="security_detection"), "security_detection")
+    # Then each has exactly one security command and one delivered notification, with matching workflow ids
+    commands = topics(SEC_COMMAND).read_count(10)
+    delivered = third_party.read_count(10)
+    assert sorted(m.workflow_id for m in commands) == sorted(workflows)
+    assert sorted(m.workflow_id for m in delivered) == sorted(workflows)
+    # And each security action was reported back on message_stream
+    stream.read_until(lambda ms: workflows <= ids_of(ms, "security_action_completed"))
+    assert len(topics(NOTIFICATION_COMMAND).read_count(10)) == 10
+
+
+def test_example_2_reporting_joins_with_only_the_orchestrator_restarted(scripts, topics):
+    # Given Example 1 running with five detections done
+    services = [scripts.start(service) for service in SERVICES]
+    orchestrator = scripts.start("orchestrator.py", "--example", "1")
+    stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
+    scripts.run("security_detector.py", "--count", "5", "--rate", "50")
+    first = detections(stream.read_count(5, type_="security_detection"))
+    wait_completed(stream, third_party, first)
+    # When the reporting service starts, the orchestrator stops, five detections arrive meanwhile,
+    # the orchestrator starts at Example 2 and five more detections arrive
+    scripts.start("reporting_service.py", "--example", "2")
+    assert scripts.stop(orchestrator) == 0
+    scripts.run("security_detector.py", "--count", "5", "--rate", "50")
+    scripts.start("orchestrator.py", "--example", "2")
+    scripts.run("security_detector.py", "--count", "5", "--rate", "50")
+    later = detections(stream.read_count(15, type_="security_detection")) - first
+    # Then all fifteen workflows complete, the ten routed at Example 2 are reported exactly once each
+    wait_completed(stream, third_party, first | later)
+    summary = wait_for_reports(scripts, 10)
+    assert summary["reports"] == 10 and summary["workflows"] == {"security": 10}
+    assert len(third_party.messages()) == 15
+    # And the original services never restarted
+    assert all(service.poll() is None for service in services)
+
+
+def test_example_3_unit_workflow_joins_while_security_keeps_flowing(scripts, topics):
+    # Given the Example 2 system running, with detections streaming in
+    for service in SERVICES:
+        scripts.start(service)
+    reporting = scripts.start("reporting_service.py", "--example", "2")
+    orchestrator = scripts.start("orchestrator.py", "--example", "2")
+    scripts.start("security_detector.py", "--rate", "5")
+    stream, third_party, dead = topics(MESSAGE_STREAM), topics(THIRD_PARTY), topics("dead_letter")
+    # When the unit producer starts (step 1), its first events reach the stage-2 orchestrator: no route yet
+    scripts.start("unit_event_producer.py", "--count", "8", "--rate", "4", "--seed", "3")
+    dead.read_count(1)
+    # And the reporting service and the orchestrator restart at Example 3 (steps 2-5)
+    scripts.stop(reporting)
+    scripts.start("reporting_service.py", "--example", "3")
+    scripts.stop(orchestrator)
+    restarted_at = time.time()
+    scripts.start("orchestrator.py", "--example", "3")
+    units = ids_of(stream.read_count(8, type_="unit_event"), "unit_event")
+    # And the unit events the old table had no route for are replayed
+    replay = scripts.run("dead_letters.py", "replay", "--reason", "no route for 'unit_event'")
+    replayed = re.fullmatch(r"replayed (\d+) of (\d+) dead letters\n", replay.stdout)
+    assert replayed and replayed[1] == replayed[2] and int(replayed[1]) >= 1
+    # Then every unit event gets its unit command, is applied, and lands in the report's unit section once
+    commands = topics(UNIT_COMMAND).read_until(lambda ms: units <= {m.workflow_id for m in ms})
+    assert len(commands) == 8
+    stream.read_until(lambda ms: units <= ids_of(ms, "unit_command_applied"))
+    assert wait_for_reports(scripts, 8, workflow="unit")["workflows"]["unit"] == 8
+    # And security workflows started after the restart complete too
+    stream.read_until(lambda ms: any(m.created_at.timestamp() > restarted_at for m in ms
+                                     if m.type == "security_detection"))
+    after = {m.workflow_id for m in stream.messages()
+             if m.type == "security_detection" and m.created_at.timestamp() > restarted_at}
+    wait_completed(stream, third_party, after)
+
+
+def test_nothing_produced_while_the_orchestrator_is_down_is_lost_or_doubled(scripts, topics):
+    # Given the Example 2 system, orchestrator stopped
+    for service in (*SERVICES, "reporting_service.py"):
+        scripts.start(service)
+    orchestrator = scripts.start("orchestrator.py", "--example", "2")
+    stream, third_party, commands = topics(MESSAGE_STREAM), topics(THIRD_PARTY), topics(SEC_COMMAND)
+    scripts.run("security_detector.py", "--count", "1")
+    commands.read_count(1)  # the orchestrator is up and has routed
+    scripts.stop(orchestrator)
+    # When twenty detections arrive while it is down, and it starts again
+    scripts.run("security_detector.py", "--count", "20", "--rate", "100")
+    started = time.monotonic()
+    scripts.start("orchestrator.py", "--example", "2")
+    commands.read_count(2)
+    gap = time.monotonic() - started
+    # Then all twenty-one workflows complete, each once, and each is reported once
+    workflows = detections(stream.read_count(21, type_="security_detection"))
+    wait_completed(stream, third_party, workflows)
+    assert sorted(m.workflow_id for m in commands.read_count(21)) == sorted(workflows)
+    assert sorted(m.workflow_id for m in third_party.messages()) == sorted(workflows)
+    assert wait_for_reports(scripts, 21)["reports"] == 21
+    assert gap < 30, f"restart gap {gap:.1f} s"  # an outcome bound (a hung rejoin), not a speed target
+    print(f"restart gap (process start -> first backlog command on sec_command): {gap:.2f} s")
+
+
+def test_split_orchestrators_restart_independently(scripts, topics, producer):
+    # Given one orchestrator per workflow, all services, and both producers streaming
+    for service in (*SERVICES, "reporting_service.py"):
+        scripts.start(service)
+    scripts.start("orchestrator.py", "--workflows", "security")
+    unit_orchestrator = scripts.start("orchestrator.py", "--workflows", "unit")
+    scripts.start("security_detector.py", "--rate", "5")
+    scripts.start("unit_event_producer.py", "--rate", "5")
+    stream, third_party, unit_commands = topics(MESSAGE_STREAM), topics(THIRD_PARTY), topics(UNIT_COMMAND)
+    unit_commands.read_count(1)
+    # When the unit orchestrator is stopped
+    scripts.stop(unit_orchestrator)
+    stopped_at = time.time()
+    # Then security workflows that start meanwhile still complete
+    stream.read_until(lambda ms: len([m for m in ms if m.type == "security_detection"
+                                      and m.created_at.timestamp() > stopped_at]) >= 5)
+    meanwhile = {m.workflow_id for m in stream.messages()
+                 if m.type == "security_detection" and m.created_at.timestamp() > stopped_at}
+    wait_completed(stream, third_party, meanwhile)
+    # And when it starts again, the unit events that waited are commanded
+    waiting = {m.workflow_id for m in stream.messages() if m.type == "unit_event"
+               and m.created_at.timestamp() > stopped_at}
+    assert waiting
+    scripts.start("orchestrator.py", "--workflows", "unit")
+    unit_commands.read_until(lambda ms: waiting <= {m.workflow_id for m in ms})
+
+
+def test_an_unknown_type_is_dead_lettered_once_by_split_orchestrators(scripts, topics, producer):
+    # Given one orchestrator per workflow
+    scripts.start("orchestrator.py", "--workflows", "security")
+    scripts.start("orchestrator.py", "--workflows", "unit")
+    # When an event of a type no workflow knows arrives, followed by one event of each workflow
+    stranger = new_event("unit_event", {"unit_id": "u", "status": "offline", "battery": 1}, "test")
+    producer(MESSAGE_STREAM, stranger.model_copy(update={"type": "weather_report"}))
+    detection = new_event("security_detection", {"sensor_id": "s", "zone": "z", "kind": "smoke", "severity": 1}, "t")
+    unit = new_event("unit_event", {"unit_id": "u", "status": "offline", "battery": 1}, "test")
+    producer(MESSAGE_STREAM, detection)
+    producer(MESSAGE_STREAM, unit)
+    # Then, once both orchestrators have routed past it, it is in dead_letter exactly once
+    topics(SEC_COMMAND).read_count(1)
+    topics(UNIT_COMMAND).read_count(1)
+    letters = topics("dead_letter").read_count(1)
+    assert [letter.payload["reason"] for letter in letters] == ["no route for 'weather_report' at example 3"]

@@ -10,19 +10,8 @@ arrive while it is down wait in message_stream and are routed as soon as it is b
 import argparse
 import logging
 
-from common import (
-    MESSAGE_STREAM,
-    NOTIFICATION_COMMAND,
-    REPORT_DATA,
-    SEC_COMMAND,
-    UNIT_COMMAND,
-    DeadLetter,
-    Envelope,
-    Output,
-    caused_by,
-    run_service,
-    setup_logging,
-)
+from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, Envelope, Output,
+    caused_by, run_service, setup_logging)
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"

@@ -11,19 +11,8 @@ import argparse
 import logging
 import random
 
-from common import (
-    MESSAGE_STREAM,
-    UNIT_COMMAND,
-    Envelope,
-    Output,
-    Pacer,
-    Seen,
-    caused_by,
-    expect,
-    new_event,
-    run_service,
-    setup_logging,
-)
+from common import (MESSAGE_STREAM, UNIT_COMMAND, Envelope, Output, Pacer, Seen, caused_by, expect, new_event, run_service,
+    setup_logging)
 
 log = logging.getLogger("unit_event_producer")
 STATUSES = ["heartbeat", "heartbeat", "battery_low", "offline", "tamper"]  # mostly heartbeats, as in the field

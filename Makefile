@@ -1,0 +1,38 @@
+# make demo   -- start Kafka if needed, then walk Examples 1 -> 2 -> 3 (the main job)
+# make test   -- the tests, against a throwaway Kafka they start themselves
+# make kafka-up / kafka-down -- a broker on localhost:9092: Docker compose where a Docker engine answers, else local_kafka
+# make lint   -- ruff
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DOCKER_ENGINE := $(shell docker info >/dev/null 2>&1 && echo yes)
+
+.PHONY: demo test kafka-up kafka-down lint
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+demo: kafka-up
+	$(PY) demo.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+kafka-up: $(VENV)/.installed
+ifeq ($(DOCKER_ENGINE),yes)
+	docker compose -f docker-compose-expose.yml up -d --wait
+else
+	$(PY) -m local_kafka start
+endif
+
+kafka-down:
+ifeq ($(DOCKER_ENGINE),yes)
+	docker compose -f docker-compose-expose.yml down -v
+else
+	$(PY) -m local_kafka stop
+endif
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .

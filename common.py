@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -279,12 +279,16 @@ def ensure_topics(admin: KafkaAdminClient, names: Iterable[str] = ALL_TOPICS) ->
         pass
 
 
-def make_producer(**overrides) -> KafkaProducer:
-    """Idempotent, acks=all producer that keeps retrying through a broker outage rather than failing records."""
+def make_producer(transactional_id: str | None = None, **overrides) -> KafkaProducer:
+    """Idempotent, acks=all producer that keeps retrying through a broker outage rather than failing records;
+    transactional (and initialised) when given a transactional id."""
     config = dict(kafka_config(), acks="all", enable_idempotence=True, linger_ms=5,
-                  delivery_timeout_ms=300_000, max_block_ms=300_000)
+                  delivery_timeout_ms=300_000, max_block_ms=120_000, transactional_id=transactional_id)
     config.update(overrides)
-    return KafkaProducer(**config)
+    producer = KafkaProducer(**config)
+    if transactional_id:
+        producer.init_transactions()  # fences any earlier producer with this id, finishing its open transaction
+    return producer
 
 
 def make_consumer(group: str, topics: list[str], instance: str | None = None, **overrides) -> KafkaConsumer:
@@ -293,6 +297,7 @@ def make_consumer(group: str, topics: list[str], instance: str | None = None, **
     rebalance, which is what keeps an orchestrator restart short."""
     group = TOPIC_PREFIX + group  # a prefix isolates groups as it isolates topics
     config = dict(kafka_config(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
+                  isolation_level="read_committed",
                   session_timeout_ms=20_000, max_poll_records=500, client_id=group)
     if instance:
         config["group_instance_id"] = f"{group}-{instance}"
@@ -351,61 +356,143 @@ def send(producer: KafkaProducer, name: str, message: Envelope, key: bytes | str
 # The one loop: every consuming service is run_service(name, inputs, handle).
 
 Output = tuple[str, Envelope]               # (topic name, message)
+Triple = tuple[str, Envelope, bytes | str | None]  # (topic name, message, key)
 Handler = Callable[[Envelope], list[Output]]
 
 
 def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | None = None,
-                instance: str | None = None, tick: Callable[[], list[tuple[str, Envelope, str]]] | None = None) -> None:
-    """Consume inputs, handle each message, produce what it returns, then commit: at least once.
+                instance: str | None = None, tick: Callable[[], list[Triple]] | None = None,
+                transactional: bool = False, dedupe: bool = False) -> None:
+    """Consume inputs, handle each message, produce what it returns, then commit.
 
-    Offsets of a batch are committed only after every message the batch produced is acknowledged by Kafka, so a
-    crash anywhere re-delivers the batch rather than losing it. Messages the handler rejects (DeadLetter) go to
-    dead_letter with the original bytes and are committed like any other: visible, never blocking, never lost.
-    Outputs keep the input's key, so one entity's messages stay in order. `tick`, if given, is called every
-    loop and returns (topic, message, key) triples to send too (for scripts that also produce on a schedule).
+    At least once (default): a batch's offsets are committed only after Kafka acknowledged everything the batch
+    produced, so a crash re-delivers the batch rather than losing it. Exactly once (transactional=True): what a
+    batch produced and its offsets commit in one Kafka transaction, so a crash yields neither loss nor duplicates;
+    the transactional id is stable per group and INSTANCE_ID. If delivering a batch fails (the broker is down),
+    the batch is handled again once it is back. dedupe=True skips messages whose id was already handled.
+    A message the handler rejects (DeadLetter), or that keeps failing, goes to dead_letter with its original bytes
+    and the reason, and is committed like any other. Outputs keep the input's key, so one entity stays in order.
+    `tick`, if given, is called every loop and returns (topic, message, key) triples to send as well.
     """
     group = group or name
+    instance = instance or os.environ.get("INSTANCE_ID", "1")
     stop = Stopper()
     admin = wait_for_kafka(stop, name)
     if admin is None:
         return
     ensure_topics(admin)
     admin.close()
-    consumer = make_consumer(group, inputs, instance=instance or os.environ.get("INSTANCE_ID", "1"))
+    consumer = make_consumer(group, inputs, instance=instance)
     # Join the group only once the input topics' partitions are in the client's metadata: a member that joins
     # right after the topics were created can be assigned nothing, and is not told when they appear.
     while not stop and not all(consumer.partitions_for_topic(topic(name)) for name in inputs):
         stop.wait(0.1)
-    producer = make_producer()
-    log.info("%s: started; consuming %s as group %s from %s", name, ", ".join(map(topic, inputs)), group,
+    transactional_id = f"{TOPIC_PREFIX}{group}-{instance}" if transactional else None
+    producer, seen, unsent, handled = None, Seen() if dedupe else None, [], 0
+    log.info("%s: started; consuming %s as group %s%s from %s", name, ", ".join(map(topic, inputs)), group,
+             f", exactly once as transactional id {transactional_id}" if transactional else ", at least once",
              BOOTSTRAP_SERVERS)
-    handled = 0
     try:
         while not stop:
             batch = consumer.poll(timeout_ms=100 if tick else 500)
-            futures = [send(producer, t, m, key) for t, m, key in (tick() if tick else [])]
-            offsets = {}
-            for partition, records in batch.items():
-                for record in records:
-                    try:
-                        outputs = handle(parse(record.value))
-                    except DeadLetter as reason:
-                        log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition,
-                                    record.offset, reason)
-                        outputs = [(DEAD_LETTER, dead_letter(record.value, str(reason), name, record))]
-                    futures += [send(producer, t, m, record.key) for t, m in outputs]
-                offsets[partition] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
-                handled += len(records)
-            if futures:
-                producer.flush()
-                for future in futures:
-                    future.get()  # flush() does not raise for a failed record; get() does
-            if offsets:
-                consumer.commit(offsets)
+            unsent += tick() if tick else []
+            if not batch and not unsent:
+                continue
+            outputs, offsets, ids = handle_batch(name, batch, handle, seen)
+            try:
+                producer = producer or make_producer(transactional_id=transactional_id)
+                deliver(producer, consumer, unsent + outputs, offsets, transactional)
+            except KafkaError as error:
+                log.warning("%s: could not deliver a batch (%s: %s); handling it again", name, type(error).__name__, error)
+                producer = abandon(producer, transactional)
+                for partition, records in batch.items():
+                    consumer.seek(partition, records[0].offset)
+                stop.wait(1.0)
+                continue
+            unsent, handled = [], handled + len(ids)
+            if seen:
+                for message_id in ids:
+                    seen.add(message_id)
     finally:
         log.info("%s: stopping after %d messages", name, handled)
         consumer.close(autocommit=False)
-        producer.close(timeout=10)
+        if producer:
+            producer.close(timeout=10)
+
+
+HANDLER_ATTEMPTS = 5
+
+
+def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None) -> tuple[list[Triple], dict, list[str]]:
+    """Handle every record of a poll: (outputs, offsets to commit, ids handled)."""
+    outputs, offsets, ids = [], {}, []
+    for partition, records in batch.items():
+        for record in records:
+            try:
+                message = parse(record.value)
+            except DeadLetter as reason:
+                results = [(DEAD_LETTER, rejected(name, record, str(reason)))]
+            else:
+                ids.append(message.id)
+                if seen is not None and (message.id in seen.ids or message.id in ids[:-1]):
+                    log.info("%s: %s %s already handled; ignoring the redelivery", name, message.type, message.id[:8])
+                    continue
+                results = handle_with_retries(name, record, message, handle)
+            outputs += [(t, m, record.key) for t, m in results]
+        offsets[partition] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+    return outputs, offsets, ids
+
+
+def handle_with_retries(name: str, record, message: Envelope, handle: Handler) -> list[Output]:
+    """handle(message); a failure is retried with capped exponential backoff, then the message is dead-lettered."""
+    for attempt in range(1, HANDLER_ATTEMPTS + 1):
+        try:
+            return handle(message)
+        except DeadLetter as reason:
+            return [(DEAD_LETTER, rejected(name, record, str(reason)))]
+        except Exception as error:  # noqa: BLE001 -- one message's failure, whatever it is, must not stop the service
+            if attempt == HANDLER_ATTEMPTS:
+                reason = f"handler failed {attempt} times, last: {type(error).__name__}: {error}"
+                return [(DEAD_LETTER, rejected(name, record, reason))]
+            log.warning("%s: handler failed on %s (attempt %d: %s); retrying", name, message.id[:8], attempt, error)
+            time.sleep(min(0.1 * 2 ** attempt, 2.0))
+    raise AssertionError("unreachable")
+
+
+def rejected(name: str, record, reason: str) -> Envelope:
+    log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason)
+    return dead_letter(record.value, reason, name, record)
+
+
+def deliver(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Triple], offsets: dict,
+            transactional: bool) -> None:
+    """Produce a batch's outputs and commit its offsets: in one transaction, or acknowledged first, then committed."""
+    if transactional:
+        producer.begin_transaction()
+        for t, m, key in outputs:
+            send(producer, t, m, key)
+        if offsets:
+            producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+        producer.commit_transaction()
+        return
+    futures = [send(producer, t, m, key) for t, m, key in outputs]
+    producer.flush()
+    for future in futures:
+        future.get()  # flush() does not raise for a failed record; get() does
+    if offsets:
+        consumer.commit(offsets)
+
+
+def abandon(producer: KafkaProducer | None, transactional: bool) -> KafkaProducer | None:
+    """After a failed batch: abort its transaction; if even that fails, drop the producer so a fresh one is made."""
+    if not (producer and transactional):
+        return producer
+    try:
+        producer.abort_transaction()
+        return producer
+    except KafkaError:  # cannot abort now (broker gone, producer fenced): a new producer fences this one
+        producer.close(timeout=1)
+        return None
 
 
 def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count: int | None, rate: float) -> int:

@@ -7,18 +7,14 @@ Run:      python notification_service.py
 import argparse
 import logging
 
-from common import NOTIFICATION_COMMAND, THIRD_PARTY, Envelope, Output, Seen, caused_by, expect, run_service, setup_logging
+from common import NOTIFICATION_COMMAND, THIRD_PARTY, Envelope, Output, caused_by, expect, run_service, setup_logging
 
 log = logging.getLogger("notification_service")
-seen = Seen()
 
 
 def deliver(command: Envelope) -> list[Output]:
     """'Send' the notification (a log line here) and tell the outside world it went out."""
     expect(command, "notification_command")
-    if not seen.add(command.id):
-        log.info("already delivered %s; ignoring the redelivery", command.id[:8])
-        return []
     note = command.payload
     log.info("NOTIFY %s %s: %s (workflow %s)", note["channel"], note["recipient"], note["text"], command.workflow_id[:8])
     return [(THIRD_PARTY, caused_by(command, "delivered", "notification_delivered", note, "notification_service"))]
@@ -27,7 +23,7 @@ def deliver(command: Envelope) -> list[Output]:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     setup_logging()
-    run_service("notification_service", [NOTIFICATION_COMMAND], deliver)
+    run_service("notification_service", [NOTIFICATION_COMMAND], deliver, dedupe=True)
 
 
 if __name__ == "__main__":

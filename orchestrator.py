@@ -91,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", type=int, choices=[1, 2, 3], default=3, help="walkthrough stage (default 3)")
     parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(WORKFLOWS)} (default: all)")
+    parser.add_argument("--no-transactions", action="store_true",
+                        help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
     setup_logging()
     workflows = set(args.workflows.split(",")) if args.workflows else set(WORKFLOWS)
@@ -107,7 +109,8 @@ def main() -> None:
         log.info("%s %s -> %s", event.type, event.workflow_id[:8], ", ".join(t for t, _ in commands) or "done")
         return commands
 
-    run_service("orchestrator", [MESSAGE_STREAM], handle, group=group)
+    # Exactly once: the commands routed from a batch and the batch's offsets commit in one Kafka transaction.
+    run_service("orchestrator", [MESSAGE_STREAM], handle, group=group, transactional=not args.no_transactions)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,15 @@ import argparse
 import logging
 from collections import defaultdict
 
-from common import MESSAGE_STREAM, SEC_COMMAND, Envelope, Output, Seen, caused_by, expect, run_service, setup_logging
+from common import MESSAGE_STREAM, SEC_COMMAND, Envelope, Output, caused_by, expect, run_service, setup_logging
 
 log = logging.getLogger("security_service")
 zones: dict[str, dict] = defaultdict(lambda: {"state": "normal", "actions": 0})  # per-zone state, in memory
-seen = Seen()
 
 
 def carry_out(command: Envelope) -> list[Output]:
     """Apply the command to its zone and report back to the orchestrator."""
     expect(command, "security_command")
-    if not seen.add(command.id):
-        log.info("already handled %s; ignoring the redelivery", command.id[:8])
-        return []
     action, zone = command.payload["action"], zones[command.payload["zone"]]
     zone["actions"] += 1
     zone["state"] = {"inspect": zone["state"], "lock_zone": "locked", "dispatch_guard": "guard_dispatched"}[action]
@@ -33,7 +29,7 @@ def carry_out(command: Envelope) -> list[Output]:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     setup_logging()
-    run_service("security_service", [SEC_COMMAND], carry_out)
+    run_service("security_service", [SEC_COMMAND], carry_out, dedupe=True)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ import argparse
 import logging
 import random
 
-from common import (MESSAGE_STREAM, UNIT_COMMAND, Envelope, Output, Pacer, Seen, caused_by, expect, new_event, run_service,
+from common import (MESSAGE_STREAM, UNIT_COMMAND, Envelope, Output, Pacer, caused_by, expect, new_event, run_service,
     setup_logging)
 
 log = logging.getLogger("unit_event_producer")
 STATUSES = ["heartbeat", "heartbeat", "battery_low", "offline", "tamper"]  # mostly heartbeats, as in the field
 STATE_AFTER = {"acknowledge": "ok", "power_save": "power_saving", "reboot": "rebooting", "lockdown": "locked_down"}
 units: dict[str, str] = {}  # unit id -> state after the last command applied
-seen = Seen()
 
 
 def unit_event(rng: random.Random, count: int) -> tuple[str, Envelope, str]:
@@ -34,8 +33,6 @@ def unit_event(rng: random.Random, count: int) -> tuple[str, Envelope, str]:
 def apply(command: Envelope) -> list[Output]:
     """Apply a command to the simulated unit and report that it was applied."""
     expect(command, "unit_command")
-    if not seen.add(command.id):
-        return []
     unit, what = command.payload["unit_id"], command.payload["command"]
     units[unit] = STATE_AFTER[what]
     log.info("%s: %s applied -> %s (workflow %s)", unit, what, units[unit], command.workflow_id[:8])
@@ -54,7 +51,7 @@ def main() -> None:
         parser.error("--rate and --units must be above 0 and --count not negative")
     setup_logging()
     rng, pacer = random.Random(args.seed), Pacer(args.rate, args.count)
-    run_service("unit_event_producer", [UNIT_COMMAND], apply,
+    run_service("unit_event_producer", [UNIT_COMMAND], apply, dedupe=True,
                 tick=lambda: [unit_event(rng, args.units) for _ in range(pacer.due())])
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import FencedInstanceIdError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,6 +51,27 @@ def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # the client's own chatter hides the flow
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ClientWarningsOncePer(30.0))
+
+
+class ClientWarningsOncePer(logging.Filter):
+    """Lets through one kafka-python warning per `seconds`: while the broker is down it logs several a second."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.last, self.hidden = seconds, float("-inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("kafka") or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        if record.created - self.last < self.seconds:
+            self.hidden += 1
+            return False
+        if self.hidden:
+            record.msg = f"{record.msg} (and {self.hidden} more client warnings in the last {self.seconds:.0f} s)"
+        self.last, self.hidden = record.created, 0
+        return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +276,7 @@ def wait_for_kafka(stop: "Stopper", what: str) -> KafkaAdminClient | None:
     waiting_since = None
     while not stop:
         try:
-            admin = KafkaAdminClient(**kafka_config(), bootstrap_timeout_ms=5000, client_id=what)
+            admin = KafkaAdminClient(**kafka_config(), bootstrap_timeout_ms=2000, client_id=what)
             if waiting_since is not None:
                 log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
             return admin
@@ -362,7 +383,7 @@ Handler = Callable[[Envelope], list[Output]]
 
 def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | None = None,
                 instance: str | None = None, tick: Callable[[], list[Triple]] | None = None,
-                transactional: bool = False, dedupe: bool = False) -> None:
+                transactional: bool = False, dedupe: bool = False, start_like: str | None = None) -> None:
     """Consume inputs, handle each message, produce what it returns, then commit.
 
     At least once (default): a batch's offsets are committed only after Kafka acknowledged everything the batch
@@ -373,6 +394,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     A message the handler rejects (DeadLetter), or that keeps failing, goes to dead_letter with its original bytes
     and the reason, and is committed like any other. Outputs keep the input's key, so one entity stays in order.
     `tick`, if given, is called every loop and returns (topic, message, key) triples to send as well.
+    `start_like`: a new group starts from that group's committed offsets instead of the beginning.
     """
     group = group or name
     instance = instance or os.environ.get("INSTANCE_ID", "1")
@@ -381,6 +403,8 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     if admin is None:
         return
     ensure_topics(admin)
+    if start_like:
+        inherit_offsets(admin, group, start_like)
     admin.close()
     consumer = make_consumer(group, inputs, instance=instance)
     # Join the group only once the input topics' partitions are in the client's metadata: a member that joins
@@ -413,6 +437,10 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
             if seen:
                 for message_id in ids:
                     seen.add(message_id)
+    except FencedInstanceIdError:
+        log.error("%s: another process joined group %s as INSTANCE_ID=%s and took over; give each copy its own "
+                  "INSTANCE_ID. This one stops (its last batch will be handled again by the other).", name, group, instance)
+        raise SystemExit(1) from None
     finally:
         log.info("%s: stopping after %d messages", name, handled)
         consumer.close(autocommit=False)
@@ -421,6 +449,17 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
 
 
 HANDLER_ATTEMPTS = 5
+
+
+def inherit_offsets(admin: KafkaAdminClient, group: str, start_like: str) -> None:
+    """Give a group that has never committed the committed offsets of another, so that it takes over where that
+    group left off rather than re-reading the topic from the beginning (e.g. when one orchestrator is split in two)."""
+    group, start_like = TOPIC_PREFIX + group, TOPIC_PREFIX + start_like
+    offsets = admin.list_group_offsets({group: None, start_like: None})
+    if offsets.get(group) or not offsets.get(start_like):
+        return
+    admin.alter_group_offsets(group, offsets[start_like])
+    log.info("new group %s starts where group %s left off", group, start_like)
 
 
 def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None) -> tuple[list[Triple], dict, list[str]]:
@@ -475,12 +514,23 @@ def deliver(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Trip
             producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
         producer.commit_transaction()
         return
-    futures = [send(producer, t, m, key) for t, m, key in outputs]
-    producer.flush()
-    for future in futures:
-        future.get()  # flush() does not raise for a failed record; get() does
+    wait_for_acks([send(producer, t, m, key) for t, m, key in outputs])
     if offsets:
         consumer.commit(offsets)
+
+
+def wait_for_acks(futures: list, name: str = "") -> None:
+    """Wait until Kafka acknowledged every record (raise if one failed), saying so while the broker is away."""
+    for i, future in enumerate(futures):
+        while True:
+            try:
+                future.get(timeout=10)
+                break
+            except KafkaTimeoutError:
+                if future.is_done:  # the record itself timed out: a real failure
+                    raise
+                log.warning("%s: Kafka has not acknowledged %d messages for 10 s; still trying (is it up?)",
+                            name, len(futures) - i)
 
 
 def abandon(producer: KafkaProducer | None, transactional: bool) -> KafkaProducer | None:
@@ -505,13 +555,10 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
     admin.close()
     producer = make_producer()
     pacer = Pacer(rate, count)
-    log.info("%s: producing %s at %s/s to %s", name, count or "forever", rate, BOOTSTRAP_SERVERS)
+    log.info("%s: producing %s at %s/s to %s", name, "forever" if count is None else count, rate, BOOTSTRAP_SERVERS)
     try:
         while not stop and not pacer.finished:
-            futures = [send(producer, *make()) for _ in range(pacer.due())]
-            producer.flush()
-            for future in futures:
-                future.get()
+            wait_for_acks([send(producer, *make()) for _ in range(pacer.due())], name)
             stop.wait(pacer.pause())
     finally:
         producer.close(timeout=10)
@@ -530,6 +577,9 @@ class Pacer:
         return self.count is not None and self.sent >= self.count
 
     def due(self) -> int:
+        behind = (time.monotonic() - self.began) * self.rate - self.sent
+        if behind > self.rate:  # stalled (Kafka was down): carry on at the rate instead of bursting to catch up
+            self.began += (behind - self.rate) / self.rate
         target = int((time.monotonic() - self.began) * self.rate) + 1
         if self.count is not None:
             target = min(target, self.count)

@@ -4,6 +4,7 @@ Consumes: dead_letter (reads it from the beginning; joins no group)   Produces: 
 Run:      python dead_letters.py list                          # one line per dead letter: offset, service, reason
           python dead_letters.py replay --reason "no route"    # re-send those whose reason contains the text
           python dead_letters.py replay --offset 3 --offset 7  # re-send chosen ones by their dead_letter offset
+          python dead_letters.py replay --all                  # re-send every dead letter
 A replayed message keeps its id, so handling it twice has no second effect downstream.
 """
 
@@ -53,13 +54,18 @@ def main() -> int:
     parser.add_argument("--reason", help="only letters whose reason contains this text")
     parser.add_argument("--service", help="only letters from this service")
     parser.add_argument("--offset", type=int, action="append", help="only this dead_letter offset (repeatable)")
+    parser.add_argument("--all", action="store_true", help="with replay and no other filter: every dead letter")
     args = parser.parse_args()
+    if args.command == "replay" and not (args.all or args.reason or args.service or args.offset):
+        parser.error("replay needs --reason, --service, --offset or --all")
     setup_logging()
     letters = chosen(load(), args.reason, args.service, args.offset)
     if args.command == "list":
+        print(f"{'offset':>6}  {'service':<20} {'from topic:partition:offset':<36} reason")
         for offset, letter in letters:
             p = letter.payload
-            print(f"{offset:>6}  {p['service']:<20} {p['topic']}:{p['partition']}:{p['offset']}  {p['reason']}")
+            source = f"{p['topic']}:{p['partition']}:{p['offset']}"
+            print(f"{offset:>6}  {p['service']:<20} {source:<36} {p['reason']}")
         print(f"{len(letters)} dead letters")
     else:
         if not letters:

@@ -9,6 +9,7 @@ Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 restart_ga
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import common
 
 HERE = Path(__file__).resolve().parent
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_green"]
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 # Steps a workflow needs before it counts as completed (report_data is required once the workflow was routed with it).
 SECURITY_STEPS = {"security_command", "security_action_completed", "notification_delivered"}
@@ -117,6 +118,7 @@ def say(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short stages (for tests)")
+    parser.add_argument("--keep", action="store_true", help="keep the demo's report store instead of deleting it")
     args = parser.parse_args()
     stage = 3.0 if args.quick else 12.0  # seconds each stage runs before the next change
     prefix = os.environ.get("TOPIC_PREFIX") or f"demo{uuid.uuid4().hex[:6]}_"
@@ -124,7 +126,8 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="orchestration-demo-")
     env = dict(os.environ, REPORT_DB=os.path.join(workdir, "reports.db"), PYTHONUNBUFFERED="1")
     children, flow = Children(env), None
-    console.print(f"Demo on Kafka at {common.BOOTSTRAP_SERVERS}, topics prefixed {prefix!r}, reports in {workdir}")
+    console.print(f"Demo on Kafka at {common.BOOTSTRAP_SERVERS}, topics prefixed {prefix!r}, reports in {workdir}"
+                  f"{'' if args.keep else ' (deleted at the end; --keep keeps it)'}")
     try:
         say("Example 1: a detection goes to the security service and the notification service")
         children.start("security", "security_service.py")
@@ -186,6 +189,8 @@ def main() -> int:
         children.stop_all()
         if flow:
             flow.consumer.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ def route(event: Envelope, example: int = 3) -> list[Output]:
     """The routing table: the commands an event causes at a stage of the walkthrough."""
     if event.type == "security_detection":
         commands = [(SEC_COMMAND, security_command(event)), (NOTIFICATION_COMMAND, notify_on_duty(event))]
-        if example >= 2:  # EXAMPLE 2: the seed's "uncomment the reporting service line" -- reporting joins.
+        if example >= 2:  # EXAMPLE 2: the walkthrough's "uncomment the reporting line".
             commands.append((REPORT_DATA, report(event, "security", event.payload["kind"], event.payload["sensor_id"])))
         return commands
-    elif event.type == "unit_event" and example >= 3:  # EXAMPLE 3: the seed's new unit-event workflow.
+    elif event.type == "unit_event" and example >= 3:  # EXAMPLE 3: the new unit-event workflow.
         return [(UNIT_COMMAND, unit_command(event)),
                 (REPORT_DATA, report(event, "unit", event.payload["status"], event.payload["unit_id"]))]
     elif event.type == "security_action_failed":  # compensation is just another route: escalate to a human
@@ -95,12 +95,14 @@ def main() -> None:
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
     setup_logging()
-    workflows = set(args.workflows.split(",")) if args.workflows else set(WORKFLOWS)
-    if not workflows <= set(WORKFLOWS):
-        parser.error(f"unknown workflow in --workflows: {', '.join(sorted(workflows - set(WORKFLOWS)))}")
+    workflows = set(args.workflows.split(",")) if args.workflows is not None else set(WORKFLOWS)
+    if not workflows or not workflows <= set(WORKFLOWS):
+        parser.error(f"--workflows takes a comma-separated subset of {','.join(WORKFLOWS)}, not {args.workflows!r}")
     # One consumer group per set of workflows, so split orchestrators each read every event and restart independently.
-    group = "orchestrator" if workflows == set(WORKFLOWS) else "orchestrator-" + "-".join(sorted(workflows))
-    log.info("routing table: example %d, workflows %s", args.example, ", ".join(sorted(workflows)))
+    split = workflows != set(WORKFLOWS)
+    group = "orchestrator-" + "-".join(sorted(workflows)) if split else "orchestrator"
+    active = sorted(w for w in workflows if w != "unit" or args.example >= 3)
+    log.info("routing table: example %d, workflows %s", args.example, ", ".join(active) or "none yet (unit starts at 3)")
 
     def handle(event: Envelope) -> list[Output]:
         if not owns(event.type, workflows):
@@ -110,7 +112,9 @@ def main() -> None:
         return commands
 
     # Exactly once: the commands routed from a batch and the batch's offsets commit in one Kafka transaction.
-    run_service("orchestrator", [MESSAGE_STREAM], handle, group=group, transactional=not args.no_transactions)
+    # A split orchestrator's new group takes over where the single orchestrator left off, not from the beginning.
+    run_service("orchestrator", [MESSAGE_STREAM], handle, group=group, transactional=not args.no_transactions,
+                start_like="orchestrator" if split else None)
 
 
 if __name__ == "__main__":

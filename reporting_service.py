@@ -24,9 +24,11 @@ CREATE TABLE IF NOT EXISTS units (unit_id TEXT PRIMARY KEY, last_status TEXT, ev
 """
 
 
-def open_store(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path)
-    db.executescript(SCHEMA)
+def open_store(path: str, create: bool = True) -> sqlite3.Connection:
+    # A locked store fails fast (1 s): the loop retries the message, then dead-letters it.
+    db = sqlite3.connect(path if create else f"file:{path}?mode=ro", uri=not create, timeout=1.0)
+    if create:
+        db.executescript(SCHEMA)
     return db
 
 
@@ -36,7 +38,7 @@ def store(db: sqlite3.Connection, message: Envelope, example: int) -> list[Outpu
     report = message.payload
     if report["workflow"] == "security":
         save_report(db, message)
-    elif report["workflow"] == "unit" and example >= 3:  # EXAMPLE 3: the seed's "uncomment the Unit Event section".
+    elif report["workflow"] == "unit" and example >= 3:  # EXAMPLE 3: the walkthrough's "uncomment the Unit Event section".
         if save_report(db, message):
             with db:
                 db.execute("INSERT INTO units VALUES (?, ?, 1, ?) ON CONFLICT(unit_id) DO UPDATE SET "
@@ -79,8 +81,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="with --summary: one JSON object")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between printed summaries (default 10)")
     args = parser.parse_args()
+    if args.every <= 0:
+        parser.error("--every must be above 0")
     setup_logging()
-    db = open_store(args.db)
+    try:
+        db = open_store(args.db, create=not args.summary)
+    except sqlite3.Error as error:
+        raise SystemExit(f"reporting_service: cannot open the report store {args.db!r}: {error}") from None
     if args.summary:
         counts = summary(db)
         print(json.dumps(counts, sort_keys=True) if args.json else json.dumps(counts, indent=2, sort_keys=True))

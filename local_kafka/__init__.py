@@ -224,7 +224,9 @@ def is_our_broker(pid: int) -> bool:
 
 
 def port_is_free(port: int) -> bool:
+    """True if a server could listen on the port now (as the broker does, ignoring old TIME_WAIT connections)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

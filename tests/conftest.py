@@ -95,6 +95,11 @@ class Scripts:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
+    def restart(self, process: subprocess.Popen, sig: int = signal.SIGTERM) -> subprocess.Popen:
+        """Stop a script (SIGKILL for a crash) and start it again with the same arguments."""
+        self.stop(process, sig)
+        return self.start(*[Path(arg).name if i == 0 else arg for i, arg in enumerate(process.args[1:])])
+
     def stop(self, process: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
         """Signal a script and wait for it to exit; returns its exit code."""
         process.send_signal(sig)
@@ -179,12 +184,14 @@ def producer(env):
     def send(name: str, value: bytes | common.Envelope, key: bytes | None = None):
         if isinstance(value, common.Envelope):
             value = value.to_bytes()
-        p.send(env["TOPIC_PREFIX"] + name, value=value, key=key).get(timeout=30)
+        return p.send(env["TOPIC_PREFIX"] + name, value=value, key=key).get(timeout=30)  # RecordMetadata
     yield send
     p.close()
 
 
 def report_summary(scripts: Scripts) -> dict:
+    if not Path(scripts.env["REPORT_DB"]).exists():  # the reporting service has not created its store yet
+        return {"reports": 0, "workflows": {}, "categories": {}, "units_needing_attention": []}
     return json.loads(scripts.run("reporting_service.py", "--summary", "--json").stdout)
 
 

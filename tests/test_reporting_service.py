@@ -1,6 +1,13 @@
 """reporting_service against a real broker: stores each report once; the unit section exists only from Example 3."""
 
-from conftest import report_summary, wait_for_reports
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, wait_for_reports
+from reporting_service import SCHEMA
 from test_orchestrator import detection, unit_event
 
 from common import REPORT_DATA
@@ -47,6 +54,15 @@ def test_the_example_3_unit_section_tracks_units_needing_attention(scripts, prod
     assert summary["units_needing_attention"] == ["unit-1"]  # its last status was "offline"
 
 
-def test_summary_of_an_empty_store_is_all_zero(scripts):
-    assert report_summary(scripts) == {"reports": 0, "workflows": {}, "categories": {},
-                                       "units_needing_attention": []}
+def test_summary_of_a_missing_store_says_so_and_creates_nothing(scripts, env):
+    result = subprocess.run([sys.executable, "reporting_service.py", "--summary", "--json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"reporting_service: cannot open the report store {env['REPORT_DB']!r}")
+    assert not Path(env["REPORT_DB"]).exists()
+
+
+def test_summary_of_an_empty_store_is_all_zero(scripts, env):
+    sqlite3.connect(env["REPORT_DB"]).executescript(SCHEMA)
+    assert json.loads(scripts.run("reporting_service.py", "--summary", "--json").stdout) == {
+        "reports": 0, "workflows": {}, "categories": {}, "units_needing_attention": []}

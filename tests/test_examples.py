@@ -171,3 +171,21 @@ def test_an_unknown_type_is_dead_lettered_once_by_split_orchestrators(scripts, t
     topics(UNIT_COMMAND).read_count(1)
     letters = topics("dead_letter").read_count(1)
     assert [letter.payload["reason"] for letter in letters] == ["no route for 'weather_report' at example 3"]
+
+
+def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, topics):
+    # Given a single orchestrator that has routed five detections and stopped
+    single = scripts.start("orchestrator.py")
+    commands = topics(SEC_COMMAND)
+    scripts.run("security_detector.py", "--count", "5", "--rate", "50")
+    commands.read_count(5)
+    scripts.stop(single)
+    # When the security workflow gets an orchestrator of its own and one more detection arrives
+    scripts.start("orchestrator.py", "--workflows", "security")
+    scripts.run("security_detector.py", "--count", "1")
+    # Then only the new detection is routed: the new group started where the single orchestrator left off
+    stream = topics(MESSAGE_STREAM)
+    workflows = detections(stream.read_count(6, type_="security_detection"))
+    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms})
+    assert len(commands.messages()) == 6
+

@@ -133,7 +133,8 @@ class TopicReader:
     def __init__(self, env: dict, name: str):
         self.consumer = KafkaConsumer(env["TOPIC_PREFIX"] + name, bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"],
                                       auto_offset_reset="earliest", enable_auto_commit=False,
-                                      isolation_level="read_committed", consumer_timeout_ms=200)
+                                      isolation_level="read_committed", consumer_timeout_ms=200,
+                                      reconnect_backoff_max_ms=1000)
         self.raw: list = []
 
     def messages(self) -> list[common.Envelope]:

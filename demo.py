@@ -18,65 +18,14 @@ import time
 import uuid
 from pathlib import Path
 
-from kafka import KafkaConsumer
 from rich.console import Console
 
 import common
+from monitor import Flow, render
 
 HERE = Path(__file__).resolve().parent
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_green"]
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-
-# Steps a workflow needs before it counts as completed (report_data is required once the workflow was routed with it).
-SECURITY_STEPS = {"security_command", "security_action_completed", "notification_delivered"}
-UNIT_STEPS = {"unit_command", "unit_command_applied"}
-
-
-class Flow:
-    """Follows every workflow through the topics: which steps each has reached, and any message seen twice."""
-
-    def __init__(self):
-        names = [common.topic(t) for t in common.ALL_TOPICS if t != common.DEAD_LETTER]
-        self.consumer = KafkaConsumer(*names, **common.kafka_config(), auto_offset_reset="earliest",
-                                      enable_auto_commit=False, isolation_level="read_committed")
-        self.steps: dict[str, set[str]] = {}
-        self.kind: dict[str, str] = {}          # workflow id -> "security" | "unit"
-        self.started_at: dict[str, float] = {}  # workflow id -> created_at (epoch s)
-        self.first_command_at: dict[str, float] = {}
-        self.seen_ids: set[tuple[str, str]] = set()
-        self.duplicates = 0
-
-    def poll(self) -> None:
-        for records in self.consumer.poll(timeout_ms=200).values():
-            for record in records:
-                message = common.Envelope.model_validate_json(record.value)
-                if (record.topic, message.id) in self.seen_ids and record.topic != common.topic(common.MESSAGE_STREAM):
-                    self.duplicates += 1  # the same command or effect twice (a replayed event is not one)
-                self.seen_ids.add((record.topic, message.id))
-                if message.type in ("security_detection", "unit_event"):
-                    self.kind[message.workflow_id] = "security" if message.type == "security_detection" else "unit"
-                    self.started_at[message.workflow_id] = message.created_at.timestamp()
-                self.steps.setdefault(message.workflow_id, set()).add(message.type)
-                if message.type in ("security_command", "unit_command"):
-                    self.first_command_at.setdefault(message.workflow_id, time.time())
-
-    def completed(self, workflow: str) -> bool:
-        steps = self.steps.get(workflow, set())
-        needed = SECURITY_STEPS if self.kind.get(workflow) == "security" else UNIT_STEPS
-        return needed <= steps
-
-    def counts(self) -> tuple[int, int]:
-        """(workflows started, workflows completed)."""
-        return len(self.kind), sum(self.completed(w) for w in self.kind)
-
-    def wait(self, condition, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.poll()
-            if condition():
-                return True
-        return condition()
-
 
 class Children:
     """The services, each a child process whose output is shown with a coloured prefix."""
@@ -145,9 +94,10 @@ def main() -> int:
         flow.wait(lambda: False, timeout=stage / 2)  # let a backlog build while it is down
         restarted_at = time.time()
         children.start("orchestrator", "orchestrator.py", "--example", "2")
-        backlog = [w for w, t in flow.started_at.items() if stopped_at < t < restarted_at]
-        flow.wait(lambda: any(w in flow.first_command_at for w in backlog), timeout=60)
-        routed = [flow.first_command_at[w] for w in backlog if w in flow.first_command_at]
+        backlog = [w for w, k in flow.kind.items() if k == "security"
+                   and stopped_at < flow.times[w]["security_detection"] < restarted_at]
+        flow.wait(lambda: any("security_command" in flow.times[w] for w in backlog), timeout=60)
+        routed = [flow.times[w]["security_command"] for w in backlog if "security_command" in flow.times[w]]
         gap = (min(routed) - restarted_at) if routed else float("nan")
         console.print(f"[bold]restart gap: first message of the backlog routed {gap:.1f} s after the orchestrator started")
         flow.wait(lambda: False, timeout=stage)
@@ -174,10 +124,11 @@ def main() -> int:
                                  env=env, capture_output=True, text=True, check=True).stdout
         console.print(f"report store: {summary.strip()}")
         reports = json.loads(summary)["reports"]
-        routed_reports = sum("report_data" in steps for steps in flow.steps.values())
+        console.print(render(flow, {}, rows=12))
+        routed_reports = sum("report_data" in types for types in flow.times.values())
         started, completed = flow.counts()
         for workflow in (w for w in flow.kind if not flow.completed(w)):
-            console.print(f"[red]incomplete {flow.kind[workflow]} workflow {workflow}: {sorted(flow.steps[workflow])}")
+            console.print(f"[red]incomplete {flow.kind[workflow]} workflow {workflow}: {sorted(flow.times[workflow])}")
         lost = started - completed + max(0, routed_reports - reports)
         print(f"demo: workflows={started} completed={completed} lost={lost} duplicates={flow.duplicates} "
               f"reports={reports} restart_gap_s={gap:.1f}", flush=True)

@@ -3,15 +3,20 @@
 Consumes: message_stream        Produces: sec_command, notification_command, report_data, unit_command, dead_letter
 Run:      python orchestrator.py --example 1        # stage of the walkthrough: 1, 2 or 3 (default 3, everything)
           python orchestrator.py --workflows security   # one orchestrator per workflow, each restarts on its own
+          python orchestrator.py --dry-run --example 3 --compare 2   # preview a routing change on the recorded
+                                                        # message_stream: produces and commits nothing
 Changing a workflow means editing route() and restarting this script; the services never change. Messages that
 arrive while it is down wait in message_stream and are routed as soon as it is back.
 """
 
 import argparse
+import json
 import logging
+from collections import Counter, defaultdict
+from datetime import datetime
 
-from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, Envelope, Output,
-    caused_by, run_service, setup_logging)
+from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter,
+                    Envelope, Output, caused_by, parse, read_all, run_service, setup_logging)
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -87,10 +92,54 @@ def owns(event_type: str, workflows: set[str]) -> bool:
     return workflow in workflows
 
 
+def preview(records, example: int, workflows: set[str]) -> dict[str, Counter]:
+    """What route() would emit for recorded events: event type -> Counter of output topics (nothing is sent)."""
+    emitted: dict[str, Counter] = defaultdict(Counter)
+    for record in records:
+        try:
+            event = parse(record.value)
+        except DeadLetter:
+            emitted["(invalid)"][DEAD_LETTER] += 1
+            continue
+        if not owns(event.type, workflows):
+            emitted[event.type]["(another orchestrator)"] += 1
+            continue
+        try:
+            outputs = [name for name, _ in route(event, example)]
+        except DeadLetter:
+            outputs = [DEAD_LETTER]
+        emitted[event.type].update(outputs or ["(nothing: step done)"])
+    return emitted
+
+
+def dry_run(args, workflows: set[str]) -> None:
+    """Route the recorded message_stream through the table (and a second stage, to compare) and print the counts."""
+    since = datetime.fromisoformat(args.since).timestamp() * 1000 if args.since else 0
+    records = [r for r in read_all(MESSAGE_STREAM) if r.timestamp >= since]
+    stages = {f"example {args.example}": preview(records, args.example, workflows)}
+    if args.compare:
+        stages[f"example {args.compare}"] = preview(records, args.compare, workflows)
+    if args.json:
+        print(json.dumps({stage: {t: dict(c) for t, c in counts.items()} for stage, counts in stages.items()},
+                         sort_keys=True))
+        return
+    print(f"dry run over {len(records)} recorded messages on message_stream: nothing is produced or committed")
+    for event_type in sorted({t for counts in stages.values() for t in counts}):
+        for stage, counts in stages.items():
+            outputs = ", ".join(f"{n} {name}" for name, n in sorted(counts[event_type].items())) or "-"
+            print(f"  {event_type:<28} {stage}: {outputs}")
+        if args.compare and len({str(sorted(c[event_type].items())) for c in stages.values()}) > 1:
+            print(f"  {'':<28} ^ changes between the two stages")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", type=int, choices=[1, 2, 3], default=3, help="walkthrough stage (default 3)")
     parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(WORKFLOWS)} (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="preview routing of the recorded message_stream")
+    parser.add_argument("--since", help="with --dry-run: only messages from this ISO time on (e.g. 2026-11-27T18:00)")
+    parser.add_argument("--compare", type=int, choices=[1, 2, 3], help="with --dry-run: a second stage to compare")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     parser.add_argument("--no-transactions", action="store_true",
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
@@ -102,6 +151,8 @@ def main() -> None:
     split = workflows != set(WORKFLOWS)
     group = "orchestrator-" + "-".join(sorted(workflows)) if split else "orchestrator"
     active = sorted(w for w in workflows if w != "unit" or args.example >= 3)
+    if args.dry_run:
+        return dry_run(args, workflows)
     log.info("routing table: example %d, workflows %s", args.example, ", ".join(active) or "none yet (unit starts at 3)")
 
     def handle(event: Envelope) -> list[Output]:

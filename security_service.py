@@ -2,6 +2,7 @@
 
 Consumes: sec_command           Produces: message_stream (security_action_completed, same workflow_id)
 Run:      python security_service.py
+          python security_service.py --fail-zones zone-3   # actions there fail (to see the escalation route)
 """
 
 import argparse
@@ -14,9 +15,15 @@ log = logging.getLogger("security_service")
 zones: dict[str, dict] = defaultdict(lambda: {"state": "normal", "actions": 0})  # per-zone state, in memory
 
 
-def carry_out(command: Envelope) -> list[Output]:
+def carry_out(command: Envelope, fail_zones: frozenset = frozenset()) -> list[Output]:
     """Apply the command to its zone and report back to the orchestrator."""
     expect(command, "security_command")
+    if command.payload["zone"] in fail_zones:  # a simulated fault: the orchestrator escalates it
+        log.warning("%s in %s FAILED (workflow %s)", command.payload["action"], command.payload["zone"],
+                    command.workflow_id[:8])
+        return [(MESSAGE_STREAM, caused_by(command, "done", "security_action_failed", {
+            "action": command.payload["action"], "zone": command.payload["zone"],
+            "detail": "actuator not responding"}, "security_service"))]
     action, zone = command.payload["action"], zones[command.payload["zone"]]
     zone["actions"] += 1
     zone["state"] = {"inspect": zone["state"], "lock_zone": "locked", "dispatch_guard": "guard_dispatched"}[action]
@@ -27,9 +34,12 @@ def carry_out(command: Envelope) -> list[Output]:
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fail-zones", default="", help="comma-separated zones whose actions fail (a simulated fault)")
+    args = parser.parse_args()
     setup_logging()
-    run_service("security_service", [SEC_COMMAND], carry_out, dedupe=True)
+    fail_zones = frozenset(filter(None, args.fail_zones.split(",")))
+    run_service("security_service", [SEC_COMMAND], lambda command: carry_out(command, fail_zones), dedupe=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
 from pydantic import ValidationError
 
 import common
@@ -187,7 +189,13 @@ def topics(env):
 
 @pytest.fixture
 def producer(env):
-    """A raw producer, for writing test input (good or bad) straight to this test's topics."""
+    """A raw producer, for writing test input (good or bad) straight to this test's topics (created here)."""
+    admin = KafkaAdminClient(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    try:
+        admin.create_topics([NewTopic(env["TOPIC_PREFIX"] + name, 1, 1) for name in common.ALL_TOPICS])
+    except TopicAlreadyExistsError:  # a script of this test got there first
+        pass
+    admin.close()
     p = KafkaProducer(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
 
     def send(name: str, value: bytes | common.Envelope, key: bytes | None = None):

@@ -85,6 +85,7 @@ def main() -> int:
         children.start("detector", "security_detector.py", "--rate", "3", "--seed", "1")
         flow = Flow()
         flow.wait(lambda: flow.counts()[1] >= 3 * stage, timeout=60 + stage)
+        console.print(render(flow, None, rows=4))
 
         say("Example 2: the reporting service starts; only the orchestrator changes (stop, then start at --example 2)")
         children.start("reporting", "reporting_service.py", "--example", "2", "--every", str(stage))
@@ -101,6 +102,7 @@ def main() -> int:
         gap = (min(routed) - restarted_at) if routed else float("nan")
         console.print(f"[bold]restart gap: first message of the backlog routed {gap:.1f} s after the orchestrator started")
         flow.wait(lambda: False, timeout=stage)
+        console.print(render(flow, None, rows=6))
 
         say("Example 3: the unit producer starts; reporting gains its unit section; the orchestrator gains the unit workflow")
         # A fixed count, so it stops producing by itself but goes on obeying the commands still on their way.
@@ -124,7 +126,7 @@ def main() -> int:
                                  env=env, capture_output=True, text=True, check=True).stdout
         console.print(f"report store: {summary.strip()}")
         reports = json.loads(summary)["reports"]
-        console.print(render(flow, {}, rows=12))
+        console.print(render(flow, None, rows=8))
         routed_reports = sum("report_data" in types for types in flow.times.values())
         started, completed = flow.counts()
         for workflow in (w for w in flow.kind if not flow.completed(w)):

@@ -76,7 +76,7 @@ class Flow:
     def poll(self, timeout_ms: int = 200) -> None:
         for records in self.consumer.poll(timeout_ms=timeout_ms).values():
             for record in records:
-                self.arrivals[record.topic].append(time.time())
+                self.arrivals[record.topic].append(record.timestamp / 1000)  # when Kafka got it
                 try:
                     message = common.Envelope.model_validate_json(record.value)
                 except ValidationError:  # junk on an input topic: the service reading it dead-letters it
@@ -147,11 +147,11 @@ class Flow:
         return report
 
     def rates(self, seconds: float = 10.0) -> dict[str, float]:
-        now = time.time()
+        since = time.time() - seconds
         for arrivals in self.arrivals.values():
-            while arrivals and arrivals[0] < now - seconds:
+            while arrivals and arrivals[0] < since:
                 arrivals.popleft()
-        return {name: len(self.arrivals[common.topic(name)]) / seconds for name in common.ALL_TOPICS}
+        return {name: sum(t >= since for t in self.arrivals[common.topic(name)]) / seconds for name in common.ALL_TOPICS}
 
     def wait(self, condition, timeout: float) -> bool:
         """Keep reading until condition() holds or timeout seconds pass."""
@@ -177,10 +177,11 @@ def consumer_lag(admin: KafkaAdminClient, flow: Flow) -> dict[str, int]:
             for group in GROUPS if offsets.get(common.topic(group))}
 
 
-def render(flow: Flow, lag: dict[str, int], rows: int = 15) -> Group:
+def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
+    """The view: a row per recent workflow, then traffic, consumer lag (if given), dead letters and totals."""
     now = time.time()
-    workflows = sorted(flow.kind, key=lambda w: flow.step_times(w)[0][1] or 0)[-rows:]
-    table = Table(title=f"Workflows (latest {len(workflows)} of {len(flow.kind)}; SLA {flow.sla:g} s)", expand=False)
+    workflows = sorted(flow.kind, key=lambda w: flow.step_times(w)[0][1] or 0, reverse=True)[:rows]
+    table = Table(title=f"Workflows (newest {len(workflows)} of {len(flow.kind)}; SLA {flow.sla:g} s)", expand=False)
     for column in ("workflow", "type", "steps (s after start)", "latency", "state"):
         table.add_column(column)
     for workflow in workflows:
@@ -196,12 +197,12 @@ def render(flow: Flow, lag: dict[str, int], rows: int = 15) -> Group:
                       f"[{colour}]{state}[/]")
     rates = flow.rates()
     traffic = "  ".join(f"{name} {rate:.1f}/s" for name, rate in rates.items())
-    lags = "  ".join(f"{group} {n}" for group, n in lag.items()) or "(no groups yet)"
+    lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
     lags += "  (a transaction's commit marker also counts as one)" if lag else ""
     last = flow.dead_letters[-1].payload["reason"] if flow.dead_letters else "-"
     started, completed = flow.counts()
-    return Group(table, f"messages per second (last 10 s): {traffic}", f"consumer lag: {lags}",
-                 f"dead letters: {len(flow.dead_letters)} (last: {last})",
+    lines = [f"messages per second (last 10 s): {traffic}"] + ([f"consumer lag: {lags}"] if lag is not None else [])
+    return Group(table, *lines, f"dead letters: {len(flow.dead_letters)} (last: {last})",
                  f"workflows: {started} started, {completed} completed, duplicates {flow.duplicates}")
 
 
@@ -237,7 +238,7 @@ def main() -> None:
             flow.read_to_end()
             console.print(render(flow, consumer_lag(admin, flow), args.rows))
         else:
-            with Live(render(flow, {}, args.rows), console=console, refresh_per_second=2) as live:
+            with Live(render(flow, None, args.rows), console=console, refresh_per_second=2) as live:
                 while not stop:
                     deadline = time.monotonic() + 1.0
                     while time.monotonic() < deadline and not stop:

@@ -1,0 +1,353 @@
+"""Benchmark: what the orchestrator hop costs, and whether the orchestrator is the bottleneck, measured side by side.
+
+Runs against KAFKA_BOOTSTRAP_SERVERS if it answers, else starts local_kafka on a free port (stopped at the end).
+Every run uses topic prefixes of its own. Needs requirements-bench.txt (confluent-kafka; matplotlib for --plot).
+Run:   python bench.py                      # default: a 100 000-detection backlog, latency at 1 000/s
+       python bench.py --quick              # a smaller run (20 000 messages, shorter latency runs)
+       python bench.py --json bench.json    # also write the figures as JSON
+       python bench.py --sweep --plot latency.png   # latency against rate, 100 -> 5 000 msg/s, drawn
+Internal roles (run by the benchmark itself): --role raw-pipe | confluent-router.
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import kafka
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.structs import OffsetAndMetadata
+from rich.console import Console
+
+import common
+import local_kafka
+from monitor import percentile
+
+HERE = Path(__file__).resolve().parent
+console = Console(highlight=False)
+
+
+def detection_bytes(rng_seed: int) -> tuple[str, bytes, bytes]:
+    sensor = rng_seed % 8
+    event = common.new_event("security_detection", {"sensor_id": f"sensor-{sensor}", "zone": f"zone-{sensor % 4}",
+                                                    "kind": "motion", "severity": 1 + rng_seed % 5}, "bench")
+    return event.id, event.to_bytes(), f"sensor-{sensor}".encode()
+
+
+class Bench:
+    def __init__(self, address: str):
+        self.address = address
+        self.admin = KafkaAdminClient(bootstrap_servers=address)
+
+    def prefix(self, name: str) -> str:
+        prefix = f"bench{uuid.uuid4().hex[:6]}_{name}_"
+        self.admin.create_topics([NewTopic(prefix + t, common.TOPIC_PARTITIONS, 1) for t in common.ALL_TOPICS])
+        return prefix
+
+    def env(self, prefix: str) -> dict:
+        return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.address, TOPIC_PREFIX=prefix, LOG_LEVEL="WARNING",
+                    REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1")
+
+    def start(self, prefix: str, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, *args], cwd=HERE, env=self.env(prefix), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    def backlog(self, prefix: str, n: int) -> None:
+        """n detections waiting in message_stream."""
+        producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=20, batch_size=512 * 1024)
+        for i in range(n):
+            _, value, key = detection_bytes(i)
+            producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key)
+        producer.flush()
+        producer.close()
+
+    def committed(self, group: str) -> int:
+        offsets = self.admin.list_group_offsets({group: None}).get(group) or {}
+        return sum(meta.offset for tp, meta in offsets.items() if tp.topic.endswith(common.MESSAGE_STREAM))
+
+    def drain(self, label: str, n: int, group: str, prefix: str, *args: str) -> tuple[float, float]:
+        """Start a router on a backlog of n; returns (input messages per second once it runs, its peak RSS in MB)."""
+        process = self.start(prefix, *args)
+        first = None
+        try:
+            with console.status(f"{label}: routing {n} detections"):
+                while True:
+                    done = self.committed(group)
+                    if done and first is None:
+                        first = (time.monotonic(), done)
+                    if done >= n:
+                        break
+                    if process.poll() is not None:
+                        raise SystemExit(f"bench: {label} exited with code {process.returncode}")
+                    time.sleep(0.05)  # sampling progress for a measurement, not synchronising a test
+            elapsed = time.monotonic() - first[0]
+            rate = (n - first[1]) / elapsed if elapsed > 0 else float("inf")
+            with open(f"/proc/{process.pid}/status") as status:  # VmHWM: the process's peak resident memory
+                hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+            console.print(f"{label}: {rate:,.0f} msg/s (peak RSS {hwm:.0f} MB)")
+            return rate, hwm
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+    def latency(self, rate: float, seconds: float, system: bool) -> dict:
+        """p50/p95/p99 ms at `rate`/s: detection -> notification delivered (system) or produce -> consume (direct)."""
+        prefix = self.prefix("e2e" if system else "hop")
+        processes = [self.start(prefix, name) for name in ("orchestrator.py", "security_service.py",
+                                                           "notification_service.py")] if system else []
+        receive_topic = prefix + (common.THIRD_PARTY if system else common.MESSAGE_STREAM)
+        consumer = KafkaConsumer(receive_topic, bootstrap_servers=self.address, auto_offset_reset="latest",
+                                 isolation_level="read_committed", fetch_max_wait_ms=10, reconnect_backoff_max_ms=1000)
+        while not consumer.assignment():
+            consumer.poll(timeout_ms=100)
+        sent, latencies, stop = {}, [], threading.Event()
+
+        def receive():
+            while not stop.is_set():
+                for records in consumer.poll(timeout_ms=50).values():
+                    now = time.time()
+                    for record in records:
+                        key = (json.loads(record.value)["workflow_id"]) if system else record.key.decode()
+                        if key in sent:
+                            latencies.append((now - sent.pop(key)) * 1000)
+
+        receiver = threading.Thread(target=receive, daemon=True)
+        receiver.start()
+        producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=0, acks="all")
+        if system:  # warm up: the services must be in their groups before timing starts
+            warm_id, value, key = detection_bytes(0)
+            sent[warm_id] = time.time()
+            producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key)
+            deadline = time.monotonic() + 60
+            while warm_id in sent and time.monotonic() < deadline:
+                time.sleep(0.05)
+            latencies.clear()
+        pacer, count = common.Pacer(rate, int(rate * seconds)), 0
+        while not pacer.finished:
+            for _ in range(pacer.due()):
+                event_id, value, key = detection_bytes(count)
+                sent[event_id] = time.time()
+                producer.send(prefix + common.MESSAGE_STREAM, value=value, key=event_id.encode() if not system else key)
+                count += 1
+            time.sleep(pacer.pause())
+        producer.flush()
+        deadline = time.monotonic() + 30
+        while sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        receiver.join()
+        consumer.close()
+        producer.close()
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=60)
+        figures = {f"p{p}": round(percentile(latencies, p), 1) for p in (50, 95, 99)} if latencies else {}
+        figures["received"], figures["sent"] = len(latencies), count
+        return figures
+
+    def restarts(self, times: int, rate: float) -> dict:
+        """Stop and start the orchestrator while traffic flows; gap = process start -> first waiting message routed."""
+        prefix = self.prefix("restart")
+        orchestrator = self.start(prefix, "orchestrator.py")
+        commands = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address,
+                                 auto_offset_reset="earliest", isolation_level="read_committed",
+                                 reconnect_backoff_max_ms=1000)
+        routed, detections, stop, stop_watching = [], [], threading.Event(), threading.Event()
+
+        def watch():
+            while not stop_watching.is_set():
+                for records in commands.poll(timeout_ms=50).values():
+                    routed.extend((time.time(), json.loads(r.value)["workflow_id"]) for r in records)
+
+        def traffic():
+            producer, i = KafkaProducer(bootstrap_servers=self.address), 0
+            while not stop.is_set():
+                event_id, value, key = detection_bytes(i)
+                producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key)
+                detections.append(event_id)
+                i += 1
+                time.sleep(1 / rate)
+            producer.flush()
+            producer.close()
+
+        threads = [threading.Thread(target=watch, daemon=True), threading.Thread(target=traffic, daemon=True)]
+        for thread in threads:
+            thread.start()
+        gaps = []
+        with console.status(f"restart gap: {times} orchestrator restarts under {rate:g} msg/s"):
+            while len(routed) < 10:
+                time.sleep(0.05)
+            for _ in range(times):
+                orchestrator.send_signal(signal.SIGTERM)
+                orchestrator.wait(timeout=60)
+                time.sleep(1.0)  # let a backlog build while it is down
+                before = len(routed)
+                started = time.time()
+                orchestrator = self.start(prefix, "orchestrator.py")
+                while len(routed) == before:
+                    time.sleep(0.01)
+                gaps.append(routed[before][0] - started)
+        stop.set()
+        threads[1].join()
+        deadline = time.monotonic() + 60
+        while len({w for _, w in routed}) < len(detections) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop_watching.set()
+        threads[0].join()
+        orchestrator.terminate()
+        orchestrator.wait(timeout=60)
+        commands.close()
+        ids = [w for _, w in routed]
+        lost, duplicates = len(set(detections) - set(ids)), len(ids) - len(set(ids))
+        console.print(f"restart gap: median {statistics.median(gaps):.2f} s, max {max(gaps):.2f} s over {times} restarts; "
+                      f"{len(detections)} detections, lost {lost}, duplicates {duplicates}")
+        return {"median": round(statistics.median(gaps), 2), "max": round(max(gaps), 2), "lost": lost,
+                "duplicates": duplicates}
+
+
+def raw_pipe() -> None:
+    """No logic: every message_stream record is copied as it is to the three topics the Example 2 table sends to
+    (the same fan-out as the orchestrator), with the loop's producer, batching and commit policy."""
+    stop = common.Stopper()
+    consumer = common.make_consumer("raw", [common.MESSAGE_STREAM])
+    producer = common.make_producer()
+    while not stop:
+        batch = consumer.poll(timeout_ms=500)
+        futures = [producer.send(common.topic(name), value=r.value, key=r.key)
+                   for records in batch.values() for r in records
+                   for name in (common.SEC_COMMAND, common.NOTIFICATION_COMMAND, common.REPORT_DATA)]
+        common.wait_for_acks(producer, futures)
+        if batch:
+            consumer.commit({tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in batch.items()})
+    consumer.close(autocommit=False)
+    producer.close()
+
+
+def confluent_router() -> None:
+    """The same routing table, run by confluent-kafka (at least once: produce, flush, then commit)."""
+    from confluent_kafka import Consumer, Producer
+
+    from orchestrator import route
+    stop = common.Stopper()
+    consumer = Consumer({"bootstrap.servers": common.BOOTSTRAP_SERVERS, "group.id": common.topic("confluent"),
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "isolation.level": "read_committed"})
+    consumer.subscribe([common.topic(common.MESSAGE_STREAM)])
+    producer = Producer({"bootstrap.servers": common.BOOTSTRAP_SERVERS, "enable.idempotence": True, "linger.ms": 5})
+    while not stop:
+        messages = consumer.consume(500, timeout=0.5)
+        for message in messages:
+            if message.error():
+                continue
+            for name, command in route(common.parse(message.value()), 2):
+                producer.produce(common.topic(name), value=command.to_bytes(), key=message.key())
+        if messages:
+            producer.flush()
+            consumer.commit(asynchronous=False)
+    consumer.close()
+
+
+def broker() -> tuple[str, Path | None]:
+    """A broker address: KAFKA_BOOTSTRAP_SERVERS if it answers, else a local_kafka started here."""
+    address = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
+    if local_kafka.metadata_ok(address.split(",")[0]):
+        return address, None
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
+    started, _ = local_kafka.start(local_kafka.free_port(), data_dir)
+    return started.address, data_dir
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller run")
+    parser.add_argument("--messages", type=int, help="backlog size (default 100 000, --quick 20 000)")
+    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    parser.add_argument("--sweep", action="store_true", help="latency against rate, 100 -> 5 000 msg/s")
+    parser.add_argument("--plot", metavar="FILE.png", help="with --sweep: draw latency against rate")
+    parser.add_argument("--role", choices=["raw-pipe", "confluent-router"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        common.setup_logging()
+        return raw_pipe() if args.role == "raw-pipe" else confluent_router()
+    n = args.messages or (20_000 if args.quick else 100_000)
+    seconds = 5 if args.quick else 10
+    address, data_dir = broker()
+    bench = Bench(address)
+    console.print(f"bench: Kafka {local_kafka.KAFKA_VERSION} at {address}, kafka-python {kafka.__version__}, "
+                  f"{n} messages, {os.cpu_count()} cores")
+    try:
+        rates = {}
+        for label, role, args_ in (
+                ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2"]),
+                ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions"]),
+                ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
+                ("confluent-kafka router", "confluent", ["bench.py", "--role", "confluent-router"])):
+            prefix = bench.prefix(role)
+            with console.status(f"{label}: producing a backlog of {n}"):
+                bench.backlog(prefix, n)
+            rates[label] = bench.drain(label, n, prefix + role, prefix, *args_)
+        e2e = bench.latency(1000, seconds, system=True)
+        direct = bench.latency(1000, seconds, system=False)
+        console.print(f"latency at 1000/s: end to end {e2e}, direct single hop {direct} (ms)")
+        gap = bench.restarts(3 if args.quick else 5, 100)
+        eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
+        raw, ck = rates["raw kafka-python pipe"][0], rates["confluent-kafka router"][0]
+        figures = {"kafka_version": local_kafka.KAFKA_VERSION, "kafka_python_version": kafka.__version__, "messages": n,
+                   "orchestrator_eos_msgs_per_s": round(eos), "orchestrator_alo_msgs_per_s": round(alo),
+                   "raw_pipe_msgs_per_s": round(raw), "confluent_router_msgs_per_s": round(ck),
+                   "e2e_latency_ms": {k: e2e.get(k) for k in ("p50", "p95", "p99")},
+                   "direct_latency_ms": {k: direct.get(k) for k in ("p50", "p95", "p99")},
+                   "restart_gap_s": {"median": gap["median"], "max": gap["max"]},
+                   "orchestrator_peak_rss_mb": round(rates["orchestrator exactly-once"][1], 1),
+                   "lost": gap["lost"], "duplicates": gap["duplicates"],
+                   "ratios": {"alo_over_raw": round(alo / raw, 2), "eos_over_alo": round(eos / alo, 2),
+                              "eos_over_confluent": round(eos / ck, 2),
+                              "e2e_p99_over_direct_p99": round(e2e["p99"] / direct["p99"], 2)
+                              if e2e.get("p99") and direct.get("p99") else None}}
+        if args.sweep:
+            figures["sweep"] = []
+            for rate in (100, 500, 1000, 2000, 5000):
+                row = {"rate": rate, "e2e": bench.latency(rate, seconds, True), "direct": bench.latency(rate, seconds, False)}
+                console.print(f"sweep {rate}/s: e2e {row['e2e']} direct {row['direct']}")
+                figures["sweep"].append(row)
+            if args.plot:
+                plot(figures["sweep"], args.plot)
+        console.print_json(json.dumps(figures))
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    finally:
+        bench.admin.close()
+        if data_dir:
+            local_kafka.stop(data_dir)
+    return 0
+
+
+def plot(sweep: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rates = [row["rate"] for row in sweep]
+    for key, label in (("e2e", "detection -> notification delivered"), ("direct", "direct produce -> consume")):
+        for p, style in (("p50", "-"), ("p99", "--")):
+            plt.plot(rates, [row[key].get(p) for row in sweep], style, marker="o", label=f"{label} {p}")
+    plt.xscale("log")
+    plt.yscale("log")
+    plt.xlabel("detections per second")
+    plt.ylabel("latency (ms)")
+    plt.legend()
+    plt.title("Latency against rate")
+    plt.savefig(path, dpi=100, bbox_inches="tight")
+    console.print(f"plot written to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

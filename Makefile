@@ -2,12 +2,13 @@
 # make test   -- the tests, against a throwaway Kafka they start themselves
 # make kafka-up / kafka-down -- a broker on localhost:9092: Docker compose where a Docker engine answers, else local_kafka
 # make lint   -- ruff
+# make bench  -- bench.py: throughput, latency, restart gap and memory, side by side (about 5 minutes)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DOCKER_ENGINE := $(shell docker info >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test kafka-up kafka-down lint
+.PHONY: demo test kafka-up kafka-down lint bench
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +37,10 @@ endif
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+$(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) bench.py --json bench.json

@@ -421,9 +421,19 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     log.info("%s: started; consuming %s as group %s%s from %s", name, ", ".join(map(topic, inputs)), group,
              f", exactly once as transactional id {transactional_id}" if transactional else ", at least once",
              BOOTSTRAP_SERVERS)
+    last_warning = float("-inf")
     try:
         while not stop:
-            batch = consumer.poll(timeout_ms=100 if tick else 500)
+            try:
+                batch = consumer.poll(timeout_ms=100 if tick else 500)
+            except KafkaError as error:  # the broker or group coordinator is away: wait for it, do not crash
+                if not error.retriable:
+                    raise
+                if time.monotonic() - last_warning > 10:
+                    log.warning("%s: Kafka unavailable (%s); carrying on when it is back", name, error)
+                    last_warning = time.monotonic()
+                stop.wait(0.5)
+                continue
             unsent += tick() if tick else []
             if not batch and not unsent:
                 continue

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -17,7 +18,8 @@ from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import FencedInstanceIdError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import (FencedInstanceIdError, NoError, KafkaError, KafkaTimeoutError, ProducerFencedError,
+                          TopicAlreadyExistsError)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,7 +53,8 @@ def kafka_config() -> dict[str, Any]:
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # the client's own chatter hides the flow
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("kafka").setLevel(logging.WARNING)  # the client's own chatter hides the flow
     for handler in logging.getLogger().handlers:
         handler.addFilter(ClientWarningsOncePer(30.0))
 
@@ -115,9 +118,9 @@ class SecurityCommand(Schema):
 
 
 class SecurityOutcome(Schema):
-    action: str
-    zone: str
-    detail: str = ""
+    action: str = Field(max_length=32)
+    zone: str = Field(max_length=64)
+    detail: str = Field(default="", max_length=200)
 
 
 class NotificationCommand(Schema):
@@ -218,14 +221,19 @@ def parse(raw: bytes | None) -> Envelope:
         raise DeadLetter(f"not valid JSON: {str(error)[:200]}") from None
     try:
         envelope = Envelope.model_validate(data)
-        schema = SCHEMAS.get(envelope.type)
-        if schema:
-            schema.model_validate(envelope.payload)
     except ValidationError as error:
-        what = f"{envelope.type} payload" if "envelope" in locals() else "envelope"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:5])
-        raise DeadLetter(f"invalid {what}: {problems}") from None
-    return envelope
+        raise DeadLetter(f"invalid envelope: {problems(error)}") from None
+    schema = SCHEMAS.get(envelope.type)
+    if schema is None:  # a type no schema knows: the orchestrator says "no route", a service "unexpected type"
+        return envelope
+    try:  # handlers get the payload as the schema reads it: defaults filled in, "4" read as 4
+        return envelope.model_copy(update={"payload": schema.model_validate(envelope.payload).model_dump()})
+    except ValidationError as error:
+        raise DeadLetter(f"invalid {envelope.type} payload: {problems(error)}") from None
+
+
+def problems(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:5])
 
 
 def expect(event: Envelope, *types: str) -> None:
@@ -241,7 +249,8 @@ def dead_letter(raw: bytes | None, reason: str, service: str, record=None) -> En
         "reason": reason, "service": service,
         "topic": getattr(record, "topic", None), "partition": getattr(record, "partition", None),
         "offset": getattr(record, "offset", None),
-        "key": (record.key or b"").decode(errors="replace") if record is not None else None,
+        "key": (record.key or b"").decode(errors="replace") if record is not None else None,  # to read
+        "key_b64": base64.b64encode(record.key).decode() if record is not None and record.key else None,  # to replay
         "original_b64": base64.b64encode(original[:MAX_MESSAGE_BYTES * 4]).decode(),
         "original_truncated": len(original) > MAX_MESSAGE_BYTES * 4,
         "excerpt": original[:200].decode(errors="replace"),
@@ -257,6 +266,9 @@ class Seen:
 
     def __init__(self, capacity: int = 100_000):
         self.capacity, self.ids = capacity, OrderedDict()
+
+    def __contains__(self, message_id: str) -> bool:
+        return message_id in self.ids
 
     def add(self, message_id: str) -> bool:
         """Remember message_id; False if it was already there."""
@@ -310,7 +322,11 @@ def make_producer(transactional_id: str | None = None, **overrides) -> KafkaProd
     config.update(overrides)
     producer = KafkaProducer(**config)
     if transactional_id:
-        producer.init_transactions()  # fences any earlier producer with this id, finishing its open transaction
+        try:
+            producer.init_transactions()  # fences any earlier producer with this id, finishing its open transaction
+        except KafkaError:
+            producer.close(timeout=1)
+            raise
     return producer
 
 
@@ -339,8 +355,7 @@ class Stopper:
     def _on_signal(self, signum, frame):
         if self.event.is_set():
             os._exit(128 + signum)
-        log.info("stopping after this batch (signal %s; send again to exit at once)", signal.Signals(signum).name)
-        self.event.set()
+        self.event.set()  # (no logging here: a log call inside a signal handler can collide with one in progress)
 
     def __bool__(self):
         return self.event.is_set()
@@ -353,7 +368,9 @@ def read_all(name: str, timeout: float = 30.0) -> list:
     """Every record now in a project topic (all partitions, committed only), without joining a group."""
     consumer = KafkaConsumer(**kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
     try:
-        partitions = [TopicPartition(topic(name), p) for p in consumer.partitions_for_topic(topic(name))]
+        partitions = [TopicPartition(topic(name), p) for p in consumer.partitions_for_topic(topic(name)) or ()]
+        if not partitions:  # no such topic (yet): nothing in it
+            return []
         consumer.assign(partitions)
         consumer.seek_to_beginning()
         end = consumer.end_offsets(partitions)
@@ -439,21 +456,25 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
                 continue
             outputs, offsets, ids = handle_batch(name, batch, handle, seen)
             try:
-                producer = producer or (starting.result() if starting else make_producer(transactional_id=transactional_id))
-                starting = None
+                if producer is None:
+                    pending, starting = starting, None  # a failed start is not kept: the next try makes a new one
+                    producer = pending.result() if pending else make_producer(transactional_id=transactional_id)
                 deliver(producer, consumer, unsent + outputs, offsets, transactional)
+            except (FencedInstanceIdError, ProducerFencedError):
+                raise
             except KafkaError as error:
                 log.warning("%s: could not deliver a batch (%s: %s); handling it again", name, type(error).__name__, error)
                 producer = abandon(producer, transactional)
                 for partition, records in batch.items():
-                    consumer.seek(partition, records[0].offset)
+                    if partition in consumer.assignment():  # (a partition taken away goes to its new owner instead)
+                        consumer.seek(partition, records[0].offset)
                 stop.wait(1.0)
                 continue
-            unsent, handled = [], handled + len(ids)
-            if seen:
+            unsent, handled = [], handled + sum(len(records) for records in batch.values())
+            if seen is not None:
                 for message_id in ids:
                     seen.add(message_id)
-    except FencedInstanceIdError:
+    except (FencedInstanceIdError, ProducerFencedError):
         log.error("%s: another process joined group %s as INSTANCE_ID=%s and took over; give each copy its own "
                   "INSTANCE_ID. This one stops (its last batch will be handled again by the other).", name, group, instance)
         raise SystemExit(1) from None
@@ -474,13 +495,19 @@ def inherit_offsets(admin: KafkaAdminClient, group: str, start_like: str) -> Non
     offsets = admin.list_group_offsets({group: None, start_like: None})
     if offsets.get(group) or not offsets.get(start_like):
         return
-    admin.alter_group_offsets(group, offsets[start_like])
-    log.info("new group %s starts where group %s left off", group, start_like)
+    failed = {tp: error for tp, error in admin.alter_group_offsets(group, offsets[start_like]).items()
+              if error is not NoError}
+    if failed:
+        log.warning("could not start group %s where %s left off (%s): it reads from the beginning; the commands it sends "
+                    "again have the same ids, so services ignore them", group, start_like, failed)
+    else:
+        log.info("new group %s starts where group %s left off", group, start_like)
 
 
 def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None) -> tuple[list[Triple], dict, list[str]]:
-    """Handle every record of a poll: (outputs, offsets to commit, ids handled)."""
-    outputs, offsets, ids = [], {}, []
+    """Handle every record of a poll: (outputs, offsets to commit, ids handled). A dead-lettered message's id is
+    not among them, so the same message replayed once its cause is fixed is handled, not skipped as a repeat."""
+    outputs, offsets, ids, retry_until = [], {}, [], time.monotonic() + RETRY_BUDGET_S
     for partition, records in batch.items():
         for record in records:
             try:
@@ -488,29 +515,37 @@ def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None) -> 
             except DeadLetter as reason:
                 results = [(DEAD_LETTER, rejected(name, record, str(reason)))]
             else:
-                ids.append(message.id)
-                if seen is not None and (message.id in seen.ids or message.id in ids[:-1]):
+                if seen is not None and (message.id in seen or message.id in ids):
                     log.info("%s: %s %s already handled; ignoring the redelivery", name, message.type, message.id[:8])
                     continue
-                results = handle_with_retries(name, record, message, handle)
+                results = handle_with_retries(name, record, message, handle, retry_until)
+                if all(t != DEAD_LETTER for t, _ in results):
+                    ids.append(message.id)
             outputs += [(t, m, record.key) for t, m in results]
         offsets[partition] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
     return outputs, offsets, ids
 
 
-def handle_with_retries(name: str, record, message: Envelope, handle: Handler) -> list[Output]:
-    """handle(message); a failure is retried with capped exponential backoff, then the message is dead-lettered."""
+# Failures worth retrying (a busy database, a network blip); anything else is a bug or bad data: dead-letter it at once.
+TRANSIENT = (OSError, sqlite3.OperationalError, KafkaError)
+RETRY_BUDGET_S = 30.0  # retries in one poll batch stop after this, well inside the group's max.poll.interval
+
+
+def handle_with_retries(name: str, record, message: Envelope, handle: Handler, retry_until: float) -> list[Output]:
+    """handle(message); a transient failure is retried with capped exponential backoff, then dead-lettered."""
     for attempt in range(1, HANDLER_ATTEMPTS + 1):
         try:
             return handle(message)
         except DeadLetter as reason:
             return [(DEAD_LETTER, rejected(name, record, str(reason)))]
-        except Exception as error:  # noqa: BLE001 -- one message's failure, whatever it is, must not stop the service
-            if attempt == HANDLER_ATTEMPTS:
+        except TRANSIENT as error:
+            if attempt == HANDLER_ATTEMPTS or time.monotonic() > retry_until:
                 reason = f"handler failed {attempt} times, last: {type(error).__name__}: {error}"
                 return [(DEAD_LETTER, rejected(name, record, reason))]
             log.warning("%s: handler failed on %s (attempt %d: %s); retrying", name, message.id[:8], attempt, error)
             time.sleep(min(0.1 * 2 ** attempt, 2.0))
+        except Exception as error:  # noqa: BLE001 -- a bug or bad data in one message must not stop the service
+            return [(DEAD_LETTER, rejected(name, record, f"handler failed: {type(error).__name__}: {error}"))]
     raise AssertionError("unreachable")
 
 
@@ -530,7 +565,7 @@ def deliver(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Trip
             producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
         producer.commit_transaction()
         return
-    wait_for_acks(producer, [send(producer, t, m, key) for t, m, key in outputs])
+    wait_for_acks(producer, [send(producer, t, m, key) for t, m, key in outputs], "batch")
     if offsets:
         consumer.commit(offsets)
 
@@ -574,7 +609,11 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
     log.info("%s: producing %s at %s/s to %s", name, "forever" if count is None else count, rate, BOOTSTRAP_SERVERS)
     try:
         while not stop and not pacer.finished:
-            wait_for_acks(producer, [send(producer, *make()) for _ in range(pacer.due())], name)
+            futures = [send(producer, *make()) for _ in range(pacer.due())]
+            try:
+                wait_for_acks(producer, futures, name)
+            except KafkaError as error:  # delivery_timeout_ms (5 min) passed: these messages are not in Kafka
+                log.error("%s: %d messages could not be delivered: %s", name, len(futures), error)
             stop.wait(pacer.pause())
     finally:
         producer.close(timeout=10)

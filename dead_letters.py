@@ -39,7 +39,7 @@ def replay(letters) -> int:
         if p["original_truncated"] or p["topic"] is None:
             log.warning("dead letter %d cannot be replayed (original not kept whole)", offset)
             continue
-        key = p["key"].encode() if p["key"] else None
+        key = base64.b64decode(p["key_b64"]) if p.get("key_b64") else None
         futures.append(producer.send(p["topic"], value=base64.b64decode(p["original_b64"]), key=key))
     producer.flush()
     for future in futures:

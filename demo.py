@@ -3,13 +3,15 @@
 Reads:  every project topic (to follow each workflow)   Needs: a broker (`make kafka-up`; `make demo` does it)
 Run:    python demo.py            # about a minute and a half; Ctrl-C stops everything it started
         python demo.py --quick    # shorter stages (used by the tests)
-Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 restart_gap_s=X.X (exit 1 if anything was lost).
+Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 reports=N restart_gap_s=X.X (exit 1 if anything
+was lost).
 """
 
 import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short stages (for tests)")
     parser.add_argument("--keep", action="store_true", help="keep the demo's report store instead of deleting it")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too stops everything the demo started
     stage = 3.0 if args.quick else 12.0  # seconds each stage runs before the next change
     prefix = os.environ.get("TOPIC_PREFIX") or f"demo{uuid.uuid4().hex[:6]}_"
     os.environ["TOPIC_PREFIX"] = common.TOPIC_PREFIX = prefix

@@ -12,7 +12,7 @@ from common import NOTIFICATION_COMMAND, THIRD_PARTY, Envelope, Output, caused_b
 log = logging.getLogger("notification_service")
 
 
-def deliver(command: Envelope) -> list[Output]:
+def notify(command: Envelope) -> list[Output]:
     """'Send' the notification (a log line here) and tell the outside world it went out."""
     expect(command, "notification_command")
     note = command.payload
@@ -23,7 +23,7 @@ def deliver(command: Envelope) -> list[Output]:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     setup_logging()
-    run_service("notification_service", [NOTIFICATION_COMMAND], deliver, dedupe=True)
+    run_service("notification_service", [NOTIFICATION_COMMAND], notify, dedupe=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Reporting service: stores every report in SQLite and prints a periodic summary. Joins in Example 2.
 
-Consumes: report_data           Produces: nothing (a SQLite file, REPORT_DB or --db, default reports.db)
+Consumes: report_data           Produces: a SQLite file (REPORT_DB or --db, default reports.db); dead_letter
 Run:      python reporting_service.py --example 2      # security reports only (the unit section is off)
           python reporting_service.py --example 3      # plus the unit section
           python reporting_service.py --summary --json # print the stored counts as one JSON object and exit
@@ -37,10 +37,11 @@ def store(db: sqlite3.Connection, message: Envelope, example: int) -> list[Outpu
     expect(message, "report_data")
     report = message.payload
     if report["workflow"] == "security":
-        save_report(db, message)
+        with db:
+            save_report(db, message)
     elif report["workflow"] == "unit" and example >= 3:  # EXAMPLE 3: the walkthrough's "uncomment the Unit Event section".
-        if save_report(db, message):
-            with db:
+        with db:  # the report and its unit's new status are stored together or not at all
+            if save_report(db, message):
                 db.execute("INSERT INTO units VALUES (?, ?, 1, ?) ON CONFLICT(unit_id) DO UPDATE SET "
                            "last_status = excluded.last_status, events = events + 1, updated_at = excluded.updated_at",
                            (report["entity"], report["category"], message.created_at.isoformat()))
@@ -50,12 +51,11 @@ def store(db: sqlite3.Connection, message: Envelope, example: int) -> list[Outpu
 
 
 def save_report(db: sqlite3.Connection, message: Envelope) -> bool:
-    """Insert the report; False if this message id was stored before (a redelivery)."""
+    """Insert the report (inside the caller's transaction); False if this message id was stored before."""
     r = message.payload
-    with db:
-        inserted = db.execute("INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?)", (
-            message.id, message.workflow_id, r["workflow"], r["category"], r["entity"], r["zone"],
-            message.created_at.isoformat())).rowcount
+    inserted = db.execute("INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?)", (
+        message.id, message.workflow_id, r["workflow"], r["category"], r["entity"], r["zone"],
+        message.created_at.isoformat())).rowcount
     if not inserted:
         log.info("report %s already stored; ignoring the redelivery", message.id[:8])
     return bool(inserted)

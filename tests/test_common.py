@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Seen, dead_letter, new_event, parse
+from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Seen, dead_letter, handle_batch, new_event, parse
 
 
 def good_detection() -> Envelope:
@@ -73,3 +73,55 @@ def test_seen_remembers_ids_up_to_its_capacity():
 def test_pacer_never_exceeds_the_count():
     pacer = Pacer(rate=1_000_000, count=5)
     assert sum(pacer.due() for _ in range(3)) == 5 and pacer.finished
+
+
+def test_parse_gives_handlers_the_payload_as_the_schema_reads_it():
+    data = json.loads(good_detection().to_bytes())
+    data["payload"]["severity"] = "4"
+    assert parse(json.dumps(data).encode()).payload["severity"] == 4
+    outcome = json.loads(good_detection().to_bytes())
+    outcome["type"], outcome["payload"] = "security_action_failed", {"action": "lock_zone", "zone": "z-1"}
+    assert parse(json.dumps(outcome).encode()).payload["detail"] == ""
+
+
+class Record:
+    """Just enough of a Kafka record for the loop's batch handling."""
+    topic, partition, key = "t_sec_command", 0, b"k"
+
+    def __init__(self, offset: int, value: bytes):
+        self.offset, self.value = offset, value
+
+
+def test_a_message_that_is_dead_lettered_is_not_remembered_as_handled():
+    # so that replaying it once its cause is fixed is handled, not skipped as a repeat
+    seen, event, calls = Seen(), good_detection(), []
+
+    def handle(message):
+        calls.append(message.id)
+        if len(calls) == 1:
+            raise DeadLetter("not yet")
+        return []
+    outputs, _, ids = handle_batch("svc", {"tp": [Record(0, event.to_bytes())]}, handle, seen)
+    assert [t for t, _, _ in outputs] == ["dead_letter"] and ids == []
+    _, _, ids = handle_batch("svc", {"tp": [Record(1, event.to_bytes())]}, handle, seen)
+    assert ids == [event.id] and len(calls) == 2
+
+
+def test_a_handler_bug_is_dead_lettered_at_once_and_a_transient_failure_is_retried():
+    calls = []
+
+    def buggy(message):
+        calls.append(1)
+        return {}["missing"]
+    outputs, _, _ = handle_batch("svc", {"tp": [Record(0, good_detection().to_bytes())]}, buggy, None)
+    assert len(calls) == 1
+    assert outputs[0][1].payload["reason"] == "handler failed: KeyError: 'missing'"
+
+    def flaky(message):
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("busy")
+        return []
+    calls.clear()
+    outputs, _, ids = handle_batch("svc", {"tp": [Record(0, good_detection().to_bytes())]}, flaky, None)
+    assert len(calls) == 3 and outputs == [] and len(ids) == 1

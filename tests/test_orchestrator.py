@@ -97,3 +97,10 @@ def test_split_orchestrators_own_disjoint_workflows_and_the_security_one_owns_un
     assert owns("unit_command_applied", {"unit"}) and owns("security_action_failed", {"security"})
     assert owns("weather_report", {"security"}) and not owns("weather_report", {"unit"})
     assert all(owns(t, {"security", "unit"}) for t in ["security_detection", "unit_event", "weather_report"])
+
+
+def test_the_longest_failure_detail_still_makes_a_valid_escalation():
+    failed = caused_by(detection(), "done", "security_action_failed",
+                       {"action": "dispatch_guard", "zone": "z" * 64, "detail": "d" * 200}, "test")
+    [(_, escalation)] = route(failed)
+    assert len(escalation.payload["text"]) <= 500

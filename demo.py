@@ -1,7 +1,7 @@
 """Demo: walks Examples 1 -> 2 -> 3 as the README tells a user to do by hand, with every service as a child process.
 
 Reads:  every project topic (to follow each workflow)   Needs: a broker (`make kafka-up`; `make demo` does it)
-Run:    python demo.py            # about a minute and a half; Ctrl-C stops everything it started
+Run:    python demo.py            # about a minute; Ctrl-C stops everything it started
         python demo.py --quick    # shorter stages (used by the tests)
 Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 reports=N restart_gap_s=X.X (exit 1 if anything
 was lost).

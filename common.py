@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -428,7 +427,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     # The producer is made (and its transactional id fenced) while the consumer joins its group: that takes about
     # 0.15 s off the orchestrator's restart gap.
     transactional_id = f"{TOPIC_PREFIX}{group}-{instance}" if transactional else None
-    starting = ThreadPoolExecutor(1).submit(make_producer, transactional_id=transactional_id)
+    starting = in_background(make_producer, transactional_id=transactional_id)
     consumer = make_consumer(group, inputs, instance=instance)
     # Join the group only once the input topics' partitions are in the client's metadata: a member that joins
     # right after the topics were created can be assigned nothing, and is not told when they appear.
@@ -458,7 +457,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
             try:
                 if producer is None:
                     pending, starting = starting, None  # a failed start is not kept: the next try makes a new one
-                    producer = pending.result() if pending else make_producer(transactional_id=transactional_id)
+                    producer = pending() if pending else make_producer(transactional_id=transactional_id)
                 deliver(producer, consumer, unsent + outputs, offsets, transactional)
             except (FencedInstanceIdError, ProducerFencedError):
                 raise
@@ -568,6 +567,27 @@ def deliver(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Trip
     wait_for_acks(producer, [send(producer, t, m, key) for t, m, key in outputs], "batch")
     if offsets:
         consumer.commit(offsets)
+
+
+def in_background(function: Callable, **kwargs) -> Callable[[], Any]:
+    """Start function(**kwargs) in a daemon thread, which never holds up the process's exit; returns a function
+    that waits for its result (re-raising its error)."""
+    outcome: dict[str, Any] = {}
+
+    def run():
+        try:
+            outcome["result"] = function(**kwargs)
+        except Exception as error:  # noqa: BLE001 -- handed over to whoever waits for the result
+            outcome["error"] = error
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+    return result
 
 
 def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "") -> None:

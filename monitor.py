@@ -222,7 +222,6 @@ def main() -> None:
     admin = common.wait_for_kafka(stop, "monitor")
     if admin is None:
         return
-    common.ensure_topics(admin)
     flow, console = Flow(args.sla), Console(width=None if sys.stdout.isatty() else 200)
     try:
         if args.sla_report:

@@ -218,5 +218,7 @@ def wait_for_reports(scripts: Scripts, count: int, workflow: str | None = None, 
     while True:
         summary = report_summary(scripts)
         stored = summary["workflows"].get(workflow, 0) if workflow else summary["reports"]
-        if stored >= count or time.monotonic() > deadline:
+        if stored >= count:
             return summary
+        if time.monotonic() > deadline:
+            pytest.fail(f"the report store holds {stored} {workflow or ''} reports, not {count}: {summary}")

@@ -283,13 +283,15 @@ class Seen:
 # Kafka clients.
 
 def wait_for_kafka(stop: "Stopper", what: str) -> KafkaAdminClient | None:
-    """Connect an admin client, saying clearly that we wait if the broker is not up yet; None if stopped meanwhile."""
+    """Connect an admin client (saying clearly that we wait if the broker is not up yet) and create any missing
+    project topic; returns the client, or None if stopped meanwhile."""
     waiting_since = None
     while not stop:
         try:
             admin = KafkaAdminClient(**kafka_config(), bootstrap_timeout_ms=2000, client_id=what)
             if waiting_since is not None:
                 log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
+            ensure_topics(admin)
             return admin
         except KafkaTimeoutError:
             if waiting_since is None:
@@ -420,7 +422,6 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     admin = wait_for_kafka(stop, name)
     if admin is None:
         return
-    ensure_topics(admin)
     if start_like:
         inherit_offsets(admin, group, start_like)
     admin.close()
@@ -484,9 +485,6 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
             producer.close(timeout=10)
 
 
-HANDLER_ATTEMPTS = 5
-
-
 def inherit_offsets(admin: KafkaAdminClient, group: str, start_like: str) -> None:
     """Give a group that has never committed the committed offsets of another, so that it takes over where that
     group left off rather than re-reading the topic from the beginning (e.g. when one orchestrator is split in two)."""
@@ -527,6 +525,7 @@ def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None) -> 
 
 # Failures worth retrying (a busy database, a network blip); anything else is a bug or bad data: dead-letter it at once.
 TRANSIENT = (OSError, sqlite3.OperationalError, KafkaError)
+HANDLER_ATTEMPTS = 5
 RETRY_BUDGET_S = 30.0  # retries in one poll batch stop after this, well inside the group's max.poll.interval
 
 
@@ -622,7 +621,6 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
     admin = wait_for_kafka(stop, name)
     if admin is None:
         return 0
-    ensure_topics(admin)
     admin.close()
     producer = make_producer()
     pacer = Pacer(rate, count)

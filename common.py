@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import (FencedInstanceIdError, NoError, KafkaError, KafkaTimeoutError, ProducerFencedError,
-                          TopicAlreadyExistsError)
+from kafka.errors import (AuthorizationError, FencedInstanceIdError, KafkaError, KafkaTimeoutError, NoError,
+                          SaslAuthenticationFailedError, TopicAlreadyExistsError)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,7 +30,7 @@ log = logging.getLogger("common")
 BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
 TOPIC_PREFIX = os.environ.get("TOPIC_PREFIX", "")
 TOPIC_PARTITIONS = int(os.environ.get("TOPIC_PARTITIONS", "1"))
-TOPIC_REPLICATION_FACTOR = int(os.environ.get("TOPIC_REPLICATION_FACTOR", "1"))
+TOPIC_REPLICATION_FACTOR = int(os.environ.get("TOPIC_REPLICATION_FACTOR", "-1"))  # -1: the cluster's default
 MAX_MESSAGE_BYTES = 64 * 1024  # larger inputs are dead-lettered, not parsed
 
 SECURITY_SETTINGS = {  # kafka-python argument <- environment variable
@@ -42,10 +42,13 @@ SECURITY_SETTINGS = {  # kafka-python argument <- environment variable
 }
 
 
-def kafka_config() -> dict[str, Any]:
-    """Connection settings for every client: bootstrap address plus any SASL/TLS settings set in the environment."""
-    config = {"bootstrap_servers": BOOTSTRAP_SERVERS.split(","), "reconnect_backoff_max_ms": 1000}
-    config.update({arg: os.environ[env] for arg, env in SECURITY_SETTINGS.items() if os.environ.get(env)})
+def kafka_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Connection settings for every client: bootstrap address plus any SASL/TLS settings set in the environment
+    (or in `environ`)."""
+    environ = os.environ if environ is None else environ
+    config = {"bootstrap_servers": environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092").split(","),
+              "reconnect_backoff_max_ms": 1000}
+    config.update({arg: environ[env] for arg, env in SECURITY_SETTINGS.items() if environ.get(env)})
     return config
 
 
@@ -54,6 +57,7 @@ def setup_logging() -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.getLogger("kafka").setLevel(logging.WARNING)  # the client's own chatter hides the flow
+        logging.getLogger("kafka.net.sasl").setLevel(logging.ERROR)  # "credentials in the clear": README says so
     for handler in logging.getLogger().handlers:
         handler.addFilter(ClientWarningsOncePer(30.0))
 
@@ -284,25 +288,79 @@ class Seen:
 
 def wait_for_kafka(stop: "Stopper", what: str) -> KafkaAdminClient | None:
     """Connect an admin client (saying clearly that we wait if the broker is not up yet) and create any missing
-    project topic; returns the client, or None if stopped meanwhile."""
-    waiting_since = None
-    while not stop:
-        try:
-            admin = KafkaAdminClient(**kafka_config(), bootstrap_timeout_ms=2000, client_id=what)
-            if waiting_since is not None:
-                log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
-            ensure_topics(admin)
-            return admin
-        except KafkaTimeoutError:
-            if waiting_since is None:
-                waiting_since = time.monotonic()
-                log.warning("%s: waiting for Kafka at %s (start it with 'make kafka-up')", what, BOOTSTRAP_SERVERS)
+    project topic; returns the client, or None if stopped meanwhile. A broker that refuses us (wrong password, or
+    sign-in needed) or forbids a topic ends the script with one clear line: waiting would not help."""
+    waiting_since, watch = None, ConnectionWatch.install()
+    try:
+        while not stop:
+            try:
+                admin = KafkaAdminClient(**kafka_config(), bootstrap_timeout_ms=2000, client_id=what)
+                if waiting_since is not None:
+                    log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
+                ensure_topics(admin)
+                return admin
+            except KafkaTimeoutError:
+                if watch.refused():
+                    log.error("%s: %s", what, watch.refused())
+                    raise SystemExit(2) from None
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.warning("%s: waiting for Kafka at %s (start it with 'make kafka-up')", what, BOOTSTRAP_SERVERS)
+            except AuthorizationError as error:
+                raise refused(what, error) from None
+    finally:
+        watch.remove()
     return None
 
 
-def ensure_topics(admin: KafkaAdminClient, names: Iterable[str] = ALL_TOPICS) -> None:
+class ConnectionWatch(logging.Handler):
+    """kafka-python logs why a connection failed and retries for ever; this listens to those records so that a
+    sign-in failure is reported as such instead of as "waiting for Kafka"."""
+
+    @classmethod
+    def install(cls) -> "ConnectionWatch":
+        watch = cls()
+        logging.getLogger("kafka").addHandler(watch)
+        return watch
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.sign_in_error, self.disconnects = None, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = next((a for a in record.args or () if isinstance(a, SaslAuthenticationFailedError)), None) \
+            if isinstance(record.args, tuple) else None
+        if error is not None:
+            self.sign_in_error = str(error).split(": ", 1)[-1]  # the broker's reason; never the password
+        elif "socket disconnected" in record.getMessage():
+            self.disconnects += 1
+
+    def refused(self) -> str | None:
+        """Why Kafka refuses us, if it does."""
+        user = os.environ.get("KAFKA_SASL_USERNAME")
+        if self.sign_in_error:
+            return (f"Kafka at {BOOTSTRAP_SERVERS} refused to sign in user {user!r} ({self.sign_in_error}); "
+                    f"check KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        if not os.environ.get("KAFKA_SECURITY_PROTOCOL") and self.disconnects >= 2:
+            return (f"Kafka at {BOOTSTRAP_SERVERS} accepts connections but closes ours: it wants clients to sign in; "
+                    f"set KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+        return None
+
+    def remove(self) -> None:
+        logging.getLogger("kafka").removeHandler(self)
+
+
+def refused(what: str, error: KafkaError) -> SystemExit:
+    """An authorization error ends the script with one line: retrying cannot grant a right."""
+    user = os.environ.get("KAFKA_SASL_USERNAME", "(anonymous)")
+    log.error("%s: Kafka does not allow user %r to do this (%s). Each user may only do its own script's job "
+              "(see acls.py); run the script as its own user or ask the cluster's admin", what, user, error)
+    return SystemExit(3)
+
+
+def ensure_topics(admin: KafkaAdminClient, names: Iterable[str] = ALL_TOPICS, prefix: str | None = None) -> None:
     """Create whichever of the project's topics are missing, so every script runs against any cluster."""
-    wanted = {topic(name) for name in names}
+    wanted = {(TOPIC_PREFIX if prefix is None else prefix) + name for name in names}
     missing = wanted - set(admin.list_topics())
     if not missing:
         return
@@ -319,7 +377,10 @@ def make_producer(transactional_id: str | None = None, **overrides) -> KafkaProd
     (the loop flushes at the end of each batch, so no message waits for that): about +35% throughput."""
     config = dict(kafka_config(), acks="all", enable_idempotence=True, linger_ms=20, batch_size=256 * 1024,
                   delivery_timeout_ms=300_000, max_block_ms=120_000, transactional_id=transactional_id,
-                  retry_backoff_ms=20)  # 100 ms by default: the first transaction after a restart waits on it
+                  retry_backoff_ms=20,  # 100 ms by default: the first transaction after a restart waits on it
+                  # A batch's transaction takes well under a second. If its process dies, the broker aborts it after
+                  # this long (default 60 s), and until then readers (read_committed) wait behind it.
+                  transaction_timeout_ms=10_000)
     config.update(overrides)
     producer = KafkaProducer(**config)
     if transactional_id:
@@ -338,7 +399,7 @@ def make_consumer(group: str, topics: list[str], instance: str | None = None, **
     group = TOPIC_PREFIX + group  # a prefix isolates groups as it isolates topics
     config = dict(kafka_config(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
                   isolation_level="read_committed",
-                  session_timeout_ms=20_000, max_poll_records=500, client_id=group)
+                  session_timeout_ms=10_000, max_poll_records=500, client_id=group)
     if instance:
         config["group_instance_id"] = f"{group}-{instance}"
     config.update(overrides)
@@ -443,6 +504,8 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
         while not stop:
             try:
                 batch = consumer.poll(timeout_ms=100 if tick else 500)
+            except AuthorizationError as error:  # may not read an input or use the group: say so and stop
+                raise refused(name, error) from None
             except KafkaError as error:  # the broker or group coordinator is away: wait for it, do not crash
                 if not error.retriable:
                     raise
@@ -460,9 +523,11 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
                     pending, starting = starting, None  # a failed start is not kept: the next try makes a new one
                     producer = pending() if pending else make_producer(transactional_id=transactional_id)
                 deliver(producer, consumer, unsent + outputs, offsets, transactional)
-            except (FencedInstanceIdError, ProducerFencedError):
+            except FencedInstanceIdError:
                 raise
-            except KafkaError as error:
+            except AuthorizationError as error:  # e.g. writing a topic this user does not own: nothing was committed
+                raise refused(name, error) from None
+            except KafkaError as error:  # includes a transaction the broker aborted (timed out): a new producer
                 log.warning("%s: could not deliver a batch (%s: %s); handling it again", name, type(error).__name__, error)
                 producer = abandon(producer, transactional)
                 for partition, records in batch.items():
@@ -474,7 +539,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
             if seen is not None:
                 for message_id in ids:
                     seen.add(message_id)
-    except (FencedInstanceIdError, ProducerFencedError):
+    except FencedInstanceIdError:
         log.error("%s: another process joined group %s as INSTANCE_ID=%s and took over; give each copy its own "
                   "INSTANCE_ID. This one stops (its last batch will be handled again by the other).", name, group, instance)
         raise SystemExit(1) from None
@@ -623,20 +688,23 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
         return 0
     admin.close()
     producer = make_producer()
-    pacer = Pacer(rate, count)
+    pacer, delivered = Pacer(rate, count), 0
     log.info("%s: producing %s at %s/s to %s", name, "forever" if count is None else count, rate, BOOTSTRAP_SERVERS)
     try:
         while not stop and not pacer.finished:
             futures = [send(producer, *make()) for _ in range(pacer.due())]
             try:
                 wait_for_acks(producer, futures, name)
+                delivered += len(futures)
+            except AuthorizationError as error:  # this user may not write there: nothing was written
+                raise refused(name, error) from None
             except KafkaError as error:  # delivery_timeout_ms (5 min) passed: these messages are not in Kafka
                 log.error("%s: %d messages could not be delivered: %s", name, len(futures), error)
             stop.wait(pacer.pause())
     finally:
         producer.close(timeout=10)
-        log.info("%s: produced %d messages", name, pacer.sent)
-    return pacer.sent
+        log.info("%s: produced %d messages", name, delivered)
+    return delivered
 
 
 class Pacer:

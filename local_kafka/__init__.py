@@ -1,7 +1,8 @@
-"""A real Apache Kafka broker (KRaft, one node) from Maven Central jars, for machines without Docker.
+"""Real Apache Kafka (KRaft) from Maven Central jars, for machines without Docker: one node, or a three-node
+cluster (`nodes=3`), plain or secured with SASL/SCRAM users and ACLs (`secure=True`).
 
 The broker version is pinned in pom.xml; Maven resolves the jars once into ~/.m2 and the classpath is cached here.
-Run it with `python -m local_kafka start|stop|status [--port P] [--dir D]`.
+Run it with `python -m local_kafka start|stop|status|env [--secure] [--nodes 3] [--port P] [--dir D]`.
 """
 
 import base64
@@ -9,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -21,9 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DIR = HERE.parent / ".local_kafka"
 CACHE_DIR = HERE / ".cache"
 KAFKA_VERSION = re.search(r"<kafka.version>(.+)</kafka.version>", (HERE / "pom.xml").read_text()).group(1)
+# The SCRAM users created in --secure mode: `admin` (the brokers and operator tools) and one per script, each with
+# only the rights acls.py gives it. Passwords are generated when the storage is formatted, kept in credentials.json.
+USERS = ("admin", "orchestrator", "security_detector", "security_service", "notification_service",
+         "reporting_service", "unit_event_producer", "monitor")
+SCRAM = "SCRAM-SHA-512"
+
+
+def default_dir(nodes: int = 1, secure: bool = False) -> Path:
+    """Each kind of cluster keeps its data apart: .local_kafka, .local_kafka-secure, .local_kafka-3nodes, ..."""
+    return HERE.parent / (".local_kafka" + ("-secure" if secure else "") + (f"-{nodes}nodes" if nodes > 1 else ""))
+
+
+DEFAULT_DIR = default_dir()
 
 
 class LocalKafkaError(Exception):
@@ -32,39 +46,113 @@ class LocalKafkaError(Exception):
 
 @dataclass
 class Broker:
+    """One node: broker and controller in one JVM."""
     pid: int
     port: int
     controller_port: int
     log: str
+    node_id: int = 1
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
 
-def start(port: int = 9092, data_dir: Path = DEFAULT_DIR, timeout: float = 60.0) -> tuple[Broker, bool]:
-    """Start a broker (or find the one already running in data_dir); returns it and whether it was started now."""
-    data_dir = Path(data_dir).resolve()
+@dataclass
+class Cluster:
+    nodes: list[Broker]
+    secure: bool = False
+
+    @property
+    def address(self) -> str:
+        """The bootstrap address: every node, comma-separated."""
+        return ",".join(node.address for node in self.nodes)
+
+    @property
+    def pid(self) -> int:
+        return self.nodes[0].pid
+
+    @property
+    def log(self) -> str:
+        return self.nodes[0].log if len(self.nodes) == 1 else str(Path(self.nodes[0].log).parent.parent / "node-*/broker.log")
+
+
+def start(port: int = 9092, data_dir: Path | None = None, timeout: float = 60.0, *, nodes: int = 1,
+          secure: bool = False) -> tuple[Cluster, bool]:
+    """Start a cluster of `nodes` nodes on ports port, port+1, ... (or find the one already running in data_dir);
+    returns it and whether it was started now. secure: SASL/SCRAM sign-in and ACLs (see listeners-secure.properties)."""
+    if nodes not in (1, 3):
+        raise LocalKafkaError(f"--nodes takes 1 or 3, not {nodes} (a KRaft quorum wants an odd number; 3 survives one loss)")
+    data_dir = Path(data_dir or default_dir(nodes, secure)).resolve()
     running = status(data_dir)
     if running:
-        if running.port != port:
-            raise LocalKafkaError(f"a broker from {data_dir} already runs on port {running.port}, not {port}")
+        if running.nodes[0].port != port or len(running.nodes) != nodes or running.secure != secure:
+            raise LocalKafkaError(f"a {describe(running)} from {data_dir} already runs at {running.address}; "
+                                  f"stop it first (python -m local_kafka stop --dir {data_dir})")
         return running, False
+    check_layout(data_dir, nodes, secure)
     java = find_java()
-    if not port_is_free(port):
-        raise LocalKafkaError(f"port {port} is already in use by another process; pick another with --port")
+    ports = [port + i for i in range(nodes)]
+    for p in ports:
+        if not port_is_free(p):
+            raise LocalKafkaError(f"port {p} is already in use by another process; pick another with --port")
     classpath = resolve_classpath()
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    controller_port = free_port()
-    config = data_dir / "server.properties"
-    template = string.Template((HERE / "server.properties").read_text())
-    config.write_text(template.substitute(
-        PORT=port, CONTROLLER_PORT=controller_port, LOG_DIRS=data_dir / "data"))
-    if not (data_dir / "data" / "meta.properties").exists():
-        format_storage(java, classpath, config)
+    passwords = credentials(data_dir, create=secure) if secure else {}
+    controller_ports = [free_port() for _ in ports]
+    voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, c in enumerate(controller_ports))
+    cluster_id = read_or_make_cluster_id(data_dir)
+    cluster = Cluster([], secure)
+    for i, (p, c) in enumerate(zip(ports, controller_ports, strict=True)):
+        node_dir = data_dir / f"node-{i + 1}"
+        node_dir.mkdir(exist_ok=True)
+        config = node_dir / "server.properties"
+        write_config(config, node_id=i + 1, port=p, controller_port=c, voters=voters, nodes=nodes,
+                     log_dirs=node_dir / "data", admin_password=passwords.get("admin"))
+        if not (node_dir / "data" / "meta.properties").exists():
+            format_storage(java, classpath, config, cluster_id, passwords)
+        cluster.nodes.append(launch(java, classpath, config, i + 1, p, c))
+    (data_dir / "layout.json").write_text(json.dumps({"nodes": nodes, "secure": secure}))
+    save_state(data_dir, cluster)
+    try:
+        for node in cluster.nodes:
+            wait_until_ready(node, timeout, passwords.get("admin"))
+    except LocalKafkaError:
+        stop(data_dir)
+        raise
+    return cluster, True
 
-    log = data_dir / "broker.log"
+
+def describe(cluster: Cluster) -> str:
+    return f"{len(cluster.nodes)}-node{' secure' if cluster.secure else ''} cluster"
+
+
+def check_layout(data_dir: Path, nodes: int, secure: bool) -> None:
+    """A data dir stays the kind of cluster it was made for (a plain store has no users; node counts must match)."""
+    try:
+        layout = json.loads((data_dir / "layout.json").read_text())
+    except (OSError, ValueError):
+        return
+    if layout != {"nodes": nodes, "secure": secure}:
+        made = f"{layout.get('nodes')}-node{' secure' if layout.get('secure') else ''} cluster"
+        raise LocalKafkaError(f"{data_dir} holds a {made}; use another --dir (or delete it) for a "
+                              f"{nodes}-node{' secure' if secure else ''} one")
+
+
+def write_config(config: Path, *, node_id: int, port: int, controller_port: int, voters: str, nodes: int,
+                 log_dirs: Path, admin_password: str | None) -> None:
+    listeners = "listeners-secure.properties" if admin_password else "listeners-plain.properties"
+    template = string.Template((HERE / "server.properties").read_text() + "\n" + (HERE / listeners).read_text())
+    config.write_text(template.substitute(
+        NODE_ID=node_id, PORT=port, CONTROLLER_PORT=controller_port, VOTERS=voters, LOG_DIRS=log_dirs,
+        REPLICAS=nodes, MIN_ISR=min(nodes, 2), OFFSETS_PARTITIONS=1 if nodes == 1 else 3,
+        ADMIN_PASSWORD=admin_password or ""))
+    config.chmod(0o600)  # it holds the admin password in secure mode
+
+
+def launch(java: str, classpath: str, config: Path, node_id: int, port: int, controller_port: int) -> Broker:
+    log = config.parent / "broker.log"
     command = [java, "-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={HERE / 'log4j2.yaml'}",
                "-cp", classpath, "kafka.Kafka", str(config)]
@@ -72,36 +160,98 @@ def start(port: int = 9092, data_dir: Path = DEFAULT_DIR, timeout: float = 60.0)
         # A session of its own, so the broker outlives this command and Ctrl-C in the caller's terminal.
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
-    broker = Broker(process.pid, port, controller_port, str(log))
-    (data_dir / "broker.json").write_text(json.dumps(broker.__dict__))
-    try:
-        wait_until_ready(broker, process, timeout)
-    except LocalKafkaError:
-        stop(data_dir)
-        raise
-    return broker, True
+    return Broker(process.pid, port, controller_port, str(log), node_id)
 
 
-def stop(data_dir: Path = DEFAULT_DIR, timeout: float = 30.0) -> Broker | None:
-    """Stop the broker started from data_dir (and nothing else); returns it, or None if none was running."""
-    state = Path(data_dir).resolve() / "broker.json"
-    broker = read_state(state)
-    if broker is None:
+def kill_node(data_dir: Path, node_id: int) -> Broker:
+    """SIGKILL one node of a running cluster (a crash, for failover tests); restart it with restart_node."""
+    cluster = status(data_dir)
+    node = next(n for n in cluster.nodes if n.node_id == node_id)
+    os.killpg(node.pid, signal.SIGKILL)
+    wait_for(lambda: not is_alive(node.pid), 10)
+    return node
+
+
+def restart_node(data_dir: Path, node_id: int, timeout: float = 60.0) -> Broker:
+    """Start one node again on its old config and data, and wait until it answers."""
+    data_dir = Path(data_dir).resolve()
+    cluster = read_state(data_dir / "broker.json")
+    old = next(n for n in cluster.nodes if n.node_id == node_id)
+    if is_our_broker(old.pid):
+        raise LocalKafkaError(f"node {node_id} is still running (pid {old.pid})")
+    node = launch(find_java(), resolve_classpath(), Path(old.log).parent / "server.properties", node_id, old.port,
+                  old.controller_port)
+    cluster.nodes[cluster.nodes.index(old)] = node
+    save_state(data_dir, cluster)
+    wait_until_ready(node, timeout, credentials(data_dir).get("admin") if cluster.secure else None)
+    return node
+
+
+def stop(data_dir: Path | None = None, timeout: float = 30.0) -> Cluster | None:
+    """Stop the cluster started from data_dir (and nothing else); returns it, or None if none was running."""
+    data_dir = Path(data_dir or DEFAULT_DIR).resolve()
+    cluster = read_state(data_dir / "broker.json")
+    if cluster is None:
         return None
-    if is_our_broker(broker.pid):
-        os.killpg(broker.pid, signal.SIGTERM)
-        if not wait_for(lambda: not is_alive(broker.pid), timeout):
-            os.killpg(broker.pid, signal.SIGKILL)
-            wait_for(lambda: not is_alive(broker.pid), 10)
-    wait_for(lambda: port_is_free(broker.port), 10)
-    state.unlink(missing_ok=True)
-    return broker
+    for node in cluster.nodes:
+        if is_our_broker(node.pid):
+            os.killpg(node.pid, signal.SIGTERM)
+    for node in cluster.nodes:
+        if not wait_for(lambda n=node: not is_alive(n.pid), timeout) and is_our_broker(node.pid):
+            os.killpg(node.pid, signal.SIGKILL)
+            wait_for(lambda n=node: not is_alive(n.pid), 10)
+        wait_for(lambda n=node: port_is_free(n.port), 10)
+    (data_dir / "broker.json").unlink(missing_ok=True)
+    return cluster
 
 
-def status(data_dir: Path = DEFAULT_DIR) -> Broker | None:
-    """The broker running from data_dir, or None."""
-    broker = read_state(Path(data_dir).resolve() / "broker.json")
-    return broker if broker and is_our_broker(broker.pid) else None
+def status(data_dir: Path | None = None) -> Cluster | None:
+    """The cluster running from data_dir (if any node of it runs), or None."""
+    cluster = read_state(Path(data_dir or DEFAULT_DIR).resolve() / "broker.json")
+    return cluster if cluster and any(is_our_broker(node.pid) for node in cluster.nodes) else None
+
+
+def running_default_dirs() -> list[Path]:
+    """The default data dirs whose cluster runs now (for `stop`/`status`/`env` without --dir)."""
+    dirs = [default_dir(n, s) for n in (1, 3) for s in (False, True)]
+    return [d for d in dirs if status(d)]
+
+
+def credentials(data_dir: Path, create: bool = False) -> dict[str, str]:
+    """The SCRAM users' passwords (user -> password), generated once per data dir and readable by its owner only."""
+    path = Path(data_dir) / "credentials.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if not create:
+        raise LocalKafkaError(f"{data_dir} has no credentials: it is not a --secure cluster")
+    passwords = {user: secrets.token_urlsafe(18) for user in USERS}
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(passwords, indent=1))
+    return passwords
+
+
+def client_env(cluster: Cluster, data_dir: Path, user: str) -> dict[str, str]:
+    """The environment variables a script needs to reach this cluster as `user`."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": cluster.address}
+    if cluster.secure:
+        passwords = credentials(data_dir)
+        if user not in passwords:
+            raise LocalKafkaError(f"no user {user!r}; the users are {', '.join(passwords)}")
+        env.update(KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT", KAFKA_SASL_MECHANISM=SCRAM,
+                   KAFKA_SASL_USERNAME=user, KAFKA_SASL_PASSWORD=passwords[user])
+    return env
+
+
+def save_state(data_dir: Path, cluster: Cluster) -> None:
+    (data_dir / "broker.json").write_text(json.dumps({"nodes": [n.__dict__ for n in cluster.nodes],
+                                                      "secure": cluster.secure}))
+
+
+def read_or_make_cluster_id(data_dir: Path) -> str:
+    path = data_dir / "cluster_id"
+    if not path.exists():
+        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+    return path.read_text().strip()
 
 
 def find_java() -> str:
@@ -140,31 +290,33 @@ def resolve_classpath() -> str:
     return cached.read_text().strip()
 
 
-def format_storage(java: str, classpath: str, config: Path) -> None:
-    """Format the KRaft metadata log once, with a fresh cluster id."""
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+def format_storage(java: str, classpath: str, config: Path, cluster_id: str, passwords: dict[str, str]) -> None:
+    """Format a node's KRaft metadata log once; in secure mode this is where the SCRAM users are created."""
+    users = [arg for user, password in passwords.items()
+             for arg in ("--add-scram", f"{SCRAM}=[name={user},password={password}]")]
     result = subprocess.run([java, "-cp", classpath, f"-Dlog4j2.configurationFile={HERE / 'log4j2.yaml'}",
-                             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
-                             "--ignore-formatted"], capture_output=True, text=True)
+                             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(config),
+                             "--ignore-formatted", *users], capture_output=True, text=True)
     if result.returncode != 0:
         raise LocalKafkaError(f"formatting Kafka storage failed: {result.stderr.strip().splitlines()[-1:]}")
 
 
-def wait_until_ready(broker: Broker, process: subprocess.Popen, timeout: float) -> None:
-    """Return once a metadata request succeeds; raise with the log's last lines if the broker dies or is late."""
+def wait_until_ready(node: Broker, timeout: float, admin_password: str | None = None) -> None:
+    """Return once a metadata request to the node succeeds; raise with the log's last lines if it dies or is late."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LocalKafkaError(f"the broker exited with code {process.returncode} while starting; "
-                                  f"last lines of {broker.log}:\n{tail(broker.log)}")
-        if metadata_ok(broker.address):
+        if not is_alive(node.pid):
+            raise LocalKafkaError(f"the broker on port {node.port} exited while starting; "
+                                  f"last lines of {node.log}:\n{tail(node.log)}")
+        if metadata_ok(node.address, admin_password):
             return
         time.sleep(0.2)  # polling a readiness probe, not synchronising on a guess
-    raise LocalKafkaError(f"the broker was not ready within {timeout:.0f} s; last lines of {broker.log}:\n{tail(broker.log)}")
+    raise LocalKafkaError(f"the broker on port {node.port} was not ready within {timeout:.0f} s; "
+                          f"last lines of {node.log}:\n{tail(node.log)}")
 
 
-def metadata_ok(address: str) -> bool:
-    """True when the broker answers a metadata request."""
+def metadata_ok(address: str, admin_password: str | None = None) -> bool:
+    """True when the broker answers a metadata request (signed in as admin when a password is given)."""
     try:
         with socket.create_connection(address.split(":"), timeout=0.5):
             pass
@@ -172,8 +324,10 @@ def metadata_ok(address: str) -> bool:
         return False
     from kafka import KafkaAdminClient  # imported late: start/stop/status work without it
     from kafka.errors import KafkaError
+    sasl = dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM, sasl_plain_username="admin",
+                sasl_plain_password=admin_password) if admin_password else {}
     try:
-        admin = KafkaAdminClient(bootstrap_servers=address, bootstrap_timeout_ms=2000, request_timeout_ms=2000)
+        admin = KafkaAdminClient(bootstrap_servers=address, bootstrap_timeout_ms=2000, request_timeout_ms=2000, **sasl)
     except KafkaError:
         return False
     try:
@@ -192,10 +346,11 @@ def tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def read_state(path: Path) -> Broker | None:
+def read_state(path: Path) -> Cluster | None:
     try:
-        return Broker(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
+        state = json.loads(path.read_text())
+        return Cluster([Broker(**node) for node in state["nodes"]], state.get("secure", False))
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 

@@ -1,6 +1,15 @@
-"""python -m local_kafka start|stop|status [--port P] [--dir D]: run a real Kafka broker without Docker."""
+"""python -m local_kafka start|stop|status|env: run real Kafka without Docker.
+
+  start [--secure] [--nodes 3]  one node (default) or a three-node cluster on ports --port, +1, +2; --secure adds
+                                SCRAM users and ACLs (each script signs in as itself and may do only its own job)
+  stop / status                 the cluster in --dir (default: every cluster started from the default dirs)
+  env USER                      the export lines that make a script in this shell connect as USER, e.g.
+                                eval "$(python -m local_kafka env orchestrator)"
+"""
 
 import argparse
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -9,31 +18,71 @@ import local_kafka
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_kafka", description=__doc__)
-    parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--port", type=int, default=9092, help="broker port on 127.0.0.1 (default 9092)")
-    parser.add_argument("--dir", type=Path, default=local_kafka.DEFAULT_DIR, help="data, log and pid directory")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the broker to be ready")
+    parser = argparse.ArgumentParser(prog="python -m local_kafka", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["start", "stop", "status", "env"])
+    parser.add_argument("user", nargs="?", help="with env: the user to connect as (one per script, or admin)")
+    parser.add_argument("--port", type=int, default=9092, help="first broker port on 127.0.0.1 (default 9092)")
+    parser.add_argument("--nodes", type=int, default=1, help="1 (default) or 3: a cluster that survives losing a node")
+    parser.add_argument("--secure", action="store_true", help="SASL/SCRAM sign-in and ACLs")
+    parser.add_argument("--dir", type=Path, help="data, log and pid directory (default .local_kafka[-secure][-3nodes])")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the brokers to be ready")
     args = parser.parse_args()
     try:
         if args.command == "start":
-            began = time.monotonic()
-            broker, started = local_kafka.start(args.port, args.dir, args.timeout)
-            if started:
-                print(f"Kafka {local_kafka.KAFKA_VERSION} ready at {broker.address} in {time.monotonic() - began:.1f} s "
-                      f"(pid {broker.pid}); log: {broker.log}")
-            else:
-                print(f"Kafka already running at {broker.address} (pid {broker.pid}); log: {broker.log}")
-        elif args.command == "stop":
-            broker = local_kafka.stop(args.dir)
-            print(f"Kafka at {broker.address} stopped" if broker else f"no Kafka running from {args.dir.resolve()}")
+            return start(args)
+        dirs = [args.dir] if args.dir else local_kafka.running_default_dirs()
+        if args.command == "stop":
+            stopped = [c for c in map(local_kafka.stop, dirs) if c]
+            for cluster in stopped:
+                print(f"Kafka at {cluster.address} stopped")
+            if not stopped:
+                print(f"no Kafka running from {args.dir.resolve() if args.dir else 'the default dirs'}")
+        elif args.command == "status":
+            clusters = [c for c in map(local_kafka.status, dirs) if c]
+            for cluster in clusters:
+                print(f"running at {cluster.address} (pid {', '.join(str(n.pid) for n in cluster.nodes)})"
+                      f"{' secure' if cluster.secure else ''}")
+            if not clusters:
+                print("not running")
+            return 0 if clusters else 1
         else:
-            broker = local_kafka.status(args.dir)
-            print(f"running at {broker.address} (pid {broker.pid})" if broker else "not running")
-            return 0 if broker else 1
+            return env(args, dirs)
     except local_kafka.LocalKafkaError as error:
         print(f"local_kafka: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def start(args) -> int:
+    began = time.monotonic()
+    cluster, started = local_kafka.start(args.port, args.dir, args.timeout, nodes=args.nodes, secure=args.secure)
+    data_dir = (args.dir or local_kafka.default_dir(args.nodes, args.secure)).resolve()
+    kind = f"Kafka {local_kafka.KAFKA_VERSION}" + (f", {args.nodes} nodes," if args.nodes > 1 else "")
+    if started:
+        print(f"{kind} ready at {cluster.address} in {time.monotonic() - began:.1f} s "
+              f"(pid {', '.join(str(n.pid) for n in cluster.nodes)}); log: {cluster.log}")
+    else:
+        print(f"Kafka already running at {cluster.address} (pid {cluster.pid}); log: {cluster.log}")
+    if args.secure:
+        import acls  # the project's access rules: needs kafka-python, so only imported here
+        prefix = os.environ.get("TOPIC_PREFIX", "")
+        acls.grant(local_kafka.client_env(cluster, data_dir, "admin"), prefix)
+        print(f"users {', '.join(local_kafka.USERS)} may each do only their own job on topics prefixed "
+              f"{prefix!r} (acls.py); passwords in {data_dir / 'credentials.json'}")
+        print('connect a script as its user:  eval "$(python -m local_kafka env orchestrator)"')
+    return 0
+
+
+def env(args, dirs: list[Path]) -> int:
+    if not args.user:
+        raise local_kafka.LocalKafkaError("env needs a user, e.g. python -m local_kafka env orchestrator")
+    clusters = [(d, c) for d, c in ((d, local_kafka.status(d)) for d in dirs) if c]
+    if not clusters:
+        raise local_kafka.LocalKafkaError("no Kafka running (start one with python -m local_kafka start --secure)")
+    data_dir, cluster = next(((d, c) for d, c in clusters if c.secure), clusters[0])
+    for name, value in local_kafka.client_env(cluster, data_dir.resolve(), args.user).items():
+        print(f"export {name}={shlex.quote(value)}")
     return 0
 
 

@@ -78,22 +78,29 @@ def env(kafka, tmp_path):
 
 
 class Scripts:
-    """Runs the project's scripts as subprocesses, each with its log file; ends them all when the test ends."""
+    """Runs the project's scripts as subprocesses, each with its log file; ends them all when the test ends.
+    On a secure cluster (`users` set: user -> password) each script signs in as the user named after it."""
 
-    def __init__(self, env: dict, logs: Path):
-        self.env, self.logs, self.running = env, logs, []
+    def __init__(self, env: dict, logs: Path, users: dict[str, str] | None = None):
+        self.env, self.logs, self.running, self.users = env, logs, [], users
 
-    def start(self, script: str, *args: str) -> subprocess.Popen:
+    def env_for(self, script: str, **extra: str) -> dict:
+        user = Path(script).stem
+        if self.users and user in self.users:
+            return dict(self.env, KAFKA_SASL_USERNAME=user, KAFKA_SASL_PASSWORD=self.users[user], **extra)
+        return dict(self.env, **extra)
+
+    def start(self, script: str, *args: str, **extra_env: str) -> subprocess.Popen:
         log = open(self.logs / f"{script}-{len(self.running)}.log", "w")
-        process = subprocess.Popen([sys.executable, str(ROOT / script), *args], env=self.env, cwd=ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, str(ROOT / script), *args], env=self.env_for(script, **extra_env),
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         process.log_path = log.name
         self.running.append(process)
         return process
 
     def run(self, script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a script to completion (a producer with --count, a summary)."""
-        result = subprocess.run([sys.executable, str(ROOT / script), *args], env=self.env, cwd=ROOT,
+        result = subprocess.run([sys.executable, str(ROOT / script), *args], env=self.env_for(script), cwd=ROOT,
                                 capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
         return result
@@ -133,10 +140,9 @@ class TopicReader:
     """Reads one of this test's topics from the beginning, keeping what it has read (committed messages only)."""
 
     def __init__(self, env: dict, name: str):
-        self.consumer = KafkaConsumer(env["TOPIC_PREFIX"] + name, bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"],
+        self.consumer = KafkaConsumer(env["TOPIC_PREFIX"] + name, **common.kafka_config(env),
                                       auto_offset_reset="earliest", enable_auto_commit=False,
-                                      isolation_level="read_committed", consumer_timeout_ms=200,
-                                      reconnect_backoff_max_ms=1000)
+                                      isolation_level="read_committed", consumer_timeout_ms=200)
         self.raw: list = []
 
     def messages(self) -> list[common.Envelope]:

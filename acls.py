@@ -1,0 +1,103 @@
+"""Who may do what on a secured cluster: one Kafka user per script, and ACLs that follow the single-writer rule.
+
+Each script reads only its input topics, writes only the topics it owns (plus dead_letter, and message_stream for
+the event sources: it is the orchestrator's inbox), and uses only its own consumer group and transactional id.
+Run:  python acls.py                  # as admin (KAFKA_SASL_* in the environment): create the topics and ACLs for
+                                      # TOPIC_PREFIX; running it again changes nothing
+      python acls.py --show           # print the table below
+`python -m local_kafka start --secure` runs it for you. The monitor may read every topic and see group offsets;
+dead_letters.py replays to any topic, so it runs as admin.
+"""
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+
+from kafka import KafkaAdminClient
+from kafka.admin import ACL, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePattern, ResourceType
+from kafka.errors import KafkaError
+
+import common
+from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY,
+                    UNIT_COMMAND)
+
+log = logging.getLogger("acls")
+
+
+@dataclass
+class Access:
+    reads: list[str] = field(default_factory=list)
+    writes: list[str] = field(default_factory=list)
+    group: str | None = None            # consumer group (a prefix for the orchestrator: orchestrator-security, ...)
+    transactional_id: str | None = None  # transactional id prefix (exactly-once producers)
+
+
+ACCESS = {  # user -> what it may do
+    "security_detector": Access(writes=[MESSAGE_STREAM]),
+    "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer"),
+    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND,
+                                                            DEAD_LETTER], group="orchestrator", transactional_id="orchestrator"),
+    "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service"),
+    "notification_service": Access(reads=[NOTIFICATION_COMMAND], writes=[THIRD_PARTY, DEAD_LETTER],
+                                   group="notification_service"),
+    "reporting_service": Access(reads=[REPORT_DATA], writes=[DEAD_LETTER], group="reporting_service"),
+    "monitor": Access(reads=ALL_TOPICS, group=""),  # sees every group's offsets (for lag); joins none
+}
+
+
+def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
+    """The ACLs that give `user` exactly `access` on the topics and groups named with `prefix`."""
+    principal = f"User:{user}"
+
+    def allow(operation, resource_type, name, pattern=ACLResourcePatternType.LITERAL):
+        return ACL(principal, "*", operation, ACLPermissionType.ALLOW, ResourcePattern(resource_type, name, pattern))
+    acls = [allow(ACLOperation.DESCRIBE, ResourceType.TOPIC, prefix + name) for name in ALL_TOPICS]  # see they exist
+    acls += [allow(ACLOperation.READ, ResourceType.TOPIC, prefix + name) for name in access.reads]
+    acls += [allow(ACLOperation.WRITE, ResourceType.TOPIC, prefix + name) for name in access.writes]
+    if access.group == "":  # the monitor: describe every group of this prefix ("*" is every group)
+        acls.append(allow(ACLOperation.DESCRIBE, ResourceType.GROUP, prefix or "*",
+                          ACLResourcePatternType.PREFIXED if prefix else ACLResourcePatternType.LITERAL))
+    elif access.group:  # the orchestrator's groups share a prefix: orchestrator, orchestrator-security, ...
+        pattern = ACLResourcePatternType.PREFIXED if user == "orchestrator" else ACLResourcePatternType.LITERAL
+        acls.append(allow(ACLOperation.READ, ResourceType.GROUP, prefix + access.group, pattern))
+    if access.transactional_id:
+        for operation in (ACLOperation.WRITE, ACLOperation.DESCRIBE):
+            acls.append(allow(operation, ResourceType.TRANSACTIONAL_ID, prefix + access.transactional_id,
+                              ACLResourcePatternType.PREFIXED))
+    return acls
+
+
+def grant(env: dict[str, str], prefix: str = "") -> int:
+    """As the admin user in `env` (KAFKA_* variables): create the project's topics and every user's ACLs for
+    `prefix`; returns how many ACLs there are. Creating an ACL that exists already is a no-op."""
+    config = common.kafka_config(env)
+    admin = KafkaAdminClient(**config, client_id="acls")
+    try:
+        common.ensure_topics(admin, prefix=prefix)
+        acls = [acl for user, access in ACCESS.items() for acl in acls_for(user, access, prefix)]
+        result = admin.create_acls(acls)
+        if result["failed"]:
+            raise KafkaError(f"could not create {len(result['failed'])} ACLs: {result['failed'][0]}")
+        return len(acls)
+    finally:
+        admin.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--show", action="store_true", help="print who may do what, change nothing")
+    args = parser.parse_args()
+    common.setup_logging()
+    if args.show:
+        for user, access in ACCESS.items():
+            print(f"{user:<21} reads {', '.join(access.reads) or '-'}; writes {', '.join(access.writes) or '-'}"
+                  f"{f'; group {access.group}*' if access.group is not None else ''}"
+                  f"{f'; transactional id {access.transactional_id}*' if access.transactional_id else ''}")
+        return
+    count = grant(dict(os.environ), common.TOPIC_PREFIX)
+    log.info("topics and %d ACLs in place for topic prefix %r at %s", count, common.TOPIC_PREFIX, common.BOOTSTRAP_SERVERS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""A secured broker (SASL/SCRAM users, ACLs): the examples run unchanged with each script signed in as itself, and
+whoever has no right to something is refused with one clear line, with nothing written."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from conftest import ROOT, Scripts, TopicReader, wait_for_reports
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+from test_examples import detections, ids_of, wait_completed
+
+import acls
+import common
+import local_kafka
+from common import MESSAGE_STREAM, THIRD_PARTY, UNIT_COMMAND
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory):
+    """A broker started with `--secure`: (its cluster, the users' passwords)."""
+    data_dir = tmp_path_factory.mktemp("secure-kafka")
+    cluster, _ = local_kafka.start(local_kafka.free_port(), data_dir, secure=True)
+    try:
+        yield cluster, local_kafka.credentials(data_dir), data_dir
+    finally:
+        local_kafka.stop(data_dir)
+
+
+@pytest.fixture
+def secure_scripts(secure_kafka, tmp_path):
+    """Scripts that each sign in as their own user, on topics (prefixed for this test) that acls.py granted."""
+    cluster, passwords, data_dir = secure_kafka
+    env = dict(os.environ, **local_kafka.client_env(cluster, data_dir, "admin"), TOPIC_PREFIX=f"s{uuid.uuid4().hex[:10]}_",
+               REPORT_DB=str(tmp_path / "reports.db"), LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    acls.grant(env, env["TOPIC_PREFIX"])
+    runner = Scripts(env, tmp_path, users=passwords)
+    yield runner
+    runner.stop_all()
+
+
+@pytest.fixture
+def secure_topics(secure_scripts):
+    readers = []
+
+    def reader(name: str) -> TopicReader:
+        readers.append(TopicReader(secure_scripts.env, name))  # signed in as admin
+        return readers[-1]
+    yield reader
+    for r in readers:
+        r.close()
+
+
+def test_examples_run_unchanged_with_each_script_signed_in_as_itself(secure_scripts, secure_topics, secure_kafka):
+    # Given every script of Example 3 running as its own user with only its own rights
+    for script in ("security_service.py", "notification_service.py", "orchestrator.py"):
+        secure_scripts.start(script)
+    secure_scripts.start("reporting_service.py", "--example", "3")
+    secure_scripts.start("unit_event_producer.py", "--count", "6", "--rate", "20")
+    # When detections are produced
+    secure_scripts.run("security_detector.py", "--count", "10", "--rate", "50")
+    stream, third_party = secure_topics(MESSAGE_STREAM), secure_topics(THIRD_PARTY)
+    # Then every security workflow completes and every unit event gets its command and report
+    workflows = detections(stream.read_count(10, type_="security_detection"))
+    wait_completed(stream, third_party, workflows)
+    units = ids_of(stream.read_count(6, type_="unit_event"), "unit_event")
+    assert units <= ids_of(secure_topics(UNIT_COMMAND).read_count(6), "unit_command")
+    summary = wait_for_reports(secure_scripts, 16)
+    assert summary["workflows"] == {"security": 10, "unit": 6}
+    # And no password appears in any script's output
+    logs = "".join(secure_scripts.output(p) for p in secure_scripts.running)
+    assert not [user for user, password in secure_kafka[1].items() if password in logs]
+
+
+def refusal(result) -> list[str]:
+    """The script's error lines (from our code), after checking it stopped without a traceback."""
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    return [line for line in output.splitlines() if " common ERROR " in line]
+
+
+def run_failing(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_client_without_credentials_is_refused_with_one_line(secure_scripts):
+    # Given no sign-in settings at all
+    env = {k: v for k, v in secure_scripts.env.items() if not k.startswith(("KAFKA_SASL", "KAFKA_SECURITY"))}
+    # When a producer tries to connect
+    result = run_failing("security_detector.py", env, "--count", "1")
+    # Then it stops at once with one line saying the broker wants sign-in
+    assert result.returncode == 2
+    assert [line.split(" common ERROR ")[1] for line in refusal(result)] == [
+        f"security_detector: Kafka at {env['KAFKA_BOOTSTRAP_SERVERS']} accepts connections but closes ours: it wants "
+        f"clients to sign in; set KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and "
+        f"KAFKA_SASL_PASSWORD"]
+
+
+def test_a_wrong_password_is_refused_with_one_line_that_does_not_show_it(secure_scripts):
+    # Given the orchestrator's user name with a wrong password
+    env = dict(secure_scripts.env, KAFKA_SASL_USERNAME="orchestrator", KAFKA_SASL_PASSWORD="not-the-password-42")
+    # When the orchestrator starts
+    result = run_failing("orchestrator.py", env)
+    # Then it stops with one line naming the user and the broker's reason, and never the password
+    assert result.returncode == 2
+    [line] = refusal(result)
+    assert "refused to sign in user 'orchestrator'" in line and "invalid credentials" in line
+    assert "not-the-password-42" not in result.stdout + result.stderr
+
+
+def test_writing_a_topic_it_does_not_own_is_refused_and_nothing_is_written(secure_scripts):
+    # Given the detector run as the reporting service's user, which may not write message_stream
+    env = secure_scripts.env_for("reporting_service.py")
+    # When it produces a detection
+    result = run_failing("security_detector.py", env, "--count", "3", "--rate", "50")
+    # Then it stops with one line naming the user and the topic
+    assert result.returncode == 3
+    [line] = refusal(result)
+    assert "does not allow user 'reporting_service'" in line and "TopicAuthorizationFailedError" in line
+    assert line.rstrip().endswith("ask the cluster's admin")
+    # And nothing reached message_stream (its end offsets, read as admin, are all 0)
+    consumer = KafkaConsumer(**common.kafka_config(secure_scripts.env))
+    name = secure_scripts.env["TOPIC_PREFIX"] + MESSAGE_STREAM
+    partitions = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name)]
+    assert set(consumer.end_offsets(partitions).values()) == {0}
+    consumer.close()
+
+
+def test_a_service_may_not_read_another_services_commands(secure_scripts):
+    # Given the notification service run as the security service's user
+    env = secure_scripts.env_for("security_service.py")
+    # When it starts
+    result = run_failing("notification_service.py", env)
+    # Then it is refused reading notification_command (or joining its group), in one line
+    assert result.returncode == 3
+    [line] = refusal(result)
+    assert "does not allow user 'security_service'" in line

@@ -35,12 +35,14 @@ class Access:
 
 ACCESS = {  # user -> what it may do
     "security_detector": Access(writes=[MESSAGE_STREAM]),
-    "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer"),
+    "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer",
+                                  transactional_id="unit_event_producer"),
     "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND,
                                                             DEAD_LETTER], group="orchestrator", transactional_id="orchestrator"),
-    "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service"),
+    "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service",
+                               transactional_id="security_service"),
     "notification_service": Access(reads=[NOTIFICATION_COMMAND], writes=[THIRD_PARTY, DEAD_LETTER],
-                                   group="notification_service"),
+                                   group="notification_service", transactional_id="notification_service"),
     "reporting_service": Access(reads=[REPORT_DATA], writes=[DEAD_LETTER], group="reporting_service"),
     "monitor": Access(reads=ALL_TOPICS, group=""),  # sees every group's offsets (for lag); joins none
 }

@@ -39,7 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     fail_zones = frozenset(filter(None, args.fail_zones.split(",")))
-    run_service("security_service", [SEC_COMMAND], lambda command: carry_out(command, fail_zones), dedupe=True)
+    run_service("security_service", [SEC_COMMAND], lambda command: carry_out(command, fail_zones), dedupe=True,
+                transactional=True)
 
 
 if __name__ == "__main__":

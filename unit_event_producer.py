@@ -51,7 +51,7 @@ def main() -> None:
         parser.error("--rate and --units must be above 0 and --count not negative")
     setup_logging()
     rng, pacer = random.Random(args.seed), Pacer(args.rate, args.count)
-    run_service("unit_event_producer", [UNIT_COMMAND], apply, dedupe=True,
+    run_service("unit_event_producer", [UNIT_COMMAND], apply, dedupe=True, transactional=True,
                 tick=lambda: [unit_event(rng, args.units) for _ in range(pacer.due())])
 
 

@@ -128,6 +128,14 @@ class Scripts:
     def output(self, process: subprocess.Popen) -> str:
         return Path(process.log_path).read_text()
 
+    def wait_for_output(self, process: subprocess.Popen, text: str, timeout: float = 60) -> None:
+        """Poll the script's log until it contains `text` (a readiness probe); fail if it exits or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output(process):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{process.args[1]} did not log {text!r}:\n{self.output(process)[-2000:]}")
+            time.sleep(0.1)
+
 
 @pytest.fixture
 def scripts(env, tmp_path):

@@ -1,0 +1,92 @@
+"""Several copies of a script in one consumer group share the partitions. Killing one hands its partitions to the
+others: nothing lost, nothing doubled (read committed), and each key's messages still in order."""
+
+import signal
+from collections import defaultdict
+
+import pytest
+from test_examples import detections, wait_completed
+
+import common
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
+
+
+@pytest.fixture
+def partitioned(env):
+    """Topics with four partitions (the scripts create them so, from TOPIC_PARTITIONS)."""
+    env["TOPIC_PARTITIONS"] = "4"
+    return env
+
+
+def in_key_order(reader, type_: str) -> dict[bytes, list[str]]:
+    """key -> workflow ids of the `type_` messages with that key, in the order the topic holds them."""
+    order = defaultdict(list)
+    for record in reader.raw:  # records of one partition arrive in offset order, and a key lives in one partition
+        message = parse(record)
+        if message.type == type_:
+            order[record.key].append(message.workflow_id)
+    return dict(order)
+
+
+def worst_delay(causes, cause_type: str, effects, effect_type: str) -> float:
+    """The longest time, in seconds, from a cause (by its timestamp) to its effect in the same workflow: with a
+    copy killed, that is how long its partitions waited for the others to take them over."""
+    def stamps(reader, type_):
+        return {m.workflow_id: r.timestamp for r, m in zip(reader.raw, map(parse, reader.raw), strict=True)
+                if m.type == type_}
+    began, done = stamps(causes, cause_type), stamps(effects, effect_type)
+    return max(done[w] - began[w] for w in done) / 1000
+
+
+def parse(record) -> common.Envelope:
+    return common.Envelope.model_validate_json(record.value)
+
+
+def test_three_orchestrators_share_the_partitions_and_survive_losing_one(partitioned, scripts, topics):
+    # Given the services and three orchestrators in one group, each with its own INSTANCE_ID
+    for service in ("security_service.py", "notification_service.py"):
+        scripts.start(service)
+    orchestrators = [scripts.start("orchestrator.py", "--example", "1", INSTANCE_ID=str(i)) for i in (1, 2, 3)]
+    # When 300 detections stream in and, once every orchestrator has routed some, one is killed (SIGKILL)
+    scripts.start("security_detector.py", "--count", "300", "--rate", "20", "--seed", "21")
+    for orchestrator in orchestrators:
+        scripts.wait_for_output(orchestrator, "-> sec_command")
+    scripts.stop(orchestrators[0], signal.SIGKILL)
+    # Then every detection has exactly one security command and one notification (none lost, none doubled)
+    stream, commands, notifications = topics(MESSAGE_STREAM), topics(SEC_COMMAND), topics(NOTIFICATION_COMMAND)
+    workflows = detections(stream.read_count(300, type_="security_detection", timeout=90))
+    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=90)
+    notifications.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=60)
+    assert sorted(m.workflow_id for m in commands.messages()) == sorted(workflows)
+    assert sorted(m.workflow_id for m in notifications.messages()) == sorted(workflows)
+    # And each sensor's commands are in the order of its detections
+    assert in_key_order(commands, "security_command") == in_key_order(stream, "security_detection")
+    # And the survivors did the killed one's share: every workflow completes
+    wait_completed(stream, third_party := topics(THIRD_PARTY), workflows, timeout=90)
+    print(f"3 orchestrators, 1 killed: detections=300 commands={len(commands.messages())} lost=0 duplicates=0 "
+          f"deliveries={len(third_party.messages())}; longest detection->command "
+          f"{worst_delay(stream, 'security_detection', commands, 'security_command'):.1f} s")
+
+
+def test_two_copies_of_a_service_share_the_partitions_and_survive_losing_one(partitioned, scripts, topics):
+    # Given one orchestrator, the notification service and two copies of the security service in one group
+    scripts.start("orchestrator.py", "--example", "1")
+    scripts.start("notification_service.py")
+    copies = [scripts.start("security_service.py", INSTANCE_ID=str(i)) for i in (1, 2)]
+    # When 200 detections stream in and, once both copies have acted, one copy is killed (SIGKILL)
+    scripts.start("security_detector.py", "--count", "200", "--rate", "20", "--seed", "22")
+    for copy in copies:
+        scripts.wait_for_output(copy, "-> zone now")
+    scripts.stop(copies[0], signal.SIGKILL)
+    # Then every command has exactly one outcome on message_stream (none lost, none doubled)
+    stream, commands = topics(MESSAGE_STREAM), topics(SEC_COMMAND)
+    workflows = detections(stream.read_count(200, type_="security_detection", timeout=90))
+    stream.read_until(lambda ms: workflows <= {m.workflow_id for m in ms if m.type == "security_action_completed"},
+                      timeout=90)
+    outcomes = [m.workflow_id for m in stream.messages() if m.type == "security_action_completed"]
+    assert sorted(outcomes) == sorted(workflows)
+    # And each sensor's outcomes are in the order of its commands
+    commands.read_count(200)
+    assert in_key_order(stream, "security_action_completed") == in_key_order(commands, "security_command")
+    print(f"2 security services, 1 killed: commands=200 outcomes={len(outcomes)} lost=0 duplicates=0; longest "
+          f"command->outcome {worst_delay(commands, 'security_command', stream, 'security_action_completed'):.1f} s")

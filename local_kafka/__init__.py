@@ -389,6 +389,14 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (for a cluster's brokers)."""
+    while True:
+        first = free_port()
+        if all(port_is_free(first + i) for i in range(count)):
+            return first
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,67 @@
+"""A three-node cluster (replication factor 3, min ISR 2): one broker killed under load and restarted loses nothing
+acknowledged, and the workflows keep completing."""
+
+import re
+import time
+
+import pytest
+from conftest import wait_for_reports
+from kafka import KafkaAdminClient
+from test_examples import detections, wait_completed
+from test_scale_out import worst_delay
+
+import local_kafka
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
+
+
+@pytest.fixture
+def cluster(env, tmp_path):
+    """A three-node local_kafka cluster of this test's own; the test's scripts use it."""
+    data_dir = tmp_path / "cluster"
+    started, _ = local_kafka.start(local_kafka.free_ports(3), data_dir, nodes=3)
+    env.update(KAFKA_BOOTSTRAP_SERVERS=started.address, TOPIC_PARTITIONS="3")
+    yield started, data_dir
+    local_kafka.stop(data_dir)
+
+
+def leader_of(address: str, topic: str, partition: int) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=address.split(","))
+    try:
+        [described] = admin.describe_topics([topic])
+        return next(p["leader_id"] for p in described["partitions"] if p["partition_index"] == partition)
+    finally:
+        admin.close()
+
+
+def test_killing_a_broker_under_load_loses_nothing_acknowledged(cluster, env, scripts, topics):
+    started, data_dir = cluster
+    # Given the Example 2 system on the cluster and 300 detections streaming in
+    for service in ("security_service.py", "notification_service.py", "reporting_service.py"):
+        scripts.start(service)
+    scripts.start("orchestrator.py", "--example", "2")
+    detector = scripts.start("security_detector.py", "--count", "300", "--rate", "15", "--seed", "31")
+    commands, stream = topics(SEC_COMMAND), topics(MESSAGE_STREAM)
+    commands.read_count(40, timeout=90)
+    # When the broker leading message_stream's first partition is killed (SIGKILL), and restarted 40 commands later
+    victim = leader_of(started.address, env["TOPIC_PREFIX"] + MESSAGE_STREAM, 0)
+    killed_at = time.monotonic()
+    local_kafka.kill_node(data_dir, victim)
+    commands.read_count(80, timeout=90)
+    back_after = time.monotonic() - killed_at
+    local_kafka.restart_node(data_dir, victim)
+    # Then the detector had every detection acknowledged, and every one is in message_stream once
+    assert detector.wait(timeout=120) == 0
+    assert re.search(r"produced 300 messages", scripts.output(detector))
+    workflows = detections(stream.read_count(300, type_="security_detection", timeout=60))
+    assert len(workflows) == 300 and len(stream.messages()) >= 300
+    # And each has exactly one security and one notification command, and completes, reported once
+    notifications, third_party = topics(NOTIFICATION_COMMAND), topics(THIRD_PARTY)
+    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=90)
+    notifications.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=60)
+    assert sorted(m.workflow_id for m in commands.messages()) == sorted(workflows)
+    assert sorted(m.workflow_id for m in notifications.messages()) == sorted(workflows)
+    wait_completed(stream, third_party, workflows, timeout=90)
+    assert wait_for_reports(scripts, 300)["reports"] == 300
+    print(f"3 nodes, node {victim} killed for {back_after:.1f} s: detections=300 acknowledged=300 commands="
+          f"{len(commands.messages())} lost=0 duplicates=0; longest detection->command "
+          f"{worst_delay(stream, 'security_detection', commands, 'security_command'):.1f} s")

@@ -4,18 +4,23 @@ Each script reads only its input topics, writes only the topics it owns (plus de
 the event sources: it is the orchestrator's inbox), and uses only its own consumer group and transactional id.
 Run:  python acls.py                  # as admin (KAFKA_SASL_* in the environment): create the topics and ACLs for
                                       # TOPIC_PREFIX; running it again changes nothing
+      python acls.py --users FILE     # also create every user (SCRAM-SHA-512), passwords from FILE (a JSON object
+                                      # user -> password; generated, readable by you only, if FILE does not exist)
       python acls.py --show           # print the table below
 `python -m local_kafka start --secure` runs it for you. The monitor may read every topic and see group offsets;
 dead_letters.py replays to any topic, so it runs as admin.
 """
 
 import argparse
+import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 
 from kafka import KafkaAdminClient
-from kafka.admin import ACL, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePattern, ResourceType
+from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePattern, ResourceType,
+                         UserScramCredentialUpsertion)
 from kafka.errors import KafkaError
 
 import common
@@ -86,18 +91,49 @@ def grant(env: dict[str, str], prefix: str = "") -> int:
         admin.close()
 
 
+def create_users(env: dict[str, str], passwords: dict[str, str]) -> None:
+    """As the admin user in `env`: create (or reset) a SCRAM-SHA-512 user per entry of `passwords`."""
+    admin = KafkaAdminClient(**common.kafka_config(env), client_id="acls")
+    try:
+        failed = {user: error for user, error in admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password) for user, password in passwords.items()]
+        ).items() if error}
+        if failed:
+            raise KafkaError(f"could not create users: {failed}")
+    finally:
+        admin.close()
+
+
+def passwords_file(path: str) -> dict[str, str]:
+    """The users' passwords from a JSON file, made (owner-only) with fresh random passwords if it does not exist."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            json.dump({user: secrets.token_urlsafe(18) for user in ("admin", *ACCESS)}, out, indent=1)
+    with open(path) as source:
+        return json.load(source)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--show", action="store_true", help="print who may do what, change nothing")
+    parser.add_argument("--users", metavar="FILE", help="also create the users, with the passwords in FILE")
     args = parser.parse_args()
     common.setup_logging()
     if args.show:
         for user, access in ACCESS.items():
             print(f"{user:<21} reads {', '.join(access.reads) or '-'}; writes {', '.join(access.writes) or '-'}"
-                  f"{f'; group {access.group}*' if access.group is not None else ''}"
+                  f"{f'; group {access.group}' + ('*' if user == 'orchestrator' else '') if access.group else ''}"
+                  f"{'; sees every group' if access.group == '' else ''}"
                   f"{f'; transactional id {access.transactional_id}*' if access.transactional_id else ''}")
         return
-    count = grant(dict(os.environ), common.TOPIC_PREFIX)
+    try:
+        if args.users:
+            create_users(dict(os.environ), passwords_file(args.users))
+            log.info("users %s created (passwords in %s)", ", ".join(passwords_file(args.users)), args.users)
+        count = grant(dict(os.environ), common.TOPIC_PREFIX)
+    except KafkaError as error:
+        raise SystemExit(f"acls: {type(error).__name__}: {error}") from None
     log.info("topics and %d ACLs in place for topic prefix %r at %s", count, common.TOPIC_PREFIX, common.BOOTSTRAP_SERVERS)
 
 

@@ -230,10 +230,10 @@ def credentials(data_dir: Path, create: bool = False) -> dict[str, str]:
     return passwords
 
 
-def client_env(cluster: Cluster, data_dir: Path, user: str) -> dict[str, str]:
-    """The environment variables a script needs to reach this cluster as `user`."""
-    env = {"KAFKA_BOOTSTRAP_SERVERS": cluster.address}
-    if cluster.secure:
+def client_env(address: str, secure: bool, data_dir: Path, user: str) -> dict[str, str]:
+    """The environment variables a script needs to reach the cluster at `address` as `user`."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": address}
+    if secure:
         passwords = credentials(data_dir)
         if user not in passwords:
             raise LocalKafkaError(f"no user {user!r}; the users are {', '.join(passwords)}")

@@ -67,7 +67,7 @@ def start(args) -> int:
     if args.secure:
         import acls  # the project's access rules: needs kafka-python, so only imported here
         prefix = os.environ.get("TOPIC_PREFIX", "")
-        acls.grant(local_kafka.client_env(cluster, data_dir, "admin"), prefix)
+        acls.grant(local_kafka.client_env(cluster.address, True, data_dir, "admin"), prefix)
         print(f"users {', '.join(local_kafka.USERS)} may each do only their own job on topics prefixed "
               f"{prefix!r} (acls.py); passwords in {data_dir / 'credentials.json'}")
         print('connect a script as its user:  eval "$(python -m local_kafka env orchestrator)"')
@@ -75,13 +75,20 @@ def start(args) -> int:
 
 
 def env(args, dirs: list[Path]) -> int:
+    """Print the export lines for a user of the running cluster (or, for a Docker compose cluster that
+    `acls.py --users` set up, of the credentials file in --dir, at KAFKA_BOOTSTRAP_SERVERS or localhost:9092)."""
     if not args.user:
         raise local_kafka.LocalKafkaError("env needs a user, e.g. python -m local_kafka env orchestrator")
     clusters = [(d, c) for d, c in ((d, local_kafka.status(d)) for d in dirs) if c]
-    if not clusters:
+    if clusters:
+        data_dir, cluster = next(((d, c) for d, c in clusters if c.secure), clusters[0])
+    elif args.dir and (args.dir / "credentials.json").exists():
+        data_dir, cluster = args.dir, None
+    else:
         raise local_kafka.LocalKafkaError("no Kafka running (start one with python -m local_kafka start --secure)")
-    data_dir, cluster = next(((d, c) for d, c in clusters if c.secure), clusters[0])
-    for name, value in local_kafka.client_env(cluster, data_dir.resolve(), args.user).items():
+    address = cluster.address if cluster else os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
+    for name, value in local_kafka.client_env(address, cluster.secure if cluster else True, data_dir.resolve(),
+                                              args.user).items():
         print(f"export {name}={shlex.quote(value)}")
     return 0
 

@@ -4,6 +4,7 @@ import yaml
 from conftest import KAFKA_IMAGE, ROOT
 
 from common import ALL_TOPICS
+import local_kafka
 from local_kafka import KAFKA_VERSION
 
 SEED_TOPICS = {"message_stream", "sec_command", "unit_command", "notification_command", "report_data", "third_party"}
@@ -32,3 +33,50 @@ def test_compose_creates_the_seed_topics_and_dead_letter_after_the_broker_is_hea
     script = init["command"][0]
     created = set(script.split("for t in ")[1].split(";")[0].split())
     assert created == SEED_TOPICS | {"dead_letter"} == set(ALL_TOPICS)
+
+
+def properties(path) -> dict[str, str]:
+    """A local_kafka properties file as a dict (continuation lines joined)."""
+    text = path.read_text().replace("\\\n", "")
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def as_property(env_name: str) -> str:
+    return env_name.removeprefix("KAFKA_").lower().replace("_", ".")
+
+
+def test_secure_compose_signs_in_and_authorizes_like_local_kafka_secure():
+    secure = yaml.safe_load((ROOT / "docker-compose-secure.yml").read_text())["services"]
+    env = {as_property(k): str(v) for k, v in secure["kafka"]["environment"].items()}
+    local = properties(ROOT / "local_kafka" / "listeners-secure.properties")
+    for setting in ("authorizer.class.name", "super.users", "allow.everyone.if.no.acl.found", "sasl.enabled.mechanisms",
+                    "sasl.mechanism.controller.protocol"):
+        assert env[setting].lower() == local[setting].lower(), setting
+    assert "PLAINTEXT:PLAINTEXT" not in env["listener.security.protocol.map"]  # no listener without sign-in
+    assert secure["kafka"]["image"] == KAFKA_IMAGE
+    # and the users, topics and ACLs come from this repository's acls.py, as admin, once the broker is healthy
+    init = secure["init-users"]
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert "python acls.py --users" in init["command"][-1]
+    assert init["environment"]["KAFKA_SASL_USERNAME"] == "admin"
+
+
+def test_cluster_compose_runs_three_nodes_with_three_replicas_and_min_isr_two_like_local_kafka(tmp_path):
+    services = yaml.safe_load((ROOT / "docker-compose-cluster.yml").read_text())["services"]
+    nodes = [services[f"kafka-{i}"] for i in (1, 2, 3)]
+    assert [n["environment"]["KAFKA_NODE_ID"] for n in nodes] == [1, 2, 3]
+    assert [n["ports"] for n in nodes] == [["9092:9092"], ["9093:9092"], ["9094:9092"]]
+    assert len({n["environment"]["CLUSTER_ID"] for n in nodes}) == 1
+    env = nodes[0]["environment"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].count("@") == 3
+    assert (env["KAFKA_DEFAULT_REPLICATION_FACTOR"], env["KAFKA_MIN_INSYNC_REPLICAS"]) == (3, 2)
+    assert (env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"], env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"]) == (3, 2)
+    config = tmp_path / "server.properties"
+    local_kafka.write_config(config, node_id=1, port=1, controller_port=2, voters="", nodes=3, log_dirs=tmp_path,
+                             admin_password=None)
+    local = properties(config)
+    for setting in ("default.replication.factor", "min.insync.replicas", "offsets.topic.replication.factor",
+                    "transaction.state.log.replication.factor", "transaction.state.log.min.isr",
+                    "broker.session.timeout.ms", "group.initial.rebalance.delay.ms"):
+        assert str(env["KAFKA_" + setting.upper().replace(".", "_")]) == local[setting], setting
+    assert "--replication-factor 3" in services["init-topics"]["command"][0]

@@ -33,7 +33,8 @@ def secure_kafka(tmp_path_factory):
 def secure_scripts(secure_kafka, tmp_path):
     """Scripts that each sign in as their own user, on topics (prefixed for this test) that acls.py granted."""
     cluster, passwords, data_dir = secure_kafka
-    env = dict(os.environ, **local_kafka.client_env(cluster, data_dir, "admin"), TOPIC_PREFIX=f"s{uuid.uuid4().hex[:10]}_",
+    env = dict(os.environ, **local_kafka.client_env(cluster.address, True, data_dir, "admin"),
+               TOPIC_PREFIX=f"s{uuid.uuid4().hex[:10]}_",
                REPORT_DB=str(tmp_path / "reports.db"), LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
     acls.grant(env, env["TOPIC_PREFIX"])
     runner = Scripts(env, tmp_path, users=passwords)
@@ -138,3 +139,18 @@ def test_a_service_may_not_read_another_services_commands(secure_scripts):
     assert result.returncode == 3
     [line] = refusal(result)
     assert "does not allow user 'security_service'" in line
+
+
+def test_a_user_made_by_acls_py_signs_in_but_may_do_nothing_it_was_not_granted(secure_scripts, tmp_path):
+    # Given a user created with `python acls.py --users FILE` (run as admin), which no ACL mentions
+    users = tmp_path / "users.json"
+    users.write_text('{"visitor": "a-visitor-password"}')
+    created = run_failing("acls.py", secure_scripts.env, "--users", str(users))
+    assert created.returncode == 0, created.stderr
+    # When a script signs in as that user and produces
+    env = dict(secure_scripts.env, KAFKA_SASL_USERNAME="visitor", KAFKA_SASL_PASSWORD="a-visitor-password")
+    result = run_failing("security_detector.py", env, "--count", "1")
+    # Then sign-in works but the write is refused: whatever is not granted is denied
+    assert result.returncode == 3
+    [line] = refusal(result)
+    assert "does not allow user 'visitor'" in line and "TopicAuthorizationFailedError" in line

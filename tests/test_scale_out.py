@@ -2,6 +2,7 @@
 others: nothing lost, nothing doubled (read committed), and each key's messages still in order."""
 
 import signal
+import time
 from collections import defaultdict
 
 import pytest
@@ -90,3 +91,27 @@ def test_two_copies_of_a_service_share_the_partitions_and_survive_losing_one(par
     assert in_key_order(stream, "security_action_completed") == in_key_order(commands, "security_command")
     print(f"2 security services, 1 killed: commands=200 outcomes={len(outcomes)} lost=0 duplicates=0; longest "
           f"command->outcome {worst_delay(commands, 'security_command', stream, 'security_action_completed'):.1f} s")
+
+
+def test_a_second_copy_with_the_same_instance_id_is_stopped_with_a_clear_error(partitioned, scripts, topics):
+    # Given an orchestrator routing a stream of detections
+    first = scripts.start("orchestrator.py", "--example", "1")
+    scripts.start("security_detector.py", "--count", "150", "--rate", "20", "--seed", "23")
+    scripts.wait_for_output(first, "-> sec_command")
+    # When a second copy starts without its own INSTANCE_ID (both are "1")
+    second = scripts.start("orchestrator.py", "--example", "1")
+    # Then one of the two stops, saying why, and the other routes every detection exactly once
+    started, stopped = time.monotonic(), None
+    while stopped is None:
+        stopped = next((p for p in (first, second) if p.poll() is not None), None)
+        if time.monotonic() - started > 60:
+            pytest.fail("both copies with INSTANCE_ID=1 still run after 60 s")
+        time.sleep(0.2)  # polling for a process exit
+    print(f"same INSTANCE_ID: the {'first' if stopped is first else 'second'} copy stopped after "
+          f"{time.monotonic() - started:.1f} s")
+    assert stopped.returncode == 1
+    assert "give each copy its own INSTANCE_ID" in scripts.output(stopped)
+    stream, commands = topics(MESSAGE_STREAM), topics(SEC_COMMAND)
+    workflows = detections(stream.read_count(150, type_="security_detection", timeout=60))
+    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=90)
+    assert sorted(m.workflow_id for m in commands.messages()) == sorted(workflows)

@@ -1,4 +1,5 @@
-"""Benchmark: what the orchestrator hop costs, and whether the orchestrator is the bottleneck, measured side by side.
+"""Benchmark: what the orchestrator hop costs, and whether the orchestrator is the bottleneck, measured side by side;
+and what a second orchestrator instance adds on a 4-partition message_stream.
 
 Runs against KAFKA_BOOTSTRAP_SERVERS if it answers, else starts local_kafka on a free port (stopped at the end).
 Every run uses topic prefixes of its own. Needs requirements-bench.txt (confluent-kafka; matplotlib for --plot).
@@ -20,11 +21,13 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import kafka
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError
 from kafka.structs import OffsetAndMetadata
 from rich.console import Console
 
@@ -34,6 +37,7 @@ from monitor import percentile
 
 HERE = Path(__file__).resolve().parent
 console = Console(highlight=False)
+SCALE_PARTITIONS = 4  # message_stream partitions when one orchestrator instance is compared with two
 
 
 def detection_bytes(rng_seed: int) -> tuple[str, bytes, bytes]:
@@ -47,36 +51,51 @@ class Bench:
     def __init__(self, address: str):
         self.address = address
         self.admin = KafkaAdminClient(bootstrap_servers=address)
+        self.partitions: dict[str, int] = {}  # prefix -> partitions of its topics
 
-    def prefix(self, name: str) -> str:
+    def prefix(self, name: str, partitions: int = common.TOPIC_PARTITIONS) -> str:
+        """A fresh topic prefix, its topics created with `partitions` partitions each."""
         prefix = f"bench{uuid.uuid4().hex[:6]}_{name}_"
-        self.admin.create_topics([NewTopic(prefix + t, common.TOPIC_PARTITIONS, 1) for t in common.ALL_TOPICS])
+        self.admin.create_topics([NewTopic(prefix + t, partitions, 1) for t in common.ALL_TOPICS])
+        self.partitions[prefix] = partitions
         return prefix
 
-    def env(self, prefix: str) -> dict:
+    def env(self, prefix: str, **extra: str) -> dict:
         return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.address, TOPIC_PREFIX=prefix, LOG_LEVEL="WARNING",
-                    REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1")
+                    TOPIC_PARTITIONS=str(self.partitions[prefix]),
+                    REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1", **extra)
 
-    def start(self, prefix: str, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, *args], cwd=HERE, env=self.env(prefix), stdout=subprocess.DEVNULL,
+    def start(self, prefix: str, *args: str, **extra: str) -> subprocess.Popen:
+        """A script on this prefix's topics; `extra`: environment variables of its own (e.g. INSTANCE_ID)."""
+        return subprocess.Popen([sys.executable, *args], cwd=HERE, env=self.env(prefix, **extra), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
 
-    def backlog(self, prefix: str, n: int) -> None:
-        """n detections waiting in message_stream."""
+    def backlog(self, prefix: str, n: int) -> list[int]:
+        """n detections waiting in message_stream; returns how many landed in each partition."""
         producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=20, batch_size=512 * 1024)
+        futures = []
         for i in range(n):
             _, value, key = detection_bytes(i)
-            producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key)
+            futures.append(producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key))
         producer.flush()
         producer.close()
+        landed = Counter(future.get().partition for future in futures)
+        return [landed[p] for p in range(self.partitions[prefix])]
 
     def committed(self, group: str) -> int:
-        offsets = self.admin.list_group_offsets({group: None}).get(group) or {}
+        """The group's committed offsets on message_stream, summed over partitions (0 while its coordinator is not
+        ready: a fresh broker creates __consumer_offsets on first use)."""
+        try:
+            offsets = self.admin.list_group_offsets({group: None}).get(group) or {}
+        except (CoordinatorLoadInProgressError, CoordinatorNotAvailableError):
+            return 0
         return sum(meta.offset for tp, meta in offsets.items() if tp.topic.endswith(common.MESSAGE_STREAM))
 
-    def drain(self, label: str, n: int, group: str, prefix: str, *args: str) -> tuple[float, float]:
-        """Start a router on a backlog of n; returns (input messages per second once it runs, its peak RSS in MB)."""
-        process = self.start(prefix, *args)
+    def drain(self, label: str, n: int, group: str, prefix: str, *args: str, envs: tuple[dict, ...] = ({},)) \
+            -> tuple[float, float]:
+        """Start a router on a backlog of n, one process per entry of `envs` (its own environment variables), all at
+        once in `group`; returns (input messages per second once they run, the largest peak RSS of one, in MB)."""
+        processes = [self.start(prefix, *args, **env) for env in envs]
         first = None
         try:
             with console.status(f"{label}: routing {n} detections"):
@@ -86,18 +105,32 @@ class Bench:
                         first = (time.monotonic(), done)
                     if done >= n:
                         break
-                    if process.poll() is not None:
-                        raise SystemExit(f"bench: {label} exited with code {process.returncode}")
+                    if any(process.poll() is not None for process in processes):
+                        raise SystemExit(f"bench: {label} exited with code {[p.returncode for p in processes]}")
                     time.sleep(0.05)  # sampling progress for a measurement, not synchronising a test
             elapsed = time.monotonic() - first[0]
             rate = (n - first[1]) / elapsed if elapsed > 0 else float("inf")
-            with open(f"/proc/{process.pid}/status") as status:  # VmHWM: the process's peak resident memory
-                hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+            hwm = max(peak_rss_mb(process.pid) for process in processes)
             console.print(f"{label}: {rate:,.0f} msg/s (peak RSS {hwm:.0f} MB)")
             return rate, hwm
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait(timeout=60)
+
+    def scale_out(self, n: int, partitions: int) -> tuple[dict[int, float], list[int]]:
+        """The exactly-once orchestrator draining a backlog of n on `partitions` partitions: one instance, then (on a
+        fresh prefix) two started together with INSTANCE_ID 1 and 2. Returns ({instances: msg/s}, detections per partition)."""
+        rates, spread = {}, []
+        for count in (1, 2):
+            prefix = self.prefix(f"scale{count}", partitions)
+            with console.status(f"{count} orchestrators on {partitions} partitions: producing a backlog of {n}"):
+                spread = self.backlog(prefix, n)
+            label = f"orchestrator exactly-once, {count} instance{'s' if count > 1 else ''}, {partitions} partitions"
+            rates[count] = self.drain(label, n, prefix + "orchestrator", prefix, "orchestrator.py", "--example", "2",
+                                      envs=tuple({"INSTANCE_ID": str(i)} for i in range(1, count + 1)))[0]
+        return rates, spread
 
     def latency(self, rate: float, seconds: float, system: bool) -> dict:
         """p50/p95/p99 ms at `rate`/s: detection -> notification delivered (system) or produce -> consume (direct)."""
@@ -214,6 +247,12 @@ class Bench:
                 "duplicates": duplicates}
 
 
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: a process's peak resident memory."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
 def raw_pipe() -> None:
     """No logic: every message_stream record is copied as it is to the three topics the Example 2 table sends to
     (the same fan-out as the orchestrator), with the loop's producer, batching and commit policy."""
@@ -295,6 +334,13 @@ def main() -> int:
             with console.status(f"{label}: producing a backlog of {n}"):
                 bench.backlog(prefix, n)
             rates[label] = bench.drain(label, n, prefix + role, prefix, *args_)
+        scale, spread = bench.scale_out(n, SCALE_PARTITIONS)
+        speedup = scale[2] / scale[1]
+        console.print(f"{SCALE_PARTITIONS} partitions (detections per partition {spread}): exactly-once "
+                      f"orchestrator 1 instance {scale[1]:,.0f} msg/s, 2 instances {scale[2]:,.0f} msg/s, "
+                      f"speedup {speedup:.2f}x")
+        console.print(f"  on this {os.cpu_count()}-core machine the two instances compete for the same CPUs as the broker, "
+                      "so this speedup is bounded by cores, not by the design")
         e2e = bench.latency(1000, seconds, system=True)
         direct = bench.latency(1000, seconds, system=False)
         console.print(f"latency at 1000/s: end to end {e2e}, direct single hop {direct} (ms)")
@@ -308,6 +354,10 @@ def main() -> int:
                    "direct_latency_ms": {k: direct.get(k) for k in ("p50", "p95", "p99")},
                    "restart_gap_s": {"median": gap["median"], "max": gap["max"]},
                    "orchestrator_peak_rss_mb": round(rates["orchestrator exactly-once"][1], 1),
+                   f"orchestrator_eos_1_instance_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[1]),
+                   f"orchestrator_eos_2_instances_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[2]),
+                   "two_instances_speedup": round(speedup, 2),
+                   f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
                    "lost": gap["lost"], "duplicates": gap["duplicates"],
                    "ratios": {"alo_over_raw": round(alo / raw, 2), "eos_over_alo": round(eos / alo, 2),
                               "eos_over_confluent": round(eos / ck, 2),

@@ -528,8 +528,8 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
             except AuthorizationError as error:  # e.g. writing a topic this user does not own: nothing was committed
                 raise refused(name, error) from None
             except KafkaError as error:  # includes a transaction the broker aborted (timed out): a new producer
-                log.warning("%s: could not deliver a batch (%s: %s); handling it again", name, type(error).__name__, error)
-                producer = abandon(producer, transactional)
+                log.warning("%s: could not deliver a batch (%s); handling it again", name, error)
+                producer = abandon(producer, transactional, error)
                 for partition, records in batch.items():
                     if partition in consumer.assignment():  # (a partition taken away goes to its new owner instead)
                         consumer.seek(partition, records[0].offset)
@@ -547,7 +547,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
         log.info("%s: stopping after %d messages", name, handled)
         consumer.close(autocommit=False)
         if producer:
-            producer.close(timeout=10)
+            discard(producer, timeout=10)
 
 
 def inherit_offsets(admin: KafkaAdminClient, group: str, start_like: str) -> None:
@@ -625,8 +625,8 @@ def deliver(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Trip
         for t, m, key in outputs:
             send(producer, t, m, key)
         if offsets:
-            producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
-        producer.commit_transaction()
+            bounded(producer.send_offsets_to_transaction, offsets, consumer.group_metadata())
+        bounded(producer.commit_transaction)
         return
     wait_for_acks(producer, [send(producer, t, m, key) for t, m, key in outputs], "batch")
     if offsets:
@@ -646,12 +646,32 @@ def in_background(function: Callable, **kwargs) -> Callable[[], Any]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
 
-    def result():
-        thread.join()
+    def result(timeout: float | None = None):
+        thread.join(timeout)
+        if thread.is_alive():
+            raise Stuck(f"did not finish within {timeout:.0f} s")
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
     return result
+
+
+class Stuck(KafkaTimeoutError):
+    """A transaction step that did not finish in time: the producer is given up, not reused."""
+
+
+# kafka-python 3.0.12 can wait for ever on a transaction step whose coordinator broker died (its sender keeps
+# retrying without finding the new coordinator). A step taking longer than this gives up the producer: a new one
+# finds the new coordinator, and fences the old one, which aborts its open transaction.
+TRANSACTION_STEP_TIMEOUT_S = 6.0
+
+
+def bounded(step: Callable, *args) -> None:
+    """step(*args), raising Stuck if it takes longer than TRANSACTION_STEP_TIMEOUT_S."""
+    try:
+        in_background(lambda: step(*args))(timeout=TRANSACTION_STEP_TIMEOUT_S)
+    except Stuck as error:
+        raise Stuck(f"{step.__name__} {error.args[0]}") from None
 
 
 def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "") -> None:
@@ -668,16 +688,28 @@ def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "") -> Non
         future.get()  # flush() does not raise for a failed record; get() does
 
 
-def abandon(producer: KafkaProducer | None, transactional: bool) -> KafkaProducer | None:
-    """After a failed batch: abort its transaction; if even that fails, drop the producer so a fresh one is made."""
+def abandon(producer: KafkaProducer | None, transactional: bool, error: Exception) -> KafkaProducer | None:
+    """After a failed batch: abort its transaction; if that fails too, or the producer is stuck, drop it so that a
+    fresh one is made (which fences this one, aborting its transaction)."""
     if not (producer and transactional):
         return producer
     try:
-        producer.abort_transaction()
-        return producer
-    except KafkaError:  # cannot abort now (broker gone, producer fenced): a new producer fences this one
-        producer.close(timeout=1)
-        return None
+        if not isinstance(error, Stuck):
+            bounded(producer.abort_transaction)
+            return producer
+    except KafkaError:  # cannot abort now (broker gone, producer fenced)
+        pass
+    discard(producer)
+    return None
+
+
+def discard(producer: KafkaProducer, timeout: float = 1) -> None:
+    """Close a producer without waiting for what it still holds. kafka-python's close() flushes first and, if that
+    times out, raises before stopping its sender thread; so stop that thread here (no public call does)."""
+    try:
+        producer.close(timeout=timeout)
+    except KafkaError:
+        producer._sender.force_close()  # what close() would have done next
 
 
 def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count: int | None, rate: float) -> int:
@@ -702,7 +734,7 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
                 log.error("%s: %d messages could not be delivered: %s", name, len(futures), error)
             stop.wait(pacer.pause())
     finally:
-        producer.close(timeout=10)
+        discard(producer, timeout=10)
         log.info("%s: produced %d messages", name, delivered)
     return delivered
 

@@ -89,7 +89,10 @@ def start(port: int = 9092, data_dir: Path | None = None, timeout: float = 60.0,
         if running.nodes[0].port != port or len(running.nodes) != nodes or running.secure != secure:
             raise LocalKafkaError(f"a {describe(running)} from {data_dir} already runs at {running.address}; "
                                   f"stop it first (python -m local_kafka stop --dir {data_dir})")
-        return running, False
+        dead = [node.node_id for node in running.nodes if not is_our_broker(node.pid)]
+        for node_id in dead:  # a node that crashed or was killed: start it again on its data
+            restart_node(data_dir, node_id, timeout)
+        return status(data_dir), bool(dead)
     check_layout(data_dir, nodes, secure)
     java = find_java()
     ports = [port + i for i in range(nodes)]

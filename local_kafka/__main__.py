@@ -63,7 +63,8 @@ def start(args) -> int:
         print(f"{kind} ready at {cluster.address} in {time.monotonic() - began:.1f} s "
               f"(pid {', '.join(str(n.pid) for n in cluster.nodes)}); log: {cluster.log}")
     else:
-        print(f"Kafka already running at {cluster.address} (pid {cluster.pid}); log: {cluster.log}")
+        print(f"Kafka already running at {cluster.address} (pid {', '.join(str(n.pid) for n in cluster.nodes)}); "
+              f"log: {cluster.log}")
     if args.secure:
         import acls  # the project's access rules: needs kafka-python, so only imported here
         prefix = os.environ.get("TOPIC_PREFIX", "")

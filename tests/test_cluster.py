@@ -24,11 +24,16 @@ def cluster(env, tmp_path):
     local_kafka.stop(data_dir)
 
 
-def leader_of(address: str, topic: str, partition: int) -> int:
+def transaction_coordinator(address: str, transactional_id: str) -> int:
+    """The node coordinating a transactional id's transactions: the leader of its __transaction_state partition."""
     admin = KafkaAdminClient(bootstrap_servers=address.split(","))
     try:
-        [described] = admin.describe_topics([topic])
-        return next(p["leader_id"] for p in described["partitions"] if p["partition_index"] == partition)
+        [state] = admin.describe_topics(["__transaction_state"])
+        java_hash = 0
+        for char in transactional_id:  # Kafka places it by the id's Java hashCode
+            java_hash = (31 * java_hash + ord(char)) & 0xFFFFFFFF
+        partition = (java_hash & 0x7FFFFFFF) % len(state["partitions"])
+        return next(p["leader_id"] for p in state["partitions"] if p["partition_index"] == partition)
     finally:
         admin.close()
 
@@ -42,8 +47,8 @@ def test_killing_a_broker_under_load_loses_nothing_acknowledged(cluster, env, sc
     detector = scripts.start("security_detector.py", "--count", "300", "--rate", "15", "--seed", "31")
     commands, stream = topics(SEC_COMMAND), topics(MESSAGE_STREAM)
     commands.read_count(40, timeout=90)
-    # When the broker leading message_stream's first partition is killed (SIGKILL), and restarted 40 commands later
-    victim = leader_of(started.address, env["TOPIC_PREFIX"] + MESSAGE_STREAM, 0)
+    # When the broker coordinating the orchestrator's transactions is killed (SIGKILL), and restarted 40 commands later
+    victim = transaction_coordinator(started.address, env["TOPIC_PREFIX"] + "orchestrator-1")
     killed_at = time.monotonic()
     local_kafka.kill_node(data_dir, victim)
     commands.read_count(80, timeout=90)

@@ -60,6 +60,20 @@ def setup_logging() -> None:
         logging.getLogger("kafka.net.sasl").setLevel(logging.ERROR)  # "credentials in the clear": README says so
     for handler in logging.getLogger().handlers:
         handler.addFilter(ClientWarningsOncePer(30.0))
+        handler.addFilter(HidePassword(os.environ.get("KAFKA_SASL_PASSWORD")))
+
+
+class HidePassword(logging.Filter):
+    """No log line shows the password (kafka-python logs its whole configuration at DEBUG)."""
+
+    def __init__(self, password: str | None):
+        super().__init__()
+        self.password = password
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.password and self.password in record.getMessage():
+            record.msg, record.args = record.getMessage().replace(self.password, "********"), None
+        return True
 
 
 class ClientWarningsOncePer(logging.Filter):

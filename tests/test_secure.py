@@ -154,3 +154,14 @@ def test_a_user_made_by_acls_py_signs_in_but_may_do_nothing_it_was_not_granted(s
     assert result.returncode == 3
     [line] = refusal(result)
     assert "does not allow user 'visitor'" in line and "TopicAuthorizationFailedError" in line
+
+
+def test_no_log_line_shows_the_password_even_at_debug(secure_scripts, secure_kafka):
+    # Given the detector signed in as itself, logging everything kafka-python says (its configuration included)
+    env = secure_scripts.env_for("security_detector.py", LOG_LEVEL="DEBUG")
+    # When it produces
+    result = run_failing("security_detector.py", env, "--count", "2", "--rate", "20")
+    # Then it worked, and its password appears nowhere in what it printed
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sasl_plain_password" in result.stdout + result.stderr  # (the configuration line was logged)
+    assert secure_kafka[1]["security_detector"] not in result.stdout + result.stderr

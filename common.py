@@ -413,7 +413,7 @@ def make_consumer(group: str, topics: list[str], instance: str | None = None, **
     group = TOPIC_PREFIX + group  # a prefix isolates groups as it isolates topics
     config = dict(kafka_config(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
                   isolation_level="read_committed",
-                  session_timeout_ms=10_000, max_poll_records=500, client_id=group)
+                  session_timeout_ms=10_000, max_poll_records=500, client_id=group, fetch_max_wait_ms=50)
     if instance:
         config["group_instance_id"] = f"{group}-{instance}"
     config.update(overrides)
@@ -539,16 +539,22 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
                 deliver(producer, consumer, unsent + outputs, offsets, transactional)
             except FencedInstanceIdError:
                 raise
-            except AuthorizationError as error:  # e.g. writing a topic this user does not own: nothing was committed
-                raise refused(name, error) from None
             except KafkaError as error:  # includes a transaction the broker aborted (timed out): a new producer
-                log.warning("%s: could not deliver a batch (%s); handling it again", name, error)
+                if refusal(error, producer):  # e.g. writing a topic this user does not own: nothing was committed
+                    raise refused(name, refusal(error, producer)) from None
                 producer = abandon(producer, transactional, error)
-                for partition, records in batch.items():
-                    if partition in consumer.assignment():  # (a partition taken away goes to its new owner instead)
-                        consumer.seek(partition, records[0].offset)
-                stop.wait(1.0)
-                continue
+                if producer is None and transactional:  # whether the transaction committed is known once a new
+                    producer = settle(stop, name, transactional_id)  # producer with its id has finished or aborted it
+                    if producer is None:
+                        break
+                if not (transactional and offsets and committed_after_all(consumer, offsets)):
+                    log.warning("%s: could not deliver a batch (%s); handling it again", name, error)
+                    for partition, records in batch.items():
+                        if partition in consumer.assignment():  # (a partition taken away goes to its new owner)
+                            consumer.seek(partition, records[0].offset)
+                    stop.wait(1.0)
+                    continue
+                log.info("%s: a batch whose commit seemed to fail (%s) had been committed; going on", name, error)
             unsent, handled = [], handled + sum(len(records) for records in batch.values())
             if seen is not None:
                 for message_id in ids:
@@ -562,6 +568,36 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
         consumer.close(autocommit=False)
         if producer:
             discard(producer, timeout=10)
+
+
+def refusal(error: KafkaError, producer: KafkaProducer | None) -> AuthorizationError | None:
+    """The authorization error behind a failed delivery, if that is what it was. Inside a transaction kafka-python
+    may report it as a plain KafkaError ("... error state: TopicAuthorizationFailedError"), keeping the real one."""
+    if isinstance(error, AuthorizationError):
+        return error
+    last = getattr(getattr(producer, "_transaction_manager", None), "last_error", None)
+    return last if isinstance(last, AuthorizationError) else None
+
+
+def settle(stop: Stopper, name: str, transactional_id: str) -> KafkaProducer | None:
+    """A new transactional producer (its start finishes or aborts the old one's open transaction); None if stopped."""
+    while not stop:
+        try:
+            return make_producer(transactional_id=transactional_id)
+        except AuthorizationError as error:
+            raise refused(name, error) from None
+        except KafkaError as error:
+            log.warning("could not start a producer as %s (%s); trying again", transactional_id, error)
+            stop.wait(1.0)
+    return None
+
+
+def committed_after_all(consumer: KafkaConsumer, offsets: dict) -> bool:
+    """True if the group's committed offsets already cover the batch (read once its transaction is settled)."""
+    try:
+        return all((consumer.committed(tp) or -1) >= meta.offset for tp, meta in offsets.items())
+    except KafkaError:
+        return False
 
 
 def inherit_offsets(admin: KafkaAdminClient, group: str, start_like: str) -> None:

@@ -42,7 +42,9 @@ def properties(path) -> dict[str, str]:
 
 
 def as_property(env_name: str) -> str:
-    return env_name.removeprefix("KAFKA_").lower().replace("_", ".")
+    """The apache/kafka image's reading of an environment variable: "___" is "-", "__" is "_", "_" is "."."""
+    name = env_name.removeprefix("KAFKA_").lower()
+    return name.replace("___", "\0").replace("__", "\1").replace("_", ".").replace("\0", "-").replace("\1", "_")
 
 
 def test_secure_compose_signs_in_and_authorizes_like_local_kafka_secure():
@@ -53,6 +55,10 @@ def test_secure_compose_signs_in_and_authorizes_like_local_kafka_secure():
                     "sasl.mechanism.controller.protocol"):
         assert env[setting].lower() == local[setting].lower(), setting
     assert "PLAINTEXT:PLAINTEXT" not in env["listener.security.protocol.map"]  # no listener without sign-in
+    # every listener has a login module for each mechanism it offers (else the broker does not start)
+    for listener in (entry.split(":")[0].lower() for entry in env["listener.security.protocol.map"].split(",")):
+        for mechanism in env.get(f"listener.name.{listener}.sasl.enabled.mechanisms", env["sasl.enabled.mechanisms"]).split(","):
+            assert f"listener.name.{listener}.{mechanism.lower()}.sasl.jaas.config" in env, (listener, mechanism)
     assert secure["kafka"]["image"] == KAFKA_IMAGE
     # and the users, topics and ACLs come from this repository's acls.py, as admin, once the broker is healthy
     init = secure["init-users"]

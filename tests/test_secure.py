@@ -8,14 +8,14 @@ import uuid
 
 import pytest
 from conftest import ROOT, Scripts, TopicReader, wait_for_reports
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.structs import TopicPartition
 from test_examples import detections, ids_of, wait_completed
 
 import acls
 import common
 import local_kafka
-from common import MESSAGE_STREAM, THIRD_PARTY, UNIT_COMMAND
+from common import DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 
 
 @pytest.fixture(scope="session")
@@ -122,12 +122,46 @@ def test_writing_a_topic_it_does_not_own_is_refused_and_nothing_is_written(secur
     [line] = refusal(result)
     assert "does not allow user 'reporting_service'" in line and "TopicAuthorizationFailedError" in line
     assert line.rstrip().endswith("ask the cluster's admin")
-    # And nothing reached message_stream (its end offsets, read as admin, are all 0)
-    consumer = KafkaConsumer(**common.kafka_config(secure_scripts.env))
-    name = secure_scripts.env["TOPIC_PREFIX"] + MESSAGE_STREAM
-    partitions = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name)]
-    assert set(consumer.end_offsets(partitions).values()) == {0}
-    consumer.close()
+    # And nothing reached message_stream
+    assert committed_records(secure_scripts.env, MESSAGE_STREAM) == []
+
+
+def committed_records(env: dict, name: str) -> list:
+    """Every committed record of the test's topic `name`, read to its end as admin."""
+    consumer = KafkaConsumer(**common.kafka_config(env), isolation_level="read_committed", enable_auto_commit=False)
+    try:
+        topic = env["TOPIC_PREFIX"] + name
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        end, records = consumer.end_offsets(partitions), []
+        while any(consumer.position(p) < end[p] for p in partitions):
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def test_an_exactly_once_script_writing_a_topic_it_does_not_own_is_refused_and_commits_nothing(secure_scripts):
+    # Given a user with the orchestrator's rights except writing sec_command, and a detection waiting
+    env, prefix = secure_scripts.env, secure_scripts.env["TOPIC_PREFIX"]
+    acls.create_users(env, {"half_orchestrator": "half-orchestrator-password"})
+    admin = KafkaAdminClient(**common.kafka_config(env))
+    access = acls.Access(reads=[MESSAGE_STREAM], writes=[NOTIFICATION_COMMAND, DEAD_LETTER], group="orchestrator",
+                         transactional_id="orchestrator")
+    admin.create_acls(acls.acls_for("half_orchestrator", access, prefix))
+    admin.close()
+    secure_scripts.run("security_detector.py", "--count", "1")
+    # When the orchestrator runs as that user and routes the detection (a transaction over both command topics)
+    result = run_failing("orchestrator.py", dict(env, KAFKA_SASL_USERNAME="half_orchestrator",
+                                                 KAFKA_SASL_PASSWORD="half-orchestrator-password"), "--example", "1")
+    # Then it stops with one line naming the user and the refused topic
+    assert result.returncode == 3
+    [line] = refusal(result)
+    assert "does not allow user 'half_orchestrator'" in line and "TopicAuthorizationFailedError" in line
+    # And its transaction committed nothing, not even the notification it was allowed to write
+    assert committed_records(env, NOTIFICATION_COMMAND) == committed_records(env, SEC_COMMAND) == []
 
 
 def test_a_service_may_not_read_another_services_commands(secure_scripts):

@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--users", metavar="FILE", help="also create the users, with the passwords in FILE")
     args = parser.parse_args()
     common.setup_logging()
+    logging.getLogger("kafka").setLevel(logging.INFO)  # at DEBUG kafka-python would log the users' salted passwords
     if args.show:
         for user, access in ACCESS.items():
             print(f"{user:<21} reads {', '.join(access.reads) or '-'}; writes {', '.join(access.writes) or '-'}"

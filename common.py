@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
+import struct
 import threading
 import time
 import uuid
@@ -355,13 +357,29 @@ class ConnectionWatch(logging.Handler):
         if self.sign_in_error:
             return (f"Kafka at {BOOTSTRAP_SERVERS} refused to sign in user {user!r} ({self.sign_in_error}); "
                     f"check KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
-        if not os.environ.get("KAFKA_SECURITY_PROTOCOL") and self.disconnects >= 2:
+        if not os.environ.get("KAFKA_SECURITY_PROTOCOL") and self.disconnects >= 2 and answers_kafka(BOOTSTRAP_SERVERS):
             return (f"Kafka at {BOOTSTRAP_SERVERS} accepts connections but closes ours: it wants clients to sign in; "
                     f"set KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
         return None
 
     def remove(self) -> None:
         logging.getLogger("kafka").removeHandler(self)
+
+
+def answers_kafka(servers: str) -> bool:
+    """True if the first bootstrap server answers a Kafka ApiVersions request (v0, sent by hand). A broker that wants
+    sign-in answers it and then closes the connection on the next request; a port that is open while the broker
+    behind it is still starting (a Docker port proxy, say) does not answer at all."""
+    host, _, port = servers.split(",")[0].rpartition(":")
+    client_id = b"probe"
+    request = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id  # ApiVersions v0, correlation id 1
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as connection:
+            connection.sendall(struct.pack(">i", len(request)) + request)
+            reply = connection.recv(8)
+    except (OSError, ValueError):
+        return False
+    return len(reply) == 8 and struct.unpack(">ii", reply)[1] == 1
 
 
 def refused(what: str, error: KafkaError) -> SystemExit:
@@ -497,8 +515,16 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     admin = wait_for_kafka(stop, name)
     if admin is None:
         return
-    if start_like:
-        inherit_offsets(admin, group, start_like)
+    while start_like and not stop:
+        try:
+            inherit_offsets(admin, group, start_like)
+            break
+        except AuthorizationError as error:
+            raise refused(name, error) from None
+        except KafkaError as error:  # e.g. the group coordinator is still loading on a fresh or failing-over cluster
+            if not error.retriable:
+                raise
+            stop.wait(0.5)
     admin.close()
     # The producer is made (and its transactional id fenced) while the consumer joins its group: that takes about
     # 0.15 s off the orchestrator's restart gap.

@@ -98,7 +98,7 @@ def start(port: int = 9092, data_dir: Path | None = None, timeout: float = 60.0,
     ports = [port + i for i in range(nodes)]
     for p in ports:
         if not port_is_free(p):
-            raise LocalKafkaError(f"port {p} is already in use by another process; pick another with --port")
+            raise LocalKafkaError(f"port {p} is already in use by {holder_of(p)}; pick another with --port")
     classpath = resolve_classpath()
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -106,22 +106,24 @@ def start(port: int = 9092, data_dir: Path | None = None, timeout: float = 60.0,
     controller_ports = [free_port() for _ in ports]
     voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, c in enumerate(controller_ports))
     cluster_id = read_or_make_cluster_id(data_dir)
-    cluster = Cluster([], secure)
-    for i, (p, c) in enumerate(zip(ports, controller_ports, strict=True)):
+    configs = []
+    for i, (p, c) in enumerate(zip(ports, controller_ports, strict=True)):  # every node formatted before any starts
         node_dir = data_dir / f"node-{i + 1}"
         node_dir.mkdir(exist_ok=True)
-        config = node_dir / "server.properties"
-        write_config(config, node_id=i + 1, port=p, controller_port=c, voters=voters, nodes=nodes,
+        configs.append(node_dir / "server.properties")
+        write_config(configs[-1], node_id=i + 1, port=p, controller_port=c, voters=voters, nodes=nodes,
                      log_dirs=node_dir / "data", admin_password=passwords.get("admin"))
         if not (node_dir / "data" / "meta.properties").exists():
-            format_storage(java, classpath, config, cluster_id, passwords)
-        cluster.nodes.append(launch(java, classpath, config, i + 1, p, c))
+            format_storage(java, classpath, configs[-1], cluster_id, passwords)
     (data_dir / "layout.json").write_text(json.dumps({"nodes": nodes, "secure": secure}))
-    save_state(data_dir, cluster)
+    cluster = Cluster([], secure)
     try:
+        for i, (config, p, c) in enumerate(zip(configs, ports, controller_ports, strict=True)):
+            cluster.nodes.append(launch(java, classpath, config, i + 1, p, c))
+            save_state(data_dir, cluster)  # recorded at once, so that stop finds every node that was launched
         for node in cluster.nodes:
             wait_until_ready(node, timeout, passwords.get("admin"))
-    except LocalKafkaError:
+    except BaseException:  # a failed start (or Ctrl-C) leaves no broker behind
         stop(data_dir)
         raise
     return cluster, True
@@ -137,6 +139,8 @@ def check_layout(data_dir: Path, nodes: int, secure: bool) -> None:
         layout = json.loads((data_dir / "layout.json").read_text())
     except (OSError, ValueError):
         return
+    if (data_dir / "data" / "meta.properties").exists() and not (data_dir / "node-1").exists():
+        raise LocalKafkaError(f"{data_dir} holds data of an older local_kafka; delete it (or use another --dir)")
     if layout != {"nodes": nodes, "secure": secure}:
         made = f"{layout.get('nodes')}-node{' secure' if layout.get('secure') else ''} cluster"
         raise LocalKafkaError(f"{data_dir} holds a {made}; use another --dir (or delete it) for a "
@@ -147,11 +151,11 @@ def write_config(config: Path, *, node_id: int, port: int, controller_port: int,
                  log_dirs: Path, admin_password: str | None) -> None:
     listeners = "listeners-secure.properties" if admin_password else "listeners-plain.properties"
     template = string.Template((HERE / "server.properties").read_text() + "\n" + (HERE / listeners).read_text())
+    config.touch(mode=0o600)  # it holds the admin password in secure mode: readable by its owner only
     config.write_text(template.substitute(
         NODE_ID=node_id, PORT=port, CONTROLLER_PORT=controller_port, VOTERS=voters, LOG_DIRS=log_dirs,
         REPLICAS=nodes, MIN_ISR=min(nodes, 2), OFFSETS_PARTITIONS=1 if nodes == 1 else 3,
         ADMIN_PASSWORD=admin_password or ""))
-    config.chmod(0o600)  # it holds the admin password in secure mode
 
 
 def launch(java: str, classpath: str, config: Path, node_id: int, port: int, controller_port: int) -> Broker:
@@ -214,10 +218,21 @@ def status(data_dir: Path | None = None) -> Cluster | None:
     return cluster if cluster and any(is_our_broker(node.pid) for node in cluster.nodes) else None
 
 
+DEFAULT_DIRS = [default_dir(n, s) for n in (1, 3) for s in (False, True)]
+
+
+def holder_of(port: int) -> str:
+    """Who holds a port: one of our clusters (named, so the user can stop it) or another process."""
+    for data_dir in running_default_dirs():
+        cluster = status(data_dir)
+        if any(node.port == port for node in cluster.nodes):
+            return f"the local_kafka {describe(cluster)} from {data_dir} (stop it with: python -m local_kafka stop)"
+    return "another process"
+
+
 def running_default_dirs() -> list[Path]:
     """The default data dirs whose cluster runs now (for `stop`/`status`/`env` without --dir)."""
-    dirs = [default_dir(n, s) for n in (1, 3) for s in (False, True)]
-    return [d for d in dirs if status(d)]
+    return [d for d in DEFAULT_DIRS if status(d)]
 
 
 def credentials(data_dir: Path, create: bool = False) -> dict[str, str]:
@@ -352,6 +367,8 @@ def tail(path: str, lines: int = 15) -> str:
 def read_state(path: Path) -> Cluster | None:
     try:
         state = json.loads(path.read_text())
+        if "nodes" not in state:  # written by an older local_kafka: one broker
+            return Cluster([Broker(**state)])
         return Cluster([Broker(**node) for node in state["nodes"]], state.get("secure", False))
     except (OSError, ValueError, TypeError, KeyError):
         return None

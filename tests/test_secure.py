@@ -2,8 +2,10 @@
 whoever has no right to something is refused with one clear line, with nothing written."""
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -199,3 +201,35 @@ def test_no_log_line_shows_the_password_even_at_debug(secure_scripts, secure_kaf
     assert result.returncode == 0, result.stderr[-2000:]
     assert "sasl_plain_password" in result.stdout + result.stderr  # (the configuration line was logged)
     assert secure_kafka[1]["security_detector"] not in result.stdout + result.stderr
+
+
+def test_a_port_that_closes_connections_before_kafka_is_up_is_waited_for_not_refused(secure_scripts):
+    # Given a port that accepts connections and closes them at once, as a Docker port proxy does while the broker
+    # behind it is still starting
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = threading.Semaphore(0)
+
+    def close_each():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.close()
+            accepted.release()
+    threading.Thread(target=close_each, daemon=True).start()
+    env = {k: v for k, v in secure_scripts.env.items() if not k.startswith(("KAFKA_SASL", "KAFKA_SECURITY"))}
+    env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{listener.getsockname()[1]}"
+    # When a script connects there and has been closed on ten times
+    process = subprocess.Popen([sys.executable, str(ROOT / "security_detector.py"), "--count", "1"], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(10):
+            assert accepted.acquire(timeout=60)
+        # Then it is still waiting for Kafka, not stopped with "it wants clients to sign in"
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+        listener.close()
+    assert "waiting for Kafka" in output and "sign in" not in output

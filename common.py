@@ -738,7 +738,8 @@ class Stuck(KafkaTimeoutError):
 
 # kafka-python 3.0.12 can wait for ever on a transaction step whose coordinator broker died (its sender keeps
 # retrying without finding the new coordinator). A step taking longer than this gives up the producer: a new one
-# finds the new coordinator, and fences the old one, which aborts its open transaction.
+# finds the new coordinator and fences the old one, whose open transaction is aborted (or finished, if its commit
+# had begun; run_service then checks the committed offsets before handling the batch again).
 TRANSACTION_STEP_TIMEOUT_S = 6.0
 
 

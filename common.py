@@ -20,7 +20,7 @@ from typing import Any, Literal
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import (AuthorizationError, FencedInstanceIdError, KafkaError, KafkaTimeoutError, NoError,
-                          SaslAuthenticationFailedError, TopicAlreadyExistsError)
+                          ProducerFencedError, SaslAuthenticationFailedError, TopicAlreadyExistsError)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -539,7 +539,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     log.info("%s: started; consuming %s as group %s%s from %s", name, ", ".join(map(topic, inputs)), group,
              f", exactly once as transactional id {transactional_id}" if transactional else ", at least once",
              BOOTSTRAP_SERVERS)
-    last_warning = float("-inf")
+    last_warning = fenced_at = float("-inf")
     try:
         while not stop:
             try:
@@ -566,8 +566,13 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
             except FencedInstanceIdError:
                 raise
             except KafkaError as error:  # includes a transaction the broker aborted (timed out): a new producer
-                if refusal(error, producer):  # e.g. writing a topic this user does not own: nothing was committed
-                    raise refused(name, refusal(error, producer)) from None
+                cause = underlying(error, producer)
+                if isinstance(cause, AuthorizationError):  # e.g. writing a topic this user does not own
+                    raise refused(name, cause) from None
+                if isinstance(cause, ProducerFencedError):  # another producer took this transactional id: once can
+                    if time.monotonic() - fenced_at < 30:   # be a timed-out transaction, twice is another copy
+                        raise FencedInstanceIdError(str(cause)) from None
+                    fenced_at = time.monotonic()
                 producer = abandon(producer, transactional, error)
                 if producer is None and transactional:  # whether the transaction committed is known once a new
                     producer = settle(stop, name, transactional_id)  # producer with its id has finished or aborted it
@@ -596,13 +601,11 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
             discard(producer, timeout=10)
 
 
-def refusal(error: KafkaError, producer: KafkaProducer | None) -> AuthorizationError | None:
-    """The authorization error behind a failed delivery, if that is what it was. Inside a transaction kafka-python
-    may report it as a plain KafkaError ("... error state: TopicAuthorizationFailedError"), keeping the real one."""
-    if isinstance(error, AuthorizationError):
-        return error
+def underlying(error: KafkaError, producer: KafkaProducer | None) -> Exception:
+    """The error behind a failed delivery. Inside a transaction kafka-python may report a plain KafkaError
+    ("... error state: TopicAuthorizationFailedError"), keeping the real one as the transaction's last error."""
     last = getattr(getattr(producer, "_transaction_manager", None), "last_error", None)
-    return last if isinstance(last, AuthorizationError) else None
+    return last if type(error) is KafkaError and isinstance(last, Exception) else error
 
 
 def settle(stop: Stopper, name: str, transactional_id: str) -> KafkaProducer | None:

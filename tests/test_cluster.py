@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import wait_for_reports
 from kafka import KafkaAdminClient
-from test_examples import detections, wait_completed
+from test_examples import detections, exactly_one_each, wait_completed
 from test_scale_out import worst_delay
 
 import local_kafka
@@ -61,10 +61,7 @@ def test_killing_a_broker_under_load_loses_nothing_acknowledged(cluster, env, sc
     assert len(workflows) == 300 and len(stream.messages()) >= 300
     # And each has exactly one security and one notification command, and completes, reported once
     notifications, third_party = topics(NOTIFICATION_COMMAND), topics(THIRD_PARTY)
-    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=90)
-    notifications.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=60)
-    assert sorted(m.workflow_id for m in commands.messages()) == sorted(workflows)
-    assert sorted(m.workflow_id for m in notifications.messages()) == sorted(workflows)
+    exactly_one_each(workflows, commands, notifications)
     wait_completed(stream, third_party, workflows, timeout=90)
     assert wait_for_reports(scripts, 300)["reports"] == 300
     print(f"3 nodes, node {victim} killed for {back_after:.1f} s: detections=300 acknowledged=300 commands="

@@ -18,6 +18,13 @@ def detections(messages):
     return ids_of(messages, "security_detection")
 
 
+def exactly_one_each(workflows, *readers, timeout=90):
+    """Wait until each reader holds a message of every workflow, then check it holds exactly one per workflow."""
+    for reader in readers:
+        reader.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout)
+        assert sorted(m.workflow_id for m in reader.messages()) == sorted(workflows)
+
+
 def wait_completed(stream, third_party, workflows, timeout=60):
     """Wait until every workflow has its security outcome and its delivered notification."""
     stream.read_until(lambda ms: workflows <= ids_of(ms, "security_action_completed"), timeout)

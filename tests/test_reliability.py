@@ -11,7 +11,7 @@ import local_kafka
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY
 from conftest import wait_for_reports
 from orchestrator import route
-from test_examples import detections, ids_of, wait_completed
+from test_examples import detections, exactly_one_each, ids_of, wait_completed
 from test_orchestrator import detection, unit_event
 
 SERVICES = ("security_service.py", "notification_service.py", "reporting_service.py")
@@ -34,10 +34,7 @@ def test_killing_the_orchestrator_repeatedly_loses_and_doubles_no_command(script
         kills += 1
     # Then every detection has exactly one security command and one notification command (read committed)
     workflows = detections(stream.read_count(200, type_="security_detection"))
-    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=120)
-    notifications.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=60)
-    assert sorted(m.workflow_id for m in commands.messages()) == sorted(workflows)
-    assert sorted(m.workflow_id for m in notifications.messages()) == sorted(workflows)
+    exactly_one_each(workflows, commands, notifications, timeout=120)
     # And every workflow completes, each reported once
     wait_completed(stream, third_party, workflows, timeout=120)
     assert wait_for_reports(scripts, 200)["reports"] == 200

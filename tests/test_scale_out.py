@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from test_examples import detections, wait_completed
+from test_examples import detections, exactly_one_each, wait_completed
 
 import common
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
@@ -56,10 +56,7 @@ def test_three_orchestrators_share_the_partitions_and_survive_losing_one(partiti
     # Then every detection has exactly one security command and one notification (none lost, none doubled)
     stream, commands, notifications = topics(MESSAGE_STREAM), topics(SEC_COMMAND), topics(NOTIFICATION_COMMAND)
     workflows = detections(stream.read_count(300, type_="security_detection", timeout=90))
-    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=90)
-    notifications.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=60)
-    assert sorted(m.workflow_id for m in commands.messages()) == sorted(workflows)
-    assert sorted(m.workflow_id for m in notifications.messages()) == sorted(workflows)
+    exactly_one_each(workflows, commands, notifications)
     # And each sensor's commands are in the order of its detections
     assert in_key_order(commands, "security_command") == in_key_order(stream, "security_detection")
     # And the survivors did the killed one's share: every workflow completes
@@ -113,5 +110,4 @@ def test_a_second_copy_with_the_same_instance_id_is_stopped_with_a_clear_error(p
     assert "give each copy its own INSTANCE_ID" in scripts.output(stopped)
     stream, commands = topics(MESSAGE_STREAM), topics(SEC_COMMAND)
     workflows = detections(stream.read_count(150, type_="security_detection", timeout=60))
-    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout=90)
-    assert sorted(m.workflow_id for m in commands.messages()) == sorted(workflows)
+    exactly_one_each(workflows, commands)

@@ -475,6 +475,8 @@ def read_all(name: str, timeout: float = 30.0) -> list:
             for batch in consumer.poll(timeout_ms=200).values():
                 records.extend(batch)
         return records
+    except AuthorizationError as error:
+        raise refused(f"reading {topic(name)}", error) from None
     finally:
         consumer.close(autocommit=False)
 

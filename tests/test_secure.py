@@ -233,3 +233,15 @@ def test_a_port_that_closes_connections_before_kafka_is_up_is_waited_for_not_ref
         output = process.communicate(timeout=30)[0]
         listener.close()
     assert "waiting for Kafka" in output and "sign in" not in output
+
+
+def test_reading_a_topic_without_the_right_is_refused_with_one_line(secure_scripts):
+    # Given a detection on message_stream, and the security service's user, which may not read it
+    secure_scripts.run("security_detector.py", "--count", "1")
+    env = secure_scripts.env_for("security_service.py")
+    # When the orchestrator's dry run (which reads message_stream without a group) runs as that user
+    result = run_failing("orchestrator.py", env, "--dry-run")
+    # Then it stops with one line, instead of a traceback or an empty preview
+    assert result.returncode == 3
+    [line] = refusal(result)
+    assert "does not allow user 'security_service'" in line and "TopicAuthorizationFailedError" in line

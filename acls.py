@@ -34,8 +34,9 @@ log = logging.getLogger("acls")
 class Access:
     reads: list[str] = field(default_factory=list)
     writes: list[str] = field(default_factory=list)
-    group: str | None = None            # consumer group (a prefix for the orchestrator: orchestrator-security, ...)
+    group: str | None = None            # consumer group; "name*": every group named so (orchestrator-security, ...)
     transactional_id: str | None = None  # transactional id prefix (exactly-once producers)
+    sees_groups: bool = False           # may read every group's committed offsets (the monitor's lag)
 
 
 ACCESS = {  # user -> what it may do
@@ -43,13 +44,13 @@ ACCESS = {  # user -> what it may do
     "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer",
                                   transactional_id="unit_event_producer"),
     "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND,
-                                                            DEAD_LETTER], group="orchestrator", transactional_id="orchestrator"),
+                                                            DEAD_LETTER], group="orchestrator*", transactional_id="orchestrator"),
     "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service",
                                transactional_id="security_service"),
     "notification_service": Access(reads=[NOTIFICATION_COMMAND], writes=[THIRD_PARTY, DEAD_LETTER],
                                    group="notification_service", transactional_id="notification_service"),
     "reporting_service": Access(reads=[REPORT_DATA], writes=[DEAD_LETTER], group="reporting_service"),
-    "monitor": Access(reads=ALL_TOPICS, group=""),  # sees every group's offsets (for lag); joins none
+    "monitor": Access(reads=ALL_TOPICS, sees_groups=True),  # joins no group
 }
 
 
@@ -62,12 +63,12 @@ def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
     acls = [allow(ACLOperation.DESCRIBE, ResourceType.TOPIC, prefix + name) for name in ALL_TOPICS]  # see they exist
     acls += [allow(ACLOperation.READ, ResourceType.TOPIC, prefix + name) for name in access.reads]
     acls += [allow(ACLOperation.WRITE, ResourceType.TOPIC, prefix + name) for name in access.writes]
-    if access.group == "":  # the monitor: describe every group of this prefix ("*" is every group)
+    if access.group:  # "name*" is every group whose name starts so
+        pattern = ACLResourcePatternType.PREFIXED if access.group.endswith("*") else ACLResourcePatternType.LITERAL
+        acls.append(allow(ACLOperation.READ, ResourceType.GROUP, prefix + access.group.removesuffix("*"), pattern))
+    if access.sees_groups:  # every group of this TOPIC_PREFIX ("*", Kafka's wildcard, when there is none)
         acls.append(allow(ACLOperation.DESCRIBE, ResourceType.GROUP, prefix or "*",
                           ACLResourcePatternType.PREFIXED if prefix else ACLResourcePatternType.LITERAL))
-    elif access.group:  # the orchestrator's groups share a prefix: orchestrator, orchestrator-security, ...
-        pattern = ACLResourcePatternType.PREFIXED if user == "orchestrator" else ACLResourcePatternType.LITERAL
-        acls.append(allow(ACLOperation.READ, ResourceType.GROUP, prefix + access.group, pattern))
     if access.transactional_id:
         for operation in (ACLOperation.WRITE, ACLOperation.DESCRIBE):
             acls.append(allow(operation, ResourceType.TRANSACTIONAL_ID, prefix + access.transactional_id,
@@ -124,14 +125,14 @@ def main() -> None:
     if args.show:
         for user, access in ACCESS.items():
             print(f"{user:<21} reads {', '.join(access.reads) or '-'}; writes {', '.join(access.writes) or '-'}"
-                  f"{f'; group {access.group}' + ('*' if user == 'orchestrator' else '') if access.group else ''}"
-                  f"{'; sees every group' if access.group == '' else ''}"
+                  f"{f'; group {access.group}' if access.group else ''}{'; sees every group' if access.sees_groups else ''}"
                   f"{f'; transactional id {access.transactional_id}*' if access.transactional_id else ''}")
         return
     try:
         if args.users:
-            create_users(dict(os.environ), passwords_file(args.users))
-            log.info("users %s created (passwords in %s)", ", ".join(passwords_file(args.users)), args.users)
+            passwords = passwords_file(args.users)
+            create_users(dict(os.environ), passwords)
+            log.info("users %s created (passwords in %s)", ", ".join(passwords), args.users)
         count = grant(dict(os.environ), common.TOPIC_PREFIX)
     except KafkaError as error:
         raise SystemExit(f"acls: {type(error).__name__}: {error}") from None

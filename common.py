@@ -316,8 +316,8 @@ def wait_for_kafka(stop: "Stopper", what: str) -> KafkaAdminClient | None:
                 ensure_topics(admin)
                 return admin
             except KafkaTimeoutError:
-                if watch.refused():
-                    log.error("%s: %s", what, watch.refused())
+                if reason := watch.refused():
+                    log.error("%s: %s", what, reason)
                     raise SystemExit(2) from None
                 if waiting_since is None:
                     waiting_since = time.monotonic()

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -25,10 +24,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CACHE_DIR = HERE / ".cache"
 KAFKA_VERSION = re.search(r"<kafka.version>(.+)</kafka.version>", (HERE / "pom.xml").read_text()).group(1)
-# The SCRAM users created in --secure mode: `admin` (the brokers and operator tools) and one per script, each with
-# only the rights acls.py gives it. Passwords are generated when the storage is formatted, kept in credentials.json.
-USERS = ("admin", "orchestrator", "security_detector", "security_service", "notification_service",
-         "reporting_service", "unit_event_producer", "monitor")
 SCRAM = "SCRAM-SHA-512"
 
 
@@ -130,7 +125,11 @@ def start(port: int = 9092, data_dir: Path | None = None, timeout: float = 60.0,
 
 
 def describe(cluster: Cluster) -> str:
-    return f"{len(cluster.nodes)}-node{' secure' if cluster.secure else ''} cluster"
+    return kind(len(cluster.nodes), cluster.secure)
+
+
+def kind(nodes: int, secure: bool) -> str:
+    return f"{nodes}-node{' secure' if secure else ''} cluster"
 
 
 def check_layout(data_dir: Path, nodes: int, secure: bool) -> None:
@@ -142,9 +141,8 @@ def check_layout(data_dir: Path, nodes: int, secure: bool) -> None:
     if (data_dir / "data" / "meta.properties").exists() and not (data_dir / "node-1").exists():
         raise LocalKafkaError(f"{data_dir} holds data of an older local_kafka; delete it (or use another --dir)")
     if layout != {"nodes": nodes, "secure": secure}:
-        made = f"{layout.get('nodes')}-node{' secure' if layout.get('secure') else ''} cluster"
-        raise LocalKafkaError(f"{data_dir} holds a {made}; use another --dir (or delete it) for a "
-                              f"{nodes}-node{' secure' if secure else ''} one")
+        raise LocalKafkaError(f"{data_dir} holds a {kind(layout.get('nodes'), layout.get('secure'))}; use another "
+                              f"--dir (or delete it) for a {kind(nodes, secure)}")
 
 
 def write_config(config: Path, *, node_id: int, port: int, controller_port: int, voters: str, nodes: int,
@@ -236,16 +234,15 @@ def running_default_dirs() -> list[Path]:
 
 
 def credentials(data_dir: Path, create: bool = False) -> dict[str, str]:
-    """The SCRAM users' passwords (user -> password), generated once per data dir and readable by its owner only."""
+    """The SCRAM users' passwords (user -> password): `admin` (the brokers and operator tools) and one per script of
+    acls.py, generated once per data dir (create=True) into credentials.json, readable by its owner only."""
     path = Path(data_dir) / "credentials.json"
     if path.exists():
         return json.loads(path.read_text())
     if not create:
         raise LocalKafkaError(f"{data_dir} has no credentials: it is not a --secure cluster")
-    passwords = {user: secrets.token_urlsafe(18) for user in USERS}
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(passwords, indent=1))
-    return passwords
+    import acls  # the project's users; needs kafka-python, which a secure start needs anyway
+    return acls.passwords_file(str(path))
 
 
 def client_env(address: str, secure: bool, data_dir: Path, user: str) -> dict[str, str]:

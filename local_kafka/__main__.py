@@ -69,7 +69,7 @@ def start(args) -> int:
         import acls  # the project's access rules: needs kafka-python, so only imported here
         prefix = os.environ.get("TOPIC_PREFIX", "")
         acls.grant(local_kafka.client_env(cluster.address, True, data_dir, "admin"), prefix)
-        print(f"users {', '.join(local_kafka.USERS)} may each do only their own job on topics prefixed "
+        print(f"users {', '.join(local_kafka.credentials(data_dir))} may each do only their own job on topics prefixed "
               f"{prefix!r} (acls.py); passwords in {data_dir / 'credentials.json'}")
         print('connect a script as its user:  eval "$(python -m local_kafka env orchestrator)"')
     return 0

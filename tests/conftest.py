@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,13 @@ class Scripts:
         self.running.append(process)
         return process
 
-    def run(self, script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run a script to completion (a producer with --count, a summary)."""
-        result = subprocess.run([sys.executable, str(ROOT / script), *args], env=self.env_for(script), cwd=ROOT,
+    def run(self, script: str, *args: str, timeout: float = 60, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """Run a script to completion (a producer with --count, a summary); check: fail the test unless it exits 0.
+        `env`: instead of the script's own environment."""
+        result = subprocess.run([sys.executable, str(ROOT / script), *args], env=env or self.env_for(script), cwd=ROOT,
                                 capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+        assert not check or result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
     def restart(self, process: subprocess.Popen, sig: int = signal.SIGTERM) -> subprocess.Popen:
@@ -188,17 +191,26 @@ class TopicReader:
         self.consumer.close()
 
 
-@pytest.fixture
-def topics(env):
-    """topics(name) -> a TopicReader of this test's topic `name`."""
+@contextmanager
+def topic_readers(env: dict):
+    """reader(name) -> a TopicReader of the topic `name` of env's TOPIC_PREFIX; all closed at the end."""
     readers = []
 
     def reader(name: str) -> TopicReader:
         readers.append(TopicReader(env, name))
         return readers[-1]
-    yield reader
-    for r in readers:
-        r.close()
+    try:
+        yield reader
+    finally:
+        for r in readers:
+            r.close()
+
+
+@pytest.fixture
+def topics(env):
+    """topics(name) -> a TopicReader of this test's topic `name`."""
+    with topic_readers(env) as reader:
+        yield reader
 
 
 @pytest.fixture

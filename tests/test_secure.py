@@ -9,7 +9,7 @@ import threading
 import uuid
 
 import pytest
-from conftest import ROOT, Scripts, TopicReader, wait_for_reports
+from conftest import ROOT, Scripts, topic_readers, wait_for_reports
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.structs import TopicPartition
 from test_examples import detections, ids_of, wait_completed
@@ -46,14 +46,9 @@ def secure_scripts(secure_kafka, tmp_path):
 
 @pytest.fixture
 def secure_topics(secure_scripts):
-    readers = []
-
-    def reader(name: str) -> TopicReader:
-        readers.append(TopicReader(secure_scripts.env, name))  # signed in as admin
-        return readers[-1]
-    yield reader
-    for r in readers:
-        r.close()
+    """Readers of this test's topics, signed in as admin."""
+    with topic_readers(secure_scripts.env) as reader:
+        yield reader
 
 
 def test_examples_run_unchanged_with_each_script_signed_in_as_itself(secure_scripts, secure_topics, secure_kafka):
@@ -84,16 +79,11 @@ def refusal(result) -> list[str]:
     return [line for line in output.splitlines() if " common ERROR " in line]
 
 
-def run_failing(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_a_client_without_credentials_is_refused_with_one_line(secure_scripts):
     # Given no sign-in settings at all
     env = {k: v for k, v in secure_scripts.env.items() if not k.startswith(("KAFKA_SASL", "KAFKA_SECURITY"))}
     # When a producer tries to connect
-    result = run_failing("security_detector.py", env, "--count", "1")
+    result = secure_scripts.run("security_detector.py", "--count", "1", env=env, check=False)
     # Then it stops at once with one line saying the broker wants sign-in
     assert result.returncode == 2
     assert [line.split(" common ERROR ")[1] for line in refusal(result)] == [
@@ -106,7 +96,7 @@ def test_a_wrong_password_is_refused_with_one_line_that_does_not_show_it(secure_
     # Given the orchestrator's user name with a wrong password
     env = dict(secure_scripts.env, KAFKA_SASL_USERNAME="orchestrator", KAFKA_SASL_PASSWORD="not-the-password-42")
     # When the orchestrator starts
-    result = run_failing("orchestrator.py", env)
+    result = secure_scripts.run("orchestrator.py", env=env, check=False)
     # Then it stops with one line naming the user and the broker's reason, and never the password
     assert result.returncode == 2
     [line] = refusal(result)
@@ -118,7 +108,7 @@ def test_writing_a_topic_it_does_not_own_is_refused_and_nothing_is_written(secur
     # Given the detector run as the reporting service's user, which may not write message_stream
     env = secure_scripts.env_for("reporting_service.py")
     # When it produces a detection
-    result = run_failing("security_detector.py", env, "--count", "3", "--rate", "50")
+    result = secure_scripts.run("security_detector.py", "--count", "3", "--rate", "50", env=env, check=False)
     # Then it stops with one line naming the user and the topic
     assert result.returncode == 3
     [line] = refusal(result)
@@ -156,8 +146,8 @@ def test_an_exactly_once_script_writing_a_topic_it_does_not_own_is_refused_and_c
     admin.close()
     secure_scripts.run("security_detector.py", "--count", "1")
     # When the orchestrator runs as that user and routes the detection (a transaction over both command topics)
-    result = run_failing("orchestrator.py", dict(env, KAFKA_SASL_USERNAME="half_orchestrator",
-                                                 KAFKA_SASL_PASSWORD="half-orchestrator-password"), "--example", "1")
+    as_half = dict(env, KAFKA_SASL_USERNAME="half_orchestrator", KAFKA_SASL_PASSWORD="half-orchestrator-password")
+    result = secure_scripts.run("orchestrator.py", "--example", "1", env=as_half, check=False)
     # Then it stops with one line naming the user and the refused topic
     assert result.returncode == 3
     [line] = refusal(result)
@@ -170,7 +160,7 @@ def test_a_service_may_not_read_another_services_commands(secure_scripts):
     # Given the notification service run as the security service's user
     env = secure_scripts.env_for("security_service.py")
     # When it starts
-    result = run_failing("notification_service.py", env)
+    result = secure_scripts.run("notification_service.py", env=env, check=False)
     # Then it is refused reading notification_command (or joining its group), in one line
     assert result.returncode == 3
     [line] = refusal(result)
@@ -181,11 +171,10 @@ def test_a_user_made_by_acls_py_signs_in_but_may_do_nothing_it_was_not_granted(s
     # Given a user created with `python acls.py --users FILE` (run as admin), which no ACL mentions
     users = tmp_path / "users.json"
     users.write_text('{"visitor": "a-visitor-password"}')
-    created = run_failing("acls.py", secure_scripts.env, "--users", str(users))
-    assert created.returncode == 0, created.stderr
+    secure_scripts.run("acls.py", "--users", str(users))  # (acls.py has no user of its own: it runs as admin)
     # When a script signs in as that user and produces
     env = dict(secure_scripts.env, KAFKA_SASL_USERNAME="visitor", KAFKA_SASL_PASSWORD="a-visitor-password")
-    result = run_failing("security_detector.py", env, "--count", "1")
+    result = secure_scripts.run("security_detector.py", "--count", "1", env=env, check=False)
     # Then sign-in works but the write is refused: whatever is not granted is denied
     assert result.returncode == 3
     [line] = refusal(result)
@@ -196,7 +185,7 @@ def test_no_log_line_shows_the_password_even_at_debug(secure_scripts, secure_kaf
     # Given the detector signed in as itself, logging everything kafka-python says (its configuration included)
     env = secure_scripts.env_for("security_detector.py", LOG_LEVEL="DEBUG")
     # When it produces
-    result = run_failing("security_detector.py", env, "--count", "2", "--rate", "20")
+    result = secure_scripts.run("security_detector.py", "--count", "2", "--rate", "20", env=env, check=False)
     # Then it worked, and its password appears nowhere in what it printed
     assert result.returncode == 0, result.stderr[-2000:]
     assert "sasl_plain_password" in result.stdout + result.stderr  # (the configuration line was logged)
@@ -240,7 +229,7 @@ def test_reading_a_topic_without_the_right_is_refused_with_one_line(secure_scrip
     secure_scripts.run("security_detector.py", "--count", "1")
     env = secure_scripts.env_for("security_service.py")
     # When the orchestrator's dry run (which reads message_stream without a group) runs as that user
-    result = run_failing("orchestrator.py", env, "--dry-run")
+    result = secure_scripts.run("orchestrator.py", "--dry-run", env=env, check=False)
     # Then it stops with one line, instead of a traceback or an empty preview
     assert result.returncode == 3
     [line] = refusal(result)

@@ -1,5 +1,6 @@
 # make demo   -- start Kafka if needed, then walk Examples 1 -> 2 -> 3 (the main job)
 # make test   -- the tests, against a throwaway Kafka they start themselves
+# make check  -- lint and the tests that need no broker (seconds): the inner loop while changing code
 # make kafka-up / kafka-down -- a broker on localhost:9092: Docker compose where a Docker engine answers, else local_kafka
 # make lint   -- ruff
 # make bench  -- bench.py: throughput, latency, restart gap and memory, side by side (about 4 minutes)
@@ -8,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DOCKER_ENGINE := $(shell docker info >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test kafka-up kafka-down lint bench
+.PHONY: demo test check kafka-up kafka-down lint bench
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ demo: kafka-up
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+check: lint
+	$(PY) -m pytest -q -m no_broker -p no:cacheprovider
 
 kafka-up: $(VENV)/.installed
 ifeq ($(DOCKER_ENGINE),yes)

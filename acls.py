@@ -23,9 +23,9 @@ from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatter
                          UserScramCredentialUpsertion)
 from kafka.errors import KafkaError
 
-import common
-from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY,
-                    UNIT_COMMAND)
+from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, SETTINGS,
+                    THIRD_PARTY, UNIT_COMMAND, Settings, ensure_topics, setup_logging)
+from orchestrator import WORKFLOWS
 
 log = logging.getLogger("acls")
 
@@ -39,12 +39,13 @@ class Access:
     sees_groups: bool = False           # may read every group's committed offsets (the monitor's lag)
 
 
-ACCESS = {  # user -> what it may do
+COMMAND_TOPICS = list(dict.fromkeys(step.topic for workflow in WORKFLOWS.values() for step in workflow.steps))
+ACCESS = {  # user -> what it may do (a workflow's step topics come from the orchestrator's WORKFLOWS table)
     "security_detector": Access(writes=[MESSAGE_STREAM]),
     "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer",
                                   transactional_id="unit_event_producer"),
-    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND,
-                                                            DEAD_LETTER], group="orchestrator*", transactional_id="orchestrator"),
+    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*COMMAND_TOPICS, DEAD_LETTER], group="orchestrator*",
+                           transactional_id="orchestrator"),
     "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service",
                                transactional_id="security_service"),
     "notification_service": Access(reads=[NOTIFICATION_COMMAND], writes=[THIRD_PARTY, DEAD_LETTER],
@@ -76,14 +77,13 @@ def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
     return acls
 
 
-def grant(env: dict[str, str], prefix: str = "") -> int:
-    """As the admin user in `env` (KAFKA_* variables): create the project's topics and every user's ACLs for
-    `prefix`; returns how many ACLs there are. Creating an ACL that exists already is a no-op."""
-    config = common.kafka_config(env)
-    admin = KafkaAdminClient(**config, client_id="acls")
+def grant(admin_settings: Settings) -> int:
+    """As the admin user of `admin_settings`: create the project's topics and every user's ACLs for its topic prefix;
+    returns how many ACLs there are. Creating an ACL that exists already is a no-op."""
+    admin = KafkaAdminClient(**admin_settings.kafka_config(), client_id="acls")
     try:
-        common.ensure_topics(admin, prefix=prefix)
-        acls = [acl for user, access in ACCESS.items() for acl in acls_for(user, access, prefix)]
+        ensure_topics(admin, admin_settings)
+        acls = [acl for user, access in ACCESS.items() for acl in acls_for(user, access, admin_settings.topic_prefix)]
         result = admin.create_acls(acls)
         if result["failed"]:
             raise KafkaError(f"could not create {len(result['failed'])} ACLs: {result['failed'][0]}")
@@ -92,9 +92,9 @@ def grant(env: dict[str, str], prefix: str = "") -> int:
         admin.close()
 
 
-def create_users(env: dict[str, str], passwords: dict[str, str]) -> None:
-    """As the admin user in `env`: create (or reset) a SCRAM-SHA-512 user per entry of `passwords`."""
-    admin = KafkaAdminClient(**common.kafka_config(env), client_id="acls")
+def create_users(admin_settings: Settings, passwords: dict[str, str]) -> None:
+    """As the admin user of `admin_settings`: create (or reset) a SCRAM-SHA-512 user per entry of `passwords`."""
+    admin = KafkaAdminClient(**admin_settings.kafka_config(), client_id="acls")
     try:
         failed = {user: error for user, error in admin.alter_user_scram_credentials(
             [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", password) for user, password in passwords.items()]
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--show", action="store_true", help="print who may do what, change nothing")
     parser.add_argument("--users", metavar="FILE", help="also create the users, with the passwords in FILE")
     args = parser.parse_args()
-    common.setup_logging()
+    setup_logging()
     logging.getLogger("kafka").setLevel(logging.INFO)  # at DEBUG kafka-python would log the users' salted passwords
     if args.show:
         for user, access in ACCESS.items():
@@ -131,12 +131,13 @@ def main() -> None:
     try:
         if args.users:
             passwords = passwords_file(args.users)
-            create_users(dict(os.environ), passwords)
+            create_users(SETTINGS, passwords)
             log.info("users %s created (passwords in %s)", ", ".join(passwords), args.users)
-        count = grant(dict(os.environ), common.TOPIC_PREFIX)
+        count = grant(SETTINGS)
     except KafkaError as error:
         raise SystemExit(f"acls: {type(error).__name__}: {error}") from None
-    log.info("topics and %d ACLs in place for topic prefix %r at %s", count, common.TOPIC_PREFIX, common.BOOTSTRAP_SERVERS)
+    log.info("topics and %d ACLs in place for topic prefix %r at %s", count, SETTINGS.topic_prefix,
+             SETTINGS.bootstrap_servers)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class Bench:
         self.admin = KafkaAdminClient(bootstrap_servers=address)
         self.partitions: dict[str, int] = {}  # prefix -> partitions of its topics
 
-    def prefix(self, name: str, partitions: int = common.TOPIC_PARTITIONS) -> str:
+    def prefix(self, name: str, partitions: int = common.SETTINGS.partitions) -> str:
         """A fresh topic prefix, its topics created with `partitions` partitions each."""
         prefix = f"bench{uuid.uuid4().hex[:6]}_{name}_"
         self.admin.create_topics([NewTopic(prefix + t, partitions, 1) for t in common.ALL_TOPICS])
@@ -277,11 +277,11 @@ def confluent_router() -> None:
 
     from orchestrator import route
     stop = common.Stopper()
-    consumer = Consumer({"bootstrap.servers": common.BOOTSTRAP_SERVERS, "group.id": common.topic("confluent"),
+    consumer = Consumer({"bootstrap.servers": common.SETTINGS.bootstrap_servers, "group.id": common.topic("confluent"),
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
                          "isolation.level": "read_committed"})
     consumer.subscribe([common.topic(common.MESSAGE_STREAM)])
-    producer = Producer({"bootstrap.servers": common.BOOTSTRAP_SERVERS, "enable.idempotence": True, "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": common.SETTINGS.bootstrap_servers, "enable.idempotence": True, "linger.ms": 5})
     while not stop:
         messages = consumer.consume(500, timeout=0.5)
         for message in messages:
@@ -318,57 +318,14 @@ def main() -> int:
         common.setup_logging()
         return raw_pipe() if args.role == "raw-pipe" else confluent_router()
     n = args.messages or (20_000 if args.quick else 100_000)
-    seconds = 5 if args.quick else 10
     address, data_dir = broker()
     bench = Bench(address)
     console.print(f"bench: Kafka {local_kafka.KAFKA_VERSION} at {address}, kafka-python {kafka.__version__}, "
                   f"{n} messages, {os.cpu_count()} cores")
     try:
-        rates = {}
-        for label, role, args_ in (
-                ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2"]),
-                ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions"]),
-                ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
-                ("confluent-kafka router", "confluent", ["bench.py", "--role", "confluent-router"])):
-            prefix = bench.prefix(role)
-            with console.status(f"{label}: producing a backlog of {n}"):
-                bench.backlog(prefix, n)
-            rates[label] = bench.drain(label, n, prefix + role, prefix, *args_)
-        scale, spread = bench.scale_out(n, SCALE_PARTITIONS)
-        speedup = scale[2] / scale[1]
-        console.print(f"{SCALE_PARTITIONS} partitions (detections per partition {spread}): exactly-once "
-                      f"orchestrator 1 instance {scale[1]:,.0f} msg/s, 2 instances {scale[2]:,.0f} msg/s, "
-                      f"speedup {speedup:.2f}x")
-        console.print(f"  on this {os.cpu_count()}-core machine the two instances compete for the same CPUs as the broker, "
-                      "so this speedup is bounded by cores, not by the design")
-        e2e = bench.latency(1000, seconds, system=True)
-        direct = bench.latency(1000, seconds, system=False)
-        console.print(f"latency at 1000/s: end to end {e2e}, direct single hop {direct} (ms)")
-        gap = bench.restarts(3 if args.quick else 5, 100)
-        eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
-        raw, ck = rates["raw kafka-python pipe"][0], rates["confluent-kafka router"][0]
-        figures = {"kafka_version": local_kafka.KAFKA_VERSION, "kafka_python_version": kafka.__version__, "messages": n,
-                   "orchestrator_eos_msgs_per_s": round(eos), "orchestrator_alo_msgs_per_s": round(alo),
-                   "raw_pipe_msgs_per_s": round(raw), "confluent_router_msgs_per_s": round(ck),
-                   "e2e_latency_ms": {k: e2e.get(k) for k in ("p50", "p95", "p99")},
-                   "direct_latency_ms": {k: direct.get(k) for k in ("p50", "p95", "p99")},
-                   "restart_gap_s": {"median": gap["median"], "max": gap["max"]},
-                   "orchestrator_peak_rss_mb": round(rates["orchestrator exactly-once"][1], 1),
-                   f"orchestrator_eos_1_instance_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[1]),
-                   f"orchestrator_eos_2_instances_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[2]),
-                   "two_instances_speedup": round(speedup, 2),
-                   f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
-                   "lost": gap["lost"], "duplicates": gap["duplicates"],
-                   "ratios": {"alo_over_raw": round(alo / raw, 2), "eos_over_alo": round(eos / alo, 2),
-                              "eos_over_confluent": round(eos / ck, 2),
-                              "e2e_p99_over_direct_p99": round(e2e["p99"] / direct["p99"], 2)
-                              if e2e.get("p99") and direct.get("p99") else None}}
+        figures = measure(bench, n, seconds=5 if args.quick else 10, restarts=3 if args.quick else 5)
         if args.sweep:
-            figures["sweep"] = []
-            for rate in (100, 500, 1000, 2000, 5000):
-                row = {"rate": rate, "e2e": bench.latency(rate, seconds, True), "direct": bench.latency(rate, seconds, False)}
-                console.print(f"sweep {rate}/s: e2e {row['e2e']} direct {row['direct']}")
-                figures["sweep"].append(row)
+            figures["sweep"] = sweep(bench, seconds=5 if args.quick else 10)
             if args.plot:
                 plot(figures["sweep"], args.plot)
         console.print_json(json.dumps(figures))
@@ -379,6 +336,63 @@ def main() -> int:
         if data_dir:
             local_kafka.stop(data_dir)
     return 0
+
+
+def throughputs(bench: Bench, n: int) -> dict[str, tuple[float, float]]:
+    """Each system drains the same backlog of n detections: label -> (messages per second, peak RSS MB)."""
+    rates = {}
+    for label, role, args_ in (
+            ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2"]),
+            ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions"]),
+            ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
+            ("confluent-kafka router", "confluent", ["bench.py", "--role", "confluent-router"])):
+        prefix = bench.prefix(role)
+        with console.status(f"{label}: producing a backlog of {n}"):
+            bench.backlog(prefix, n)
+        rates[label] = bench.drain(label, n, prefix + role, prefix, *args_)
+    return rates
+
+
+def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
+    """Every figure of one run, side by side: throughput, scale-out, latency, restart gap, memory."""
+    rates = throughputs(bench, n)
+    scale, spread = bench.scale_out(n, SCALE_PARTITIONS)
+    speedup = scale[2] / scale[1]
+    console.print(f"{SCALE_PARTITIONS} partitions (detections per partition {spread}): exactly-once "
+                  f"orchestrator 1 instance {scale[1]:,.0f} msg/s, 2 instances {scale[2]:,.0f} msg/s, "
+                  f"speedup {speedup:.2f}x")
+    console.print(f"  on this {os.cpu_count()}-core machine the two instances compete for the same CPUs as the broker, "
+                  "so this speedup is bounded by cores, not by the design")
+    e2e, direct = bench.latency(1000, seconds, system=True), bench.latency(1000, seconds, system=False)
+    console.print(f"latency at 1000/s: end to end {e2e}, direct single hop {direct} (ms)")
+    gap = bench.restarts(restarts, 100)
+    eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
+    raw, ck = rates["raw kafka-python pipe"][0], rates["confluent-kafka router"][0]
+    return {"kafka_version": local_kafka.KAFKA_VERSION, "kafka_python_version": kafka.__version__, "messages": n,
+            "orchestrator_eos_msgs_per_s": round(eos), "orchestrator_alo_msgs_per_s": round(alo),
+            "raw_pipe_msgs_per_s": round(raw), "confluent_router_msgs_per_s": round(ck),
+            "e2e_latency_ms": {k: e2e.get(k) for k in ("p50", "p95", "p99")},
+            "direct_latency_ms": {k: direct.get(k) for k in ("p50", "p95", "p99")},
+            "restart_gap_s": {"median": gap["median"], "max": gap["max"]},
+            "orchestrator_peak_rss_mb": round(rates["orchestrator exactly-once"][1], 1),
+            f"orchestrator_eos_1_instance_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[1]),
+            f"orchestrator_eos_2_instances_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[2]),
+            "two_instances_speedup": round(speedup, 2),
+            f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
+            "lost": gap["lost"], "duplicates": gap["duplicates"],
+            "ratios": {"alo_over_raw": round(alo / raw, 2), "eos_over_alo": round(eos / alo, 2),
+                       "eos_over_confluent": round(eos / ck, 2),
+                       "e2e_p99_over_direct_p99": round(e2e["p99"] / direct["p99"], 2)
+                       if e2e.get("p99") and direct.get("p99") else None}}
+
+
+def sweep(bench: Bench, seconds: float) -> list[dict]:
+    """Latency against rate, end to end and direct."""
+    rows = []
+    for rate in (100, 500, 1000, 2000, 5000):
+        rows.append({"rate": rate, "e2e": bench.latency(rate, seconds, True), "direct": bench.latency(rate, seconds, False)})
+        console.print(f"sweep {rate}/s: e2e {rows[-1]['e2e']} direct {rows[-1]['direct']}")
+    return rows
 
 
 def plot(sweep: list[dict], path: str) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-import common
-from monitor import Flow, render
+from common import Settings
+from monitor import Flow, Tail, render
 
 HERE = Path(__file__).resolve().parent
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_green"]
@@ -66,67 +66,67 @@ def say(text: str) -> None:
     console.rule(f"[bold]{text}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short stages (for tests)")
-    parser.add_argument("--keep", action="store_true", help="keep the demo's report store instead of deleting it")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too stops everything the demo started
-    stage = 3.0 if args.quick else 12.0  # seconds each stage runs before the next change
-    prefix = os.environ.get("TOPIC_PREFIX") or f"demo{uuid.uuid4().hex[:6]}_"
-    os.environ["TOPIC_PREFIX"] = common.TOPIC_PREFIX = prefix
-    workdir = tempfile.mkdtemp(prefix="orchestration-demo-")
-    env = dict(os.environ, REPORT_DB=os.path.join(workdir, "reports.db"), PYTHONUNBUFFERED="1")
-    children, flow = Children(env), None
-    console.print(f"Demo on Kafka at {common.BOOTSTRAP_SERVERS}, topics prefixed {prefix!r}, reports in {workdir}"
-                  f"{'' if args.keep else ' (deleted at the end; --keep keeps it)'}")
-    try:
-        say("Example 1: a detection goes to the security service and the notification service")
-        children.start("security", "security_service.py")
-        children.start("notification", "notification_service.py")
-        children.start("orchestrator", "orchestrator.py", "--example", "1")
-        children.start("detector", "security_detector.py", "--rate", "3", "--seed", "1")
-        flow = Flow()
-        flow.wait(lambda: flow.counts()[1] >= 3 * stage, timeout=60 + stage)
-        console.print(render(flow, None, rows=4))
+class Walkthrough:
+    """Examples 1 -> 2 -> 3, one method a stage, each doing what the README tells a user to do by hand."""
 
+    def __init__(self, children: Children, tail: Tail, env: dict, stage: float):
+        self.children, self.tail, self.flow, self.env, self.stage = children, tail, tail.flow, env, stage
+
+    def example_1(self) -> None:
+        say("Example 1: a detection goes to the security service and the notification service")
+        for name, script, *args in (("security", "security_service.py"), ("notification", "notification_service.py"),
+                                    ("orchestrator", "orchestrator.py", "--example", "1"),
+                                    ("detector", "security_detector.py", "--rate", "3", "--seed", "1")):
+            self.children.start(name, script, *args)
+        self.tail.wait(lambda: self.flow.counts()[1] >= 3 * self.stage, timeout=60 + self.stage)
+        console.print(render(self.flow, None, rows=4))
+
+    def example_2(self) -> float:
+        """Returns the restart gap: seconds from the orchestrator's start to the first message of its backlog routed."""
         say("Example 2: the reporting service starts; only the orchestrator changes (stop, then start at --example 2)")
-        children.start("reporting", "reporting_service.py", "--example", "2", "--every", str(stage))
-        children.stop("orchestrator")
+        self.children.start("reporting", "reporting_service.py", "--example", "2", "--every", str(self.stage))
+        self.children.stop("orchestrator")
         stopped_at = time.time()
-        console.print(f"[bold]orchestrator stopped; detections keep arriving and wait in {prefix}message_stream")
-        flow.wait(lambda: False, timeout=stage / 2)  # let a backlog build while it is down
+        console.print("[bold]orchestrator stopped; detections keep arriving and wait in message_stream")
+        self.tail.wait(lambda: False, timeout=self.stage / 2)  # let a backlog build while it is down
         restarted_at = time.time()
-        children.start("orchestrator", "orchestrator.py", "--example", "2")
-        backlog = [w for w, k in flow.kind.items() if k == "security"
-                   and stopped_at < flow.times[w]["security_detection"] < restarted_at]
-        flow.wait(lambda: any("security_command" in flow.times[w] for w in backlog), timeout=60)
-        routed = [flow.times[w]["security_command"] for w in backlog if "security_command" in flow.times[w]]
+        self.children.start("orchestrator", "orchestrator.py", "--example", "2")
+        times = self.flow.times
+        backlog = [w for w, k in self.flow.kind.items() if k == "security"
+                   and stopped_at < times[w]["security_detection"] < restarted_at]
+        self.tail.wait(lambda: any("security_command" in times[w] for w in backlog), timeout=60)
+        routed = [times[w]["security_command"] for w in backlog if "security_command" in times[w]]
         gap = (min(routed) - restarted_at) if routed else float("nan")
         console.print(f"[bold]restart gap: first message of the backlog routed {gap:.1f} s after the orchestrator started")
-        flow.wait(lambda: False, timeout=stage)
-        console.print(render(flow, None, rows=6))
+        self.tail.wait(lambda: False, timeout=self.stage)
+        console.print(render(self.flow, None, rows=6))
+        return gap
 
+    def example_3(self) -> None:
         say("Example 3: the unit producer starts; reporting gains its unit section; the orchestrator gains the unit workflow")
         # A fixed count, so it stops producing by itself but goes on obeying the commands still on their way.
-        children.start("units", "unit_event_producer.py", "--rate", "2", "--count", str(int(4 * stage)), "--seed", "2")
-        flow.wait(lambda: False, timeout=stage / 2)
-        children.stop("reporting")
-        children.start("reporting", "reporting_service.py", "--example", "3", "--every", str(stage))
-        children.stop("orchestrator")
-        children.start("orchestrator", "orchestrator.py", "--example", "3")
-        flow.wait(lambda: any(k == "unit" and flow.completed(w) for w, k in flow.kind.items()), timeout=60)
+        self.children.start("units", "unit_event_producer.py", "--rate", "2", "--count", str(int(4 * self.stage)),
+                            "--seed", "2")
+        self.tail.wait(lambda: False, timeout=self.stage / 2)
+        self.children.stop("reporting")
+        self.children.start("reporting", "reporting_service.py", "--example", "3", "--every", str(self.stage))
+        self.children.stop("orchestrator")
+        self.children.start("orchestrator", "orchestrator.py", "--example", "3")
+        self.tail.wait(lambda: any(k == "unit" and self.flow.completed(w) for w, k in self.flow.kind.items()), timeout=60)
         console.print("[bold]replaying the unit events the Example 2 table had no route for")
         subprocess.run([sys.executable, str(HERE / "dead_letters.py"), "replay", "--reason", "no route for 'unit_event'"],
-                       env=env, check=False)
-        flow.wait(lambda: False, timeout=stage)
+                       env=self.env, check=False)
+        self.tail.wait(lambda: False, timeout=self.stage)
 
+    def finish(self, gap: float) -> int:
+        """Stop the producers, let every workflow finish, count; 1 if anything was lost or doubled."""
         say("Stopping the producers and letting every workflow finish")
-        children.stop("detector")
-        flow.wait(lambda: flow.counts()[0] == flow.counts()[1], timeout=60)
-        children.stop_all()
+        flow = self.flow
+        self.children.stop("detector")
+        self.tail.wait(lambda: flow.counts()[0] == flow.counts()[1], timeout=60)
+        self.children.stop_all()
         summary = subprocess.run([sys.executable, str(HERE / "reporting_service.py"), "--summary", "--json"],
-                                 env=env, capture_output=True, text=True, check=True).stdout
+                                 env=self.env, capture_output=True, text=True, check=True).stdout
         console.print(f"report store: {summary.strip()}")
         reports = json.loads(summary)["reports"]
         console.print(render(flow, None, rows=8))
@@ -138,13 +138,35 @@ def main() -> int:
         print(f"demo: workflows={started} completed={completed} lost={lost} duplicates={flow.duplicates} "
               f"reports={reports} restart_gap_s={gap:.1f}", flush=True)
         return 1 if lost or flow.duplicates else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short stages (for tests)")
+    parser.add_argument("--keep", action="store_true", help="keep the demo's report store instead of deleting it")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too stops everything the demo started
+    prefix = os.environ.get("TOPIC_PREFIX") or f"demo{uuid.uuid4().hex[:6]}_"
+    workdir = tempfile.mkdtemp(prefix="orchestration-demo-")
+    env = dict(os.environ, TOPIC_PREFIX=prefix, REPORT_DB=os.path.join(workdir, "reports.db"), PYTHONUNBUFFERED="1")
+    settings = Settings.from_env(env)
+    children, tail = Children(env), None
+    console.print(f"Demo on Kafka at {settings.bootstrap_servers}, topics prefixed {prefix!r}, reports in {workdir}"
+                  f"{'' if args.keep else ' (deleted at the end; --keep keeps it)'}")
+    try:
+        tail = Tail(Flow(settings=settings))  # (creates the topics, as every script does)
+        walk = Walkthrough(children, tail, env, stage=3.0 if args.quick else 12.0)  # seconds each stage runs
+        walk.example_1()
+        gap = walk.example_2()
+        walk.example_3()
+        return walk.finish(gap)
     except KeyboardInterrupt:
         console.print("[bold]Ctrl-C: stopping every process the demo started")
         return 130
     finally:
         children.stop_all()
-        if flow:
-            flow.consumer.close()
+        if tail:
+            tail.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

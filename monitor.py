@@ -5,7 +5,7 @@ Run:   python monitor.py                    # live view, refreshed every second;
        python monitor.py --once             # one snapshot of everything on the topics now, then exit
        python monitor.py --sla-report       # per workflow type: count, p50/p95/p99 latency, SLA breaches
 A workflow is STUCK when it is still running past its SLA (--sla seconds): the view names the missing step and the
-service that should have done it.
+service that should have done it. The steps come from the orchestrator's WORKFLOWS table.
 """
 
 import argparse
@@ -23,21 +23,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-import common
-
-# Each workflow's steps: (step name, message types that mark it done, the service that should do it).
-STEPS = {
-    "security": [("detected", {"security_detection"}, "security_detector"),
-                 ("routed", {"security_command"}, "orchestrator"),
-                 ("acted", {"security_action_completed", "security_action_failed"}, "security_service"),
-                 ("notified", {"notification_delivered"}, "notification_service")],
-    "unit": [("event", {"unit_event"}, "unit_event_producer"),
-             ("commanded", {"unit_command"}, "orchestrator"),
-             ("applied", {"unit_command_applied"}, "unit_event_producer")],
-}
-STARTS = {"security_detection": "security", "unit_event": "unit"}
-GROUPS = ["orchestrator", "orchestrator-security", "orchestrator-unit", "security_service", "notification_service",
-          "reporting_service", "unit_event_producer"]
+from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, SETTINGS, Envelope, Settings, Stopper, ensure_topics,
+                    setup_logging, wait_for_kafka)
+from orchestrator import WORKFLOWS, group_for
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -46,87 +34,77 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-class Flow:
-    """What the topics say about each workflow: when each message type of it appeared (created_at, epoch seconds)."""
+def milestones(kind: str) -> list[tuple[str, set[str], str, bool]]:
+    """A workflow's moments as the topics show them: (name, message types that mark it, the service that should
+    bring it about, whether the workflow needs it to complete). Read from the orchestrator's definition."""
+    workflow = WORKFLOWS[kind]
+    marks = [(workflow.started, {workflow.starts_with}, workflow.source, True),
+             ("routed", {workflow.steps[0].command}, "orchestrator", True)]
+    return marks + [(step.name, set(step.done + step.failed) or {step.command}, step.service, bool(step.done))
+                    for step in workflow.steps]
 
-    def __init__(self, sla: float = 5.0):
-        self.sla = sla
-        admin = KafkaAdminClient(**common.kafka_config())
-        common.ensure_topics(admin)
-        admin.close()
-        self.consumer = KafkaConsumer(**common.kafka_config(), enable_auto_commit=False,
-                                      isolation_level="read_committed")
-        deadline = time.monotonic() + 30  # topics just created take a moment to show in metadata
-        while not all(self.consumer.partitions_for_topic(common.topic(n)) for n in common.ALL_TOPICS):
-            if time.monotonic() > deadline:
-                raise SystemExit("monitor: the project's topics did not appear in the cluster metadata within 30 s")
-            time.sleep(0.1)
-        partitions = [TopicPartition(common.topic(name), p) for name in common.ALL_TOPICS
-                      for p in self.consumer.partitions_for_topic(common.topic(name))]
-        self.consumer.assign(partitions)
-        self.consumer.seek_to_beginning()
-        self.partitions = partitions
-        self.kind: dict[str, str] = {}                       # workflow id -> "security" | "unit"
+
+def groups() -> list[str]:
+    """The consumer groups whose lag the monitor shows: the orchestrator's (whole and split) and each service's."""
+    services = dict.fromkeys(step.service for workflow in WORKFLOWS.values() for step in workflow.steps)
+    return [group_for(set(WORKFLOWS)), *(group_for({name}) for name in WORKFLOWS), *services]
+
+
+class Flow:
+    """What the topics say about each workflow: when each message type of it appeared (created_at, epoch seconds).
+    Pure bookkeeping: add() what was read, then ask; Tail below does the reading."""
+
+    def __init__(self, sla: float = 5.0, settings: Settings = SETTINGS):
+        self.sla, self.settings = sla, settings
+        self.kind: dict[str, str] = {}                       # workflow id -> "security" | "unit" | ...
         self.times: dict[str, dict[str, float]] = defaultdict(dict)  # workflow id -> message type -> first seen
         self.seen: set[tuple[str, str]] = set()
         self.duplicates = 0                                   # the same command or effect twice
         self.arrivals: dict[str, deque] = defaultdict(deque)  # topic -> recent arrival times, for rates
-        self.dead_letters: list[common.Envelope] = []
+        self.dead_letters: list[Envelope] = []
+        self.starts = {workflow.starts_with: name for name, workflow in WORKFLOWS.items()}
 
-    def poll(self, timeout_ms: int = 200) -> None:
-        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
-            for record in records:
-                self.arrivals[record.topic].append(record.timestamp / 1000)  # when Kafka got it
-                try:
-                    message = common.Envelope.model_validate_json(record.value)
-                except ValidationError:  # junk on an input topic: the service reading it dead-letters it
-                    continue
-                self.add(record.topic, message)
-
-    def add(self, topic_name: str, message: common.Envelope) -> None:
-        if topic_name == common.topic(common.DEAD_LETTER):
+    def add(self, topic_name: str, message: Envelope) -> None:
+        if topic_name == self.settings.topic(DEAD_LETTER):
             self.dead_letters.append(message)
             return
-        if (topic_name, message.id) in self.seen and topic_name != common.topic(common.MESSAGE_STREAM):
+        if (topic_name, message.id) in self.seen and topic_name != self.settings.topic(MESSAGE_STREAM):
             self.duplicates += 1  # (a replayed event on message_stream is not a duplicate effect)
         self.seen.add((topic_name, message.id))
-        if message.type in STARTS:
-            self.kind[message.workflow_id] = STARTS[message.type]
+        if message.type in self.starts:
+            self.kind[message.workflow_id] = self.starts[message.type]
         self.times[message.workflow_id].setdefault(message.type, message.created_at.timestamp())
 
-    def read_to_end(self, timeout: float = 30.0) -> None:
-        """Read everything on the topics now (for --once and reports)."""
-        end = self.consumer.end_offsets(self.partitions)
-        deadline = time.monotonic() + timeout
-        while any(self.consumer.position(p) < end[p] for p in self.partitions) and time.monotonic() < deadline:
-            self.poll()
-
-    def step_times(self, workflow: str) -> list[tuple[str, float | None, str]]:
+    def step_times(self, workflow: str) -> list[tuple[str, float | None, str, bool]]:
         times = self.times[workflow]
-        return [(step, min((times[t] for t in types if t in times), default=None), service)
-                for step, types, service in STEPS[self.kind[workflow]]]
+        return [(name, min((times[t] for t in types if t in times), default=None), service, needed)
+                for name, types, service, needed in milestones(self.kind[workflow])]
+
+    def failed(self, workflow: str) -> bool:
+        steps = WORKFLOWS[self.kind[workflow]].steps
+        return any(t in self.times[workflow] for step in steps for t in step.failed)
 
     def state(self, workflow: str, now: float) -> str:
-        times, steps = self.times[workflow], self.step_times(workflow)
-        if "security_action_failed" in times:
+        if self.failed(workflow):
             return "failed"
-        missing = [(step, service) for step, at, service in steps if at is None]
+        steps = self.step_times(workflow)
+        missing = [(name, service) for name, at, service, needed in steps if needed and at is None]
         if not missing:
             return "completed"
         if now - steps[0][1] > self.sla:
-            step, service = missing[0]
-            return f"STUCK: no '{step}' from {service}"
+            name, service = missing[0]
+            return f"STUCK: no '{name}' from {service}"
         return "running"
 
     def completed(self, workflow: str) -> bool:
         return self.state(workflow, time.time()) == "completed"
 
     def latency(self, workflow: str) -> float | None:
-        """End-to-end seconds from the starting event to its last step, once every step is done."""
-        steps = self.step_times(workflow)
-        if any(at is None for _, at, _ in steps):
+        """End-to-end seconds from the starting event to its last needed step, once every needed step is done."""
+        needed = [at for _, at, _, need in self.step_times(workflow) if need]
+        if any(at is None for at in needed):
             return None
-        return max(at for _, at, _ in steps) - steps[0][1]
+        return max(needed) - needed[0]
 
     def counts(self) -> tuple[int, int]:
         """(workflows started, workflows completed)."""
@@ -135,9 +113,9 @@ class Flow:
     def sla_report(self, window: float | None = None) -> dict:
         """Per workflow type: completed count, p50/p95/p99 latency (s) and breaches (late, stuck or failed)."""
         now, report = time.time(), {}
-        for kind in STEPS:
+        for kind, definition in WORKFLOWS.items():
             workflows = [w for w, k in self.kind.items() if k == kind
-                         and (window is None or self.times[w][next(iter(STEPS[kind][0][1]))] >= now - window)]
+                         and (window is None or self.times[w][definition.starts_with] >= now - window)]
             latencies = [lat for w in workflows if (lat := self.latency(w)) is not None]
             late = sum(lat > self.sla for lat in latencies)
             unfinished = sum(self.state(w, now) != "running" and self.latency(w) is None for w in workflows)
@@ -151,7 +129,45 @@ class Flow:
         for arrivals in self.arrivals.values():
             while arrivals and arrivals[0] < since:
                 arrivals.popleft()
-        return {name: sum(t >= since for t in self.arrivals[common.topic(name)]) / seconds for name in common.ALL_TOPICS}
+        return {name: sum(t >= since for t in self.arrivals[self.settings.topic(name)]) / seconds for name in ALL_TOPICS}
+
+
+class Tail:
+    """Reads every project topic from the beginning into a Flow (committed messages only; joins no group)."""
+
+    def __init__(self, flow: Flow):
+        self.flow, settings = flow, flow.settings
+        admin = KafkaAdminClient(**settings.kafka_config())
+        ensure_topics(admin, settings)
+        admin.close()
+        self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False,
+                                      isolation_level="read_committed")
+        deadline = time.monotonic() + 30  # topics just created take a moment to show in metadata
+        while not all(self.consumer.partitions_for_topic(settings.topic(n)) for n in ALL_TOPICS):
+            if time.monotonic() > deadline:
+                raise SystemExit("monitor: the project's topics did not appear in the cluster metadata within 30 s")
+            time.sleep(0.1)
+        self.partitions = [TopicPartition(settings.topic(name), p) for name in ALL_TOPICS
+                           for p in self.consumer.partitions_for_topic(settings.topic(name))]
+        self.consumer.assign(self.partitions)
+        self.consumer.seek_to_beginning()
+
+    def poll(self, timeout_ms: int = 200) -> None:
+        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+            for record in records:
+                self.flow.arrivals[record.topic].append(record.timestamp / 1000)  # when Kafka got it
+                try:
+                    message = Envelope.model_validate_json(record.value)
+                except ValidationError:  # junk on an input topic: the service reading it dead-letters it
+                    continue
+                self.flow.add(record.topic, message)
+
+    def read_to_end(self, timeout: float = 30.0) -> None:
+        """Read everything on the topics now (for --once and reports)."""
+        end = self.consumer.end_offsets(self.partitions)
+        deadline = time.monotonic() + timeout
+        while any(self.consumer.position(p) < end[p] for p in self.partitions) and time.monotonic() < deadline:
+            self.poll()
 
     def wait(self, condition, timeout: float) -> bool:
         """Keep reading until condition() holds or timeout seconds pass."""
@@ -162,19 +178,19 @@ class Flow:
                 return True
         return condition()
 
+    def lag(self, admin: KafkaAdminClient) -> dict[str, int]:
+        """Messages each known group still has to read, summed over its partitions."""
+        end = self.consumer.end_offsets(self.partitions)
+        names = {group: self.flow.settings.group(group) for group in groups()}
+        try:
+            offsets = admin.list_group_offsets({real: None for real in names.values()})
+        except KafkaError:  # no group coordinator yet (a brand-new cluster): no lag to show
+            return {}
+        return {group: sum(max(0, end.get(tp, 0) - meta.offset) for tp, meta in offsets[real].items())
+                for group, real in names.items() if offsets.get(real)}
+
     def close(self) -> None:
         self.consumer.close(autocommit=False)
-
-
-def consumer_lag(admin: KafkaAdminClient, flow: Flow) -> dict[str, int]:
-    """Messages each known group still has to read, summed over its partitions."""
-    end = flow.consumer.end_offsets(flow.partitions)
-    try:
-        offsets = admin.list_group_offsets({common.topic(group): None for group in GROUPS})
-    except KafkaError:  # no group coordinator yet (a brand-new cluster): no lag to show
-        return {}
-    return {group: sum(max(0, end.get(tp, 0) - meta.offset) for tp, meta in offsets[common.topic(group)].items())
-            for group in GROUPS if offsets.get(common.topic(group))}
 
 
 def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
@@ -187,16 +203,14 @@ def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
     for workflow in workflows:
         steps = flow.step_times(workflow)
         start = steps[0][1]
-        path = " → ".join(f"{step} {at - start:.2f}" if at is not None else f"[dim]{step} …[/]" for step, at, _ in steps)
-        if "report_data" in flow.times[workflow]:
-            path += f" → reported {flow.times[workflow]['report_data'] - start:.2f}"
+        path = " → ".join(f"{name} {at - start:.2f}" if at is not None else f"[dim]{name} …[/]"
+                          for name, at, _, needed in steps if needed or at is not None)
         latency = flow.latency(workflow)
         state = flow.state(workflow, now)
         colour = {"completed": "green", "running": "yellow", "failed": "red"}.get(state, "bold red")
         table.add_row(workflow[:8], flow.kind[workflow], path, f"{latency:.2f} s" if latency is not None else "",
                       f"[{colour}]{state}[/]")
-    rates = flow.rates()
-    traffic = "  ".join(f"{name} {rate:.1f}/s" for name, rate in rates.items())
+    traffic = "  ".join(f"{name} {rate:.1f}/s" for name, rate in flow.rates().items())
     lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
     lags += "  (a transaction's commit marker also counts as one)" if lag else ""
     last = flow.dead_letters[-1].payload["reason"] if flow.dead_letters else "-"
@@ -204,6 +218,15 @@ def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
     lines = [f"messages per second (last 10 s): {traffic}"] + ([f"consumer lag: {lags}"] if lag is not None else [])
     return Group(table, *lines, f"dead letters: {len(flow.dead_letters)} (last: {last})",
                  f"workflows: {started} started, {completed} completed, duplicates {flow.duplicates}")
+
+
+def print_sla_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+        return
+    for kind, r in report.items():
+        print(f"{kind:<9} count {r['count']:>5}  completed {r['completed']:>5}  p50 {r['p50']} s  "
+              f"p95 {r['p95']} s  p99 {r['p99']} s  SLA {r['sla_s']:g} s breaches {r['breaches']}")
 
 
 def main() -> None:
@@ -217,34 +240,29 @@ def main() -> None:
     args = parser.parse_args()
     if args.sla <= 0 or (args.window is not None and args.window <= 0):
         parser.error("--sla and --window must be above 0")
-    common.setup_logging()
-    stop = common.Stopper()
-    admin = common.wait_for_kafka(stop, "monitor")
+    setup_logging()
+    stop = Stopper()
+    admin = wait_for_kafka(stop, "monitor")
     if admin is None:
         return
     flow, console = Flow(args.sla), Console(width=None if sys.stdout.isatty() else 200)
+    tail = Tail(flow)
     try:
         if args.sla_report:
-            flow.read_to_end()
-            report = flow.sla_report(args.window)
-            if args.json:
-                print(json.dumps(report, sort_keys=True))
-            else:
-                for kind, r in report.items():
-                    print(f"{kind:<9} count {r['count']:>5}  completed {r['completed']:>5}  p50 {r['p50']} s  "
-                          f"p95 {r['p95']} s  p99 {r['p99']} s  SLA {r['sla_s']:g} s breaches {r['breaches']}")
+            tail.read_to_end()
+            print_sla_report(flow.sla_report(args.window), args.json)
         elif args.once:
-            flow.read_to_end()
-            console.print(render(flow, consumer_lag(admin, flow), args.rows))
+            tail.read_to_end()
+            console.print(render(flow, tail.lag(admin), args.rows))
         else:
             with Live(render(flow, None, args.rows), console=console, refresh_per_second=2) as live:
                 while not stop:
                     deadline = time.monotonic() + 1.0
                     while time.monotonic() < deadline and not stop:
-                        flow.poll()
-                    live.update(render(flow, consumer_lag(admin, flow), args.rows))
+                        tail.poll()
+                    live.update(render(flow, tail.lag(admin), args.rows))
     finally:
-        flow.close()
+        tail.close()
         admin.close()
 
 

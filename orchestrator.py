@@ -5,14 +5,15 @@ Run:      python orchestrator.py --example 1        # stage of the walkthrough: 
           python orchestrator.py --workflows security   # one orchestrator per workflow, each restarts on its own
           python orchestrator.py --dry-run --example 3 --compare 2   # preview a routing change on the recorded
                                                         # message_stream: produces and commits nothing
-Changing a workflow means editing route() and restarting this script; the services never change. Messages that
-arrive while it is down wait in message_stream and are routed as soon as it is back.
+Changing a workflow means editing its entry in WORKFLOWS and its branch of route(), then restarting this script; the
+services never change. Messages that arrive while it is down wait in message_stream and are routed once it is back.
 """
 
 import argparse
 import json
 import logging
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 
 from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter,
@@ -21,15 +22,43 @@ from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DA
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
 
-# Which workflow each event type belongs to (for --workflows). Outcomes belong to the workflow that caused them.
-WORKFLOW_OF = {
-    "security_detection": "security",
-    "security_action_completed": "security",
-    "security_action_failed": "security",
-    "unit_event": "unit",
-    "unit_command_applied": "unit",
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a workflow: the command the orchestrator sends, the topic it goes to, the service that does it,
+    and the message types by which that service reports it done or failed (none: done once sent)."""
+    name: str                     # what the monitor shows once the step is done
+    command: str                  # message type the orchestrator sends
+    topic: str
+    service: str
+    done: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    from_example: int = 1         # the walkthrough stage that adds the step
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A workflow: the event that starts it, the script that produces that event, and its steps."""
+    starts_with: str
+    source: str
+    steps: tuple[Step, ...]
+    from_example: int = 1         # the walkthrough stage that adds the workflow
+    started: str = "started"      # what the monitor calls its first moment
+
+
+# Each workflow once: route() below sends these steps' commands; --workflows ownership, the monitor (steps, STUCK,
+# SLA report), the dry run and the ACLs read this table. tests/test_orchestrator.py checks route() agrees with it.
+WORKFLOWS = {
+    "security": Workflow("security_detection", "security_detector", started="detected", steps=(
+        Step("acted", "security_command", SEC_COMMAND, "security_service",
+             done=("security_action_completed",), failed=("security_action_failed",)),
+        Step("notified", "notification_command", NOTIFICATION_COMMAND, "notification_service",
+             done=("notification_delivered",)),
+        Step("reported", "report_data", REPORT_DATA, "reporting_service", from_example=2))),
+    "unit": Workflow("unit_event", "unit_event_producer", from_example=3, started="event", steps=(
+        Step("applied", "unit_command", UNIT_COMMAND, "unit_event_producer", done=("unit_command_applied",)),
+        Step("reported", "report_data", REPORT_DATA, "reporting_service"))),
 }
-WORKFLOWS = ("security", "unit")
 UNKNOWN_TYPES_OWNER = "security"  # with --workflows, only the orchestrator owning this dead-letters unknown types
 
 
@@ -86,10 +115,22 @@ def report(event: Envelope, workflow: str, category: str, entity: str) -> Envelo
         "workflow": workflow, "category": category, "entity": entity, "zone": event.payload.get("zone", "")}, SOURCE)
 
 
+def workflow_of(event_type: str) -> str | None:
+    """The workflow an event type belongs to: the one it starts, or whose step it reports on."""
+    for name, workflow in WORKFLOWS.items():
+        if event_type == workflow.starts_with or any(event_type in step.done + step.failed for step in workflow.steps):
+            return name
+    return None
+
+
 def owns(event_type: str, workflows: set[str]) -> bool:
     """Whether an orchestrator running `workflows` handles this event type (another orchestrator owns the rest)."""
-    workflow = WORKFLOW_OF.get(event_type, UNKNOWN_TYPES_OWNER)
-    return workflow in workflows
+    return (workflow_of(event_type) or UNKNOWN_TYPES_OWNER) in workflows
+
+
+def group_for(workflows: set[str]) -> str:
+    """One consumer group per set of workflows, so split orchestrators each read every event and restart alone."""
+    return "orchestrator" if workflows == set(WORKFLOWS) else "orchestrator-" + "-".join(sorted(workflows))
 
 
 def preview(records, example: int, workflows: set[str]) -> dict[str, Counter]:
@@ -147,13 +188,12 @@ def main() -> None:
     workflows = set(args.workflows.split(",")) if args.workflows is not None else set(WORKFLOWS)
     if not workflows or not workflows <= set(WORKFLOWS):
         parser.error(f"--workflows takes a comma-separated subset of {','.join(WORKFLOWS)}, not {args.workflows!r}")
-    # One consumer group per set of workflows, so split orchestrators each read every event and restart independently.
-    split = workflows != set(WORKFLOWS)
-    group = "orchestrator-" + "-".join(sorted(workflows)) if split else "orchestrator"
-    active = sorted(w for w in workflows if w != "unit" or args.example >= 3)
+    group, split = group_for(workflows), workflows != set(WORKFLOWS)
+    active = sorted(w for w in workflows if WORKFLOWS[w].from_example <= args.example)
     if args.dry_run:
         return dry_run(args, workflows)
-    log.info("routing table: example %d, workflows %s", args.example, ", ".join(active) or "none yet (unit starts at 3)")
+    later = ", ".join(f"{w} starts at {WORKFLOWS[w].from_example}" for w in sorted(workflows - set(active)))
+    log.info("routing table: example %d, workflows %s", args.example, ", ".join(active) or f"none yet ({later})")
 
     def handle(event: Envelope) -> list[Output]:
         if not owns(event.type, workflows):

@@ -67,8 +67,10 @@ def start(args) -> int:
               f"log: {cluster.log}")
     if args.secure:
         import acls  # the project's access rules: needs kafka-python, so only imported here
+        from common import Settings
         prefix = os.environ.get("TOPIC_PREFIX", "")
-        acls.grant(local_kafka.client_env(cluster.address, True, data_dir, "admin"), prefix)
+        acls.grant(Settings.from_env({**local_kafka.client_env(cluster.address, True, data_dir, "admin"),
+                                      "TOPIC_PREFIX": prefix}))
         print(f"users {', '.join(local_kafka.credentials(data_dir))} may each do only their own job on topics prefixed "
               f"{prefix!r} (acls.py); passwords in {data_dir / 'credentials.json'}")
         print('connect a script as its user:  eval "$(python -m local_kafka env orchestrator)"')

@@ -5,10 +5,8 @@ import re
 import time
 
 import pytest
-from conftest import wait_for_reports
+from helpers import detections, exactly_one_each, wait_completed, wait_for_reports, worst_delay
 from kafka import KafkaAdminClient
-from test_examples import detections, exactly_one_each, wait_completed
-from test_scale_out import worst_delay
 
 import local_kafka
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY

@@ -6,6 +6,8 @@ import pytest
 
 from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Seen, dead_letter, handle_batch, new_event, parse
 
+pytestmark = pytest.mark.no_broker  # runs in `make check`
+
 
 def good_detection() -> Envelope:
     return new_event("security_detection", {"sensor_id": "s-1", "zone": "z-1", "kind": "smoke", "severity": 2}, "t")

@@ -1,11 +1,14 @@
 """docker-compose-expose.yml cannot be started without a Docker engine, so check what Docker users will get."""
 
+import pytest
 import yaml
-from conftest import KAFKA_IMAGE, ROOT
+from helpers import KAFKA_IMAGE, ROOT
 
-from common import ALL_TOPICS
 import local_kafka
+from common import ALL_TOPICS
 from local_kafka import KAFKA_VERSION
+
+pytestmark = pytest.mark.no_broker  # runs in `make check`
 
 SEED_TOPICS = {"message_stream", "sec_command", "unit_command", "notification_command", "report_data", "third_party"}
 

@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):

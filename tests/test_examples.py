@@ -3,32 +3,11 @@
 import re
 import time
 
-from conftest import wait_for_reports
+from helpers import detections, ids_of, wait_completed, wait_for_reports
 
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, new_event
 
 SERVICES = ("security_service.py", "notification_service.py")
-
-
-def ids_of(messages, type_):
-    return {m.workflow_id for m in messages if m.type == type_}
-
-
-def detections(messages):
-    return ids_of(messages, "security_detection")
-
-
-def exactly_one_each(workflows, *readers, timeout=90):
-    """Wait until each reader holds a message of every workflow, then check it holds exactly one per workflow."""
-    for reader in readers:
-        reader.read_until(lambda ms: workflows <= {m.workflow_id for m in ms}, timeout)
-        assert sorted(m.workflow_id for m in reader.messages()) == sorted(workflows)
-
-
-def wait_completed(stream, third_party, workflows, timeout=60):
-    """Wait until every workflow has its security outcome and its delivered notification."""
-    stream.read_until(lambda ms: workflows <= ids_of(ms, "security_action_completed"), timeout)
-    third_party.read_until(lambda ms: workflows <= ids_of(ms, "notification_delivered"), timeout)
 
 
 def test_example_1_each_detection_reaches_security_and_notification(scripts, topics):
@@ -135,7 +114,7 @@ def test_nothing_produced_while_the_orchestrator_is_down_is_lost_or_doubled(scri
     print(f"restart gap (process start -> first backlog command on sec_command): {gap:.2f} s")
 
 
-def test_split_orchestrators_restart_independently(scripts, topics, producer):
+def test_split_orchestrators_restart_independently(scripts, topics):
     # Given one orchestrator per workflow, all services, and both producers streaming
     for service in (*SERVICES, "reporting_service.py"):
         scripts.start(service)

@@ -4,13 +4,11 @@ reason, and the good messages sent in between are all handled."""
 import json
 
 import pytest
+from helpers import detection, ids_of
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, DeadLetter,
-                    parse)
-from test_examples import ids_of
-from test_orchestrator import detection
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, DeadLetter, parse
 
 INPUT_TOPICS = [MESSAGE_STREAM, SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND]
 
@@ -69,7 +67,7 @@ def test_parse_accepts_or_rejects_with_a_reason_and_never_crashes(raw):
 @given(st.lists(st.tuples(bad_messages, st.sampled_from(INPUT_TOPICS)), min_size=1, max_size=8))
 @example([(raw, INPUT_TOPICS[i % len(INPUT_TOPICS)]) for i, raw in enumerate(HAND_PICKED)])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_bad_input_is_dead_lettered_once_and_good_input_still_flows(running_system, producer, topics, bad):
+def test_bad_input_is_dead_lettered_once_and_good_input_still_flows(running_system, producer, bad):
     # Given every service running; When bad messages arrive on their input topics, each followed by a good detection
     dead, stream, third_party = running_system
     sent_bad, sent_good = set(), set()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import uuid
 
-from conftest import ROOT
+from helpers import ROOT
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 

@@ -1,13 +1,87 @@
-"""monitor.py and orchestrator.py --dry-run against a real broker, on workflows whose steps and times are known."""
+"""monitor.py and orchestrator.py --dry-run on workflows whose steps and times are known: the monitor's bookkeeping
+(Flow) without Kafka, then the scripts against a real broker."""
 
 import json
+import re
+import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
+from helpers import detection, unit_event
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from rich.console import Console
 
-from common import MESSAGE_STREAM, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, caused_by, new_event
-from orchestrator import route
-from test_orchestrator import detection, unit_event
+from common import MESSAGE_STREAM, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Envelope, Settings, caused_by, new_event
+from monitor import Flow, groups, render
+from orchestrator import WORKFLOWS, Step, Workflow, owns, route
+
+
+def flow_of(*messages, sla: float = 5.0) -> Flow:
+    """A Flow that has read `messages` (topic, envelope) as the monitor's Tail would, without Kafka."""
+    flow = Flow(sla, settings=Settings())
+    for name, message in messages:
+        flow.add(name, message)
+    return flow
+
+
+def envelope(type_: str, workflow_id: str, seconds_ago: float, step: str = "") -> Envelope:
+    """A message of any type, even one no schema knows (the monitor reads only the envelope)."""
+    return Envelope(id=f"{workflow_id}{step}", type=type_, workflow_id=workflow_id, source="test",
+                    created_at=datetime.now(timezone.utc) - timedelta(seconds=seconds_ago), payload={})
+
+
+@pytest.mark.no_broker
+def test_a_workflow_is_running_then_stuck_naming_the_missing_step_then_completed_with_its_latency():
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 10)),
+                   (SEC_COMMAND, envelope("security_command", "w1", 9.5, ".security")), sla=20)
+    assert flow.state("w1", time.time()) == "running" and flow.latency("w1") is None
+    flow.sla = 5
+    assert flow.state("w1", time.time()) == "STUCK: no 'acted' from security_service"
+    flow.add(MESSAGE_STREAM, envelope("security_action_completed", "w1", 9, ".done"))
+    flow.add(THIRD_PARTY, envelope("notification_delivered", "w1", 8, ".delivered"))
+    assert flow.state("w1", time.time()) == "completed" and flow.latency("w1") == pytest.approx(2.0, abs=0.01)
+    assert flow.counts() == (1, 1) and flow.duplicates == 0
+
+
+@pytest.mark.no_broker
+def test_a_failed_step_fails_its_workflow_and_counts_as_an_sla_breach():
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 10)),
+                   (MESSAGE_STREAM, envelope("security_action_failed", "w1", 9, ".done")))
+    assert flow.state("w1", time.time()) == "failed"
+    assert flow.sla_report()["security"] == {"count": 1, "completed": 0, "p50": None, "p95": None, "p99": None,
+                                             "sla_s": 5.0, "breaches": 1}
+
+
+@pytest.mark.no_broker
+def test_the_same_effect_twice_is_a_duplicate_but_a_replayed_event_is_not():
+    flow = flow_of(*[(MESSAGE_STREAM, envelope("security_detection", "w1", 3))] * 2,
+                   *[(THIRD_PARTY, envelope("notification_delivered", "w1", 2, ".delivered"))] * 2)
+    assert flow.duplicates == 1
+
+
+@pytest.mark.no_broker
+def test_a_workflow_added_to_the_orchestrators_definition_alone_is_followed_by_the_monitor(monkeypatch):
+    # Given a fourth workflow written only in the orchestrator's WORKFLOWS table
+    monkeypatch.setitem(WORKFLOWS, "repair", Workflow("fault_reported", "fault_sensor", started="reported", steps=(
+        Step("repaired", "repair_command", "repair_command", "repair_service", done=("repair_done",)),)))
+    # When its messages appear on the topics
+    flow = flow_of((MESSAGE_STREAM, envelope("fault_reported", "r1", 30)),
+                   (MESSAGE_STREAM, envelope("fault_reported", "r2", 30)),
+                   ("repair_command", envelope("repair_command", "r1", 29, ".repair")),
+                   ("repair_command", envelope("repair_command", "r2", 29, ".repair")),
+                   (MESSAGE_STREAM, envelope("repair_done", "r1", 27, ".done")))
+    # Then the monitor knows its type, its steps, who should act, its latency and its SLA figures
+    now = time.time()
+    assert flow.kind == {"r1": "repair", "r2": "repair"}
+    assert flow.state("r1", now) == "completed" and flow.latency("r1") == pytest.approx(3.0, abs=0.01)
+    assert flow.state("r2", now) == "STUCK: no 'repaired' from repair_service"
+    assert flow.sla_report()["repair"]["count"] == 2 and flow.sla_report()["repair"]["breaches"] == 1
+    assert "orchestrator-repair" in groups() and "repair_service" in groups()
+    screen = Console(width=200, record=True)
+    screen.print(render(flow, None))
+    assert "reported 0.00 → routed 1.00 → repaired 3.00" in screen.export_text()
+    # And an orchestrator split off for it owns its events
+    assert owns("repair_done", {"repair"}) and not owns("repair_done", {"security"})
 
 
 def at(message, seconds_ago: float):
@@ -34,7 +108,8 @@ def test_once_shows_completed_failed_and_stuck_workflows(scripts, producer):
     screen = scripts.run("monitor.py", "--once", "--sla", "5").stdout
     rows = {line.split("│")[1].strip(): line for line in screen.splitlines() if line.count("│") > 4}
     # Then each workflow shows its state, and the stuck one names the missing step and its service
-    assert "completed" in rows[done.id[:8]] and "latency" not in rows[done.id[:8]]
+    assert "completed" in rows[done.id[:8]] and re.search(r"│ \d+\.\d\d s +│", rows[done.id[:8]])  # its latency
+    assert not re.search(r"│ \d+\.\d\d s +│", rows[stuck.id[:8]])  # none while a step is missing
     assert "failed" in rows[failed.id[:8]]
     assert "STUCK: no 'acted' from security_service" in rows[stuck.id[:8]]
     assert "workflows: 3 started, 1 completed, duplicates 0" in screen

@@ -1,6 +1,6 @@
 """notification_service against a real broker: delivers, publishes to third_party, ignores repeats."""
 
-from test_orchestrator import detection
+from helpers import detection
 
 from common import NOTIFICATION_COMMAND, THIRD_PARTY
 from orchestrator import route

@@ -1,18 +1,13 @@
 """The routing table, without Kafka: every event type at every stage, and who owns what when split."""
 
 import pytest
+from helpers import detection, unit_event
 
 from common import NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
-from orchestrator import owns, route
+import acls
+from orchestrator import WORKFLOWS, owns, route
 
-
-def detection(severity=3):
-    return new_event("security_detection", {"sensor_id": "sensor-1", "zone": "zone-1", "kind": "motion",
-                                            "severity": severity}, "test")
-
-
-def unit_event(status="battery_low"):
-    return new_event("unit_event", {"unit_id": "unit-1", "status": status, "battery": 12}, "test")
+pytestmark = pytest.mark.no_broker  # runs in `make check`
 
 
 def topics_of(commands):
@@ -104,3 +99,27 @@ def test_the_longest_failure_detail_still_makes_a_valid_escalation():
                        {"action": "dispatch_guard", "zone": "z" * 64, "detail": "d" * 200}, "test")
     [(_, escalation)] = route(failed)
     assert len(escalation.payload["text"]) <= 500
+
+
+START_EVENTS = {"security_detection": detection, "unit_event": unit_event}
+
+
+@pytest.mark.parametrize("example", [1, 2, 3])
+@pytest.mark.parametrize("name", list(WORKFLOWS))
+def test_route_sends_the_commands_of_exactly_the_steps_the_definition_has_at_each_stage(name, example):
+    workflow = WORKFLOWS[name]
+    event = START_EVENTS[workflow.starts_with]()
+    if example < workflow.from_example:
+        with pytest.raises(DeadLetter, match="no route"):
+            route(event, example)
+        return
+    sent = [(topic, command.type) for topic, command in route(event, example)]
+    assert sent == [(step.topic, step.command) for step in workflow.steps if step.from_example <= example]
+
+
+def test_each_step_report_is_owned_by_its_workflow_and_each_service_may_read_its_step_topic():
+    for name, workflow in WORKFLOWS.items():
+        for step in workflow.steps:
+            assert all(owns(t, {name}) for t in step.done + step.failed + (workflow.starts_with,))
+            assert step.topic in acls.ACCESS[step.service].reads, f"acls.py: {step.service} cannot read {step.topic}"
+            assert step.topic in acls.ACCESS["orchestrator"].writes

@@ -1,6 +1,6 @@
 """The two event sources against a real broker: security_detector and unit_event_producer."""
 
-from test_orchestrator import unit_event
+from helpers import unit_event
 
 from common import MESSAGE_STREAM, UNIT_COMMAND
 from orchestrator import route

@@ -1,17 +1,18 @@
 """reporting_service against a real broker: stores each report once; the unit section exists only from Example 3."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, wait_for_reports
-from reporting_service import SCHEMA
-from test_orchestrator import detection, unit_event
+import pytest
+from helpers import ROOT, detection, unit_event, wait_for_reports
 
 from common import REPORT_DATA
 from orchestrator import route
+from reporting_service import SCHEMA
 
 
 def security_report():
@@ -54,15 +55,28 @@ def test_the_example_3_unit_section_tracks_units_needing_attention(scripts, prod
     assert summary["units_needing_attention"] == ["unit-1"]  # its last status was "offline"
 
 
-def test_summary_of_a_missing_store_says_so_and_creates_nothing(scripts, env):
-    result = subprocess.run([sys.executable, "reporting_service.py", "--summary", "--json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+@pytest.fixture
+def store_env(tmp_path):
+    """An environment with its own report store and no broker: --summary reads only SQLite."""
+    return dict(os.environ, REPORT_DB=str(tmp_path / "reports.db"), KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+
+
+def summary_of(store_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "reporting_service.py", "--summary", "--json"], cwd=ROOT, env=store_env,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.no_broker
+def test_summary_of_a_missing_store_says_so_and_creates_nothing(store_env):
+    result = summary_of(store_env)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.startswith(f"reporting_service: cannot open the report store {env['REPORT_DB']!r}")
-    assert not Path(env["REPORT_DB"]).exists()
+    assert result.stderr.startswith(f"reporting_service: cannot open the report store {store_env['REPORT_DB']!r}")
+    assert not Path(store_env["REPORT_DB"]).exists()
 
 
-def test_summary_of_an_empty_store_is_all_zero(scripts, env):
-    sqlite3.connect(env["REPORT_DB"]).executescript(SCHEMA)
-    assert json.loads(scripts.run("reporting_service.py", "--summary", "--json").stdout) == {
+@pytest.mark.no_broker
+def test_summary_of_an_empty_store_is_all_zero(store_env):
+    sqlite3.connect(store_env["REPORT_DB"]).executescript(SCHEMA)
+    result = summary_of(store_env)
+    assert result.returncode == 0 and json.loads(result.stdout) == {
         "reports": 0, "workflows": {}, "categories": {}, "units_needing_attention": []}

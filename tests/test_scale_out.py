@@ -6,9 +6,8 @@ import time
 from collections import defaultdict
 
 import pytest
-from test_examples import detections, exactly_one_each, wait_completed
+from helpers import detections, envelope_of, exactly_one_each, wait_completed, worst_delay
 
-import common
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
 
 
@@ -23,27 +22,14 @@ def in_key_order(reader, type_: str) -> dict[bytes, list[str]]:
     """key -> workflow ids of the `type_` messages with that key, in the order the topic holds them."""
     order = defaultdict(list)
     for record in reader.raw:  # records of one partition arrive in offset order, and a key lives in one partition
-        message = parse(record)
+        message = envelope_of(record)
         if message.type == type_:
             order[record.key].append(message.workflow_id)
     return dict(order)
 
 
-def worst_delay(causes, cause_type: str, effects, effect_type: str) -> float:
-    """The longest time, in seconds, from a cause (by its timestamp) to its effect in the same workflow: with a
-    copy killed, that is how long its partitions waited for the others to take them over."""
-    def stamps(reader, type_):
-        return {m.workflow_id: r.timestamp for r, m in zip(reader.raw, map(parse, reader.raw), strict=True)
-                if m.type == type_}
-    began, done = stamps(causes, cause_type), stamps(effects, effect_type)
-    return max(done[w] - began[w] for w in done) / 1000
-
-
-def parse(record) -> common.Envelope:
-    return common.Envelope.model_validate_json(record.value)
-
-
-def test_three_orchestrators_share_the_partitions_and_survive_losing_one(partitioned, scripts, topics):
+@pytest.mark.usefixtures("partitioned")
+def test_three_orchestrators_share_the_partitions_and_survive_losing_one(scripts, topics):
     # Given the services and three orchestrators in one group, each with its own INSTANCE_ID
     for service in ("security_service.py", "notification_service.py"):
         scripts.start(service)
@@ -66,7 +52,8 @@ def test_three_orchestrators_share_the_partitions_and_survive_losing_one(partiti
           f"{worst_delay(stream, 'security_detection', commands, 'security_command'):.1f} s")
 
 
-def test_two_copies_of_a_service_share_the_partitions_and_survive_losing_one(partitioned, scripts, topics):
+@pytest.mark.usefixtures("partitioned")
+def test_two_copies_of_a_service_share_the_partitions_and_survive_losing_one(scripts, topics):
     # Given one orchestrator, the notification service and two copies of the security service in one group
     scripts.start("orchestrator.py", "--example", "1")
     scripts.start("notification_service.py")
@@ -90,7 +77,8 @@ def test_two_copies_of_a_service_share_the_partitions_and_survive_losing_one(par
           f"command->outcome {worst_delay(commands, 'security_command', stream, 'security_action_completed'):.1f} s")
 
 
-def test_a_second_copy_with_the_same_instance_id_is_stopped_with_a_clear_error(partitioned, scripts, topics):
+@pytest.mark.usefixtures("partitioned")
+def test_a_second_copy_with_the_same_instance_id_is_stopped_with_a_clear_error(scripts, topics):
     # Given an orchestrator routing a stream of detections
     first = scripts.start("orchestrator.py", "--example", "1")
     scripts.start("security_detector.py", "--count", "150", "--rate", "20", "--seed", "23")

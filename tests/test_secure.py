@@ -9,15 +9,13 @@ import threading
 import uuid
 
 import pytest
-from conftest import ROOT, Scripts, topic_readers, wait_for_reports
+from helpers import ROOT, Scripts, detections, ids_of, topic_readers, wait_completed, wait_for_reports
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.structs import TopicPartition
-from test_examples import detections, ids_of, wait_completed
 
 import acls
-import common
 import local_kafka
-from common import DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
+from common import DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Settings
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +36,7 @@ def secure_scripts(secure_kafka, tmp_path):
     env = dict(os.environ, **local_kafka.client_env(cluster.address, True, data_dir, "admin"),
                TOPIC_PREFIX=f"s{uuid.uuid4().hex[:10]}_",
                REPORT_DB=str(tmp_path / "reports.db"), LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
-    acls.grant(env, env["TOPIC_PREFIX"])
+    acls.grant(Settings.from_env(env))
     runner = Scripts(env, tmp_path, users=passwords)
     yield runner
     runner.stop_all()
@@ -120,7 +118,7 @@ def test_writing_a_topic_it_does_not_own_is_refused_and_nothing_is_written(secur
 
 def committed_records(env: dict, name: str) -> list:
     """Every committed record of the test's topic `name`, read to its end as admin."""
-    consumer = KafkaConsumer(**common.kafka_config(env), isolation_level="read_committed", enable_auto_commit=False)
+    consumer = KafkaConsumer(**Settings.from_env(env).kafka_config(), isolation_level="read_committed", enable_auto_commit=False)
     try:
         topic = env["TOPIC_PREFIX"] + name
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
@@ -138,8 +136,8 @@ def committed_records(env: dict, name: str) -> list:
 def test_an_exactly_once_script_writing_a_topic_it_does_not_own_is_refused_and_commits_nothing(secure_scripts):
     # Given a user with the orchestrator's rights except writing sec_command, and a detection waiting
     env, prefix = secure_scripts.env, secure_scripts.env["TOPIC_PREFIX"]
-    acls.create_users(env, {"half_orchestrator": "half-orchestrator-password"})
-    admin = KafkaAdminClient(**common.kafka_config(env))
+    acls.create_users(Settings.from_env(env), {"half_orchestrator": "half-orchestrator-password"})
+    admin = KafkaAdminClient(**Settings.from_env(env).kafka_config())
     access = acls.Access(reads=[MESSAGE_STREAM], writes=[NOTIFICATION_COMMAND, DEAD_LETTER], group="orchestrator",
                          transactional_id="orchestrator")
     admin.create_acls(acls.acls_for("half_orchestrator", access, prefix))

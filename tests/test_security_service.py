@@ -1,6 +1,6 @@
 """security_service against a real broker: acts on commands, reports outcomes, ignores repeats, dead-letters junk."""
 
-from test_orchestrator import detection
+from helpers import detection
 
 from common import MESSAGE_STREAM, SEC_COMMAND
 from orchestrator import route

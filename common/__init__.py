@@ -1,0 +1,28 @@
+"""What every script shares, one concern a module; this file only hands the names on, so scripts keep writing
+`from common import ...`. Read them in this order:
+
+  messages    the envelope, a schema per message type, new_event / caused_by / parse / dead_letter (no Kafka)
+  settings    one frozen Settings from the environment; topic names; group and transactional-id naming; logging
+  clients     kafka-python producers, consumers and admin made the project's way; topics; read_all; refusals
+  handling    one poll batch: parse, skip repeats, call the handler with retries, dead-letter what fails
+  delivery    a batch's outputs and offsets, in one transaction or acknowledged then committed, and recovery
+  service     run_service (consume -> handle -> produce) and run_producer, with the clean stop they share
+  workarounds every workaround of a kafka-python behaviour, each saying which and why
+"""
+
+from common.clients import (answers_kafka, ensure_topics, make_consumer, make_producer, read_all, refused, send,
+                            wait_for_acks, wait_for_kafka)
+from common.handling import Handler, Seen, Triple, handle_batch
+from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, Envelope, Output, caused_by, dead_letter, expect,
+                             new_event, parse)
+from common.service import Pacer, Stopper, run_producer, run_service
+from common.settings import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND,
+                             SETTINGS, THIRD_PARTY, UNIT_COMMAND, Settings, setup_logging, topic)
+from common.workarounds import discard
+
+__all__ = ["answers_kafka", "ensure_topics", "make_consumer", "make_producer", "read_all", "refused", "send",
+           "wait_for_acks", "wait_for_kafka", "Handler", "Seen", "Triple", "handle_batch", "MAX_MESSAGE_BYTES",
+           "SCHEMAS", "DeadLetter", "Envelope", "Output", "caused_by", "dead_letter", "expect", "new_event", "parse",
+           "Pacer", "Stopper", "run_producer", "run_service", "ALL_TOPICS", "DEAD_LETTER", "MESSAGE_STREAM",
+           "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "THIRD_PARTY", "UNIT_COMMAND", "Settings",
+           "setup_logging", "topic", "discard"]

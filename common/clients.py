@@ -1,0 +1,177 @@
+"""kafka-python clients built the project's way, topic creation, reading a topic whole, and telling a user in one
+line why Kafka will not talk to them."""
+
+import logging
+import socket
+import struct
+import time
+from collections.abc import Iterable
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import AuthorizationError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import TopicPartition
+
+from common.messages import Envelope
+from common.settings import ALL_TOPICS, SETTINGS, Settings
+from common.workarounds import ConnectionWatch
+
+log = logging.getLogger("common")
+
+
+def make_producer(transactional_id: str | None = None, settings: Settings = SETTINGS, **overrides) -> KafkaProducer:
+    """Idempotent, acks=all producer that keeps retrying through a broker outage rather than failing records;
+    transactional (and initialised) when given a transactional id. It lingers up to 20 ms to fill large batches
+    (the loop flushes at the end of each batch, so no message waits for that): about +35% throughput."""
+    config = dict(settings.kafka_config(), acks="all", enable_idempotence=True, linger_ms=20, batch_size=256 * 1024,
+                  delivery_timeout_ms=300_000, max_block_ms=120_000, transactional_id=transactional_id,
+                  retry_backoff_ms=20,  # 100 ms by default: the first transaction after a restart waits on it
+                  # A batch's transaction takes well under a second. If its process dies, the broker aborts it after
+                  # this long (default 60 s), and until then readers (read_committed) wait behind it.
+                  transaction_timeout_ms=10_000)
+    config.update(overrides)
+    producer = KafkaProducer(**config)
+    if transactional_id:
+        try:
+            producer.init_transactions()  # fences any earlier producer with this id, finishing its open transaction
+        except KafkaError:
+            producer.close(timeout=1)
+            raise
+    return producer
+
+
+def make_consumer(group: str, topics: list[str], static: bool = False, settings: Settings = SETTINGS,
+                  **overrides) -> KafkaConsumer:
+    """At-least-once consumer: manual commits, start from the beginning when the group is new, committed reads only.
+    A static member (group_instance_id) restarted within the session timeout rejoins without waiting out a
+    rebalance, which is what keeps an orchestrator restart short."""
+    config = dict(settings.kafka_config(), group_id=settings.group(group), enable_auto_commit=False,
+                  auto_offset_reset="earliest", isolation_level="read_committed", session_timeout_ms=10_000,
+                  max_poll_records=500, client_id=settings.group(group), fetch_max_wait_ms=50)
+    if static:
+        config["group_instance_id"] = f"{settings.group(group)}-{settings.instance_id}"
+    config.update(overrides)
+    return KafkaConsumer(*[settings.topic(name) for name in topics], **config)
+
+
+def send(producer: KafkaProducer, name: str, message: Envelope, key: bytes | str | None = None,
+         settings: Settings = SETTINGS):
+    """Produce one envelope to a project topic; returns the future."""
+    if isinstance(key, str):
+        key = key.encode()
+    return producer.send(settings.topic(name), value=message.to_bytes(), key=key)
+
+
+def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "") -> None:
+    """Send what is batched now and wait until Kafka acknowledged every record (raise if one failed), saying so
+    while the broker is away. The producer lingers to build big batches; flushing here adds no latency."""
+    while True:
+        try:
+            producer.flush(timeout=10)
+            break
+        except KafkaTimeoutError:
+            log.warning("%s: Kafka has not acknowledged %d messages for 10 s; still trying (is it up?)", name,
+                        sum(not f.is_done for f in futures))
+    for future in futures:
+        future.get()  # flush() does not raise for a failed record; get() does
+
+
+def ensure_topics(admin: KafkaAdminClient, settings: Settings = SETTINGS, names: Iterable[str] = ALL_TOPICS) -> None:
+    """Create whichever of the project's topics are missing, so every script runs against any cluster."""
+    missing = {settings.topic(name) for name in names} - set(admin.list_topics())
+    if not missing:
+        return
+    try:
+        admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor) for name in sorted(missing)])
+        log.info("created topics %s", ", ".join(sorted(missing)))
+    except TopicAlreadyExistsError:  # another script created them at the same moment
+        pass
+
+
+def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS) -> KafkaAdminClient | None:
+    """Connect an admin client (saying clearly that we wait if the broker is not up yet) and create any missing
+    project topic; returns the client, or None if stopped meanwhile. A broker that refuses us (wrong password, or
+    sign-in needed) or forbids a topic ends the script with one clear line: waiting would not help."""
+    waiting_since, watch = None, ConnectionWatch.install()
+    try:
+        while not stop:
+            try:
+                admin = KafkaAdminClient(**settings.kafka_config(), bootstrap_timeout_ms=2000, client_id=what)
+                if waiting_since is not None:
+                    log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
+                ensure_topics(admin, settings)
+                return admin
+            except KafkaTimeoutError:
+                if reason := why_refused(watch, settings):
+                    log.error("%s: %s", what, reason)
+                    raise SystemExit(2) from None
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.warning("%s: waiting for Kafka at %s (start it with 'make kafka-up')", what,
+                                settings.bootstrap_servers)
+            except AuthorizationError as error:
+                raise refused(what, error, settings) from None
+    finally:
+        watch.remove()
+    return None
+
+
+def why_refused(watch: ConnectionWatch, settings: Settings = SETTINGS) -> str | None:
+    """Why Kafka refuses us, if it does, from what the client logged while connecting."""
+    servers = settings.bootstrap_servers
+    if watch.sign_in_error:
+        return (f"Kafka at {servers} refused to sign in user {settings.user!r} ({watch.sign_in_error}); "
+                f"check KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+    if "security_protocol" not in settings.security and watch.disconnects >= 2 and answers_kafka(servers):
+        return (f"Kafka at {servers} accepts connections but closes ours: it wants clients to sign in; "
+                f"set KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+    return None
+
+
+def answers_kafka(servers: str) -> bool:
+    """True if the first bootstrap server answers a Kafka ApiVersions request (v0, sent by hand). A broker that wants
+    sign-in answers it and then closes the connection on the next request; a port that is open while the broker
+    behind it is still starting (a Docker port proxy, say) does not answer at all."""
+    host, _, port = servers.split(",")[0].rpartition(":")
+    client_id = b"probe"
+    request = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id  # ApiVersions v0, correlation id 1
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as connection:
+            connection.sendall(struct.pack(">i", len(request)) + request)
+            reply = connection.recv(8)
+    except (OSError, ValueError):
+        return False
+    return len(reply) == 8 and struct.unpack(">ii", reply)[1] == 1
+
+
+def refused(what: str, error: KafkaError, settings: Settings = SETTINGS) -> SystemExit:
+    """An authorization error ends the script with one line: retrying cannot grant a right."""
+    log.error("%s: Kafka does not allow user %r to do this (%s). Each user may only do its own script's job "
+              "(see acls.py); run the script as its own user or ask the cluster's admin", what,
+              settings.user or "(anonymous)", error)
+    return SystemExit(3)
+
+
+def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) -> list:
+    """Every record now in a project topic (all partitions, committed only), without joining a group."""
+    real = settings.topic(name)
+    consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
+    try:
+        partitions = [TopicPartition(real, p) for p in consumer.partitions_for_topic(real) or ()]
+        if not partitions:  # no such topic (yet): nothing in it
+            return []
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        end = consumer.end_offsets(partitions)
+        records, deadline = [], time.monotonic() + timeout
+        while any(consumer.position(p) < end[p] for p in partitions):
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"could not read {real} to its end within {timeout:.0f} s")
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        return records
+    except AuthorizationError as error:
+        raise refused(f"reading {real}", error, settings) from None
+    finally:
+        consumer.close(autocommit=False)
+

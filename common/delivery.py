@@ -1,0 +1,141 @@
+"""Delivering a handled batch: its outputs and its input offsets, in one Kafka transaction (exactly once) or
+acknowledged first and committed after (at least once). The Delivery owns the producer; when a delivery fails it
+recovers the producer and answers plainly: the batch is committed, or it must be handled again."""
+
+import logging
+import time
+from collections.abc import Callable
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, ProducerFencedError
+
+from common.clients import make_producer, refused, send, wait_for_acks
+from common.handling import Triple
+from common.settings import SETTINGS, Settings
+from common.workarounds import Stuck, bounded, discard, in_background, underlying
+
+log = logging.getLogger("common")
+
+COMMIT_TIMEOUT_MS = 6_000  # an at-least-once commit or a committed-offsets look-up that takes longer has failed
+FENCED_AGAIN_S = 30        # fenced twice within this long: another copy runs with our INSTANCE_ID
+
+
+class Delivery:
+    """Delivers batches for one consuming service. deliver() is True once a batch is committed and False when it
+    must be handled again; a refusal ends the script and a second copy with our INSTANCE_ID raises
+    FencedInstanceIdError, since retrying helps neither."""
+
+    def __init__(self, name: str, stop, transactional_id: str | None, settings: Settings = SETTINGS,
+                 new_producer: Callable[..., KafkaProducer] = make_producer):
+        self.name, self.stop, self.transactional_id, self.settings = name, stop, transactional_id, settings
+        self.new_producer = lambda: new_producer(transactional_id=transactional_id, settings=settings)
+        # Made (and its transactional id fenced) while the consumer joins its group: about 0.15 s off a restart.
+        self.starting = in_background(self.new_producer)
+        self.producer: KafkaProducer | None = None
+        self.fenced_at = float("-inf")
+
+    @property
+    def transactional(self) -> bool:
+        return self.transactional_id is not None
+
+    def deliver(self, consumer: KafkaConsumer, outputs: list[Triple], offsets: dict) -> bool:
+        """Produce `outputs` and commit `offsets`; True if committed, False if the batch must be handled again."""
+        try:
+            producer = self._ready()
+            if self.transactional:
+                in_one_transaction(producer, consumer, outputs, offsets, self.settings)
+            else:
+                acknowledged_then_committed(producer, consumer, outputs, offsets, self.settings)
+            return True
+        except FencedInstanceIdError:
+            raise
+        except KafkaError as error:  # includes a transaction the broker aborted (timed out) and a stuck step
+            return self._recover(error, consumer, offsets)
+
+    def close(self) -> None:
+        if self.producer is not None:
+            discard(self.producer, timeout=10)
+
+    def _ready(self) -> KafkaProducer:
+        if self.producer is None:  # a failed start is not kept: the next try makes a new producer
+            starting, self.starting = self.starting, None
+            self.producer = starting() if starting else self.new_producer()
+        return self.producer
+
+    def _recover(self, error: KafkaError, consumer: KafkaConsumer, offsets: dict) -> bool:
+        """After a failed delivery: a usable producer again, and whether the batch was committed after all."""
+        cause = underlying(error, self.producer)
+        if isinstance(cause, AuthorizationError):  # e.g. writing a topic this user does not own
+            raise refused(self.name, cause) from None
+        if isinstance(cause, ProducerFencedError):
+            self._fenced(cause)
+        self._abandon(error)
+        if self.transactional and self.producer is None:
+            self.producer = self._settle()
+        if self.producer is not None and self.transactional and offsets and committed_after_all(consumer, offsets):
+            log.info("%s: a batch whose commit seemed to fail (%s) had been committed; going on", self.name, error)
+            return True
+        log.warning("%s: could not deliver a batch (%s); handling it again", self.name, error)
+        return False
+
+    def _fenced(self, cause: ProducerFencedError) -> None:
+        """Fenced once can be our own transaction that timed out; twice soon after is another copy of us."""
+        if time.monotonic() - self.fenced_at < FENCED_AGAIN_S:
+            raise FencedInstanceIdError(str(cause)) from None
+        self.fenced_at = time.monotonic()
+
+    def _abandon(self, error: KafkaError) -> None:
+        """Abort the failed batch's transaction; if that fails too, or the producer is stuck, drop the producer
+        (the next one fences it, which aborts its open transaction)."""
+        if self.producer is None or not self.transactional:
+            return
+        if not isinstance(error, Stuck):
+            try:
+                bounded(self.producer.abort_transaction)
+                return
+            except KafkaError:  # cannot abort now (broker gone, producer fenced)
+                pass
+        discard(self.producer)
+        self.producer = None
+
+    def _settle(self) -> KafkaProducer | None:
+        """A new transactional producer: its start finishes or aborts the old one's open transaction, after which
+        the committed offsets tell whether the batch went through. None if stopped meanwhile."""
+        while not self.stop:
+            try:
+                return self.new_producer()
+            except AuthorizationError as error:
+                raise refused(self.name, error) from None
+            except KafkaError as error:
+                log.warning("%s: could not start a producer as %s (%s); trying again", self.name,
+                            self.transactional_id, error)
+                self.stop.wait(1.0)
+        return None
+
+
+def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Triple], offsets: dict,
+                       settings: Settings) -> None:
+    """Exactly once: the outputs and the consumed offsets commit together, or neither does."""
+    producer.begin_transaction()
+    for name, message, key in outputs:
+        send(producer, name, message, key, settings)
+    if offsets:
+        bounded(producer.send_offsets_to_transaction, offsets, consumer.group_metadata())
+    bounded(producer.commit_transaction)
+
+
+def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Triple],
+                                offsets: dict, settings: Settings) -> None:
+    """At least once: the offsets are committed only after Kafka acknowledged every output."""
+    wait_for_acks(producer, [send(producer, t, m, key, settings) for t, m, key in outputs])
+    if offsets:
+        consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
+
+
+def committed_after_all(consumer: KafkaConsumer, offsets: dict) -> bool:
+    """True if the group's committed offsets already cover the batch (asked once its transaction is settled)."""
+    try:
+        return all((consumer.committed(tp, timeout_ms=COMMIT_TIMEOUT_MS) or -1) >= meta.offset
+                   for tp, meta in offsets.items())
+    except KafkaError:
+        return False

@@ -1,0 +1,90 @@
+"""Everything that differs between a laptop, CI and a real cluster, read once from the environment into one frozen
+Settings object; the project's topic names; how groups and transactional ids are named; logging."""
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.workarounds import ClientWarningsOncePer, HidePassword
+
+# Topics: each has a single writer (the orchestrator writes the commands; services write their outcomes).
+MESSAGE_STREAM = "message_stream"        # events in: detections, unit events, service outcomes
+SEC_COMMAND = "sec_command"              # orchestrator -> security_service
+NOTIFICATION_COMMAND = "notification_command"  # orchestrator -> notification_service
+REPORT_DATA = "report_data"              # orchestrator -> reporting_service
+UNIT_COMMAND = "unit_command"            # orchestrator -> unit_event_producer
+THIRD_PARTY = "third_party"              # notification_service -> external systems
+DEAD_LETTER = "dead_letter"              # anything that could not be handled, with the reason
+ALL_TOPICS = [MESSAGE_STREAM, SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND, THIRD_PARTY, DEAD_LETTER]
+
+SECURITY_SETTINGS = {  # kafka-python argument <- environment variable
+    "security_protocol": "KAFKA_SECURITY_PROTOCOL",
+    "sasl_mechanism": "KAFKA_SASL_MECHANISM",
+    "sasl_plain_username": "KAFKA_SASL_USERNAME",
+    "sasl_plain_password": "KAFKA_SASL_PASSWORD",
+    "ssl_cafile": "KAFKA_SSL_CAFILE",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Kafka is, how to sign in, and how this copy names its topics, groups and transactional ids."""
+    bootstrap_servers: str = "localhost:9092"
+    topic_prefix: str = ""        # isolates tests and tenants on one cluster: topics and groups get it
+    partitions: int = 1           # for topics the scripts create
+    replication_factor: int = -1  # -1: the cluster's default
+    instance_id: str = "1"        # this copy's static member id and transactional id; one per running copy
+    security: Mapping[str, str] = field(default_factory=dict)  # kafka-python SASL/TLS arguments
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        return cls(bootstrap_servers=environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"),
+                   topic_prefix=environ.get("TOPIC_PREFIX", ""),
+                   partitions=int(environ.get("TOPIC_PARTITIONS", "1")),
+                   replication_factor=int(environ.get("TOPIC_REPLICATION_FACTOR", "-1")),
+                   instance_id=environ.get("INSTANCE_ID", "1"),
+                   security={arg: environ[env] for arg, env in SECURITY_SETTINGS.items() if environ.get(env)})
+
+    def kafka_config(self) -> dict[str, Any]:
+        """Connection settings for every client: bootstrap address plus any SASL/TLS settings."""
+        return {"bootstrap_servers": self.bootstrap_servers.split(","), "reconnect_backoff_max_ms": 1000,
+                **self.security}
+
+    @property
+    def user(self) -> str | None:
+        return self.security.get("sasl_plain_username")
+
+    def topic(self, name: str) -> str:
+        """The real topic name of a project topic."""
+        return self.topic_prefix + name
+
+    def group(self, name: str) -> str:
+        """The real consumer group name: a prefix isolates groups as it isolates topics."""
+        return self.topic_prefix + name
+
+    def transactional_id(self, group: str) -> str:
+        """Stable per group and copy, so a restarted copy fences its own earlier self and nobody else."""
+        return f"{self.group(group)}-{self.instance_id}"
+
+
+SETTINGS = Settings.from_env()  # built once, at start; pass another Settings where a script needs another prefix
+
+
+def topic(name: str) -> str:
+    """The real topic name of a project topic under this process's settings."""
+    return SETTINGS.topic(name)
+
+
+def setup_logging() -> None:
+    """Log lines with the time and the logger's name; kafka-python's own chatter only at DEBUG."""
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("kafka").setLevel(logging.WARNING)  # the client's own chatter hides the flow
+        logging.getLogger("kafka.net.sasl").setLevel(logging.ERROR)  # "credentials in the clear": README says so
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ClientWarningsOncePer(30.0))
+        handler.addFilter(HidePassword(SETTINGS.security.get("sasl_plain_password")))

@@ -1,0 +1,133 @@
+"""Every workaround of a kafka-python behaviour, in one place. Each names the version it was seen in (3.0.12) and
+what the client does; requirements.txt pins kafka-python to the 3.0 series because two of them touch private
+attributes (`_transaction_manager`, `_sender`). tests/test_workarounds.py shows why each is needed."""
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailedError
+
+# kafka-python 3.0.12 can wait for ever on a transaction step whose coordinator broker died (its sender keeps
+# retrying without finding the new coordinator). A step taking longer than this gives up the producer: a new one
+# finds the new coordinator and fences the old one, whose open transaction is aborted (or finished, if its commit
+# had begun; the loop then checks the committed offsets before handling the batch again).
+TRANSACTION_STEP_TIMEOUT_S = 6.0
+
+
+class Stuck(KafkaTimeoutError):
+    """A transaction step that did not finish in time: the producer is given up, not reused."""
+
+
+def in_background(function: Callable, **kwargs) -> Callable[[float | None], Any]:
+    """Start function(**kwargs) in a daemon thread, which never holds up the process's exit; returns a function
+    that waits for its result (re-raising its error), raising Stuck if it has not finished within the timeout."""
+    outcome: dict[str, Any] = {}
+
+    def run():
+        try:
+            outcome["result"] = function(**kwargs)
+        except Exception as error:  # noqa: BLE001 -- handed over to whoever waits for the result
+            outcome["error"] = error
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result(timeout: float | None = None):
+        thread.join(timeout)
+        if thread.is_alive():
+            raise Stuck(f"did not finish within {timeout:.0f} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+    return result
+
+
+def bounded(step: Callable, *args) -> None:
+    """step(*args), raising Stuck if it takes longer than TRANSACTION_STEP_TIMEOUT_S. kafka-python 3.0.12's
+    `send_offsets_to_transaction`, `commit_transaction` and `abort_transaction` take no timeout and can block for
+    ever when the transaction coordinator's broker dies."""
+    try:
+        in_background(lambda: step(*args))(TRANSACTION_STEP_TIMEOUT_S)
+    except Stuck as error:
+        raise Stuck(f"{getattr(step, '__name__', 'step')} {error.args[0]}") from None
+
+
+def discard(producer: KafkaProducer, timeout: float = 1) -> None:
+    """Close a producer without waiting for what it still holds. kafka-python 3.0.12's close() flushes first and,
+    if that times out, raises before stopping its sender thread, which then goes on retrying for ever; so stop that
+    thread here (no public call does)."""
+    try:
+        producer.close(timeout=timeout)
+    except KafkaError:
+        producer._sender.force_close()  # what close() would have done next
+
+
+def underlying(error: KafkaError, producer: KafkaProducer | None) -> Exception:
+    """The error behind a failed transactional delivery. kafka-python 3.0.12 reports a refused write inside a
+    transaction as a plain KafkaError ("... error state: TopicAuthorizationFailedError") and keeps the real one
+    as the transaction manager's last error."""
+    last = getattr(getattr(producer, "_transaction_manager", None), "last_error", None)
+    return last if type(error) is KafkaError and isinstance(last, Exception) else error
+
+
+class ConnectionWatch(logging.Handler):
+    """Hears why kafka-python's connections fail. kafka-python 3.0.12 only logs a failed sign-in
+    (SaslAuthenticationFailedError) and a broker closing the connection, and retries for ever; the caller sees
+    nothing but a KafkaTimeoutError. Installed while a script waits for Kafka, so that "wrong password" or
+    "sign-in needed" is reported as such instead of as "waiting for Kafka"."""
+
+    @classmethod
+    def install(cls) -> "ConnectionWatch":
+        watch = cls()
+        logging.getLogger("kafka").addHandler(watch)
+        return watch
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.sign_in_error, self.disconnects = None, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        error = next((a for a in args if isinstance(a, SaslAuthenticationFailedError)), None)
+        if error is not None:
+            self.sign_in_error = str(error).split(": ", 1)[-1]  # the broker's reason; never the password
+        elif "socket disconnected" in record.getMessage():
+            self.disconnects += 1
+
+    def remove(self) -> None:
+        logging.getLogger("kafka").removeHandler(self)
+
+
+class HidePassword(logging.Filter):
+    """No log line shows the password: kafka-python 3.0.12 logs its whole configuration, password included, at DEBUG."""
+
+    def __init__(self, password: str | None):
+        super().__init__()
+        self.password = password
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.password and self.password in record.getMessage():
+            record.msg, record.args = record.getMessage().replace(self.password, "********"), None
+        return True
+
+
+class ClientWarningsOncePer(logging.Filter):
+    """Lets through one kafka-python warning per `seconds`: while the broker is down kafka-python 3.0.12 logs
+    several connection warnings a second, which would bury the services' own lines."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.last, self.hidden = seconds, float("-inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("kafka") or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        if record.created - self.last < self.seconds:
+            self.hidden += 1
+            return False
+        if self.hidden:
+            record.msg = f"{record.msg} (and {self.hidden} more client warnings in the last {self.seconds:.0f} s)"
+        self.last, self.hidden = record.created, 0
+        return True

@@ -1,0 +1,199 @@
+"""How a batch is delivered and how delivery recovers, without Kafka: a fake producer and consumer fail the way
+kafka-python does (a failed commit, a stuck transaction step, fencing, a refusal hidden behind a plain error).
+The same recoveries against a real broker: test_reliability.py, test_scale_out.py and test_cluster.py."""
+
+import threading
+
+import pytest
+from kafka.errors import (
+    FencedInstanceIdError,
+    KafkaError,
+    KafkaTimeoutError,
+    NotCoordinatorError,
+    ProducerFencedError,
+    TopicAuthorizationFailedError,
+)
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+import common.workarounds
+from common.delivery import Delivery
+from common.messages import new_event
+
+pytestmark = pytest.mark.no_broker  # runs in `make check`
+
+PARTITION = TopicPartition("t_message_stream", 0)
+OFFSETS = {PARTITION: OffsetAndMetadata(10, "", -1)}
+
+
+class Done:
+    """A send's future, already acknowledged."""
+    is_done = True
+
+    def get(self, timeout=None):
+        return None
+
+
+class FakeProducer:
+    """Records what it is asked; `fail` maps a step name to the error it raises (or "block": never returns)."""
+
+    def __init__(self, fail: dict | None = None):
+        self.fail, self.calls, self.sent = dict(fail or {}), [], []
+        self.released = threading.Event()
+        self._transaction_manager = type("TransactionManager", (), {"last_error": None})()
+        self._sender = type("Sender", (), {"force_close": lambda _: self.calls.append("force_close")})()
+
+    def _step(self, name):
+        self.calls.append(name)
+        outcome = self.fail.pop(name, None)
+        if outcome == "block":
+            self.released.wait(5)
+        elif outcome is not None:
+            raise outcome
+
+    def begin_transaction(self):
+        self._step("begin")
+
+    def send(self, topic, value=None, key=None):
+        self.sent.append(topic)
+        return Done()
+
+    def send_offsets_to_transaction(self, offsets, group_metadata):
+        self._step("send_offsets")
+
+    def commit_transaction(self):
+        self._step("commit")
+
+    def abort_transaction(self):
+        self._step("abort")
+
+    def flush(self, timeout=None):
+        self._step("flush")
+
+    def close(self, timeout=None):
+        self._step("close")
+
+
+class FakeConsumer:
+    """Committed offsets kept in a dict; every call records the timeout it was given."""
+
+    def __init__(self, committed: int | None = None, fail_commit: Exception | None = None):
+        self.offsets = {PARTITION: committed} if committed is not None else {}
+        self.fail_commit, self.timeouts = fail_commit, []
+
+    def group_metadata(self):
+        return "group-metadata"
+
+    def commit(self, offsets, timeout_ms=None):
+        self.timeouts.append(("commit", timeout_ms))
+        if self.fail_commit:
+            raise self.fail_commit
+        self.offsets.update({tp: meta.offset for tp, meta in offsets.items()})
+
+    def committed(self, partition, timeout_ms=None):
+        self.timeouts.append(("committed", timeout_ms))
+        return self.offsets.get(partition)
+
+
+class NeverStopped:
+    def __bool__(self):
+        return False
+
+    def wait(self, seconds):
+        return False
+
+
+def delivery(*producers: FakeProducer, transactional: bool = True) -> tuple[Delivery, list[FakeProducer]]:
+    """A Delivery whose producers are `producers`, in order (one each time it makes a new one)."""
+    queue, made = list(producers), []
+
+    def new_producer(**kwargs):
+        made.append(queue.pop(0))
+        return made[-1]
+    return Delivery("svc", NeverStopped(), "svc-1" if transactional else None, new_producer=new_producer), made
+
+
+def outputs():
+    event = new_event("security_detection", {"sensor_id": "s", "zone": "z", "kind": "smoke", "severity": 2}, "t")
+    return [("sec_command", event, b"s"), ("notification_command", event, b"s")]
+
+
+def test_a_batch_commits_its_outputs_and_offsets_in_one_transaction():
+    d, made = delivery(FakeProducer())
+    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is True
+    assert made[0].calls == ["begin", "send_offsets", "commit"] and len(made[0].sent) == 2
+
+
+def test_a_failed_commit_is_aborted_and_the_batch_handled_again_with_the_same_producer():
+    d, made = delivery(FakeProducer(fail={"commit": NotCoordinatorError("moved")}))
+    consumer = FakeConsumer()
+    assert d.deliver(consumer, outputs(), OFFSETS) is False
+    assert made[0].calls[-1] == "abort"
+    assert d.deliver(consumer, outputs(), OFFSETS) is True and len(made) == 1
+
+
+def test_a_stuck_commit_gives_up_the_producer_and_a_new_one_finds_the_batch_committed(monkeypatch):
+    # Given a commit step that never returns (kafka-python 3.0.12 when the coordinator's broker dies), bounded at 0.2 s
+    monkeypatch.setattr(common.workarounds, "TRANSACTION_STEP_TIMEOUT_S", 0.2)
+    stuck, fresh = FakeProducer(fail={"commit": "block"}), FakeProducer()
+    d, made = delivery(stuck, fresh)
+    # When the batch is delivered, and the group's committed offsets show the commit went through after all
+    result = d.deliver(FakeConsumer(committed=10), outputs(), OFFSETS)
+    stuck.released.set()
+    # Then the stuck producer is closed, a new one is made, and the batch counts as delivered (not handled twice)
+    assert result is True and made == [stuck, fresh] and "close" in stuck.calls and "abort" not in stuck.calls
+
+
+def test_a_stuck_commit_that_did_not_go_through_is_handled_again(monkeypatch):
+    monkeypatch.setattr(common.workarounds, "TRANSACTION_STEP_TIMEOUT_S", 0.2)
+    stuck = FakeProducer(fail={"send_offsets": "block"})
+    d, made = delivery(stuck, FakeProducer())
+    consumer = FakeConsumer(committed=4)
+    assert d.deliver(consumer, outputs(), OFFSETS) is False
+    stuck.released.set()
+    assert len(made) == 2 and ("committed", 6000) in consumer.timeouts  # the look-up is bounded too
+
+
+def test_fenced_once_takes_a_new_producer_and_fenced_again_soon_means_another_copy_runs():
+    # Given producers that another process fences (a fenced producer cannot abort either)
+    def fenced_producer():
+        return FakeProducer(fail={"commit": ProducerFencedError("fenced"), "abort": ProducerFencedError("fenced")})
+    d, made = delivery(fenced_producer(), fenced_producer())
+    # When a batch meets fencing once: a new producer, and the batch is handled again
+    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False and len(made) == 2
+    # Then fencing again within 30 s stops the service (FencedInstanceIdError), instead of a fencing war
+    with pytest.raises(FencedInstanceIdError):
+        d.deliver(FakeConsumer(), outputs(), OFFSETS)
+
+
+def test_a_refusal_hidden_behind_a_plain_error_ends_the_script():
+    # kafka-python 3.0.12 reports a refused write inside a transaction as a plain KafkaError
+    producer = FakeProducer(fail={"commit": KafkaError("... error state: TopicAuthorizationFailedError")})
+    producer._transaction_manager.last_error = TopicAuthorizationFailedError("sec_command")
+    d, _ = delivery(producer)
+    with pytest.raises(SystemExit) as stopped:
+        d.deliver(FakeConsumer(), outputs(), OFFSETS)
+    assert stopped.value.code == 3
+
+
+def test_at_least_once_commits_with_a_bound_only_after_every_output_is_acknowledged():
+    d, made = delivery(FakeProducer(), transactional=False)
+    consumer = FakeConsumer()
+    assert d.deliver(consumer, outputs(), OFFSETS) is True
+    assert made[0].calls == ["flush"] and consumer.offsets[PARTITION] == 10 and consumer.timeouts == [("commit", 6000)]
+
+
+def test_at_least_once_a_commit_that_times_out_is_handled_again():
+    d, _ = delivery(FakeProducer(), transactional=False)
+    assert d.deliver(FakeConsumer(fail_commit=KafkaTimeoutError("no answer")), outputs(), OFFSETS) is False
+
+
+def test_a_producer_that_could_not_start_is_made_again_on_the_next_batch():
+    def new_producer(**kwargs):
+        made.append(kwargs)
+        if len(made) == 1:
+            raise KafkaTimeoutError("broker away")
+        return FakeProducer()
+    made: list = []
+    d = Delivery("svc", NeverStopped(), None, new_producer=new_producer)
+    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False
+    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is True and len(made) == 2

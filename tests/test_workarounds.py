@@ -1,0 +1,100 @@
+"""Why each kafka-python workaround in common/workarounds.py is there: the client's behaviour it works around,
+shown where it can be (a real broker for the producer that will not close), and what the workaround then does.
+Two behaviours need a broker to die or a secured cluster, so the tests that show them live there:
+test_cluster.py kills the transaction coordinator's broker (the unbounded transaction step), and test_secure.py
+writes a topic the user may not (the refusal hidden behind a plain KafkaError)."""
+
+import logging
+import threading
+import time
+
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailedError, TopicAuthorizationFailedError
+
+import common.workarounds
+import local_kafka
+from common.workarounds import ClientWarningsOncePer, ConnectionWatch, HidePassword, Stuck, bounded, discard, underlying
+
+
+def test_a_producer_whose_broker_is_gone_is_not_stopped_by_close_but_is_by_discard(tmp_path):
+    # Given a producer with a record in hand whose broker has gone away (a broker of this test's own)
+    broker, _ = local_kafka.start(local_kafka.free_port(), tmp_path)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=broker.address)
+        admin.create_topics([NewTopic("held", 1, 1)])
+        admin.close()
+        producer = KafkaProducer(bootstrap_servers=broker.address)
+        producer.send("held", b"first").get(timeout=30)
+    finally:
+        local_kafka.stop(tmp_path)
+    producer.send("held", b"second")
+    # When it is closed with a timeout, kafka-python 3.0.12 raises and leaves its sender thread retrying
+    with pytest.raises(KafkaTimeoutError):
+        producer.close(timeout=1)
+    assert producer._sender.is_alive()
+    # Then discard() stops the sender, which close() never reached
+    discard(producer)
+    producer._sender.join(5)
+    assert not producer._sender.is_alive()
+
+
+@pytest.mark.no_broker
+def test_a_transaction_step_that_blocks_is_given_up_after_the_bound(monkeypatch):
+    monkeypatch.setattr(common.workarounds, "TRANSACTION_STEP_TIMEOUT_S", 0.1)
+    never = threading.Event()
+
+    def commit_transaction():
+        never.wait(5)
+    began = time.monotonic()
+    with pytest.raises(Stuck, match="commit_transaction did not finish"):
+        bounded(commit_transaction)
+    assert time.monotonic() - began < 2
+    never.set()
+
+
+@pytest.mark.no_broker
+def test_the_real_error_of_a_failed_transaction_is_found_behind_the_plain_one():
+    hidden = TopicAuthorizationFailedError("sec_command")
+    producer = type("Producer", (), {"_transaction_manager": type("Manager", (), {"last_error": hidden})()})()
+    assert underlying(KafkaError("... error state: TopicAuthorizationFailedError"), producer) is hidden
+    specific = KafkaTimeoutError("slow")
+    assert underlying(specific, producer) is specific  # a specific error is its own cause
+
+
+@pytest.mark.no_broker
+def test_a_sign_in_failure_is_heard_in_the_clients_log_records():
+    # kafka-python logs the failed sign-in and retries; the caller only ever sees a timeout
+    watch = ConnectionWatch.install()
+    try:
+        logging.getLogger("kafka.conn").error("%s: %s", "<conn>", SaslAuthenticationFailedError(
+            "Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM"))
+        logging.getLogger("kafka.conn").error("%s socket disconnected", "<conn>")
+    finally:
+        watch.remove()
+    assert watch.sign_in_error.startswith("Authentication failed during authentication due to invalid credentials")
+    assert watch.disconnects == 1
+
+
+def record(name: str, message: str, *args, created: float | None = None) -> logging.LogRecord:
+    entry = logging.LogRecord(name, logging.WARNING, __file__, 1, message, args, None)
+    if created is not None:
+        entry.created = created
+    return entry
+
+
+@pytest.mark.no_broker
+def test_the_password_in_the_clients_debug_configuration_is_masked():
+    line = record("kafka.producer", "Starting the Kafka producer with config %s", {"sasl_plain_password": "s3cret"})
+    assert HidePassword("s3cret").filter(line) and "s3cret" not in line.getMessage() and "********" in line.getMessage()
+
+
+@pytest.mark.no_broker
+def test_a_burst_of_client_warnings_shows_one_line_then_how_many_were_hidden():
+    only_one = ClientWarningsOncePer(30.0)
+    burst = [record("kafka.conn", "connect to %s failed", "localhost:9092", created=100 + i / 10) for i in range(10)]
+    assert [only_one.filter(r) for r in burst] == [True] + [False] * 9
+    later = record("kafka.conn", "connect to %s failed", "localhost:9092", created=131)
+    assert only_one.filter(later) and later.getMessage().endswith("(and 9 more client warnings in the last 30 s)")
+    assert only_one.filter(record("orchestrator", "routed", created=131.1))  # the services' own lines always pass

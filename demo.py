@@ -87,7 +87,8 @@ class Walkthrough:
         self.children.start("reporting", "reporting_service.py", "--example", "2", "--every", str(self.stage))
         self.children.stop("orchestrator")
         stopped_at = time.time()
-        console.print("[bold]orchestrator stopped; detections keep arriving and wait in message_stream")
+        console.print(f"[bold]orchestrator stopped; detections keep arriving and wait in "
+                      f"{self.env['TOPIC_PREFIX']}message_stream")
         self.tail.wait(lambda: False, timeout=self.stage / 2)  # let a backlog build while it is down
         restarted_at = time.time()
         self.children.start("orchestrator", "orchestrator.py", "--example", "2")

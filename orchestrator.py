@@ -74,7 +74,7 @@ def route(event: Envelope, example: int = 3) -> list[Output]:
                 (REPORT_DATA, report(event, "unit", event.payload["status"], event.payload["unit_id"]))]
     elif event.type == "security_action_failed":  # compensation is just another route: escalate to a human
         return [(NOTIFICATION_COMMAND, escalate(event))]
-    elif event.type in ("security_action_completed", "unit_command_applied"):  # a step reported done; nothing follows
+    elif reports_done(event.type):  # a step reported done (security_action_completed, ...): nothing follows
         return []
     else:
         raise DeadLetter(f"no route for {event.type!r} at example {example}")
@@ -113,6 +113,11 @@ def unit_command(event: Envelope) -> Envelope:
 def report(event: Envelope, workflow: str, category: str, entity: str) -> Envelope:
     return caused_by(event, "report", "report_data", {
         "workflow": workflow, "category": category, "entity": entity, "zone": event.payload.get("zone", "")}, SOURCE)
+
+
+def reports_done(event_type: str) -> bool:
+    """Whether an event reports a step of some workflow done."""
+    return any(event_type in step.done for workflow in WORKFLOWS.values() for step in workflow.steps)
 
 
 def workflow_of(event_type: str) -> str | None:

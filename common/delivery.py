@@ -72,7 +72,9 @@ class Delivery:
         self._abandon(error)
         if self.transactional and self.producer is None:
             self.producer = self._settle()
-        if self.producer is not None and self.transactional and offsets and committed_after_all(consumer, offsets):
+            if self.producer is None:  # stopped meanwhile: the batch waits in Kafka for the next start
+                return False
+        if self.transactional and offsets and committed_after_all(consumer, offsets):
             log.info("%s: a batch whose commit seemed to fail (%s) had been committed; going on", self.name, error)
             return True
         log.warning("%s: could not deliver a batch (%s); handling it again", self.name, error)
@@ -127,7 +129,7 @@ def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs
 def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Triple],
                                 offsets: dict, settings: Settings) -> None:
     """At least once: the offsets are committed only after Kafka acknowledged every output."""
-    wait_for_acks(producer, [send(producer, t, m, key, settings) for t, m, key in outputs])
+    wait_for_acks(producer, [send(producer, t, m, key, settings) for t, m, key in outputs], "batch")
     if offsets:
         consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
 

@@ -50,6 +50,8 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
     try:
         while not stop:
             batch = poller.poll(timeout_ms=100 if tick else 500)
+            if batch is None:  # the broker is away: nothing new is made until it is back
+                continue
             unsent += tick() if tick else []
             if not batch and not unsent:
                 continue
@@ -122,14 +124,14 @@ def join(stop: "Stopper", group: str, inputs: list[str], settings: Settings) -> 
 
 class Poller:
     """consumer.poll that outlives a broker outage: while the broker or the group coordinator is away it returns
-    nothing and says so every 10 s (the service waits, it does not crash). A user who may not read an input or use
+    None and says so every 10 s (the service waits, it does not crash). A user who may not read an input or use
     the group is told so, and the script ends."""
 
     def __init__(self, consumer: KafkaConsumer, name: str, stop: "Stopper", settings: Settings):
         self.consumer, self.name, self.stop, self.settings = consumer, name, stop, settings
         self.last_warning = float("-inf")
 
-    def poll(self, timeout_ms: int) -> dict:
+    def poll(self, timeout_ms: int) -> dict | None:
         try:
             return self.consumer.poll(timeout_ms=timeout_ms)
         except AuthorizationError as error:
@@ -141,7 +143,7 @@ class Poller:
                 log.warning("%s: Kafka unavailable (%s); carrying on when it is back", self.name, error)
                 self.last_warning = time.monotonic()
             self.stop.wait(0.5)
-            return {}
+            return None
 
 
 def rewind(consumer: KafkaConsumer, batch: dict) -> None:

@@ -5,6 +5,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from common.workarounds import ClientWarningsOncePer, HidePassword
@@ -46,7 +47,8 @@ class Settings:
                    partitions=int(environ.get("TOPIC_PARTITIONS", "1")),
                    replication_factor=int(environ.get("TOPIC_REPLICATION_FACTOR", "-1")),
                    instance_id=environ.get("INSTANCE_ID", "1"),
-                   security={arg: environ[env] for arg, env in SECURITY_SETTINGS.items() if environ.get(env)})
+                   security=MappingProxyType({arg: environ[env] for arg, env in SECURITY_SETTINGS.items()
+                                              if environ.get(env)}))
 
     def kafka_config(self) -> dict[str, Any]:
         """Connection settings for every client: bootstrap address plus any SASL/TLS settings."""

@@ -13,7 +13,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailed
 # kafka-python 3.0.12 can wait for ever on a transaction step whose coordinator broker died (its sender keeps
 # retrying without finding the new coordinator). A step taking longer than this gives up the producer: a new one
 # finds the new coordinator and fences the old one, whose open transaction is aborted (or finished, if its commit
-# had begun; the loop then checks the committed offsets before handling the batch again).
+# had begun; the Delivery then checks the committed offsets before the batch is handled again).
 TRANSACTION_STEP_TIMEOUT_S = 6.0
 
 

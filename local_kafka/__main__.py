@@ -69,8 +69,7 @@ def start(args) -> int:
         import acls  # the project's access rules: needs kafka-python, so only imported here
         from common import Settings
         prefix = os.environ.get("TOPIC_PREFIX", "")
-        acls.grant(Settings.from_env({**local_kafka.client_env(cluster.address, True, data_dir, "admin"),
-                                      "TOPIC_PREFIX": prefix}))
+        acls.grant(Settings.from_env({**os.environ, **local_kafka.client_env(cluster.address, True, data_dir, "admin")}))
         print(f"users {', '.join(local_kafka.credentials(data_dir))} may each do only their own job on topics prefixed "
               f"{prefix!r} (acls.py); passwords in {data_dir / 'credentials.json'}")
         print('connect a script as its user:  eval "$(python -m local_kafka env orchestrator)"')

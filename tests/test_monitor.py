@@ -80,8 +80,9 @@ def test_a_workflow_added_to_the_orchestrators_definition_alone_is_followed_by_t
     screen = Console(width=200, record=True)
     screen.print(render(flow, None))
     assert "reported 0.00 → routed 1.00 → repaired 3.00" in screen.export_text()
-    # And an orchestrator split off for it owns its events
+    # And an orchestrator split off for it owns its events, and its step's report ends the step (no dead letter)
     assert owns("repair_done", {"repair"}) and not owns("repair_done", {"security"})
+    assert route(envelope("repair_done", "r1", 0, ".done")) == []
 
 
 def at(message, seconds_ago: float):

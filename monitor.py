@@ -13,10 +13,12 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict, deque
+import random
+from array import array
+from collections import OrderedDict, defaultdict, deque
 
 from kafka import KafkaAdminClient, KafkaConsumer
-from kafka.errors import KafkaError
+from kafka.errors import AuthorizationError, KafkaError
 from kafka.structs import TopicPartition
 from pydantic import ValidationError
 from rich.console import Console, Group
@@ -24,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, SETTINGS, Envelope, Settings, Stopper, ensure_topics,
-                    setup_logging, wait_for_kafka)
+                    refused, setup_logging, wait_for_kafka)
 from orchestrator import WORKFLOWS, group_for
 
 
@@ -50,30 +52,79 @@ def groups() -> list[str]:
     return [group_for(set(WORKFLOWS)), *(group_for({name}) for name in WORKFLOWS), *services]
 
 
+class Folded:
+    """Workflows of one type that left the window: exact counts, and (start, latency, failed) of each, or of a
+    uniform random sample of `cap` of them once there are more (so memory stays bounded)."""
+
+    def __init__(self, cap: int = 200_000):
+        self.cap, self.count, self.completed, self.failed = cap, 0, 0, 0
+        self.starts, self.latencies, self.failures = array("d"), array("d"), array("b")
+
+    def add(self, start: float, latency: float | None, failed: bool) -> None:
+        self.count += 1
+        self.completed += latency is not None
+        self.failed += failed
+        row = (start, math.nan if latency is None else latency, failed)
+        if len(self.starts) < self.cap:
+            for column, value in zip((self.starts, self.latencies, self.failures), row, strict=True):
+                column.append(value)
+        elif (slot := random.randrange(self.count)) < self.cap:
+            self.starts[slot], self.latencies[slot], self.failures[slot] = row
+
+    def rows(self, since: float) -> tuple[list[tuple[float | None, bool]], float]:
+        """(latency or None, failed) of the kept workflows started since `since`, and how many each row stands for."""
+        rows = [(None if math.isnan(latency) else latency, bool(failed))
+                for start, latency, failed in zip(self.starts, self.latencies, self.failures, strict=True) if start >= since]
+        return rows, max(1.0, self.count / max(1, len(self.starts)))
+
+
 class Flow:
     """What the topics say about each workflow: when each message type of it appeared (created_at, epoch seconds).
-    Pure bookkeeping: add() what was read, then ask; Tail below does the reading."""
+    Pure bookkeeping: add() what was read, then ask; Tail below does the reading. Memory is bounded: the newest
+    `window` workflows are kept message by message, older finished ones only as counts (Folded)."""
 
-    def __init__(self, sla: float = 5.0, settings: Settings = SETTINGS):
-        self.sla, self.settings = sla, settings
-        self.kind: dict[str, str] = {}                       # workflow id -> "security" | "unit" | ...
+    def __init__(self, sla: float = 5.0, settings: Settings = SETTINGS, window: int = 50_000):
+        self.sla, self.settings, self.window = sla, settings, window
+        self.kind: dict[str, str] = {}                       # workflow id -> "security" | "unit" | ... (the window)
         self.times: dict[str, dict[str, float]] = defaultdict(dict)  # workflow id -> message type -> first seen
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # recent (topic, id), to spot duplicates
         self.duplicates = 0                                   # the same command or effect twice
         self.arrivals: dict[str, deque] = defaultdict(deque)  # topic -> recent arrival times, for rates
-        self.dead_letters: list[Envelope] = []
+        self.dead_letters, self.last_reason = 0, "-"
+        self.folded: dict[str, Folded] = defaultdict(Folded)  # kind -> the workflows that left the window
+        self.unknown_fate = 0                                 # left the window before they finished
         self.starts = {workflow.starts_with: name for name, workflow in WORKFLOWS.items()}
 
     def add(self, topic_name: str, message: Envelope) -> None:
         if topic_name == self.settings.topic(DEAD_LETTER):
-            self.dead_letters.append(message)
+            self.dead_letters += 1
+            self.last_reason = str(message.payload.get("reason", "(no reason given)"))[:200]
             return
         if (topic_name, message.id) in self.seen and topic_name != self.settings.topic(MESSAGE_STREAM):
             self.duplicates += 1  # (a replayed event on message_stream is not a duplicate effect)
-        self.seen.add((topic_name, message.id))
+        self.seen[(topic_name, message.id)] = None
+        if len(self.seen) > 8 * self.window:
+            self.seen.popitem(last=False)
         if message.type in self.starts:
             self.kind[message.workflow_id] = self.starts[message.type]
         self.times[message.workflow_id].setdefault(message.type, message.created_at.timestamp())
+        if len(self.times) > self.window * 1.2:
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the oldest finished workflows into the counts until the window holds `window`; past twice that,
+        the oldest of any state go too (counted as of unknown fate)."""
+        now, excess = time.time(), len(self.times) - self.window
+        gone = [w for w in self.times if w in self.kind and self.state(w, now) in ("completed", "failed")][:excess]
+        if len(self.times) - len(gone) > 2 * self.window:
+            gone += [w for w in list(self.times)[:excess] if w not in gone]
+        for workflow in gone:
+            if workflow in self.kind:
+                state, latency = self.state(workflow, now), self.latency(workflow)
+                kind = self.kind.pop(workflow)
+                self.folded[kind].add(self.times[workflow][WORKFLOWS[kind].starts_with], latency, state == "failed")
+                self.unknown_fate += state not in ("completed", "failed")
+            del self.times[workflow]
 
     def step_times(self, workflow: str) -> list[tuple[str, float | None, str, bool]]:
         times = self.times[workflow]
@@ -107,21 +158,29 @@ class Flow:
         return max(needed) - needed[0]
 
     def counts(self) -> tuple[int, int]:
-        """(workflows started, workflows completed)."""
-        return len(self.kind), sum(self.completed(w) for w in self.kind)
+        """(workflows started, workflows completed), those out of the window included."""
+        return (len(self.kind) + sum(f.count for f in self.folded.values()),
+                sum(self.completed(w) for w in self.kind) + sum(f.completed for f in self.folded.values()))
 
     def sla_report(self, window: float | None = None) -> dict:
-        """Per workflow type: completed count, p50/p95/p99 latency (s) and breaches (late, stuck or failed)."""
-        now, report = time.time(), {}
+        """Per workflow type: completed count, p50/p95/p99 latency (s) and breaches (late, stuck or failed). Past
+        the Folded sample's cap, the figures of workflows out of the window are estimated from the sample."""
+        now = time.time()
+        since = float("-inf") if window is None else now - window
+        report = {}
         for kind, definition in WORKFLOWS.items():
-            workflows = [w for w, k in self.kind.items() if k == kind
-                         and (window is None or self.times[w][definition.starts_with] >= now - window)]
-            latencies = [lat for w in workflows if (lat := self.latency(w)) is not None]
-            late = sum(lat > self.sla for lat in latencies)
-            unfinished = sum(self.state(w, now) != "running" and self.latency(w) is None for w in workflows)
-            report[kind] = {"count": len(workflows), "completed": len(latencies),
+            rows = [(self.latency(w), self.state(w, now) == "running") for w, k in self.kind.items()
+                    if k == kind and self.times[w][definition.starts_with] >= since]
+            folded, weight = self.folded[kind].rows(since)
+            latencies = [lat for lat, _ in rows + folded if lat is not None]
+            late = sum(lat > self.sla for lat, _ in rows if lat is not None) + weight * sum(
+                lat > self.sla for lat, _ in folded if lat is not None)
+            unfinished = sum(lat is None and not running for lat, running in rows) + weight * sum(
+                lat is None for lat, _ in folded)
+            completed = sum(lat is not None for lat, _ in rows) + weight * sum(lat is not None for lat, _ in folded)
+            report[kind] = {"count": len(rows) + round(weight * len(folded)), "completed": round(completed),
                             **{f"p{p}": round(percentile(latencies, p), 3) if latencies else None for p in (50, 95, 99)},
-                            "sla_s": self.sla, "breaches": late + unfinished}
+                            "sla_s": self.sla, "breaches": round(late + unfinished)}
         return report
 
     def rates(self, seconds: float = 10.0) -> dict[str, float]:
@@ -153,21 +212,30 @@ class Tail:
         self.consumer.seek_to_beginning()
 
     def poll(self, timeout_ms: int = 200) -> None:
-        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+        try:
+            batches = self.consumer.poll(timeout_ms=timeout_ms)
+        except AuthorizationError as error:  # a user who may not read every topic: one line, not a traceback
+            raise refused("monitor", error, self.flow.settings) from None
+        for records in batches.values():
+            arrivals = self.flow.arrivals[records[0].topic]
             for record in records:
-                self.flow.arrivals[record.topic].append(record.timestamp / 1000)  # when Kafka got it
+                arrivals.append(record.timestamp / 1000)  # when Kafka got it
                 try:
                     message = Envelope.model_validate_json(record.value)
                 except ValidationError:  # junk on an input topic: the service reading it dead-letters it
                     continue
                 self.flow.add(record.topic, message)
+            while arrivals and arrivals[0] < arrivals[-1] - 10:  # only the last 10 s count for rates
+                arrivals.popleft()
 
-    def read_to_end(self, timeout: float = 30.0) -> None:
-        """Read everything on the topics now (for --once and reports)."""
+    def read_to_end(self, stop=None) -> bool:
+        """Read everything on the topics now (for --once and reports); False if stopped before the end."""
         end = self.consumer.end_offsets(self.partitions)
-        deadline = time.monotonic() + timeout
-        while any(self.consumer.position(p) < end[p] for p in self.partitions) and time.monotonic() < deadline:
+        while any(self.consumer.position(p) < end[p] for p in self.partitions):
+            if stop:
+                return False
             self.poll()
+        return True
 
     def wait(self, condition, timeout: float) -> bool:
         """Keep reading until condition() holds or timeout seconds pass."""
@@ -213,11 +281,15 @@ def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
     traffic = "  ".join(f"{name} {rate:.1f}/s" for name, rate in flow.rates().items())
     lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
     lags += "  (a transaction's commit marker also counts as one)" if lag else ""
-    last = flow.dead_letters[-1].payload["reason"] if flow.dead_letters else "-"
+    last = flow.last_reason
     started, completed = flow.counts()
+    if flow.unknown_fate:
+        completed_note = f" ({flow.unknown_fate} left the monitor's window of {flow.window} before they finished)"
+    else:
+        completed_note = ""
     lines = [f"messages per second (last 10 s): {traffic}"] + ([f"consumer lag: {lags}"] if lag is not None else [])
-    return Group(table, *lines, f"dead letters: {len(flow.dead_letters)} (last: {last})",
-                 f"workflows: {started} started, {completed} completed, duplicates {flow.duplicates}")
+    return Group(table, *lines, f"dead letters: {flow.dead_letters} (last: {last})",
+                 f"workflows: {started} started, {completed} completed, duplicates {flow.duplicates}{completed_note}")
 
 
 def print_sla_report(report: dict, as_json: bool) -> None:
@@ -248,11 +320,11 @@ def main() -> None:
     flow, console = Flow(args.sla), Console(width=None if sys.stdout.isatty() else 200)
     tail = Tail(flow)
     try:
+        if (args.sla_report or args.once) and not tail.read_to_end(stop):
+            raise SystemExit("monitor: stopped before reading to the end of the topics; no figures printed")
         if args.sla_report:
-            tail.read_to_end()
             print_sla_report(flow.sla_report(args.window), args.json)
         elif args.once:
-            tail.read_to_end()
             console.print(render(flow, tail.lag(admin), args.rows))
         else:
             with Live(render(flow, None, args.rows), console=console, refresh_per_second=2) as live:

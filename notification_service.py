@@ -16,8 +16,9 @@ def notify(command: Envelope) -> list[Output]:
     """'Send' the notification (a log line here) and tell the outside world it went out."""
     expect(command, "notification_command")
     note = command.payload
+    delivered = caused_by(command, "delivered", "notification_delivered", note, "notification_service")  # (before acting)
     log.info("NOTIFY %s %s: %s (workflow %s)", note["channel"], note["recipient"], note["text"], command.workflow_id[:8])
-    return [(THIRD_PARTY, caused_by(command, "delivered", "notification_delivered", note, "notification_service"))]
+    return [(THIRD_PARTY, delivered)]
 
 
 def main() -> None:

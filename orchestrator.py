@@ -209,8 +209,9 @@ def main() -> None:
 
     # Exactly once: the commands routed from a batch and the batch's offsets commit in one Kafka transaction.
     # A split orchestrator's new group takes over where the single orchestrator left off, not from the beginning.
+    # dedupe: an event handled before is not routed again, and the same id with other content is a dead letter.
     run_service("orchestrator", [MESSAGE_STREAM], handle, group=group, transactional=not args.no_transactions,
-                start_like="orchestrator" if split else None)
+                dedupe=True, start_like="orchestrator" if split else None)
 
 
 if __name__ == "__main__":

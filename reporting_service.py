@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 
-from common import REPORT_DATA, DeadLetter, Envelope, Output, expect, run_service, setup_logging
+from common import REPORT_DATA, DeadLetter, Envelope, Output, Unavailable, expect, run_service, setup_logging
 
 log = logging.getLogger("reporting_service")
 SCHEMA = """
@@ -25,11 +25,47 @@ CREATE TABLE IF NOT EXISTS units (unit_id TEXT PRIMARY KEY, last_status TEXT, ev
 
 
 def open_store(path: str, create: bool = True) -> sqlite3.Connection:
-    # A locked store fails fast (1 s): the loop retries the message, then dead-letters it.
+    # A locked store fails fast (1 s): the loop then waits for it and tries again.
     db = sqlite3.connect(path if create else f"file:{path}?mode=ro", uri=not create, timeout=1.0)
     if create:
         db.executescript(SCHEMA)
     return db
+
+
+class Store:
+    """The report store, (re)opened on use: a file removed or replaced meanwhile is opened anew. A store that cannot
+    be used now (locked, read-only, disk error) is Unavailable: the loop waits and tries again, nothing is
+    dead-lettered for it. Only a report that the store refuses as such is a dead letter."""
+
+    def __init__(self, path: str):
+        self.path, self.db, self.file = path, None, None
+
+    def use(self, work):
+        """work(connection), inside the store's own transaction for writes."""
+        try:
+            if self.db is None or self.file != self._file():
+                self.close()
+                self.db = open_store(self.path)
+                self.file = self._file()
+            return work(self.db)
+        except (sqlite3.IntegrityError, sqlite3.DataError) as error:
+            raise DeadLetter(f"the report store refuses this report: {error}") from None
+        except (sqlite3.Error, OSError) as error:  # locked, read-only, deleted, disk I/O error ...
+            self.close()  # opened anew on the next try
+            raise Unavailable(f"the report store {self.path} cannot be used ({error})") from None
+
+    def _file(self) -> tuple[int, int] | None:
+        """Which file is at the path now (device, inode), or None if there is none."""
+        try:
+            info = os.stat(self.path)
+            return info.st_dev, info.st_ino
+        except FileNotFoundError:
+            return None
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+        self.db = None
 
 
 def store(db: sqlite3.Connection, message: Envelope, example: int) -> list[Output]:
@@ -84,25 +120,27 @@ def main() -> None:
     if args.every <= 0:
         parser.error("--every must be above 0")
     setup_logging()
-    try:
-        db = open_store(args.db, create=not args.summary)
-    except sqlite3.Error as error:
-        raise SystemExit(f"reporting_service: cannot open the report store {args.db!r}: {error}") from None
     if args.summary:
-        counts = summary(db)
+        try:
+            counts = summary(open_store(args.db, create=False))
+        except sqlite3.Error as error:
+            raise SystemExit(f"reporting_service: cannot open the report store {args.db!r}: {error}") from None
         print(json.dumps(counts, sort_keys=True) if args.json else json.dumps(counts, indent=2, sort_keys=True))
         return
-    next_summary = time.monotonic() + args.every
+    reports, next_summary = Store(args.db), time.monotonic() + args.every
 
     def print_summary_when_due() -> list:
         nonlocal next_summary
         if time.monotonic() >= next_summary:
             next_summary = time.monotonic() + args.every
-            log.info("summary: %s", json.dumps(summary(db), sort_keys=True))
+            try:
+                log.info("summary: %s", json.dumps(reports.use(summary), sort_keys=True))
+            except (Unavailable, DeadLetter) as why:  # the store's trouble is reported by the loop as it waits
+                log.warning("no summary now: %s", why)
         return []
 
     log.info("storing reports in %s (unit section %s)", args.db, "on" if args.example >= 3 else "off")
-    run_service("reporting_service", [REPORT_DATA], lambda message: store(db, message, args.example),
+    run_service("reporting_service", [REPORT_DATA], lambda message: reports.use(lambda db: store(db, message, args.example)),
                 tick=print_summary_when_due)
 
 

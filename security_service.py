@@ -25,12 +25,12 @@ def carry_out(command: Envelope, fail_zones: frozenset = frozenset()) -> list[Ou
             "action": command.payload["action"], "zone": command.payload["zone"],
             "detail": "actuator not responding"}, "security_service"))]
     action, zone = command.payload["action"], zones[command.payload["zone"]]
-    zone["actions"] += 1
-    zone["state"] = {"inspect": zone["state"], "lock_zone": "locked", "dispatch_guard": "guard_dispatched"}[action]
-    log.info("%s in %s -> zone now %s (workflow %s)", action, command.payload["zone"], zone["state"],
-             command.workflow_id[:8])
-    return [(MESSAGE_STREAM, caused_by(command, "done", "security_action_completed", {
-        "action": action, "zone": command.payload["zone"], "detail": f"zone {zone['state']}"}, "security_service"))]
+    state = {"inspect": zone["state"], "lock_zone": "locked", "dispatch_guard": "guard_dispatched"}[action]
+    outcome = caused_by(command, "done", "security_action_completed", {  # (built before acting: it can reject)
+        "action": action, "zone": command.payload["zone"], "detail": f"zone {state}"}, "security_service")
+    zone["actions"], zone["state"] = zone["actions"] + 1, state
+    log.info("%s in %s -> zone now %s (workflow %s)", action, command.payload["zone"], state, command.workflow_id[:8])
+    return [(MESSAGE_STREAM, outcome)]
 
 
 def main() -> None:

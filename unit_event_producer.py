@@ -34,10 +34,11 @@ def apply(command: Envelope) -> list[Output]:
     """Apply a command to the simulated unit and report that it was applied."""
     expect(command, "unit_command")
     unit, what = command.payload["unit_id"], command.payload["command"]
+    applied = caused_by(command, "applied", "unit_command_applied",  # (built before acting: it can reject the command)
+                        {"unit_id": unit, "command": what, "state": STATE_AFTER[what]}, "unit_event_producer")
     units[unit] = STATE_AFTER[what]
     log.info("%s: %s applied -> %s (workflow %s)", unit, what, units[unit], command.workflow_id[:8])
-    return [(MESSAGE_STREAM, caused_by(command, "applied", "unit_command_applied",
-                                       {"unit_id": unit, "command": what, "state": units[unit]}, "unit_event_producer"))]
+    return [(MESSAGE_STREAM, applied)]
 
 
 def main() -> None:

@@ -12,7 +12,7 @@
 
 from common.clients import (answers_kafka, ensure_topics, make_consumer, make_producer, read_all, refused, send,
                             wait_for_acks, wait_for_kafka)
-from common.handling import Handler, Seen, Triple, handle_batch
+from common.handling import Handler, Seen, Triple, Unavailable, handle_batch
 from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, Envelope, Output, caused_by, dead_letter, expect,
                              new_event, parse)
 from common.service import Pacer, Stopper, run_producer, run_service
@@ -21,7 +21,7 @@ from common.settings import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATI
 from common.workarounds import discard
 
 __all__ = ["answers_kafka", "ensure_topics", "make_consumer", "make_producer", "read_all", "refused", "send",
-           "wait_for_acks", "wait_for_kafka", "Handler", "Seen", "Triple", "handle_batch", "MAX_MESSAGE_BYTES",
+           "wait_for_acks", "wait_for_kafka", "Handler", "Seen", "Triple", "Unavailable", "handle_batch", "MAX_MESSAGE_BYTES",
            "SCHEMAS", "DeadLetter", "Envelope", "Output", "caused_by", "dead_letter", "expect", "new_event", "parse",
            "Pacer", "Stopper", "run_producer", "run_service", "ALL_TOPICS", "DEAD_LETTER", "MESSAGE_STREAM",
            "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "THIRD_PARTY", "UNIT_COMMAND", "Settings",

@@ -17,6 +17,7 @@ from common.settings import ALL_TOPICS, SETTINGS, Settings
 from common.workarounds import ConnectionWatch
 
 log = logging.getLogger("common")
+SESSION_TIMEOUT_MS = 10_000  # a member silent this long (a killed copy) loses its partitions to the others
 
 
 def make_producer(transactional_id: str | None = None, settings: Settings = SETTINGS, **overrides) -> KafkaProducer:
@@ -46,7 +47,7 @@ def make_consumer(group: str, topics: list[str], static: bool = False, settings:
     A static member (group_instance_id) restarted within the session timeout rejoins without waiting out a
     rebalance, which is what keeps an orchestrator restart short."""
     config = dict(settings.kafka_config(), group_id=settings.group(group), enable_auto_commit=False,
-                  auto_offset_reset="earliest", isolation_level="read_committed", session_timeout_ms=10_000,
+                  auto_offset_reset="earliest", isolation_level="read_committed", session_timeout_ms=SESSION_TIMEOUT_MS,
                   max_poll_records=500, client_id=settings.group(group), fetch_max_wait_ms=50)
     if static:
         config["group_instance_id"] = f"{settings.group(group)}-{settings.instance_id}"
@@ -54,12 +55,12 @@ def make_consumer(group: str, topics: list[str], static: bool = False, settings:
     return KafkaConsumer(*[settings.topic(name) for name in topics], **config)
 
 
-def send(producer: KafkaProducer, name: str, message: Envelope, key: bytes | str | None = None,
+def send(producer: KafkaProducer, name: str, value: Envelope | bytes, key: bytes | str | None = None,
          settings: Settings = SETTINGS):
-    """Produce one envelope to a project topic; returns the future."""
+    """Produce one message (an envelope, or one already serialised) to a project topic; returns the future."""
     if isinstance(key, str):
         key = key.encode()
-    return producer.send(settings.topic(name), value=message.to_bytes(), key=key)
+    return producer.send(settings.topic(name), value=value.to_bytes() if isinstance(value, Envelope) else value, key=key)
 
 
 def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "") -> None:
@@ -88,10 +89,11 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings = SETTINGS, names:
         pass
 
 
-def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS) -> KafkaAdminClient | None:
+def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = True) -> KafkaAdminClient | None:
     """Connect an admin client (saying clearly that we wait if the broker is not up yet) and create any missing
     project topic; returns the client, or None if stopped meanwhile. A broker that refuses us (wrong password, or
-    sign-in needed) or forbids a topic ends the script with one clear line: waiting would not help."""
+    sign-in needed) or forbids a topic ends the script with one clear line: waiting would not help. wait=False (the
+    one-shot tools): no broker answering ends the script with one line too."""
     waiting_since, watch = None, ConnectionWatch.install()
     try:
         while not stop:
@@ -104,6 +106,10 @@ def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS) -> KafkaAdmin
             except KafkaTimeoutError:
                 if reason := why_refused(watch, settings):
                     log.error("%s: %s", what, reason)
+                    raise SystemExit(2) from None
+                if not wait:
+                    log.error("%s: no Kafka answers at %s (start it with 'make kafka-up')", what,
+                              settings.bootstrap_servers)
                     raise SystemExit(2) from None
                 if waiting_since is None:
                     waiting_since = time.monotonic()

@@ -7,10 +7,12 @@ import time
 from collections.abc import Callable
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, ProducerFencedError
+from kafka.errors import (AuthorizationError, CorruptRecordError, FencedInstanceIdError, InvalidRecordError,
+                          InvalidTimestampError, KafkaError, MessageSizeTooLargeError, ProducerFencedError,
+                          RecordListTooLargeError)
 
 from common.clients import make_producer, refused, send, wait_for_acks
-from common.handling import Triple
+from common.handling import Out
 from common.settings import SETTINGS, Settings
 from common.workarounds import Stuck, bounded, discard, in_background, underlying
 
@@ -18,12 +20,15 @@ log = logging.getLogger("common")
 
 COMMIT_TIMEOUT_MS = 6_000  # an at-least-once commit or a committed-offsets look-up that takes longer has failed
 FENCED_AGAIN_S = 30        # fenced twice within this long: another copy runs with our INSTANCE_ID
+# What Kafka answers about a record it will never take, however often it is sent.
+UNDELIVERABLE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError,
+                 InvalidTimestampError)
 
 
 class Delivery:
     """Delivers batches for one consuming service. deliver() is True once a batch is committed and False when it
-    must be handled again; a refusal ends the script and a second copy with our INSTANCE_ID raises
-    FencedInstanceIdError, since retrying helps neither."""
+    must be handled again (`undeliverable` then says whether Kafka refused a record for good); a refusal ends the
+    script and a second copy with our INSTANCE_ID raises FencedInstanceIdError, since retrying helps neither."""
 
     def __init__(self, name: str, stop, transactional_id: str | None, settings: Settings = SETTINGS,
                  new_producer: Callable[..., KafkaProducer] = make_producer):
@@ -33,13 +38,17 @@ class Delivery:
         self.starting = in_background(self.new_producer)
         self.producer: KafkaProducer | None = None
         self.fenced_at = float("-inf")
+        self.undeliverable, self.trouble = False, ""
 
     @property
     def transactional(self) -> bool:
         return self.transactional_id is not None
 
-    def deliver(self, consumer: KafkaConsumer, outputs: list[Triple], offsets: dict) -> bool:
+    def deliver(self, consumer: KafkaConsumer, outputs: list[Out], offsets: dict) -> bool:
         """Produce `outputs` and commit `offsets`; True if committed, False if the batch must be handled again."""
+        self.undeliverable = False
+        if not outputs and not offsets:
+            return True
         try:
             producer = self._ready()
             if self.transactional:
@@ -65,6 +74,7 @@ class Delivery:
     def _recover(self, error: KafkaError, consumer: KafkaConsumer, offsets: dict) -> bool:
         """After a failed delivery: a usable producer again, and whether the batch was committed after all."""
         cause = underlying(error, self.producer)
+        self.undeliverable, self.trouble = isinstance(cause, UNDELIVERABLE), f"{type(cause).__name__}: {cause}"
         if isinstance(cause, AuthorizationError):  # e.g. writing a topic this user does not own
             raise refused(self.name, cause) from None
         if isinstance(cause, ProducerFencedError):
@@ -77,7 +87,7 @@ class Delivery:
         if self.transactional and offsets and committed_after_all(consumer, offsets):
             log.info("%s: a batch whose commit seemed to fail (%s) had been committed; going on", self.name, error)
             return True
-        log.warning("%s: could not deliver a batch (%s); handling it again", self.name, error)
+        log.info("%s: could not deliver a batch (%s); it will be handled again", self.name, error)
         return False
 
     def _fenced(self, cause: ProducerFencedError) -> None:
@@ -115,7 +125,7 @@ class Delivery:
         return None
 
 
-def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Triple], offsets: dict,
+def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Out], offsets: dict,
                        settings: Settings) -> None:
     """Exactly once: the outputs and the consumed offsets commit together, or neither does."""
     producer.begin_transaction()
@@ -126,7 +136,7 @@ def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs
     bounded(producer.commit_transaction)
 
 
-def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Triple],
+def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Out],
                                 offsets: dict, settings: Settings) -> None:
     """At least once: the offsets are committed only after Kafka acknowledged every output."""
     wait_for_acks(producer, [send(producer, t, m, key, settings) for t, m, key in outputs], "batch")

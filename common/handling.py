@@ -1,88 +1,157 @@
-"""Handling one poll batch: parse each record, skip repeats, call the service's handler with retries, and turn
-whatever cannot be handled into a dead letter. Nothing here produces to Kafka: the batch's outputs are returned."""
+"""Handling one poll batch: check and parse each record, skip repeats, call the service's handler, and turn whatever
+cannot be handled or written out into that record's dead letter. Nothing here produces to Kafka: each record's
+outputs come back serialised, ready to deliver. A handler whose resource is unavailable holds the batch up there:
+the records before it are delivered, the rest wait in Kafka."""
 
 import logging
 import sqlite3
-import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
-from common.messages import DeadLetter, Envelope, Output, dead_letter, parse
+from common.messages import DeadLetter, Envelope, Output, check_key, dead_letter, digest, parse
 from common.settings import DEAD_LETTER
 
 log = logging.getLogger("common")
 
-Triple = tuple[str, Envelope, bytes | str | None]  # (topic name, message, key): an output with the key it keeps
+Triple = tuple[str, Envelope, bytes | str | None]  # (topic name, message, key), as a tick() returns them
+Out = tuple[str, bytes, bytes | None]               # (topic name, serialised message, key): ready to send
 Handler = Callable[[Envelope], list[Output]]
 
-# Failures worth retrying (a busy database, a network blip); anything else is a bug or bad data: dead-letter it at once.
+# Failures of a handler's resource (a busy database, a network blip): retried briefly, then the batch is held up
+# there and handled again later, never dead-lettered. Anything else a handler raises is a bug or bad data.
 TRANSIENT = (OSError, sqlite3.OperationalError, KafkaError)
-HANDLER_ATTEMPTS = 5
-RETRY_BUDGET_S = 30.0  # retries in one poll batch stop after this, well inside the group's max.poll.interval
+QUICK_ATTEMPTS = 3
+MAX_RECORD_BYTES = 1_000_000  # an output Kafka would refuse (the producer's default limit is 1 MiB) is a dead letter
+
+
+class Unavailable(Exception):
+    """Raised by a handler whose resource cannot be used now (the message is not at fault); the text says what."""
+
+
+@dataclass
+class Handled:
+    """One record after handling: what to send for it, and the (id, digest) to remember once that is committed."""
+    record: Any
+    outputs: list[Out] = field(default_factory=list)
+    seen: tuple[str, bytes] | None = None
 
 
 class Seen:
-    """The ids handled recently (bounded), so a redelivered command has no second effect while the service runs."""
+    """The ids handled recently (bounded) with a digest of what each said, so that a redelivered message has no
+    second effect and the same id with other content is caught."""
 
     def __init__(self, capacity: int = 100_000):
         self.capacity, self.ids = capacity, OrderedDict()
 
-    def __contains__(self, message_id: str) -> bool:
-        return message_id in self.ids
+    def get(self, message_id: str) -> bytes | None:
+        return self.ids.get(message_id)
 
-    def add(self, message_id: str) -> bool:
-        """Remember message_id; False if it was already there."""
-        if message_id in self.ids:
-            return False
-        self.ids[message_id] = None
-        if len(self.ids) > self.capacity:
-            self.ids.popitem(last=False)
-        return True
+    def remember(self, handled: list[Handled]) -> None:
+        for item in handled:
+            if item.seen is not None:
+                self.ids[item.seen[0]] = item.seen[1]
+                if len(self.ids) > self.capacity:
+                    self.ids.popitem(last=False)
 
 
-def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None) -> tuple[list[Triple], dict, list[str]]:
-    """Handle every record of a poll: (outputs, offsets to commit, ids handled). A dead-lettered message's id is
-    not among them, so the same message replayed once its cause is fixed is handled, not skipped as a repeat."""
-    outputs, offsets, ids, retry_until = [], {}, [], time.monotonic() + RETRY_BUDGET_S
-    for partition, records in batch.items():
+def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, stop) -> tuple[list[Handled], str | None]:
+    """Handle the records of a poll in order: (the records handled, why handling stopped early or None). It stops
+    early when the service is stopping or a handler's resource is unavailable; the rest is handled again later."""
+    handled: list[Handled] = []
+    in_batch: dict[str, bytes] = {}  # ids handled in this batch, not yet committed
+    for records in batch.values():
         for record in records:
+            if stop:
+                return handled, "stopping"
             try:
-                message = parse(record.value)
-            except DeadLetter as reason:
-                results = [(DEAD_LETTER, rejected(name, record, str(reason)))]
-            else:
-                if seen is not None and (message.id in seen or message.id in ids):
-                    log.info("%s: %s %s already handled; ignoring the redelivery", name, message.type, message.id[:8])
-                    continue
-                results = handle_with_retries(name, record, message, handle, retry_until)
-                if all(t != DEAD_LETTER for t, _ in results):
-                    ids.append(message.id)
-            outputs += [(t, m, record.key) for t, m in results]
-        offsets[partition] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
-    return outputs, offsets, ids
+                item = handle_record(name, record, handle, seen, in_batch, stop)
+            except Unavailable as reason:
+                return handled, str(reason)
+            if item.seen is not None:
+                in_batch[item.seen[0]] = item.seen[1]
+            handled.append(item)
+    return handled, None
 
 
-def handle_with_retries(name: str, record, message: Envelope, handle: Handler, retry_until: float) -> list[Output]:
-    """handle(message); a transient failure is retried with capped exponential backoff, then dead-lettered."""
-    for attempt in range(1, HANDLER_ATTEMPTS + 1):
+def handle_record(name: str, record, handle: Handler, seen: Seen | None, in_batch: dict, stop) -> Handled:
+    """Check, parse, skip a repeat, handle, serialise: one record's outputs, or its dead letter."""
+    try:
+        check_key(record.key)
+        message = parse(record.value)
+        if seen is not None and is_repeat(name, message, seen.get(message.id) or in_batch.get(message.id)):
+            return Handled(record)
+        outputs = call_handler(name, message, handle, stop)
+        return Handled(record, [serialised(t, m, record.key) for t, m in outputs], (message.id, digest(message)))
+    except DeadLetter as reason:
+        return Handled(record, [rejected(name, record, str(reason))])
+    except (ValueError, PydanticSerializationError) as error:  # an output that cannot be written (ValidationError too)
+        return Handled(record, [rejected(name, record, f"output could not be written: {type(error).__name__}: "
+                                                       f"{str(error)[:300]}")])
+
+
+def is_repeat(name: str, message: Envelope, known: bytes | None) -> bool:
+    """True for a message handled before; the same id saying something else is a dead letter."""
+    if known is None:
+        return False
+    if known != digest(message):
+        raise DeadLetter(f"id {message.id!r} was handled before with different content; not handled again")
+    log.info("%s: %s %s already handled; ignoring the redelivery", name, message.type, message.id[:8])
+    return True
+
+
+def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Output]:
+    """handle(message). A transient failure is retried briefly, then raised as Unavailable; a bug is a dead letter."""
+    for attempt in range(1, QUICK_ATTEMPTS + 1):
         try:
             return handle(message)
-        except DeadLetter as reason:
-            return [(DEAD_LETTER, rejected(name, record, str(reason)))]
+        except (DeadLetter, Unavailable):
+            raise
         except TRANSIENT as error:
-            if attempt == HANDLER_ATTEMPTS or time.monotonic() > retry_until:
-                reason = f"handler failed {attempt} times, last: {type(error).__name__}: {error}"
-                return [(DEAD_LETTER, rejected(name, record, reason))]
+            if attempt == QUICK_ATTEMPTS or stop.wait(0.2 * attempt):
+                raise Unavailable(f"{type(error).__name__}: {error}") from None
             log.warning("%s: handler failed on %s (attempt %d: %s); retrying", name, message.id[:8], attempt, error)
-            time.sleep(min(0.1 * 2 ** attempt, 2.0))
+        except ValidationError as error:  # the handler built an invalid output from this message
+            raise DeadLetter(f"output invalid: {str(error)[:300]}") from None
         except Exception as error:  # noqa: BLE001 -- a bug or bad data in one message must not stop the service
-            return [(DEAD_LETTER, rejected(name, record, f"handler failed: {type(error).__name__}: {error}"))]
+            raise DeadLetter(f"handler failed: {type(error).__name__}: {error}") from None
     raise AssertionError("unreachable")
 
 
-def rejected(name: str, record, reason: str) -> Envelope:
-    log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason)
-    return dead_letter(record.value, reason, name, record)
+def serialised(topic: str, message: Envelope, key: bytes | str | None) -> Out:
+    """An output as it will be sent; one Kafka would refuse is a ValueError (so, its input's dead letter)."""
+    value, key = message.to_bytes(), key.encode() if isinstance(key, str) else key
+    if len(value) + len(key or b"") > MAX_RECORD_BYTES:
+        raise ValueError(f"a {message.type} of {len(value)} bytes is over the {MAX_RECORD_BYTES}-byte record limit")
+    return topic, value, key
+
+
+def rejected(name: str, record, reason: str) -> Out:
+    """The record's dead letter, ready to send: keyed like the record unless its key is what was wrong."""
+    log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
+    letter = dead_letter(record.value, reason, name, record)
+    try:
+        check_key(record.key)
+        key = record.key
+    except DeadLetter:
+        key = None
+    return DEAD_LETTER, letter.to_bytes(), key
+
+
+def outputs_of(handled: list[Handled]) -> list[Out]:
+    return [out for item in handled for out in item.outputs]
+
+
+def offsets_of(handled: list[Handled]) -> dict:
+    """The offsets to commit once `handled` is delivered: per partition, the one after its last record."""
+    offsets = {}
+    for item in handled:
+        offsets[(item.record.topic, item.record.partition)] = item.record.offset + 1
+    return {TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            for (topic, partition), offset in offsets.items()}

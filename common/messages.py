@@ -2,7 +2,9 @@
 messages are made, read back and rejected. Nothing here talks to Kafka, so it is the first thing to read."""
 
 import base64
+import hashlib
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -10,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_MESSAGE_BYTES = 64 * 1024  # larger inputs are dead-lettered, not parsed
+MAX_KEY_BYTES = 256            # a key is an entity id (sensor, unit): anything longer is not one
+MAX_ID = 200                   # characters of a message id; derived ids stay within it (see caused_by)
 
 
 class Schema(BaseModel):
@@ -25,8 +29,8 @@ class SecurityDetection(Schema):
 
 class SecurityCommand(Schema):
     action: Literal["inspect", "lock_zone", "dispatch_guard"]
-    zone: str
-    sensor_id: str
+    zone: str = Field(min_length=1, max_length=64)
+    sensor_id: str = Field(min_length=1, max_length=64)
     severity: int = Field(ge=1, le=5)
 
 
@@ -38,21 +42,21 @@ class SecurityOutcome(Schema):
 
 class NotificationCommand(Schema):
     channel: Literal["sms", "email", "pager"]
-    recipient: str
+    recipient: str = Field(min_length=1, max_length=64)
     text: str = Field(max_length=500)
 
 
 class NotificationDelivered(Schema):
-    channel: str
-    recipient: str
-    text: str
+    channel: str = Field(max_length=16)
+    recipient: str = Field(max_length=64)
+    text: str = Field(max_length=500)
 
 
 class ReportData(Schema):
     workflow: Literal["security", "unit"]
-    category: str  # detection kind or unit status
-    entity: str    # sensor or unit id
-    zone: str = ""
+    category: str = Field(min_length=1, max_length=32)  # detection kind or unit status
+    entity: str = Field(min_length=1, max_length=64)    # sensor or unit id
+    zone: str = Field(default="", max_length=64)
 
 
 class UnitEvent(Schema):
@@ -62,14 +66,14 @@ class UnitEvent(Schema):
 
 
 class UnitCommand(Schema):
-    unit_id: str
+    unit_id: str = Field(min_length=1, max_length=64)
     command: Literal["acknowledge", "power_save", "reboot", "lockdown"]
 
 
 class UnitCommandApplied(Schema):
-    unit_id: str
-    command: str
-    state: str
+    unit_id: str = Field(max_length=64)
+    command: str = Field(max_length=32)
+    state: str = Field(max_length=32)
 
 
 SCHEMAS: dict[str, type[Schema]] = {
@@ -89,7 +93,7 @@ SCHEMAS: dict[str, type[Schema]] = {
 class Envelope(BaseModel):
     """Every message on every topic: who, what, which workflow, when, and the typed payload."""
     model_config = ConfigDict(extra="forbid", frozen=True)
-    id: str = Field(min_length=1, max_length=200)       # unique; the dedupe key
+    id: str = Field(min_length=1, max_length=MAX_ID)    # unique; the dedupe key
     type: str = Field(min_length=1, max_length=64)
     workflow_id: str = Field(min_length=1, max_length=64)  # id of the event that started the workflow
     source: str = Field(min_length=1, max_length=64)    # the script that wrote it
@@ -116,7 +120,17 @@ def new_event(type_: str, payload: dict, source: str) -> Envelope:
 def caused_by(cause: Envelope, step: str, type_: str, payload: dict, source: str) -> Envelope:
     """A message caused by another: same workflow, and an id derived from the cause and the step, so that
     handling the same cause twice yields the same id and receivers can drop the repeat."""
-    return _make(f"{cause.id}.{step}", type_, payload, source, cause.workflow_id)  # e.g. "<event id>.notify"
+    return _make(derived_id(cause.id, step), type_, payload, source, cause.workflow_id)
+
+
+def derived_id(cause_id: str, step: str) -> str:
+    """The cause's id, a dot and the step; past MAX_ID characters, the cause id's head and a hash of all of it, so
+    that a derived id is never what rejects a message (its handler would already have acted on it)."""
+    derived = f"{cause_id}.{step}"
+    if len(derived) <= MAX_ID:
+        return derived
+    digest = hashlib.blake2b(cause_id.encode(errors="surrogatepass"), digest_size=12).hexdigest()
+    return f"{cause_id[:MAX_ID - len(step) - 27]}~{digest}.{step}"
 
 
 def _make(id_: str, type_: str, payload: dict, source: str, workflow_id: str) -> Envelope:
@@ -135,6 +149,8 @@ def parse(raw: bytes | None) -> Envelope:
         data = json.loads(raw)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; RecursionError: absurd nesting
         raise DeadLetter(f"not valid JSON: {str(error)[:200]}") from None
+    if LONE_SURROGATE.search(raw) and not writable(data):
+        raise DeadLetter("text that cannot be written back out: a lone UTF-16 surrogate escape (\\ud800-\\udfff)")
     try:
         envelope = Envelope.model_validate(data)
     except ValidationError as error:
@@ -148,6 +164,31 @@ def parse(raw: bytes | None) -> Envelope:
         raise DeadLetter(f"invalid {envelope.type} payload: {problems(error)}") from None
 
 
+# A JSON escape of a UTF-16 surrogate. Paired ones decode to one character; a lone one decodes to a str that no
+# UTF-8 output can hold, so a handler would act on it and then fail to write its outcome.
+LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def writable(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def check_key(key: bytes | None) -> None:
+    """A Kafka key is an entity id; a longer one is a dead letter (and is not copied onto the outputs)."""
+    if key is not None and len(key) > MAX_KEY_BYTES:
+        raise DeadLetter(f"key of {len(key)} bytes is over the {MAX_KEY_BYTES}-byte limit")
+
+
+def digest(message: Envelope) -> bytes:
+    """What a message says (type, workflow and payload; not its time): the same id with another digest is a conflict."""
+    content = json.dumps([message.type, message.workflow_id, message.payload], sort_keys=True, default=str)
+    return hashlib.blake2b(content.encode(), digest_size=8).digest()
+
+
 def problems(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:5])
 
@@ -158,18 +199,39 @@ def expect(event: Envelope, *types: str) -> None:
         raise DeadLetter(f"unexpected type {event.type!r}; this service handles {', '.join(types)}")
 
 
+class DeadLetterPayload(Schema):
+    """What a dead letter says: why, which service, where the input came from, and the input itself."""
+    reason: str
+    service: str
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    key: str | None = None
+    key_b64: str | None = None
+    key_truncated: bool = False
+    original_b64: str = ""
+    original_truncated: bool = False
+    original_null: bool = False
+    excerpt: str = ""
+
+
+MAX_KEPT_BYTES = 4 * MAX_MESSAGE_BYTES  # of an original kept in its dead letter: every dead letter fits in a record
+
+
 def dead_letter(raw: bytes | None, reason: str, service: str, record=None) -> Envelope:
     """A dead_letter message: the reason, where the input came from (a Kafka record), and the original bytes
-    (base64)."""
-    original = raw or b""
+    (base64) and key, cut to a size that always fits in a Kafka record (and then marked as truncated)."""
+    original, key = raw or b"", getattr(record, "key", None) or b""
     payload = {
-        "reason": reason, "service": service,
+        "reason": reason[:1000], "service": service,
         "topic": getattr(record, "topic", None), "partition": getattr(record, "partition", None),
         "offset": getattr(record, "offset", None),
-        "key": (record.key or b"").decode(errors="replace") if record is not None else None,  # to read
-        "key_b64": base64.b64encode(record.key).decode() if record is not None and record.key else None,  # to replay
-        "original_b64": base64.b64encode(original[:MAX_MESSAGE_BYTES * 4]).decode(),
-        "original_truncated": len(original) > MAX_MESSAGE_BYTES * 4,
+        "key": key[:MAX_KEY_BYTES].decode(errors="replace") if record is not None else None,  # to read
+        "key_b64": base64.b64encode(key[:MAX_KEPT_BYTES]).decode() if key else None,  # to replay
+        "key_truncated": len(key) > MAX_KEPT_BYTES,
+        "original_b64": base64.b64encode(original[:MAX_KEPT_BYTES]).decode(),
+        "original_truncated": len(original) > MAX_KEPT_BYTES,
+        "original_null": raw is None,  # a null value is replayed as null, not as empty bytes
         "excerpt": original[:200].decode(errors="replace"),
     }
     where = f"{payload['topic']}:{payload['partition']}:{payload['offset']}"

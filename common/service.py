@@ -16,12 +16,13 @@ from collections.abc import Callable
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, NoError
 
-from common.clients import make_consumer, make_producer, refused, send, wait_for_acks, wait_for_kafka
+from common.clients import SESSION_TIMEOUT_MS, make_consumer, make_producer, refused, send, wait_for_acks, wait_for_kafka
 from common.delivery import Delivery
-from common.handling import Handler, Seen, Triple, handle_batch
+from common.handling import (Handled, Handler, Out, Seen, Triple, handle_batch, offsets_of, outputs_of, rejected,
+                             serialised)
 from common.messages import Envelope
 from common.settings import SETTINGS, Settings
-from common.workarounds import discard
+from common.workarounds import LastWords, discard, heartbeat_silence_s
 
 log = logging.getLogger("common")
 
@@ -42,8 +43,8 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
         return
     delivery = Delivery(name, stop, settings.transactional_id(group) if transactional else None, settings)
     consumer = join(stop, group, inputs, settings)
-    poller = Poller(consumer, name, stop, settings)
-    seen, unsent, handled = Seen() if dedupe else None, [], 0
+    poller, pause = Poller(consumer, name, stop, settings), Pause(name, settings.group(group), stop)
+    seen, unsent, count = Seen() if dedupe else None, [], 0
     log.info("%s: started; consuming %s as group %s%s from %s", name, ", ".join(map(settings.topic, inputs)), group,
              f", exactly once as transactional id {delivery.transactional_id}" if transactional else ", at least once",
              settings.bootstrap_servers)
@@ -51,27 +52,48 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, group: str | N
         while not stop:
             batch = poller.poll(timeout_ms=100 if tick else 500)
             if batch is None:  # the broker is away: nothing new is made until it is back
+                pause.until_better(poller.trouble)
                 continue
-            unsent += tick() if tick else []
-            if not batch and not unsent:
-                continue
-            outputs, offsets, ids = handle_batch(name, batch, handle, seen)
-            if delivery.deliver(consumer, unsent + outputs, offsets):
-                unsent, handled = [], handled + sum(len(records) for records in batch.values())
-                for message_id in ids if seen is not None else ():
-                    seen.add(message_id)
+            unsent += [serialised(*triple) for triple in tick()] if tick else []
+            handled, holdup = handle_batch(name, batch, handle, seen, stop)
+            done = deliver(delivery, consumer, unsent, handled)
+            if done is not None:
+                unsent, count = [], count + len(done)
+                seen.remember(done) if seen is not None else None
+            if holdup or done is None or len(done) < len(handled):
+                rewind(consumer, batch, done or [])
+                pause.until_better(holdup or delivery.trouble)
             else:
-                rewind(consumer, batch)
-                stop.wait(1.0)
+                pause.over()
     except FencedInstanceIdError:
         log.error("%s: another process joined group %s as INSTANCE_ID=%s and took over; give each copy its own "
                   "INSTANCE_ID. This one stops (its last batch will be handled again by the other).", name, group,
                   settings.instance_id)
         raise SystemExit(1) from None
     finally:
-        log.info("%s: stopping after %d messages", name, handled)
+        log.info("%s: stopping after %d messages", name, count)
         consumer.close(autocommit=False)
         delivery.close()
+
+
+def deliver(delivery: Delivery, consumer: KafkaConsumer, unsent: list[Out], handled: list[Handled]) -> list | None:
+    """Deliver a handled batch (and a tick's outputs): the records committed, in order, or None if none could be.
+    A batch Kafka refuses for good is split: each record on its own, and one Kafka never takes is dead-lettered."""
+    if delivery.deliver(consumer, unsent + outputs_of(handled), offsets_of(handled)):
+        return handled
+    if not delivery.undeliverable or (unsent and not delivery.deliver(consumer, unsent, {})):
+        return None
+    done: list[Handled] = []
+    for item in handled:
+        if not delivery.deliver(consumer, item.outputs, offsets_of([item])):
+            if not delivery.undeliverable:
+                break
+            reason = f"its output could not be delivered: {delivery.trouble}"
+            item = Handled(item.record, [rejected(delivery.name, item.record, reason)])
+            if not delivery.deliver(consumer, item.outputs, offsets_of([item])):
+                break
+        done.append(item)
+    return done
 
 
 def prepare(stop: "Stopper", name: str, group: str, start_like: str | None, settings: Settings) -> bool:
@@ -123,35 +145,70 @@ def join(stop: "Stopper", group: str, inputs: list[str], settings: Settings) -> 
 
 
 class Poller:
-    """consumer.poll that outlives a broker outage: while the broker or the group coordinator is away it returns
-    None and says so every 10 s (the service waits, it does not crash). A user who may not read an input or use
-    the group is told so, and the script ends."""
+    """consumer.poll that outlives a broker outage: while the broker or the group coordinator is away (or answers
+    no heartbeat) it returns None and keeps what the broker answered in `trouble`. A user who may not read an
+    input or use the group is told so, and the script ends."""
 
     def __init__(self, consumer: KafkaConsumer, name: str, stop: "Stopper", settings: Settings):
-        self.consumer, self.name, self.stop, self.settings = consumer, name, stop, settings
-        self.last_warning = float("-inf")
+        self.consumer, self.name, self.stop, self.settings, self.trouble = consumer, name, stop, settings, ""
+        self.client = LastWords()
 
     def poll(self, timeout_ms: int) -> dict | None:
         try:
-            return self.consumer.poll(timeout_ms=timeout_ms)
+            batch = self.consumer.poll(timeout_ms=timeout_ms)
+            if not batch and (silence := heartbeat_silence_s(self.consumer)) > SESSION_TIMEOUT_MS / 1000:
+                self.trouble = (f"its group coordinator has answered no heartbeat for {silence:.0f} s (the client's "
+                                f"last words: {self.client.text or 'none'})")
+                return None
+            return batch
         except AuthorizationError as error:
             raise refused(self.name, error, self.settings) from None
         except KafkaError as error:
             if not error.retriable:
                 raise
-            if time.monotonic() - self.last_warning > 10:
-                log.warning("%s: Kafka unavailable (%s); carrying on when it is back", self.name, error)
-                self.last_warning = time.monotonic()
-            self.stop.wait(0.5)
+            self.trouble = f"Kafka unavailable ({type(error).__name__}: {error})"
             return None
 
 
-def rewind(consumer: KafkaConsumer, batch: dict) -> None:
-    """Seek back to the start of a batch that must be handled again (a partition taken away meanwhile goes to its
-    new owner, which starts from the committed offset)."""
+class Pause:
+    """Waits out a trouble (the broker away, a delivery that failed, a handler's store that cannot be used) in short
+    steps, so a stop is honoured at once. Says what it waits for (then every 30 s); past the group's session it says
+    so as an error naming the group, since by then the group is making no progress; says when it is over."""
+
+    def __init__(self, name: str, group: str, stop: "Stopper", session_s: float = SESSION_TIMEOUT_MS / 1000):
+        self.name, self.group, self.stop, self.session_s = name, group, stop, session_s
+        self.since, self.said, self.step = None, float("-inf"), 0.5
+
+    def until_better(self, trouble: str) -> None:
+        if self.stop:
+            return
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.said >= 30 or (self.said < self.since + self.session_s <= now):
+            if now - self.since > self.session_s:
+                log.error("%s: group %s has made no progress for %.0f s: %s; it goes on trying (is the broker "
+                          "healthy? `python -m local_kafka status` checks it)", self.name, self.group,
+                          now - self.since, trouble)
+            else:
+                log.warning("%s: %s; waiting, then trying again", self.name, trouble)
+            self.said = now
+        self.stop.wait(self.step)
+        self.step = min(self.step * 2, 5.0)
+
+    def over(self) -> None:
+        if self.since is not None and self.said >= self.since:
+            log.info("%s: going on after %.0f s", self.name, time.monotonic() - self.since)
+        self.since, self.step = None, 0.5
+
+
+def rewind(consumer: KafkaConsumer, batch: dict, done: list[Handled]) -> None:
+    """Seek back to the first record of the batch not committed, partition by partition, so it is handled again
+    (a partition taken away meanwhile goes to its new owner, which starts from the committed offset)."""
+    last_done = {(item.record.topic, item.record.partition): item.record.offset for item in done}
     for partition, records in batch.items():
-        if partition in consumer.assignment():
-            consumer.seek(partition, records[0].offset)
+        following = last_done.get((partition.topic, partition.partition), records[0].offset - 1) + 1
+        if partition in consumer.assignment() and following <= records[-1].offset:
+            consumer.seek(partition, following)
 
 
 class Stopper:

@@ -4,6 +4,7 @@ attributes (`_transaction_manager`, `_sender`). tests/test_workarounds.py shows 
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -80,13 +81,18 @@ class ConnectionWatch(logging.Handler):
 
     @classmethod
     def install(cls) -> "ConnectionWatch":
+        """Listen to the client's log records; while connecting, its connection errors are not printed (the caller
+        says in one line what is wrong: waiting for Kafka, no Kafka, refused)."""
         watch = cls()
         logging.getLogger("kafka").addHandler(watch)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(watch.quiet)
         return watch
 
     def __init__(self):
         super().__init__(logging.ERROR)
         self.sign_in_error, self.disconnects = None, 0
+        self.quiet = QuietClientErrors()
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args if isinstance(record.args, tuple) else ()
@@ -98,6 +104,37 @@ class ConnectionWatch(logging.Handler):
 
     def remove(self) -> None:
         logging.getLogger("kafka").removeHandler(self)
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self.quiet)
+
+
+class QuietClientErrors(logging.Filter):
+    """Hides kafka-python's connection errors (kafka-python 3.0.12 logs "Connection failed ... ECONNREFUSED" at ERROR
+    on every attempt), except at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("kafka.") or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def heartbeat_silence_s(consumer) -> float:
+    """Seconds since the group coordinator last answered this member's heartbeat. kafka-python 3.0.12 does not
+    raise when the coordinator stops answering (a frozen broker, or one whose group coordinator failed to load
+    after a crash and answers NOT_COORDINATOR): poll() just returns nothing and the client logs warnings. The
+    heartbeat's last answer, a private attribute, is the only sign a caller can read."""
+    heartbeat = consumer._coordinator.heartbeat
+    return time.monotonic() - max(heartbeat.last_receive, heartbeat.last_reset)
+
+
+class LastWords(logging.Handler):
+    """The client's last warning or error (kafka-python logs what the broker answered rather than raising it)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.text = ""
+        logging.getLogger("kafka").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text = record.getMessage()[:300]
 
 
 class HidePassword(logging.Filter):

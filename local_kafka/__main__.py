@@ -39,19 +39,28 @@ def main() -> int:
             if not stopped:
                 print(f"no Kafka running from {args.dir.resolve() if args.dir else 'the default dirs'}")
         elif args.command == "status":
-            clusters = [c for c in map(local_kafka.status, dirs) if c]
-            for cluster in clusters:
-                print(f"running at {cluster.address} (pid {', '.join(str(n.pid) for n in cluster.nodes)})"
-                      f"{' secure' if cluster.secure else ''}")
-            if not clusters:
-                print("not running")
-            return 0 if clusters else 1
+            return status(dirs)
         else:
             return env(args, dirs)
     except local_kafka.LocalKafkaError as error:
         print(f"local_kafka: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def status(dirs: list[Path]) -> int:
+    """Each running cluster, and whether its group coordinator answers: 0 healthy, 1 not running, 3 unhealthy."""
+    clusters = [(d, c) for d, c in ((d, local_kafka.status(d)) for d in dirs) if c]
+    healthy = True
+    for data_dir, cluster in clusters:
+        password = local_kafka.credentials(data_dir).get("admin") if cluster.secure else None
+        trouble = local_kafka.coordinator_trouble(cluster.address, password)
+        healthy = healthy and trouble is None
+        print(f"running at {cluster.address} (pid {', '.join(str(n.pid) for n in cluster.nodes)})"
+              f"{' secure' if cluster.secure else ''}; " + (f"UNHEALTHY: {trouble}" if trouble else "group coordinator answers"))
+    if not clusters:
+        print("not running")
+    return 1 if not clusters else 0 if healthy else 3
 
 
 def start(args) -> int:

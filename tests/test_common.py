@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Seen, dead_letter, handle_batch, new_event, parse
+from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Seen, Unavailable, dead_letter, handle_batch, new_event, parse
+from common.handling import Handled
+from common.messages import derived_id
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 
@@ -65,11 +67,10 @@ def test_a_dead_letter_keeps_the_original_bytes_and_where_they_came_from():
     assert letter.payload["reason"] == "not valid JSON" and letter.payload["service"] == "orchestrator"
 
 
-def test_seen_remembers_ids_up_to_its_capacity():
+def test_seen_remembers_ids_and_what_they_said_up_to_its_capacity():
     seen = Seen(capacity=2)
-    assert seen.add("a") and not seen.add("a")
-    assert seen.add("b") and seen.add("c")
-    assert seen.add("a")  # forgotten: the oldest went when "c" arrived
+    seen.remember([Handled(None, [], ("a", b"1")), Handled(None, [], ("b", b"2")), Handled(None, [], ("c", b"3"))])
+    assert seen.get("a") is None and seen.get("c") == b"3"  # the oldest went when "c" arrived
 
 
 def test_pacer_never_exceeds_the_count():
@@ -88,10 +89,27 @@ def test_parse_gives_handlers_the_payload_as_the_schema_reads_it():
 
 class Record:
     """Just enough of a Kafka record for the loop's batch handling."""
-    topic, partition, key = "t_sec_command", 0, b"k"
+    topic, partition = "t_sec_command", 0
 
-    def __init__(self, offset: int, value: bytes):
-        self.offset, self.value = offset, value
+    def __init__(self, offset: int, value: bytes | None, key: bytes | None = b"k"):
+        self.offset, self.value, self.key = offset, value, key
+
+
+class Running:
+    """A stop that never comes."""
+    def __bool__(self):
+        return False
+
+    def wait(self, seconds):
+        return False
+
+
+def batch_of(*values, key=b"k") -> dict:
+    return {"tp": [Record(offset, value, key) for offset, value in enumerate(values)]}
+
+
+def letters(handled) -> list[dict]:
+    return [json.loads(value)["payload"] for item in handled for topic, value, _ in item.outputs if topic == "dead_letter"]
 
 
 def test_a_message_that_is_dead_lettered_is_not_remembered_as_handled():
@@ -103,10 +121,11 @@ def test_a_message_that_is_dead_lettered_is_not_remembered_as_handled():
         if len(calls) == 1:
             raise DeadLetter("not yet")
         return []
-    outputs, _, ids = handle_batch("svc", {"tp": [Record(0, event.to_bytes())]}, handle, seen)
-    assert [t for t, _, _ in outputs] == ["dead_letter"] and ids == []
-    _, _, ids = handle_batch("svc", {"tp": [Record(1, event.to_bytes())]}, handle, seen)
-    assert ids == [event.id] and len(calls) == 2
+    handled, _ = handle_batch("svc", batch_of(event.to_bytes()), handle, seen, Running())
+    assert letters(handled)[0]["reason"] == "not yet" and handled[0].seen is None
+    seen.remember(handled)
+    handled, _ = handle_batch("svc", batch_of(event.to_bytes()), handle, seen, Running())
+    assert handled[0].seen[0] == event.id and len(calls) == 2
 
 
 def test_a_handler_bug_is_dead_lettered_at_once_and_a_transient_failure_is_retried():
@@ -115,9 +134,8 @@ def test_a_handler_bug_is_dead_lettered_at_once_and_a_transient_failure_is_retri
     def buggy(message):
         calls.append(1)
         return {}["missing"]
-    outputs, _, _ = handle_batch("svc", {"tp": [Record(0, good_detection().to_bytes())]}, buggy, None)
-    assert len(calls) == 1
-    assert outputs[0][1].payload["reason"] == "handler failed: KeyError: 'missing'"
+    handled, _ = handle_batch("svc", batch_of(good_detection().to_bytes()), buggy, None, Running())
+    assert len(calls) == 1 and letters(handled)[0]["reason"] == "handler failed: KeyError: 'missing'"
 
     def flaky(message):
         calls.append(1)
@@ -125,5 +143,52 @@ def test_a_handler_bug_is_dead_lettered_at_once_and_a_transient_failure_is_retri
             raise OSError("busy")
         return []
     calls.clear()
-    outputs, _, ids = handle_batch("svc", {"tp": [Record(0, good_detection().to_bytes())]}, flaky, None)
-    assert len(calls) == 3 and outputs == [] and len(ids) == 1
+    handled, holdup = handle_batch("svc", batch_of(good_detection().to_bytes()), flaky, None, Running())
+    assert len(calls) == 3 and holdup is None and handled[0].outputs == [] and handled[0].seen
+
+
+def test_a_resource_that_stays_unavailable_holds_the_batch_up_there_and_dead_letters_nothing():
+    def store(message):
+        if message.payload["zone"] == "z-2":
+            raise Unavailable("the store is locked")
+        return []
+    first, second, third = (new_event("security_detection", {"sensor_id": "s", "zone": z, "kind": "smoke",
+                                                             "severity": 2}, "t") for z in ("z-1", "z-2", "z-3"))
+    handled, holdup = handle_batch("svc", batch_of(first.to_bytes(), second.to_bytes(), third.to_bytes()), store,
+                                   None, Running())
+    assert holdup == "the store is locked" and [item.record.offset for item in handled] == [0] and not letters(handled)
+
+
+def test_a_repeat_is_ignored_and_the_same_id_with_other_content_is_a_dead_letter():
+    seen, event = Seen(), good_detection()
+    changed = event.model_copy(update={"payload": {**event.payload, "zone": "z-9", "severity": 5}})
+    handled, _ = handle_batch("svc", batch_of(event.to_bytes(), event.to_bytes(), changed.to_bytes()),
+                              lambda message: [], seen, Running())
+    assert [bool(item.seen) for item in handled] == [True, False, False]
+    assert letters(handled)[0]["reason"] == f"id {event.id!r} was handled before with different content; not handled again"
+
+
+def test_input_that_cannot_be_written_back_out_is_rejected_before_any_handler_runs():
+    raw = good_detection().to_bytes().replace(b'"zone":"z-1"', b'"zone":"x\\ud800"')
+    calls = []
+    handled, _ = handle_batch("svc", batch_of(raw), lambda message: calls.append(message) or [], None, Running())
+    assert not calls and "lone UTF-16 surrogate" in letters(handled)[0]["reason"]
+
+
+def test_an_oversized_key_is_a_dead_letter_that_fits_and_is_not_keyed_by_it():
+    handled, _ = handle_batch("svc", batch_of(b"8 bytes!", key=b"k" * 300_000), lambda m: [], None, Running())
+    [(topic, value, key)] = handled[0].outputs
+    letter = json.loads(value)["payload"]
+    assert topic == "dead_letter" and key is None and len(value) < 1_000_000
+    assert letter["reason"] == "key of 300000 bytes is over the 256-byte limit" and letter["key_truncated"]
+
+
+def test_a_derived_id_never_outgrows_the_id_limit_and_stays_the_same_for_the_same_cause():
+    long_id = "x" * 195
+    assert len(derived_id(long_id, "delivered")) <= 200
+    assert derived_id(long_id, "delivered") == derived_id(long_id, "delivered") != derived_id("y" * 195, "delivered")
+
+
+def test_a_null_value_is_kept_as_null_in_its_dead_letter():
+    assert dead_letter(None, "empty", "svc", Record(0, None)).payload["original_null"] is True
+    assert dead_letter(b"", "empty", "svc", Record(0, b"")).payload["original_null"] is False

@@ -27,6 +27,13 @@ def nested(depth: int) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 
 
+def with_surrogate(field: str) -> bytes:
+    """A payload field holding a lone UTF-16 surrogate escape: valid JSON that no output can hold."""
+    data = good()
+    data["payload"][field] = "SURROGATE"
+    return json.dumps(data).encode().replace(b'"SURROGATE"', b'"x\\ud800"')
+
+
 HAND_PICKED = [
     b"\x00\xff\xfe binary garbage",
     json.dumps(good()).encode()[:57],                                          # truncated JSON
@@ -36,6 +43,8 @@ HAND_PICKED = [
     mutated(lambda d: d.update(type="weather_report")),                        # unknown type
     mutated(lambda d: d.pop("workflow_id")),                                   # missing workflow_id
     b"",
+    with_surrogate("zone"),                                                    # lone surrogate
+    mutated(lambda d: d.update(id="i" * 201)),                                 # overlong id
 ]
 
 bad_messages = st.one_of(
@@ -48,6 +57,8 @@ bad_messages = st.one_of(
         lambda field: mutated(lambda d: d.pop(field))),
     st.sampled_from([None, 7, [], "", {"x": 1}]).map(lambda v: mutated(lambda d: d["payload"].update(severity=v))),
     st.text(min_size=1, max_size=30).map(lambda t: mutated(lambda d: d.update(type=t + "_unknown"))),
+    st.sampled_from(["zone", "sensor_id", "kind"]).map(with_surrogate),
+    st.integers(201, 5000).map(lambda n: mutated(lambda d: d.update(id="i" * n))),
     st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
                  lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children,
                                                                                      max_size=4),
@@ -64,15 +75,19 @@ def test_parse_accepts_or_rejects_with_a_reason_and_never_crashes(raw):
         assert str(reason)
 
 
-@given(st.lists(st.tuples(bad_messages, st.sampled_from(INPUT_TOPICS)), min_size=1, max_size=8))
-@example([(raw, INPUT_TOPICS[i % len(INPUT_TOPICS)]) for i, raw in enumerate(HAND_PICKED)])
+keys = st.one_of(st.none(), st.binary(max_size=64), st.integers(257, 400_000).map(lambda n: b"k" * n))  # and oversized
+
+
+@given(st.lists(st.tuples(bad_messages, st.sampled_from(INPUT_TOPICS), keys), min_size=1, max_size=8))
+@example([(raw, INPUT_TOPICS[i % len(INPUT_TOPICS)], None) for i, raw in enumerate(HAND_PICKED)]
+         + [(b"8 bytes!", name, b"\x00" * 300_000) for name in INPUT_TOPICS])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_bad_input_is_dead_lettered_once_and_good_input_still_flows(running_system, producer, bad):
     # Given every service running; When bad messages arrive on their input topics, each followed by a good detection
     dead, stream, third_party = running_system
     sent_bad, sent_good = set(), set()
-    for raw, name in bad:
-        meta = producer(name, raw)
+    for raw, name, key in bad:
+        meta = producer(name, raw, key=key)
         sent_bad.add((meta.topic, meta.offset))
         good_event = detection()
         producer(MESSAGE_STREAM, good_event)

@@ -46,7 +46,8 @@ def test_start_twice_leaves_one_broker_and_stop_frees_the_port(tmp_path):
         second = local_kafka_cli("start", "--port", port, "--dir", str(tmp_path))
         # Then it reuses the running broker
         assert second.returncode == 0 and "already running" in second.stdout
-        assert local_kafka_cli("status", "--dir", str(tmp_path)).stdout.startswith(f"running at 127.0.0.1:{port}")
+        status = local_kafka_cli("status", "--dir", str(tmp_path))
+        assert status.stdout.startswith(f"running at 127.0.0.1:{port}") and "; group coordinator answers" in status.stdout
     finally:
         stopped = local_kafka_cli("stop", "--dir", str(tmp_path))
     # And stop ends it and frees the port

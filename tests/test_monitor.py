@@ -11,7 +11,7 @@ from helpers import detection, unit_event
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from rich.console import Console
 
-from common import MESSAGE_STREAM, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Envelope, Settings, caused_by, new_event
+from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Envelope, Settings, caused_by, new_event
 from monitor import Flow, groups, render
 from orchestrator import WORKFLOWS, Step, Workflow, owns, route
 
@@ -177,3 +177,28 @@ def test_a_failed_security_action_is_escalated_end_to_end(scripts, topics, produ
     assert {m.workflow_id for m in delivered} == {event.id}
     escalation = next(m for m in delivered if m.payload["recipient"] == "security-supervisor")
     assert escalation.payload["text"] == "ESCALATION: dispatch_guard failed at zone-1: actuator not responding"
+
+
+@pytest.mark.no_broker
+def test_memory_is_a_window_of_recent_workflows_and_the_rest_are_counted_not_kept():
+    # Given a monitor that keeps 100 workflows in full
+    flow = Flow(settings=Settings(), window=100)
+    # When 1,000 unit workflows, each taking 1 s, pass through it
+    for i in range(1000):
+        flow.add(MESSAGE_STREAM, envelope("unit_event", f"w{i}", 20))
+        flow.add(UNIT_COMMAND, envelope("unit_command", f"w{i}", 19.5, ".unit"))
+        flow.add(MESSAGE_STREAM, envelope("unit_command_applied", f"w{i}", 19, ".applied"))
+    # Then it holds about a window of them, yet every figure counts all 1,000
+    assert len(flow.times) <= 120 and len(flow.kind) <= 120 and len(flow.seen) <= 800
+    assert flow.counts() == (1000, 1000) and flow.unknown_fate == 0
+    report = flow.sla_report()["unit"]
+    assert (report["count"], report["completed"], report["breaches"]) == (1000, 1000, 0)
+    assert report["p50"] == pytest.approx(1.0, abs=0.01) and report["p99"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.no_broker
+def test_a_dead_letter_without_a_reason_is_counted_and_shown_not_fatal():
+    flow = flow_of((DEAD_LETTER, envelope("dead_letter", "d1", 1)))
+    screen = Console(width=200, record=True)
+    screen.print(render(flow, None))
+    assert flow.dead_letters == 1 and "dead letters: 1 (last: (no reason given))" in screen.export_text()

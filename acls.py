@@ -24,8 +24,9 @@ from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatter
 from kafka.errors import KafkaError
 
 from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, SETTINGS,
-                    THIRD_PARTY, UNIT_COMMAND, Settings, ensure_topics, setup_logging)
-from orchestrator import WORKFLOWS
+                    SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, ensure_topics, setup_logging, written_by)
+from common.settings import FAMILIES
+from orchestrator import command_topics
 
 log = logging.getLogger("acls")
 
@@ -39,12 +40,11 @@ class Access:
     sees_groups: bool = False           # may read every group's committed offsets (the monitor's lag)
 
 
-COMMAND_TOPICS = list(dict.fromkeys(step.topic for workflow in WORKFLOWS.values() for step in workflow.steps))
 ACCESS = {  # user -> what it may do (a workflow's step topics come from the orchestrator's WORKFLOWS table)
     "security_detector": Access(writes=[MESSAGE_STREAM]),
     "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer",
                                   transactional_id="unit_event_producer"),
-    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*COMMAND_TOPICS, DEAD_LETTER], group="orchestrator*",
+    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*command_topics(), DEAD_LETTER], group="orchestrator*",
                            transactional_id="orchestrator"),
     "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service",
                                transactional_id="security_service"),
@@ -55,15 +55,24 @@ ACCESS = {  # user -> what it may do (a workflow's step topics come from the orc
 }
 
 
+def members() -> list[str]:
+    """Every member of a family that some user writes: message_stream.security_detector, dead_letter.orchestrator..."""
+    return [written_by(name, user) for user, access in ACCESS.items() for name in access.writes if name in FAMILIES]
+
+
 def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
     """The ACLs that give `user` exactly `access` on the topics and groups named with `prefix`."""
     principal = f"User:{user}"
 
     def allow(operation, resource_type, name, pattern=ACLResourcePatternType.LITERAL):
         return ACL(principal, "*", operation, ACLPermissionType.ALLOW, ResourcePattern(resource_type, name, pattern))
-    acls = [allow(ACLOperation.DESCRIBE, ResourceType.TOPIC, prefix + name) for name in ALL_TOPICS]  # see they exist
-    acls += [allow(ACLOperation.READ, ResourceType.TOPIC, prefix + name) for name in access.reads]
-    acls += [allow(ACLOperation.WRITE, ResourceType.TOPIC, prefix + name) for name in access.writes]
+
+    def topics(operation, names):  # a family: every member (reading, seeing); writing: only this user's own member
+        return [allow(operation, ResourceType.TOPIC, prefix + name + ".", ACLResourcePatternType.PREFIXED)
+                if name in FAMILIES and operation != ACLOperation.WRITE else
+                allow(operation, ResourceType.TOPIC, prefix + written_by(name, user)) for name in names]
+    acls = topics(ACLOperation.DESCRIBE, ALL_TOPICS) + topics(ACLOperation.READ, access.reads)  # (see they exist)
+    acls += topics(ACLOperation.WRITE, access.writes)
     if access.group:  # "name*" is every group whose name starts so
         pattern = ACLResourcePatternType.PREFIXED if access.group.endswith("*") else ACLResourcePatternType.LITERAL
         acls.append(allow(ACLOperation.READ, ResourceType.GROUP, prefix + access.group.removesuffix("*"), pattern))
@@ -81,8 +90,8 @@ def grant(admin_settings: Settings) -> int:
     """As the admin user of `admin_settings`: create the project's topics and every user's ACLs for its topic prefix;
     returns how many ACLs there are. Creating an ACL that exists already is a no-op."""
     admin = KafkaAdminClient(**admin_settings.kafka_config(), client_id="acls")
-    try:
-        ensure_topics(admin, admin_settings)
+    try:  # (users may not create topics: every one they use, each writer's own members too, is made here)
+        ensure_topics(admin, admin_settings, [*SINGLE_WRITER_TOPICS, *members()])
         acls = [acl for user, access in ACCESS.items() for acl in acls_for(user, access, admin_settings.topic_prefix)]
         result = admin.create_acls(acls)
         if result["failed"]:
@@ -124,7 +133,8 @@ def main() -> None:
     logging.getLogger("kafka").setLevel(logging.INFO)  # at DEBUG kafka-python would log the users' salted passwords
     if args.show:
         for user, access in ACCESS.items():
-            print(f"{user:<21} reads {', '.join(access.reads) or '-'}; writes {', '.join(access.writes) or '-'}"
+            writes = ", ".join(written_by(name, user) for name in access.writes) or "-"
+            print(f"{user:<21} reads {', '.join(access.reads) or '-'}; writes {writes}"
                   f"{f'; group {access.group}' if access.group else ''}{'; sees every group' if access.sees_groups else ''}"
                   f"{f'; transactional id {access.transactional_id}*' if access.transactional_id else ''}")
         return

@@ -31,6 +31,7 @@ from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailable
 from kafka.structs import OffsetAndMetadata
 from rich.console import Console
 
+import acls
 import common
 import local_kafka
 from monitor import percentile
@@ -38,6 +39,7 @@ from monitor import percentile
 HERE = Path(__file__).resolve().parent
 console = Console(highlight=False)
 SCALE_PARTITIONS = 4  # message_stream partitions when one orchestrator instance is compared with two
+DETECTIONS = common.written_by(common.MESSAGE_STREAM, "security_detector")  # where the detector writes
 
 
 def detection_bytes(rng_seed: int) -> tuple[str, bytes, bytes]:
@@ -56,7 +58,7 @@ class Bench:
     def prefix(self, name: str, partitions: int = common.SETTINGS.partitions) -> str:
         """A fresh topic prefix, its topics created with `partitions` partitions each."""
         prefix = f"bench{uuid.uuid4().hex[:6]}_{name}_"
-        self.admin.create_topics([NewTopic(prefix + t, partitions, 1) for t in common.ALL_TOPICS])
+        self.admin.create_topics([NewTopic(prefix + t, partitions, 1) for t in (*common.SINGLE_WRITER_TOPICS, *acls.members())])
         self.partitions[prefix] = partitions
         return prefix
 
@@ -76,7 +78,7 @@ class Bench:
         futures = []
         for i in range(n):
             _, value, key = detection_bytes(i)
-            futures.append(producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key))
+            futures.append(producer.send(prefix + DETECTIONS, value=value, key=key))
         producer.flush()
         producer.close()
         landed = Counter(future.get().partition for future in futures)
@@ -89,7 +91,7 @@ class Bench:
             offsets = self.admin.list_group_offsets({group: None}).get(group) or {}
         except (CoordinatorLoadInProgressError, CoordinatorNotAvailableError):
             return 0
-        return sum(meta.offset for tp, meta in offsets.items() if tp.topic.endswith(common.MESSAGE_STREAM))
+        return sum(meta.offset for tp, meta in offsets.items() if tp.topic.endswith(DETECTIONS))
 
     def drain(self, label: str, n: int, group: str, prefix: str, *args: str, envs: tuple[dict, ...] = ({},)) \
             -> tuple[float, float]:
@@ -137,7 +139,7 @@ class Bench:
         prefix = self.prefix("e2e" if system else "hop")
         processes = [self.start(prefix, name) for name in ("orchestrator.py", "security_service.py",
                                                            "notification_service.py")] if system else []
-        receive_topic = prefix + (common.THIRD_PARTY if system else common.MESSAGE_STREAM)
+        receive_topic = prefix + (common.THIRD_PARTY if system else DETECTIONS)
         consumer = KafkaConsumer(receive_topic, bootstrap_servers=self.address, auto_offset_reset="latest",
                                  isolation_level="read_committed", fetch_max_wait_ms=10, reconnect_backoff_max_ms=1000)
         while not consumer.assignment():
@@ -159,7 +161,7 @@ class Bench:
         if system:  # warm up: the services must be in their groups before timing starts
             warm_id, value, key = detection_bytes(0)
             sent[warm_id] = time.time()
-            producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key)
+            producer.send(prefix + DETECTIONS, value=value, key=key)
             deadline = time.monotonic() + 60
             while warm_id in sent and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -169,7 +171,7 @@ class Bench:
             for _ in range(pacer.due()):
                 event_id, value, key = detection_bytes(count)
                 sent[event_id] = time.time()
-                producer.send(prefix + common.MESSAGE_STREAM, value=value, key=event_id.encode() if not system else key)
+                producer.send(prefix + DETECTIONS, value=value, key=event_id.encode() if not system else key)
                 count += 1
             time.sleep(pacer.pause())
         producer.flush()
@@ -205,7 +207,7 @@ class Bench:
             producer, i = KafkaProducer(bootstrap_servers=self.address), 0
             while not stop.is_set():
                 event_id, value, key = detection_bytes(i)
-                producer.send(prefix + common.MESSAGE_STREAM, value=value, key=key)
+                producer.send(prefix + DETECTIONS, value=value, key=key)
                 detections.append(event_id)
                 i += 1
                 time.sleep(1 / rate)
@@ -257,7 +259,7 @@ def raw_pipe() -> None:
     """No logic: every message_stream record is copied as it is to the three topics the Example 2 table sends to
     (the same fan-out as the orchestrator), with the loop's producer, batching and commit policy."""
     stop = common.Stopper()
-    consumer = common.make_consumer("raw", [common.MESSAGE_STREAM])
+    consumer = common.make_consumer("raw", [DETECTIONS])
     producer = common.make_producer()
     while not stop:
         batch = consumer.poll(timeout_ms=500)
@@ -280,7 +282,7 @@ def confluent_router() -> None:
     consumer = Consumer({"bootstrap.servers": common.SETTINGS.bootstrap_servers, "group.id": common.topic("confluent"),
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
                          "isolation.level": "read_committed"})
-    consumer.subscribe([common.topic(common.MESSAGE_STREAM)])
+    consumer.subscribe([common.topic(DETECTIONS)])
     producer = Producer({"bootstrap.servers": common.SETTINGS.bootstrap_servers, "enable.idempotence": True, "linger.ms": 5})
     while not stop:
         messages = consumer.consume(500, timeout=0.5)

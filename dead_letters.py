@@ -1,12 +1,14 @@
 """Dead letters: list what could not be handled and why; replay chosen ones to their source topic once fixed.
 
-Consumes: dead_letter (reads it from the beginning; joins no group)   Produces: the dead letters' source topics
-Run:      python dead_letters.py list                          # one line per dead letter: offset, service, reason
+Consumes: dead_letter.* (reads them from the beginning; joins no group)   Produces: the dead letters' source topics
+Run:      python dead_letters.py list                          # one line per dead letter: which, where from, reason
           python dead_letters.py replay --reason "no route"    # re-send those whose reason contains the text
-          python dead_letters.py replay --offset 3 --offset 7  # re-send chosen ones by their dead_letter offset
+          python dead_letters.py replay --letter orchestrator:3   # re-send chosen ones (SERVICE:OFFSET, as listed)
           python dead_letters.py replay --all                  # re-send every dead letter
-A replayed message keeps its id, so handling it twice has no second effect downstream. Several letters holding the
-same original (it failed again after an earlier replay) replay it once; --every-copy replays each letter.
+Each service writes its own dead_letter.<service>, and a letter is replayed only to a topic that service consumes:
+a service cannot have another's commands re-sent in its name. A replayed message keeps its id, so handling it
+twice has no second effect downstream. Several letters holding the same original (it failed again after an earlier
+replay) replay it once; --every-copy replays each letter.
 """
 
 import argparse
@@ -16,44 +18,61 @@ import sys
 
 from pydantic import ValidationError
 
-from common import DEAD_LETTER, Envelope, Stopper, discard, make_producer, read_all, setup_logging, wait_for_acks, wait_for_kafka
+import acls
+from common import (DEAD_LETTER, SETTINGS, Envelope, Stopper, discard, make_producer, read_all, setup_logging, wait_for_acks,
+                    wait_for_kafka)
 from common.messages import DeadLetterPayload
+from common.settings import FAMILIES
 
 log = logging.getLogger("dead_letters")
 
 
-def load(records) -> tuple[list[tuple[int, DeadLetterPayload]], list[int]]:
-    """(offset in dead_letter, what the letter says) for each readable dead letter, and the offsets of the records
-    that are not dead letters at all (junk written to the topic): those are shown, never fatal."""
+def load(records) -> tuple[list[tuple[str, DeadLetterPayload]], list[str]]:
+    """(which letter, "SERVICE:OFFSET", and what it says) for each readable dead letter, and which records are not
+    dead letters at all (junk written to a dead_letter topic): those are shown, never fatal. SERVICE is the writer
+    of the dead_letter topic it is on, which only that service may write."""
     letters, unreadable = [], []
     for record in records:
+        which = f"{record.topic.rsplit('.', 1)[-1]}:{record.offset}"
         try:
-            letters.append((record.offset, DeadLetterPayload.model_validate(Envelope.model_validate_json(record.value).payload)))
+            letters.append((which, DeadLetterPayload.model_validate(Envelope.model_validate_json(record.value).payload)))
         except ValidationError:  # (invalid JSON is a ValidationError too)
-            unreadable.append(record.offset)
+            unreadable.append(which)
     return letters, unreadable
 
 
-def chosen(letters, reason: str | None, service: str | None, offsets: list[int] | None):
-    return [(offset, letter) for offset, letter in letters
+def chosen(letters, reason: str | None, service: str | None, which: list[str] | None):
+    return [(name, letter) for name, letter in letters
             if (reason is None or reason in letter.reason)
-            and (service is None or service == letter.service)
-            and (not offsets or offset in offsets)]
+            and (service is None or name.startswith(service + ":"))
+            and (not which or name in which)]
 
 
-def originals(letters, every_copy: bool = False) -> list[tuple[int, DeadLetterPayload]]:
-    """The letters to replay: those whose original is kept whole, each original once (unless every_copy)."""
+def consumes(writer: str, topic: str) -> bool:
+    """Whether `writer`, the service whose dead_letter topic a letter is on, consumes `topic` (a real name)."""
+    reads = acls.ACCESS[writer].reads if writer in acls.ACCESS else []
+    return any(topic == SETTINGS.topic(name) or (name in FAMILIES and topic.startswith(SETTINGS.topic(name) + "."))
+               for name in reads)
+
+
+def originals(letters, every_copy: bool = False) -> list[tuple[str, DeadLetterPayload]]:
+    """The letters to replay: those whose original is kept whole and goes back to a topic their writer consumes,
+    each original once (unless every_copy)."""
     kept, seen = [], set()
-    for offset, letter in letters:
-        if letter.original_truncated or letter.key_truncated or letter.topic is None:
-            log.warning("dead letter %d cannot be replayed (its original was not kept whole)", offset)
+    for which, letter in letters:
+        writer = which.split(":", 1)[0]
+        if letter.topic is None or not consumes(writer, letter.topic):
+            log.warning("dead letter %s names %s, which %s does not consume: not replayed", which, letter.topic, writer)
+            continue
+        if letter.original_truncated or letter.key_truncated:
+            log.warning("dead letter %s cannot be replayed (its original was not kept whole)", which)
             continue
         if letter.original_null and not letter.key_b64:  # kafka-python sends no record with neither key nor value
-            log.warning("dead letter %d cannot be replayed (a null value without a key)", offset)
+            log.warning("dead letter %s cannot be replayed (a null value without a key)", which)
             continue
         original = (letter.topic, letter.key_b64, letter.original_b64, letter.original_null)
         if every_copy or original not in seen:
-            kept.append((offset, letter))
+            kept.append((which, letter))
         seen.add(original)
     return kept
 
@@ -76,22 +95,21 @@ def main() -> int:
     parser.add_argument("command", choices=["list", "replay"])
     parser.add_argument("--reason", help="only letters whose reason contains this text")
     parser.add_argument("--service", help="only letters from this service")
-    parser.add_argument("--offset", type=int, action="append", help="only this dead_letter offset (repeatable)")
+    parser.add_argument("--letter", action="append", help="only this letter, SERVICE:OFFSET as listed (repeatable)")
     parser.add_argument("--all", action="store_true", help="with replay and no other filter: every dead letter")
     parser.add_argument("--every-copy", action="store_true", help="with replay: also letters whose original another "
                                                                   "chosen letter holds")
     args = parser.parse_args()
-    if args.command == "replay" and not (args.all or args.reason or args.service or args.offset):
-        parser.error("replay needs --reason, --service, --offset or --all")
+    if args.command == "replay" and not (args.all or args.reason or args.service or args.letter):
+        parser.error("replay needs --reason, --service, --letter or --all")
     setup_logging()
     wait_for_kafka(Stopper(), "dead_letters", wait=False).close()
     letters, unreadable = load(read_all(DEAD_LETTER))
-    letters = chosen(letters, args.reason, args.service, args.offset)
+    letters = chosen(letters, args.reason, args.service, args.letter)
     if args.command == "list":
-        print(f"{'offset':>6}  {'service':<20} {'from topic:partition:offset':<36} reason")
-        for offset, letter in letters:
-            print(f"{offset:>6}  {letter.service:<20} {f'{letter.topic}:{letter.partition}:{letter.offset}':<36} "
-                  f"{letter.reason}")
+        print(f"{'letter':<26} {'from topic:partition:offset':<44} reason")
+        for which, letter in letters:
+            print(f"{which:<26} {f'{letter.topic}:{letter.partition}:{letter.offset}':<44} {letter.reason}")
         print(f"{len(letters)} dead letters")
     else:
         todo = originals(letters, args.every_copy)
@@ -100,10 +118,11 @@ def main() -> int:
             return 1
         skipped = len(letters) - len(todo)
         print(f"replayed {replay(todo)} of {len(letters)} dead letters"
-              + (f" ({skipped} held an original replayed once already, or not kept whole)" if skipped else ""))
+              + (f" ({skipped} not: an original replayed once already, or not kept whole, or not their writer's input)"
+                 if skipped else ""))
     if unreadable:
-        print(f"{len(unreadable)} records on dead_letter are not dead letters (offsets "
-              f"{', '.join(map(str, unreadable[:10]))}{' ...' if len(unreadable) > 10 else ''}); skipped")
+        print(f"{len(unreadable)} records on dead_letter are not dead letters ("
+              f"{', '.join(unreadable[:10])}{' ...' if len(unreadable) > 10 else ''}); skipped")
     return 0
 
 

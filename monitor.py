@@ -14,6 +14,7 @@ import math
 import sys
 import time
 import random
+import re
 from array import array
 from collections import OrderedDict, defaultdict, deque
 
@@ -26,7 +27,7 @@ from rich.live import Live
 from rich.table import Table
 
 from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, SETTINGS, Envelope, Settings, Stopper, ensure_topics,
-                    refused, setup_logging, wait_for_kafka)
+                    family_of, refused, setup_logging, wait_for_kafka)
 from orchestrator import WORKFLOWS, group_for
 
 
@@ -96,11 +97,12 @@ class Flow:
         self.starts = {workflow.starts_with: name for name, workflow in WORKFLOWS.items()}
 
     def add(self, topic_name: str, message: Envelope) -> None:
-        if topic_name == self.settings.topic(DEAD_LETTER):
+        family = family_of(topic_name.removeprefix(self.settings.topic_prefix))
+        if family == DEAD_LETTER:
             self.dead_letters += 1
             self.last_reason = str(message.payload.get("reason", "(no reason given)"))[:200]
             return
-        if (topic_name, message.id) in self.seen and topic_name != self.settings.topic(MESSAGE_STREAM):
+        if (topic_name, message.id) in self.seen and family != MESSAGE_STREAM:
             self.duplicates += 1  # (a replayed event on message_stream is not a duplicate effect)
         self.seen[(topic_name, message.id)] = None
         if len(self.seen) > 8 * self.window:
@@ -184,11 +186,13 @@ class Flow:
         return report
 
     def rates(self, seconds: float = 10.0) -> dict[str, float]:
-        since = time.time() - seconds
-        for arrivals in self.arrivals.values():
+        """Messages per second of each topic (a family's members together) over the last `seconds`."""
+        since, counts = time.time() - seconds, dict.fromkeys(ALL_TOPICS, 0)
+        for topic_name, arrivals in self.arrivals.items():
             while arrivals and arrivals[0] < since:
                 arrivals.popleft()
-        return {name: sum(t >= since for t in self.arrivals[self.settings.topic(name)]) / seconds for name in ALL_TOPICS}
+            counts[family_of(topic_name.removeprefix(self.settings.topic_prefix))] += len(arrivals)
+        return {name: count / seconds for name, count in counts.items()}
 
 
 class Tail:
@@ -199,24 +203,21 @@ class Tail:
         admin = KafkaAdminClient(**settings.kafka_config())
         ensure_topics(admin, settings)
         admin.close()
-        self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False,
-                                      isolation_level="read_committed")
-        deadline = time.monotonic() + 30  # topics just created take a moment to show in metadata
-        while not all(self.consumer.partitions_for_topic(settings.topic(n)) for n in ALL_TOPICS):
-            if time.monotonic() > deadline:
-                raise SystemExit("monitor: the project's topics did not appear in the cluster metadata within 30 s")
-            time.sleep(0.1)
-        self.partitions = [TopicPartition(settings.topic(name), p) for name in ALL_TOPICS
-                           for p in self.consumer.partitions_for_topic(settings.topic(name))]
-        self.consumer.assign(self.partitions)
-        self.consumer.seek_to_beginning()
+        # A pattern, so that a member of a family created later (a service started later) is read too.
+        # Small fetches, so that reading a long history the topics stay in step (see read_to_end).
+        self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, auto_offset_reset="earliest",
+                                      isolation_level="read_committed", metadata_max_age_ms=1000,
+                                      max_partition_fetch_bytes=16 * 1024)
+        self.consumer.subscribe(pattern=settings.pattern(ALL_TOPICS))
+        self.last_read: dict[TopicPartition, int] = {}  # partition -> timestamp (ms) of the last record read
 
     def poll(self, timeout_ms: int = 200) -> None:
         try:
             batches = self.consumer.poll(timeout_ms=timeout_ms)
         except AuthorizationError as error:  # a user who may not read every topic: one line, not a traceback
             raise refused("monitor", error, self.flow.settings) from None
-        for records in batches.values():
+        for partition, records in batches.items():
+            self.last_read[partition] = records[-1].timestamp
             arrivals = self.flow.arrivals[records[0].topic]
             for record in records:
                 arrivals.append(record.timestamp / 1000)  # when Kafka got it
@@ -230,12 +231,28 @@ class Tail:
 
     def read_to_end(self, stop=None) -> bool:
         """Read everything on the topics now (for --once and reports); False if stopped before the end."""
-        end = self.consumer.end_offsets(self.partitions)
-        while any(self.consumer.position(p) < end[p] for p in self.partitions):
+        pattern = self.flow.settings.pattern(ALL_TOPICS)
+        topics = {topic for topic in self.consumer.topics() if re.match(pattern, topic)}  # (every topic there is now)
+        while not topics <= {partition.topic for partition in self.consumer.assignment()}:
             if stop:
                 return False
             self.poll()
+        end = self.consumer.end_offsets(list(self.consumer.assignment()))
+        while behind := {p: self.last_read.get(p, 0) for p, offset in end.items() if self.consumer.position(p) < offset}:
+            if stop:
+                return False
+            self.in_step(behind)
+            self.poll()
+        self.consumer.resume(*self.consumer.assignment())
         return True
+
+    def in_step(self, behind: dict) -> None:
+        """Read the partitions in step by record time (pausing those more than 0.2 s ahead of the slowest), so that
+        a workflow's messages on its several topics are read together and the Flow's window need not hold the gap."""
+        slowest = min(behind.values())
+        ahead = [p for p, at in behind.items() if at > slowest + 200]
+        self.consumer.pause(*ahead)
+        self.consumer.resume(*[p for p in behind if p not in ahead])
 
     def wait(self, condition, timeout: float) -> bool:
         """Keep reading until condition() holds or timeout seconds pass."""
@@ -248,7 +265,7 @@ class Tail:
 
     def lag(self, admin: KafkaAdminClient) -> dict[str, int]:
         """Messages each known group still has to read, summed over its partitions."""
-        end = self.consumer.end_offsets(self.partitions)
+        end = self.consumer.end_offsets(list(self.consumer.assignment()))
         names = {group: self.flow.settings.group(group) for group in groups()}
         try:
             offsets = admin.list_group_offsets({real: None for real in names.values()})
@@ -309,15 +326,17 @@ def main() -> None:
     parser.add_argument("--sla", type=float, default=5.0, help="seconds a workflow may take (default 5)")
     parser.add_argument("--window", type=float, help="with --sla-report: only workflows started in the last N s")
     parser.add_argument("--rows", type=int, default=15, help="workflows shown (default 15)")
+    parser.add_argument("--keep", type=int, default=50_000, help="workflows kept in full; older finished ones are "
+                                                                 "only counted, so memory stays bounded (default 50 000)")
     args = parser.parse_args()
-    if args.sla <= 0 or (args.window is not None and args.window <= 0):
-        parser.error("--sla and --window must be above 0")
+    if args.sla <= 0 or (args.window is not None and args.window <= 0) or args.keep < 10:
+        parser.error("--sla and --window must be above 0, --keep at least 10")
     setup_logging()
     stop = Stopper()
     admin = wait_for_kafka(stop, "monitor")
     if admin is None:
         return
-    flow, console = Flow(args.sla), Console(width=None if sys.stdout.isatty() else 200)
+    flow, console = Flow(args.sla, window=args.keep), Console(width=None if sys.stdout.isatty() else 200)
     tail = Tail(flow)
     try:
         if (args.sla_report or args.once) and not tail.read_to_end(stop):

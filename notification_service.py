@@ -24,7 +24,8 @@ def notify(command: Envelope) -> list[Output]:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     setup_logging()
-    run_service("notification_service", [NOTIFICATION_COMMAND], notify, dedupe=True, transactional=True)
+    run_service("notification_service", [NOTIFICATION_COMMAND], notify, writes=(THIRD_PARTY,), dedupe=True,
+                transactional=True)
 
 
 if __name__ == "__main__":

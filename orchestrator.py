@@ -1,6 +1,7 @@
 """Orchestrator: owns the workflows. Reads message_stream, decides with the routing table below which commands to send.
 
-Consumes: message_stream        Produces: sec_command, notification_command, report_data, unit_command, dead_letter
+Consumes: message_stream.<writer> of its workflows' writers (each may send only its own types)
+Produces: sec_command, notification_command, report_data, unit_command, dead_letter.orchestrator
 Run:      python orchestrator.py --example 1        # stage of the walkthrough: 1, 2 or 3 (default 3, everything)
           python orchestrator.py --workflows security   # one orchestrator per workflow, each restarts on its own
           python orchestrator.py --dry-run --example 3 --compare 2   # preview a routing change on the recorded
@@ -16,8 +17,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter,
-                    Envelope, Output, caused_by, parse, read_all, run_service, setup_logging)
+from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND,
+                    SETTINGS, DeadLetter, Envelope, Output, caused_by, parse, read_all, run_service, setup_logging,
+                    written_by)
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -34,6 +36,7 @@ class Step:
     done: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
     from_example: int = 1         # the walkthrough stage that adds the step
+    reports_on: str = MESSAGE_STREAM  # where the service reports (its own member of message_stream)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ WORKFLOWS = {
         Step("acted", "security_command", SEC_COMMAND, "security_service",
              done=("security_action_completed",), failed=("security_action_failed",)),
         Step("notified", "notification_command", NOTIFICATION_COMMAND, "notification_service",
-             done=("notification_delivered",)),
+             done=("notification_delivered",), reports_on=THIRD_PARTY),
         Step("reported", "report_data", REPORT_DATA, "reporting_service", from_example=2))),
     "unit": Workflow("unit_event", "unit_event_producer", from_example=3, started="event", steps=(
         Step("applied", "unit_command", UNIT_COMMAND, "unit_event_producer", done=("unit_command_applied",)),
@@ -133,6 +136,25 @@ def owns(event_type: str, workflows: set[str]) -> bool:
     return (workflow_of(event_type) or UNKNOWN_TYPES_OWNER) in workflows
 
 
+def senders(workflows: set[str]) -> dict[str, frozenset]:
+    """Who writes to the orchestrator of `workflows`, and what each may send: the script that starts a workflow
+    its starting event, a service its step's reports. Each writes its own member of message_stream, so a type
+    from a writer that may not send it (a forged unit_event from the detector, say) is a dead letter."""
+    may_send: dict[str, set[str]] = {}
+    for name in sorted(workflows):
+        workflow = WORKFLOWS[name]
+        may_send.setdefault(workflow.source, set()).add(workflow.starts_with)
+        for step in workflow.steps:
+            if step.reports_on == MESSAGE_STREAM and step.done + step.failed:
+                may_send.setdefault(step.service, set()).update(step.done + step.failed)
+    return {written_by(MESSAGE_STREAM, writer): frozenset(types) for writer, types in may_send.items()}
+
+
+def command_topics() -> tuple[str, ...]:
+    """The topics the orchestrator writes: each step's."""
+    return tuple(dict.fromkeys(step.topic for workflow in WORKFLOWS.values() for step in workflow.steps))
+
+
 def group_for(workflows: set[str]) -> str:
     """One consumer group per set of workflows, so split orchestrators each read every event and restart alone."""
     return "orchestrator" if workflows == set(WORKFLOWS) else "orchestrator-" + "-".join(sorted(workflows))
@@ -141,14 +163,19 @@ def group_for(workflows: set[str]) -> str:
 def preview(records, example: int, workflows: set[str]) -> dict[str, Counter]:
     """What route() would emit for recorded events: event type -> Counter of output topics (nothing is sent)."""
     emitted: dict[str, Counter] = defaultdict(Counter)
+    accepts = senders(workflows)
     for record in records:
+        allowed = accepts.get(record.topic.removeprefix(SETTINGS.topic_prefix))
+        if allowed is None:  # a writer of another orchestrator's workflows
+            emitted["(another orchestrator)"]["-"] += 1
+            continue
         try:
             event = parse(record.value)
         except DeadLetter:
             emitted["(invalid)"][DEAD_LETTER] += 1
             continue
-        if not owns(event.type, workflows):
-            emitted[event.type]["(another orchestrator)"] += 1
+        if event.type not in allowed or not owns(event.type, workflows):
+            emitted[event.type][DEAD_LETTER if event.type not in allowed else "(another orchestrator)"] += 1
             continue
         try:
             outputs = [name for name, _ in route(event, example)]
@@ -210,8 +237,10 @@ def main() -> None:
     # Exactly once: the commands routed from a batch and the batch's offsets commit in one Kafka transaction.
     # A split orchestrator's new group takes over where the single orchestrator left off, not from the beginning.
     # dedupe: an event handled before is not routed again, and the same id with other content is a dead letter.
-    run_service("orchestrator", [MESSAGE_STREAM], handle, group=group, transactional=not args.no_transactions,
-                dedupe=True, start_like="orchestrator" if split else None)
+    # It reads only the writers of its workflows, each allowed only its own message types.
+    accepts = senders(workflows)
+    run_service("orchestrator", list(accepts), handle, writes=command_topics(), accepts=accepts, group=group,
+                transactional=not args.no_transactions, dedupe=True, start_like="orchestrator" if split else None)
 
 
 if __name__ == "__main__":

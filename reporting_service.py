@@ -1,6 +1,6 @@
 """Reporting service: stores every report in SQLite and prints a periodic summary. Joins in Example 2.
 
-Consumes: report_data           Produces: a SQLite file (REPORT_DB or --db, default reports.db); dead_letter
+Consumes: report_data           Produces: a SQLite file (REPORT_DB or --db, default reports.db); dead_letter.reporting_service
 Run:      python reporting_service.py --example 2      # security reports only (the unit section is off)
           python reporting_service.py --example 3      # plus the unit section
           python reporting_service.py --summary --json # print the stored counts as one JSON object and exit

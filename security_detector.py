@@ -1,6 +1,6 @@
 """Security detector: simulates sensors and produces security detections.
 
-Produces: message_stream (type security_detection, keyed by sensor id)
+Produces: message_stream.security_detector (type security_detection, keyed by sensor id)
 Run:      python security_detector.py                      # one detection a second, until Ctrl-C
           python security_detector.py --count 10 --rate 5  # ten detections, five a second, then exit
 """

@@ -1,6 +1,6 @@
 """Security service: carries out security commands and reports the outcome. Knows nothing of other services.
 
-Consumes: sec_command           Produces: message_stream (security_action_completed, same workflow_id)
+Consumes: sec_command           Produces: message_stream.security_service (security_action_completed, same workflow_id)
 Run:      python security_service.py
           python security_service.py --fail-zones zone-3   # actions there fail (to see the escalation route)
 """
@@ -39,8 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     fail_zones = frozenset(filter(None, args.fail_zones.split(",")))
-    run_service("security_service", [SEC_COMMAND], lambda command: carry_out(command, fail_zones), dedupe=True,
-                transactional=True)
+    run_service("security_service", [SEC_COMMAND], lambda command: carry_out(command, fail_zones),
+                writes=(MESSAGE_STREAM,), dedupe=True, transactional=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Unit event producer: simulates field units. Produces their events and obeys the commands sent back to them.
 
-Produces: message_stream (unit_event keyed by unit id; unit_command_applied, same workflow_id)
+Produces: message_stream.unit_event_producer (unit_event keyed by unit id; unit_command_applied, same workflow_id)
 Consumes: unit_command
 Run:      python unit_event_producer.py                         # one event a second from 5 units, until Ctrl-C
           python unit_event_producer.py --count 20 --rate 10    # 20 events, then keep obeying commands
@@ -52,7 +52,7 @@ def main() -> None:
         parser.error("--rate and --units must be above 0 and --count not negative")
     setup_logging()
     rng, pacer = random.Random(args.seed), Pacer(args.rate, args.count)
-    run_service("unit_event_producer", [UNIT_COMMAND], apply, dedupe=True, transactional=True,
+    run_service("unit_event_producer", [UNIT_COMMAND], apply, writes=(MESSAGE_STREAM,), dedupe=True, transactional=True,
                 tick=lambda: [unit_event(rng, args.units) for _ in range(pacer.due())])
 
 

@@ -6,7 +6,9 @@
   clients     kafka-python producers, consumers and admin made the project's way; topics; read_all; refusals
   handling    one poll batch: parse, skip repeats, call the handler with retries, dead-letter what fails
   delivery    a batch's outputs and offsets, in one transaction or acknowledged then committed, and recovery
-  service     run_service (consume -> handle -> produce) and run_producer, with the clean stop they share
+  service     run_service: consume -> handle -> produce, one batch at a time
+  waiting     the stop signal, a poll that outlives an outage, a pause that says what it waits for
+  producing   run_producer, the event sources' loop
   workarounds every workaround of a kafka-python behaviour, each saying which and why
 """
 
@@ -15,9 +17,12 @@ from common.clients import (answers_kafka, ensure_topics, make_consumer, make_pr
 from common.handling import Handler, Seen, Triple, Unavailable, handle_batch
 from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, Envelope, Output, caused_by, dead_letter, expect,
                              new_event, parse)
-from common.service import Pacer, Stopper, run_producer, run_service
+from common.producing import Pacer, run_producer
+from common.service import run_service
+from common.waiting import Stopper
 from common.settings import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND,
-                             SETTINGS, THIRD_PARTY, UNIT_COMMAND, Settings, setup_logging, topic)
+                             SETTINGS, SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, family_of, setup_logging,
+                             topic, written_by)
 from common.workarounds import discard
 
 __all__ = ["answers_kafka", "ensure_topics", "make_consumer", "make_producer", "read_all", "refused", "send",
@@ -25,4 +30,4 @@ __all__ = ["answers_kafka", "ensure_topics", "make_consumer", "make_producer", "
            "SCHEMAS", "DeadLetter", "Envelope", "Output", "caused_by", "dead_letter", "expect", "new_event", "parse",
            "Pacer", "Stopper", "run_producer", "run_service", "ALL_TOPICS", "DEAD_LETTER", "MESSAGE_STREAM",
            "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "THIRD_PARTY", "UNIT_COMMAND", "Settings",
-           "setup_logging", "topic", "discard"]
+           "setup_logging", "topic", "discard", "SINGLE_WRITER_TOPICS", "written_by", "family_of"]

@@ -2,6 +2,7 @@
 line why Kafka will not talk to them."""
 
 import logging
+import re
 import socket
 import struct
 import time
@@ -13,7 +14,7 @@ from kafka.errors import AuthorizationError, KafkaError, KafkaTimeoutError, Topi
 from kafka.structs import TopicPartition
 
 from common.messages import Envelope
-from common.settings import ALL_TOPICS, SETTINGS, Settings
+from common.settings import FAMILIES, SETTINGS, SINGLE_WRITER_TOPICS, Settings
 from common.workarounds import ConnectionWatch
 
 log = logging.getLogger("common")
@@ -77,9 +78,11 @@ def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "") -> Non
         future.get()  # flush() does not raise for a failed record; get() does
 
 
-def ensure_topics(admin: KafkaAdminClient, settings: Settings = SETTINGS, names: Iterable[str] = ALL_TOPICS) -> None:
-    """Create whichever of the project's topics are missing, so every script runs against any cluster."""
-    missing = {settings.topic(name) for name in names} - set(admin.list_topics())
+def ensure_topics(admin: KafkaAdminClient, settings: Settings = SETTINGS,
+                  names: Iterable[str] = SINGLE_WRITER_TOPICS) -> None:
+    """Create whichever of these project topics (members of a family by their own name) are missing, so every
+    script runs against any cluster."""
+    missing = {settings.topic(name) for name in names if name not in FAMILIES} - set(admin.list_topics())
     if not missing:
         return
     try:
@@ -89,11 +92,12 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings = SETTINGS, names:
         pass
 
 
-def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = True) -> KafkaAdminClient | None:
+def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = True,
+                   topics: Iterable[str] = ()) -> KafkaAdminClient | None:
     """Connect an admin client (saying clearly that we wait if the broker is not up yet) and create any missing
-    project topic; returns the client, or None if stopped meanwhile. A broker that refuses us (wrong password, or
-    sign-in needed) or forbids a topic ends the script with one clear line: waiting would not help. wait=False (the
-    one-shot tools): no broker answering ends the script with one line too."""
+    project topic (the single-writer ones and `topics`); returns the client, or None if stopped meanwhile. A broker
+    that refuses us (wrong password, or sign-in needed) or forbids a topic ends the script with one clear line:
+    waiting would not help. wait=False (the one-shot tools): no broker answering ends the script with one line too."""
     waiting_since, watch = None, ConnectionWatch.install()
     try:
         while not stop:
@@ -101,7 +105,7 @@ def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = 
                 admin = KafkaAdminClient(**settings.kafka_config(), bootstrap_timeout_ms=2000, client_id=what)
                 if waiting_since is not None:
                     log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
-                ensure_topics(admin, settings)
+                ensure_topics(admin, settings, [*SINGLE_WRITER_TOPICS, *topics])
                 return admin
             except KafkaTimeoutError:
                 if reason := why_refused(watch, settings):
@@ -159,11 +163,13 @@ def refused(what: str, error: KafkaError, settings: Settings = SETTINGS) -> Syst
 
 
 def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) -> list:
-    """Every record now in a project topic (all partitions, committed only), without joining a group."""
+    """Every record now in a project topic, or in every member of a family (all partitions, committed only),
+    without joining a group."""
     real = settings.topic(name)
     consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
     try:
-        partitions = [TopicPartition(real, p) for p in consumer.partitions_for_topic(real) or ()]
+        topics = [t for t in consumer.topics() if re.match(settings.pattern([name]), t)]
+        partitions = [TopicPartition(t, p) for t in sorted(topics) for p in consumer.partitions_for_topic(t) or ()]
         if not partitions:  # no such topic (yet): nothing in it
             return []
         consumer.assign(partitions)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from common.messages import DeadLetter, Envelope, Output, check_key, dead_letter, digest, parse
-from common.settings import DEAD_LETTER
+from common.settings import DEAD_LETTER, written_by
 
 log = logging.getLogger("common")
 
@@ -61,9 +61,11 @@ class Seen:
                     self.ids.popitem(last=False)
 
 
-def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, stop) -> tuple[list[Handled], str | None]:
+def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, stop,
+                 accepts: dict[str, frozenset] | None = None) -> tuple[list[Handled], str | None]:
     """Handle the records of a poll in order: (the records handled, why handling stopped early or None). It stops
-    early when the service is stopping or a handler's resource is unavailable; the rest is handled again later."""
+    early when the service is stopping or a handler's resource is unavailable; the rest is handled again later.
+    `accepts`: real topic -> the message types its writer may send; any other type from there is a dead letter."""
     handled: list[Handled] = []
     in_batch: dict[str, bytes] = {}  # ids handled in this batch, not yet committed
     for records in batch.values():
@@ -71,7 +73,7 @@ def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, sto
             if stop:
                 return handled, "stopping"
             try:
-                item = handle_record(name, record, handle, seen, in_batch, stop)
+                item = handle_record(name, record, handle, seen, in_batch, stop, accepts)
             except Unavailable as reason:
                 return handled, str(reason)
             if item.seen is not None:
@@ -80,15 +82,21 @@ def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, sto
     return handled, None
 
 
-def handle_record(name: str, record, handle: Handler, seen: Seen | None, in_batch: dict, stop) -> Handled:
-    """Check, parse, skip a repeat, handle, serialise: one record's outputs, or its dead letter."""
+def handle_record(name: str, record, handle: Handler, seen: Seen | None, in_batch: dict, stop,
+                  accepts: dict[str, frozenset] | None = None) -> Handled:
+    """Check, parse, skip a repeat, handle, serialise: one record's outputs (each to the topic `name` writes for
+    it), or its dead letter."""
     try:
         check_key(record.key)
         message = parse(record.value)
+        if accepts and message.type not in accepts.get(record.topic, frozenset({message.type})):
+            raise DeadLetter(f"{record.topic.rsplit('.', 1)[-1]} may not send {message.type!r}; {record.topic} "
+                             f"carries {', '.join(sorted(accepts[record.topic]))} only")
         if seen is not None and is_repeat(name, message, seen.get(message.id) or in_batch.get(message.id)):
             return Handled(record)
         outputs = call_handler(name, message, handle, stop)
-        return Handled(record, [serialised(t, m, record.key) for t, m in outputs], (message.id, digest(message)))
+        return Handled(record, [serialised(written_by(t, name), m, record.key) for t, m in outputs],
+                       (message.id, digest(message)))
     except DeadLetter as reason:
         return Handled(record, [rejected(name, record, str(reason))])
     except (ValueError, PydanticSerializationError) as error:  # an output that cannot be written (ValidationError too)
@@ -141,7 +149,7 @@ def rejected(name: str, record, reason: str) -> Out:
         key = record.key
     except DeadLetter:
         key = None
-    return DEAD_LETTER, letter.to_bytes(), key
+    return written_by(DEAD_LETTER, name), letter.to_bytes(), key
 
 
 def outputs_of(handled: list[Handled]) -> list[Out]:

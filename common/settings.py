@@ -3,6 +3,7 @@ Settings object; the project's topic names; how groups and transactional ids are
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -10,15 +11,29 @@ from typing import Any
 
 from common.workarounds import ClientWarningsOncePer, HidePassword
 
-# Topics: each has a single writer (the orchestrator writes the commands; services write their outcomes).
-MESSAGE_STREAM = "message_stream"        # events in: detections, unit events, service outcomes
+# Topics: each has a single writer, so that what a topic carries is bound to who may write it (acls.py).
+MESSAGE_STREAM = "message_stream"        # events in: detections, unit events, service outcomes (a family, below)
 SEC_COMMAND = "sec_command"              # orchestrator -> security_service
 NOTIFICATION_COMMAND = "notification_command"  # orchestrator -> notification_service
 REPORT_DATA = "report_data"              # orchestrator -> reporting_service
 UNIT_COMMAND = "unit_command"            # orchestrator -> unit_event_producer
 THIRD_PARTY = "third_party"              # notification_service -> external systems
-DEAD_LETTER = "dead_letter"              # anything that could not be handled, with the reason
-ALL_TOPICS = [MESSAGE_STREAM, SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND, THIRD_PARTY, DEAD_LETTER]
+DEAD_LETTER = "dead_letter"              # anything that could not be handled, with the reason (a family, below)
+SINGLE_WRITER_TOPICS = [SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND, THIRD_PARTY]
+# Many scripts write these two: each writes its own member (message_stream.security_detector,
+# dead_letter.reporting_service), and readers read the whole family.
+FAMILIES = [MESSAGE_STREAM, DEAD_LETTER]
+ALL_TOPICS = [MESSAGE_STREAM, *SINGLE_WRITER_TOPICS, DEAD_LETTER]
+
+
+def written_by(name: str, writer: str) -> str:
+    """The topic `writer` writes when it writes `name`: its own member of a family, else `name` itself."""
+    return f"{name}.{writer}" if name in FAMILIES else name
+
+
+def family_of(topic_name: str) -> str:
+    """The family a topic (name without prefix) belongs to: message_stream.security_detector -> message_stream."""
+    return topic_name.split(".", 1)[0]
 
 SECURITY_SETTINGS = {  # kafka-python argument <- environment variable
     "security_protocol": "KAFKA_SECURITY_PROTOCOL",
@@ -60,8 +75,13 @@ class Settings:
         return self.security.get("sasl_plain_username")
 
     def topic(self, name: str) -> str:
-        """The real topic name of a project topic."""
+        """The real topic name of a project topic (or of one member of a family)."""
         return self.topic_prefix + name
+
+    def pattern(self, names: list[str]) -> str:
+        """A regular expression matching the real names of `names`, a family matching each of its members."""
+        alternatives = [re.escape(name) + (r"\..+" if name in FAMILIES else "") for name in names]
+        return f"^{re.escape(self.topic_prefix)}({'|'.join(alternatives)})$"
 
     def group(self, name: str) -> str:
         """The real consumer group name: a prefix isolates groups as it isolates topics."""

@@ -13,7 +13,9 @@ import pytest
 from kafka import KafkaConsumer
 from pydantic import ValidationError
 
-from common import Envelope, Settings, new_event
+from common import MESSAGE_STREAM, Envelope, Settings, new_event, written_by
+from common.settings import FAMILIES
+from orchestrator import WORKFLOWS, senders
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_IMAGE = "apache/kafka:4.1.1"
@@ -91,12 +93,14 @@ class Scripts:
 
 
 class TopicReader:
-    """Reads one of this test's topics from the beginning, keeping what it has read (committed messages only)."""
+    """Reads one of this test's topics (a family: all its members, even those made later) from the beginning,
+    keeping what it has read (committed messages only)."""
 
     def __init__(self, env: dict, name: str):
-        self.consumer = KafkaConsumer(env["TOPIC_PREFIX"] + name, **Settings.from_env(env).kafka_config(),
-                                      auto_offset_reset="earliest", enable_auto_commit=False,
-                                      isolation_level="read_committed", consumer_timeout_ms=200)
+        settings = Settings.from_env(env)
+        self.consumer = KafkaConsumer(**settings.kafka_config(), auto_offset_reset="earliest", enable_auto_commit=False,
+                                      isolation_level="read_committed", consumer_timeout_ms=200, metadata_max_age_ms=500)
+        self.consumer.subscribe(pattern=settings.pattern([name]))
         self.raw: list = []
 
     def messages(self) -> list[Envelope]:
@@ -196,6 +200,17 @@ def worst_delay(causes, cause_type: str, effects, effect_type: str) -> float:
                 if m.type == type_}
     began, done = stamps(causes, cause_type), stamps(effects, effect_type)
     return max(done[w] - began[w] for w in done) / 1000
+
+
+def writer_of(name: str, value) -> str:
+    """The real topic a test writes `value` to for `name`: in a family, the member of the script that would send
+    it (a detection: message_stream.security_detector); junk goes where the detector writes, or the orchestrator."""
+    if name not in FAMILIES:
+        return name
+    may_send = {t: member for member, types in senders(set(WORKFLOWS)).items() for t in types}
+    if isinstance(value, Envelope) and name == MESSAGE_STREAM and value.type in may_send:
+        return may_send[value.type]
+    return written_by(name, "security_detector" if name == MESSAGE_STREAM else "orchestrator")
 
 
 def envelope_of(record) -> Envelope:

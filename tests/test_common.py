@@ -109,7 +109,7 @@ def batch_of(*values, key=b"k") -> dict:
 
 
 def letters(handled) -> list[dict]:
-    return [json.loads(value)["payload"] for item in handled for topic, value, _ in item.outputs if topic == "dead_letter"]
+    return [json.loads(value)["payload"] for item in handled for topic, value, _ in item.outputs if topic == "dead_letter.svc"]
 
 
 def test_a_message_that_is_dead_lettered_is_not_remembered_as_handled():
@@ -179,7 +179,7 @@ def test_an_oversized_key_is_a_dead_letter_that_fits_and_is_not_keyed_by_it():
     handled, _ = handle_batch("svc", batch_of(b"8 bytes!", key=b"k" * 300_000), lambda m: [], None, Running())
     [(topic, value, key)] = handled[0].outputs
     letter = json.loads(value)["payload"]
-    assert topic == "dead_letter" and key is None and len(value) < 1_000_000
+    assert topic == "dead_letter.svc" and key is None and len(value) < 1_000_000  # (the service's own member)
     assert letter["reason"] == "key of 300000 bytes is over the 256-byte limit" and letter["key_truncated"]
 
 

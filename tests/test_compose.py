@@ -4,8 +4,9 @@ import pytest
 import yaml
 from helpers import KAFKA_IMAGE, ROOT
 
+import acls
 import local_kafka
-from common import ALL_TOPICS
+from common import SINGLE_WRITER_TOPICS, family_of
 from local_kafka import KAFKA_VERSION
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
@@ -29,13 +30,14 @@ def test_compose_runs_the_official_kraft_image_of_the_tested_version_on_localhos
     assert "healthcheck" in kafka
 
 
-def test_compose_creates_the_seed_topics_and_dead_letter_after_the_broker_is_healthy():
+def test_compose_creates_the_seed_topics_and_each_writers_members_after_the_broker_is_healthy():
     init = compose()["services"]["init-topics"]
     assert init["image"].startswith("apache/kafka:")  # the native image has no bin/*.sh
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
     script = init["command"][0]
     created = set(script.split("for t in ")[1].split(";")[0].split())
-    assert created == SEED_TOPICS | {"dead_letter"} == set(ALL_TOPICS)
+    assert created == set(SINGLE_WRITER_TOPICS) | set(acls.members())
+    assert {family_of(topic) for topic in created} == SEED_TOPICS | {"dead_letter"}
 
 
 def properties(path) -> dict[str, str]:

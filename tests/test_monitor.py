@@ -7,7 +7,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import detection, unit_event
+from helpers import TopicReader, detection, unit_event
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from rich.console import Console
 
@@ -202,3 +202,17 @@ def test_a_dead_letter_without_a_reason_is_counted_and_shown_not_fatal():
     screen = Console(width=200, record=True)
     screen.print(render(flow, None))
     assert flow.dead_letters == 1 and "dead letters: 1 (last: (no reason given))" in screen.export_text()
+
+
+def test_once_counts_every_workflow_when_most_have_left_the_monitors_window(scripts):
+    # Given 300 completed unit workflows on the topics, read by a monitor that keeps only 50 in full
+    scripts.start("orchestrator.py")
+    scripts.start("unit_event_producer.py", "--count", "300", "--rate", "60", "--units", "50")
+    reader = TopicReader(scripts.env, MESSAGE_STREAM)
+    reader.read_count(300, type_="unit_command_applied", timeout=120)
+    reader.close()
+    # When it takes one snapshot
+    screen = scripts.run("monitor.py", "--once", "--keep", "50", timeout=120).stdout
+    # Then its totals count all of them, and it says none left the window unfinished
+    assert "workflows: 300 started, 300 completed, duplicates 0" in screen
+    assert "left the monitor's window" not in screen

@@ -3,9 +3,9 @@
 import pytest
 from helpers import detection, unit_event
 
-from common import NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
 import acls
-from orchestrator import WORKFLOWS, owns, route
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
+from orchestrator import WORKFLOWS, owns, route, senders
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 
@@ -123,3 +123,12 @@ def test_each_step_report_is_owned_by_its_workflow_and_each_service_may_read_its
             assert all(owns(t, {name}) for t in step.done + step.failed + (workflow.starts_with,))
             assert step.topic in acls.ACCESS[step.service].reads, f"acls.py: {step.service} cannot read {step.topic}"
             assert step.topic in acls.ACCESS["orchestrator"].writes
+
+
+def test_each_writer_to_the_orchestrator_serves_one_workflow_and_may_write_its_own_member():
+    # (so split orchestrators read disjoint topics, and each bad record is dead-lettered by exactly one of them)
+    members = [set(senders({name})) for name in WORKFLOWS]
+    assert sum(map(len, members)) == len(set().union(*members))
+    for member in senders(set(WORKFLOWS)):
+        writer = member.removeprefix(MESSAGE_STREAM + ".")
+        assert MESSAGE_STREAM in acls.ACCESS[writer].writes, f"acls.py: {writer} may not write {member}"

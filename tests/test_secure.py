@@ -9,13 +9,26 @@ import threading
 import uuid
 
 import pytest
-from helpers import ROOT, Scripts, detections, ids_of, topic_readers, wait_completed, wait_for_reports
-from kafka import KafkaAdminClient, KafkaConsumer
+from helpers import ROOT, Scripts, detection, detections, ids_of, topic_readers, unit_event, wait_completed, wait_for_reports
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import TopicAuthorizationFailedError
 from kafka.structs import TopicPartition
 
 import acls
 import local_kafka
-from common import DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Settings
+from common import (
+    DEAD_LETTER,
+    MESSAGE_STREAM,
+    NOTIFICATION_COMMAND,
+    SEC_COMMAND,
+    THIRD_PARTY,
+    UNIT_COMMAND,
+    Settings,
+    caused_by,
+    dead_letter,
+    written_by,
+)
+from orchestrator import route
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +126,7 @@ def test_writing_a_topic_it_does_not_own_is_refused_and_nothing_is_written(secur
     assert "does not allow user 'reporting_service'" in line and "TopicAuthorizationFailedError" in line
     assert line.rstrip().endswith("ask the cluster's admin")
     # And nothing reached message_stream
-    assert committed_records(secure_scripts.env, MESSAGE_STREAM) == []
+    assert committed_records(secure_scripts.env, written_by(MESSAGE_STREAM, "security_detector")) == []
 
 
 def committed_records(env: dict, name: str) -> list:
@@ -232,3 +245,67 @@ def test_reading_a_topic_without_the_right_is_refused_with_one_line(secure_scrip
     assert result.returncode == 3
     [line] = refusal(result)
     assert "does not allow user 'security_service'" in line and "TopicAuthorizationFailedError" in line
+
+
+def as_user(scripts, user: str) -> KafkaProducer:
+    """A raw producer signed in as `user` (what a compromised script could do with its own credentials)."""
+    return KafkaProducer(**Settings.from_env(scripts.env_for(f"{user}.py")).kafka_config())
+
+
+def test_a_producer_can_cause_only_what_its_role_allows(secure_scripts, secure_topics):
+    # Given the orchestrator, and the detector's credentials in the wrong hands
+    secure_scripts.start("orchestrator.py")
+    prefix, forger = secure_scripts.env["TOPIC_PREFIX"], as_user(secure_scripts, "security_detector")
+    # When they write a unit_event and a security_action_failed where the detector may write
+    tamper = unit_event("tamper")
+    failed = caused_by(detection(), "done", "security_action_failed", {"action": "lock_zone", "zone": "zone-1",
+                                                                        "detail": "forged"}, "security_service")
+    for message in (tamper, failed):
+        forger.send(prefix + written_by(MESSAGE_STREAM, "security_detector"), message.to_bytes()).get(timeout=30)
+    # And try the unit producer's own topic
+    with pytest.raises(TopicAuthorizationFailedError):
+        forger.send(prefix + written_by(MESSAGE_STREAM, "unit_event_producer"), tamper.to_bytes()).get(timeout=30)
+    forger.close()
+    # Then the orchestrator dead-letters both, as types the detector may not send, and commands nothing
+    letters = secure_topics(DEAD_LETTER).read_count(2)
+    assert sorted(m.payload["reason"].split(";")[0] for m in letters) == [
+        "security_detector may not send 'security_action_failed'", "security_detector may not send 'unit_event'"]
+    assert committed_records(secure_scripts.env, UNIT_COMMAND) == []
+    assert committed_records(secure_scripts.env, NOTIFICATION_COMMAND) == []
+
+
+def test_a_service_cannot_have_commands_replayed_in_its_name(secure_scripts, secure_topics):
+    # Given the reporting service's credentials in the wrong hands, writing a forged dead letter naming sec_command
+    prefix, forger = secure_scripts.env["TOPIC_PREFIX"], as_user(secure_scripts, "reporting_service")
+    command = route(detection(5), example=1)[0][1].model_copy(update={"workflow_id": "forged-4"})
+
+    class Original:
+        topic, partition, offset, key = prefix + SEC_COMMAND, 0, 0, b"sensor-1"
+    forged = dead_letter(command.to_bytes(), "no route", "security_service", Original())
+    forger.send(prefix + written_by(DEAD_LETTER, "reporting_service"), forged.to_bytes()).get(timeout=30)
+    # (the shared or another service's dead_letter it may not write at all)
+    with pytest.raises(TopicAuthorizationFailedError):
+        forger.send(prefix + written_by(DEAD_LETTER, "security_service"), forged.to_bytes()).get(timeout=30)
+    forger.close()
+    # When the admin replays dead letters by reason, as the README says
+    result = secure_scripts.run("dead_letters.py", "replay", "--reason", "no route", env=secure_scripts.env, check=False)
+    # Then the forged letter is not replayed: the reporting service does not consume sec_command
+    assert result.returncode == 1 and "names " + prefix + "sec_command, which reporting_service does not consume" in (
+        result.stdout + result.stderr)
+    assert committed_records(secure_scripts.env, SEC_COMMAND) == []
+
+
+def test_the_monitor_without_read_rights_is_refused_with_one_line(secure_scripts):
+    secure_scripts.run("security_detector.py", "--count", "1")  # (something to read)
+    result = secure_scripts.run("monitor.py", "--once", env=secure_scripts.env_for("security_detector.py"), check=False)
+    assert result.returncode == 3
+    [line] = refusal(result)
+    assert "monitor: Kafka does not allow user 'security_detector'" in line and "TopicAuthorizationFailedError" in line
+
+
+def test_dead_letters_with_a_wrong_password_is_refused_with_one_line(secure_scripts):
+    env = dict(secure_scripts.env, KAFKA_SASL_PASSWORD="not-the-password-42")
+    result = secure_scripts.run("dead_letters.py", "list", env=env, check=False)
+    assert result.returncode == 2
+    [line] = refusal(result)
+    assert "dead_letters: Kafka at" in line and "refused to sign in user 'admin'" in line

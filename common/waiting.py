@@ -1,0 +1,94 @@
+"""Waiting, the project's way: a stop signal that is honoured at once, a poll that outlives a broker outage, and a
+pause that says what it waits for (and, past the group's session, that the group makes no progress)."""
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from kafka import KafkaConsumer
+from kafka.errors import AuthorizationError, KafkaError
+
+from common.clients import SESSION_TIMEOUT_MS, refused
+from common.settings import Settings
+from common.workarounds import LastWords, heartbeat_silence_s
+
+log = logging.getLogger("common")
+
+
+class Stopper:
+    """SIGINT and SIGTERM take the same clean path: finish the batch, commit, close. A second signal exits at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.event.is_set():
+            os._exit(128 + signum)
+        self.event.set()  # (no logging here: a log call inside a signal handler can collide with one in progress)
+
+    def __bool__(self):
+        return self.event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self.event.wait(seconds)
+
+
+class Poller:
+    """consumer.poll that outlives a broker outage: while the broker or the group coordinator is away (or answers
+    no heartbeat) it returns None and keeps what the broker answered in `trouble`. A user who may not read an
+    input or use the group is told so, and the script ends."""
+
+    def __init__(self, consumer: KafkaConsumer, name: str, stop: "Stopper", settings: Settings):
+        self.consumer, self.name, self.stop, self.settings, self.trouble = consumer, name, stop, settings, ""
+        self.client = LastWords()
+
+    def poll(self, timeout_ms: int) -> dict | None:
+        try:
+            batch = self.consumer.poll(timeout_ms=timeout_ms)
+            if not batch and (silence := heartbeat_silence_s(self.consumer)) > SESSION_TIMEOUT_MS / 1000:
+                self.trouble = (f"its group coordinator has answered no heartbeat for {silence:.0f} s (the client's "
+                                f"last words: {self.client.text or 'none'})")
+                return None
+            return batch
+        except AuthorizationError as error:
+            raise refused(self.name, error, self.settings) from None
+        except KafkaError as error:
+            if not error.retriable:
+                raise
+            self.trouble = f"Kafka unavailable ({type(error).__name__}: {error})"
+            return None
+
+
+class Pause:
+    """Waits out a trouble (the broker away, a delivery that failed, a handler's store that cannot be used) in short
+    steps, so a stop is honoured at once. Says what it waits for (then every 30 s); past the group's session it says
+    so as an error naming the group, since by then the group is making no progress; says when it is over."""
+
+    def __init__(self, name: str, group: str, stop: "Stopper", session_s: float = SESSION_TIMEOUT_MS / 1000):
+        self.name, self.group, self.stop, self.session_s = name, group, stop, session_s
+        self.since, self.said, self.step = None, float("-inf"), 0.5
+
+    def until_better(self, trouble: str) -> None:
+        if self.stop:
+            return
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.said >= 30 or (self.said < self.since + self.session_s <= now):
+            if now - self.since > self.session_s:
+                log.error("%s: group %s has made no progress for %.0f s: %s; it goes on trying (is the broker "
+                          "healthy? `python -m local_kafka status` checks it)", self.name, self.group,
+                          now - self.since, trouble)
+            else:
+                log.warning("%s: %s; waiting, then trying again", self.name, trouble)
+            self.said = now
+        self.stop.wait(self.step)
+        self.step = min(self.step * 2, 5.0)
+
+    def over(self) -> None:
+        if self.since is not None and self.said >= self.since:
+            log.info("%s: going on after %.0f s", self.name, time.monotonic() - self.since)
+        self.since, self.step = None, 0.5

@@ -3,7 +3,7 @@
 Consumes: dead_letter.* (reads them from the beginning; joins no group)   Produces: the dead letters' source topics
 Run:      python dead_letters.py list                          # one line per dead letter: which, where from, reason
           python dead_letters.py replay --reason "no route"    # re-send those whose reason contains the text
-          python dead_letters.py replay --letter orchestrator:3   # re-send chosen ones (SERVICE:OFFSET, as listed)
+          python dead_letters.py replay --letter orchestrator:0:3   # re-send chosen ones (as `list` names them)
           python dead_letters.py replay --all                  # re-send every dead letter
 Each service writes its own dead_letter.<service>, and a letter is replayed only to a topic that service consumes:
 a service cannot have another's commands re-sent in its name. A replayed message keeps its id, so handling it
@@ -13,14 +13,19 @@ replay) replay it once; --every-copy replays each letter.
 
 import argparse
 import base64
+import binascii
 import logging
 import sys
+import time
 
+from kafka import KafkaConsumer
+from kafka.errors import AuthorizationError
+from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
 import acls
-from common import (DEAD_LETTER, SETTINGS, Envelope, Stopper, discard, make_producer, read_all, setup_logging, wait_for_acks,
-                    wait_for_kafka)
+from common import (DEAD_LETTER, SETTINGS, Envelope, Stopper, discard, make_producer, read_all, refused, setup_logging,
+                    wait_for_acks, wait_for_kafka)
 from common.messages import DeadLetterPayload
 from common.settings import FAMILIES
 
@@ -28,12 +33,12 @@ log = logging.getLogger("dead_letters")
 
 
 def load(records) -> tuple[list[tuple[str, DeadLetterPayload]], list[str]]:
-    """(which letter, "SERVICE:OFFSET", and what it says) for each readable dead letter, and which records are not
+    """(which letter, "SERVICE:PARTITION:OFFSET", and what it says) for each readable dead letter, and which records are not
     dead letters at all (junk written to a dead_letter topic): those are shown, never fatal. SERVICE is the writer
     of the dead_letter topic it is on, which only that service may write."""
     letters, unreadable = [], []
     for record in records:
-        which = f"{record.topic.rsplit('.', 1)[-1]}:{record.offset}"
+        which = f"{record.topic.rsplit('.', 1)[-1]}:{record.partition}:{record.offset}"
         try:
             letters.append((which, DeadLetterPayload.model_validate(Envelope.model_validate_json(record.value).payload)))
         except ValidationError:  # (invalid JSON is a ValidationError too)
@@ -55,36 +60,79 @@ def consumes(writer: str, topic: str) -> bool:
                for name in reads)
 
 
-def originals(letters, every_copy: bool = False) -> list[tuple[str, DeadLetterPayload]]:
-    """The letters to replay: those whose original is kept whole and goes back to a topic their writer consumes,
-    each original once (unless every_copy)."""
+def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None, bytes | None]]:
+    """What to replay, as (topic, key, value): each letter's original, if it is kept whole, goes back to a topic its
+    writer consumes, and is still in Kafka byte for byte where the letter says it came from (so a letter cannot make
+    up a message another script would have sent); each original once (unless every_copy)."""
     kept, seen = [], set()
-    for which, letter in letters:
-        writer = which.split(":", 1)[0]
-        if letter.topic is None or not consumes(writer, letter.topic):
-            log.warning("dead letter %s names %s, which %s does not consume: not replayed", which, letter.topic, writer)
-            continue
-        if letter.original_truncated or letter.key_truncated:
-            log.warning("dead letter %s cannot be replayed (its original was not kept whole)", which)
-            continue
-        if letter.original_null and not letter.key_b64:  # kafka-python sends no record with neither key nor value
-            log.warning("dead letter %s cannot be replayed (a null value without a key)", which)
-            continue
-        original = (letter.topic, letter.key_b64, letter.original_b64, letter.original_null)
-        if every_copy or original not in seen:
-            kept.append((which, letter))
-        seen.add(original)
+    with Source() as source:
+        for which, letter in letters:
+            reason = unfit(which, letter)
+            key, value = (None, None) if reason else decoded(letter)
+            if reason is None and (key, value) != source.record(letter.topic, letter.partition, letter.offset):
+                reason = f"its original is not at {letter.topic}:{letter.partition}:{letter.offset} (any more)"
+            if reason:
+                log.warning("dead letter %s is not replayed: %s", which, reason)
+            elif every_copy or (letter.topic, key, value) not in seen:
+                kept.append((letter.topic, key, value))
+                seen.add((letter.topic, key, value))
     return kept
 
 
-def replay(letters) -> int:
-    """Send each letter's original bytes (null as null), with its key, back to the topic it came from."""
+def unfit(which: str, letter: DeadLetterPayload) -> str | None:
+    """Why a letter cannot be replayed as it stands, if it cannot."""
+    writer = which.split(":", 1)[0]
+    if letter.topic is None or letter.partition is None or letter.offset is None or not consumes(writer, letter.topic):
+        return f"it names {letter.topic}, which {writer} does not consume"
+    if letter.original_truncated or letter.key_truncated:
+        return "its original was not kept whole"
+    if letter.original_null and not letter.key_b64:  # kafka-python sends no record with neither key nor value
+        return "a null value without a key"
+    try:
+        decoded(letter)
+    except binascii.Error:
+        return "its original is not valid base64"
+    return None
+
+
+def decoded(letter: DeadLetterPayload) -> tuple[bytes | None, bytes | None]:
+    return (base64.b64decode(letter.key_b64, validate=True) if letter.key_b64 else None,
+            None if letter.original_null else base64.b64decode(letter.original_b64, validate=True))
+
+
+class Source:
+    """Reads single records back from where dead letters say they came from (committed only; joins no group)."""
+
+    def __enter__(self):
+        self.consumer = KafkaConsumer(**SETTINGS.kafka_config(), enable_auto_commit=False,
+                                      isolation_level="read_committed")
+        return self
+
+    def record(self, topic: str, partition: int, offset: int) -> tuple[bytes | None, bytes | None] | None:
+        """(key, value) of the record at topic:partition:offset, or None if there is none (any more)."""
+        where = TopicPartition(topic, partition)
+        self.consumer.assign([where])
+        self.consumer.seek(where, offset)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for record in self.consumer.poll(timeout_ms=200).get(where, []):
+                return (record.key, record.value) if record.offset == offset else None
+            if self.consumer.position(where) >= self.consumer.end_offsets([where])[where]:
+                return None
+        return None
+
+    def __exit__(self, *exc):
+        self.consumer.close(autocommit=False)
+
+
+def replay(originals: list[tuple[str, bytes | None, bytes | None]]) -> int:
+    """Send each original (null as null), with its key, back to the topic it came from."""
     producer = make_producer()
     try:
-        futures = [producer.send(letter.topic, key=base64.b64decode(letter.key_b64) if letter.key_b64 else None,
-                                 value=None if letter.original_null else base64.b64decode(letter.original_b64))
-                   for _, letter in letters]
+        futures = [producer.send(topic, key=key, value=value) for topic, key, value in originals]
         wait_for_acks(producer, futures, "dead_letters")
+    except AuthorizationError as error:
+        raise refused("dead_letters", error) from None
     finally:
         discard(producer, timeout=10)
     return len(futures)
@@ -95,7 +143,7 @@ def main() -> int:
     parser.add_argument("command", choices=["list", "replay"])
     parser.add_argument("--reason", help="only letters whose reason contains this text")
     parser.add_argument("--service", help="only letters from this service")
-    parser.add_argument("--letter", action="append", help="only this letter, SERVICE:OFFSET as listed (repeatable)")
+    parser.add_argument("--letter", action="append", help="only this letter, SERVICE:PARTITION:OFFSET as listed (repeatable)")
     parser.add_argument("--all", action="store_true", help="with replay and no other filter: every dead letter")
     parser.add_argument("--every-copy", action="store_true", help="with replay: also letters whose original another "
                                                                   "chosen letter holds")
@@ -118,7 +166,7 @@ def main() -> int:
             return 1
         skipped = len(letters) - len(todo)
         print(f"replayed {replay(todo)} of {len(letters)} dead letters"
-              + (f" ({skipped} not: an original replayed once already, or not kept whole, or not their writer's input)"
+              + (f" ({skipped} not: an original replayed once already, or one that cannot be, as logged above)"
                  if skipped else ""))
     if unreadable:
         print(f"{len(unreadable)} records on dead_letter are not dead letters ("

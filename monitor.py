@@ -94,6 +94,7 @@ class Flow:
         self.dead_letters, self.last_reason = 0, "-"
         self.folded: dict[str, Folded] = defaultdict(Folded)  # kind -> the workflows that left the window
         self.unknown_fate = 0                                 # left the window before they finished
+        self.next_fold = int(window * 1.2)
         self.starts = {workflow.starts_with: name for name, workflow in WORKFLOWS.items()}
 
     def add(self, topic_name: str, message: Envelope) -> None:
@@ -110,8 +111,9 @@ class Flow:
         if message.type in self.starts:
             self.kind[message.workflow_id] = self.starts[message.type]
         self.times[message.workflow_id].setdefault(message.type, message.created_at.timestamp())
-        if len(self.times) > self.window * 1.2:
+        if len(self.times) > self.next_fold:
             self.fold()
+            self.next_fold = len(self.times) + self.window // 5  # (a scan every window/5 adds at most)
 
     def fold(self) -> None:
         """Fold the oldest finished workflows into the counts until the window holds `window`; past twice that,

@@ -89,10 +89,14 @@ def store(db: sqlite3.Connection, message: Envelope, example: int) -> list[Outpu
 def save_report(db: sqlite3.Connection, message: Envelope) -> bool:
     """Insert the report (inside the caller's transaction); False if this message id was stored before."""
     r = message.payload
-    inserted = db.execute("INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?)", (
-        message.id, message.workflow_id, r["workflow"], r["category"], r["entity"], r["zone"],
-        message.created_at.isoformat())).rowcount
+    row = (message.workflow_id, r["workflow"], r["category"], r["entity"], r["zone"])
+    inserted = db.execute("INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (message.id, *row, message.created_at.isoformat())).rowcount
     if not inserted:
+        stored = db.execute("SELECT workflow_id, workflow, category, entity, zone FROM reports WHERE id = ?",
+                            (message.id,)).fetchone()
+        if stored != row:
+            raise DeadLetter(f"report id {message.id!r} was stored before with different content; not stored again")
         log.info("report %s already stored; ignoring the redelivery", message.id[:8])
     return bool(inserted)
 

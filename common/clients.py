@@ -64,14 +64,17 @@ def send(producer: KafkaProducer, name: str, value: Envelope | bytes, key: bytes
     return producer.send(settings.topic(name), value=value.to_bytes() if isinstance(value, Envelope) else value, key=key)
 
 
-def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "") -> None:
+def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "", stop=None) -> None:
     """Send what is batched now and wait until Kafka acknowledged every record (raise if one failed), saying so
-    while the broker is away. The producer lingers to build big batches; flushing here adds no latency."""
+    while the broker is away; a stop ends the wait (KafkaTimeoutError: not acknowledged). The producer lingers to
+    build big batches; flushing here adds no latency."""
     while True:
         try:
             producer.flush(timeout=10)
             break
         except KafkaTimeoutError:
+            if stop:
+                raise
             log.warning("%s: Kafka has not acknowledged %d messages for 10 s; still trying (is it up?)", name,
                         sum(not f.is_done for f in futures))
     for future in futures:
@@ -98,7 +101,7 @@ def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = 
     project topic (the single-writer ones and `topics`); returns the client, or None if stopped meanwhile. A broker
     that refuses us (wrong password, or sign-in needed) or forbids a topic ends the script with one clear line:
     waiting would not help. wait=False (the one-shot tools): no broker answering ends the script with one line too."""
-    waiting_since, watch = None, ConnectionWatch.install()
+    waiting_since, watch, began = None, ConnectionWatch.install(), time.monotonic()
     try:
         while not stop:
             try:
@@ -111,11 +114,11 @@ def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = 
                 if reason := why_refused(watch, settings):
                     log.error("%s: %s", what, reason)
                     raise SystemExit(2) from None
-                if not wait:
+                if not wait and time.monotonic() - began > 6:  # (a sign-in failure shows within a few tries)
                     log.error("%s: no Kafka answers at %s (start it with 'make kafka-up')", what,
                               settings.bootstrap_servers)
                     raise SystemExit(2) from None
-                if waiting_since is None:
+                if waiting_since is None and wait:
                     waiting_since = time.monotonic()
                     log.warning("%s: waiting for Kafka at %s (start it with 'make kafka-up')", what,
                                 settings.bootstrap_servers)
@@ -164,7 +167,7 @@ def refused(what: str, error: KafkaError, settings: Settings = SETTINGS) -> Syst
 
 def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) -> list:
     """Every record now in a project topic, or in every member of a family (all partitions, committed only),
-    without joining a group."""
+    without joining a group. For the one-shot tools: a read that stalls ends the script with one line."""
     real = settings.topic(name)
     consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
     try:
@@ -178,9 +181,10 @@ def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) ->
         records, deadline = [], time.monotonic() + timeout
         while any(consumer.position(p) < end[p] for p in partitions):
             if time.monotonic() > deadline:
-                raise KafkaTimeoutError(f"could not read {real} to its end within {timeout:.0f} s")
+                raise SystemExit(f"reading {real} made no progress for {timeout:.0f} s; is the broker healthy?")
             for batch in consumer.poll(timeout_ms=200).values():
                 records.extend(batch)
+                deadline = time.monotonic() + timeout  # (a long topic may take long; a stuck read may not)
         return records
     except AuthorizationError as error:
         raise refused(f"reading {real}", error, settings) from None

@@ -18,6 +18,7 @@ from common.workarounds import Stuck, bounded, discard, in_background, underlyin
 
 log = logging.getLogger("common")
 
+PRODUCER_START_S = 30      # a producer that has not started by then is given up (a stop is then honoured)
 COMMIT_TIMEOUT_MS = 6_000  # an at-least-once commit or a committed-offsets look-up that takes longer has failed
 FENCED_AGAIN_S = 30        # fenced twice within this long: another copy runs with our INSTANCE_ID
 # What Kafka answers about a record it will never take, however often it is sent.
@@ -54,7 +55,7 @@ class Delivery:
             if self.transactional:
                 in_one_transaction(producer, consumer, outputs, offsets, self.settings)
             else:
-                acknowledged_then_committed(producer, consumer, outputs, offsets, self.settings)
+                acknowledged_then_committed(producer, consumer, outputs, offsets, self.settings, self.stop)
             return True
         except FencedInstanceIdError:
             raise
@@ -68,7 +69,7 @@ class Delivery:
     def _ready(self) -> KafkaProducer:
         if self.producer is None:  # a failed start is not kept: the next try makes a new producer
             starting, self.starting = self.starting, None
-            self.producer = starting() if starting else self.new_producer()
+            self.producer = starting(PRODUCER_START_S) if starting else self.new_producer()
         return self.producer
 
     def _recover(self, error: KafkaError, consumer: KafkaConsumer, offsets: dict) -> bool:
@@ -129,17 +130,19 @@ def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs
                        settings: Settings) -> None:
     """Exactly once: the outputs and the consumed offsets commit together, or neither does."""
     producer.begin_transaction()
-    for name, message, key in outputs:
-        send(producer, name, message, key, settings)
+    futures = [send(producer, name, message, key, settings) for name, message, key in outputs]
+    for future in futures:  # kafka-python fails a record refused before it was batched (say, an unknown topic) only
+        if future.is_done and future.failed():  # in its future: the transaction would commit without it
+            raise future.exception
     if offsets:
         bounded(producer.send_offsets_to_transaction, offsets, consumer.group_metadata())
     bounded(producer.commit_transaction)
 
 
 def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Out],
-                                offsets: dict, settings: Settings) -> None:
+                                offsets: dict, settings: Settings, stop=None) -> None:
     """At least once: the offsets are committed only after Kafka acknowledged every output."""
-    wait_for_acks(producer, [send(producer, t, m, key, settings) for t, m, key in outputs], "batch")
+    wait_for_acks(producer, [send(producer, t, m, key, settings) for t, m, key in outputs], "batch", stop)
     if offsets:
         consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
 

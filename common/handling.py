@@ -5,6 +5,7 @@ the records before it are delivered, the rest wait in Kafka."""
 
 import logging
 import sqlite3
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ Handler = Callable[[Envelope], list[Output]]
 # there and handled again later, never dead-lettered. Anything else a handler raises is a bug or bad data.
 TRANSIENT = (OSError, sqlite3.OperationalError, KafkaError)
 QUICK_ATTEMPTS = 3
+BATCH_BUDGET_S = 60.0  # a batch handled longer than this is cut there: well inside the group's max.poll.interval
 MAX_RECORD_BYTES = 1_000_000  # an output Kafka would refuse (the producer's default limit is 1 MiB) is a dead letter
 
 
@@ -68,10 +70,13 @@ def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, sto
     `accepts`: real topic -> the message types its writer may send; any other type from there is a dead letter."""
     handled: list[Handled] = []
     in_batch: dict[str, bytes] = {}  # ids handled in this batch, not yet committed
+    until = time.monotonic() + BATCH_BUDGET_S
     for records in batch.values():
         for record in records:
             if stop:
                 return handled, "stopping"
+            if time.monotonic() > until:  # (slow handling: commit what is done, handle the rest next)
+                return handled, f"handling took over {BATCH_BUDGET_S:.0f} s; the rest of the batch comes next"
             try:
                 item = handle_record(name, record, handle, seen, in_batch, stop, accepts)
             except Unavailable as reason:

@@ -42,13 +42,13 @@ class SecurityOutcome(Schema):
 
 class NotificationCommand(Schema):
     channel: Literal["sms", "email", "pager"]
-    recipient: str = Field(min_length=1, max_length=64)
+    recipient: str = Field(min_length=1, max_length=96)  # e.g. "on-duty-" and a zone
     text: str = Field(max_length=500)
 
 
 class NotificationDelivered(Schema):
     channel: str = Field(max_length=16)
-    recipient: str = Field(max_length=64)
+    recipient: str = Field(max_length=96)
     text: str = Field(max_length=500)
 
 

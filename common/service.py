@@ -72,7 +72,7 @@ class Loop:
         if batch is None:  # the broker is away: nothing new is made until it is back
             self.pause.until_better(self.poller.trouble)
             return
-        self.unsent += [serialised(written_by(t, self.name), m, key) for t, m, key in self.tick()] if self.tick else []
+        self.unsent += made(self.name, self.tick()) if self.tick else []
         handled, holdup = handle_batch(self.name, batch, self.handle, self.seen, self.stop, self.accepts)
         done = deliver(self.delivery, self.consumer, self.unsent, handled)
         if done is not None:
@@ -96,8 +96,13 @@ def deliver(delivery: Delivery, consumer: KafkaConsumer, unsent: list[Out], hand
     A batch Kafka refuses for good is split: each record on its own, and one Kafka never takes is dead-lettered."""
     if delivery.deliver(consumer, unsent + outputs_of(handled), offsets_of(handled)):
         return handled
-    if not delivery.undeliverable or (unsent and not delivery.deliver(consumer, unsent, {})):
+    if not delivery.undeliverable:
         return None
+    if unsent and not delivery.deliver(consumer, unsent, {}):
+        if not delivery.undeliverable:
+            return None
+        log.error("%s: dropped %d messages of its own that Kafka refuses for good (%s)", delivery.name, len(unsent),
+                  delivery.trouble)
     done: list[Handled] = []
     for item in handled:
         if not delivery.deliver(consumer, item.outputs, offsets_of([item])):
@@ -109,6 +114,17 @@ def deliver(delivery: Delivery, consumer: KafkaConsumer, unsent: list[Out], hand
                 break
         done.append(item)
     return done
+
+
+def made(name: str, triples: list[Triple]) -> list[Out]:
+    """A tick's messages, serialised; one that cannot be is a bug of the script's own: logged and left out."""
+    outs = []
+    for topic, message, key in triples:
+        try:
+            outs.append(serialised(written_by(topic, name), message, key))
+        except ValueError as error:
+            log.error("%s: a %s of its own could not be written and is left out: %s", name, message.type, error)
+    return outs
 
 
 def prepare(stop: "Stopper", name: str, group: str, start_like: str | None, settings: Settings,

@@ -12,6 +12,7 @@ from kafka.errors import (
     NotCoordinatorError,
     ProducerFencedError,
     TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -26,11 +27,18 @@ OFFSETS = {PARTITION: OffsetAndMetadata(10, "", -1)}
 
 
 class Done:
-    """A send's future, already acknowledged."""
+    """A send's future, already settled: acknowledged, or failed with `exception`."""
     is_done = True
 
+    def __init__(self, exception: Exception | None = None):
+        self.exception = exception
+
+    def failed(self) -> bool:
+        return self.exception is not None
+
     def get(self, timeout=None):
-        return None
+        if self.exception:
+            raise self.exception
 
 
 class FakeProducer:
@@ -55,7 +63,7 @@ class FakeProducer:
 
     def send(self, topic, value=None, key=None):
         self.sent.append(topic)
-        return Done()
+        return Done(self.fail.pop("send", None))
 
     def send_offsets_to_transaction(self, offsets, group_metadata):
         self._step("send_offsets")
@@ -197,3 +205,10 @@ def test_a_producer_that_could_not_start_is_made_again_on_the_next_batch():
     d = Delivery("svc", NeverStopped(), None, new_producer=new_producer)
     assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False
     assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is True and len(made) == 2
+
+
+def test_a_record_refused_before_it_joined_the_transaction_aborts_it_instead_of_committing_without_it():
+    # kafka-python fails such a record only in its future; the commit would otherwise succeed without it
+    d, made = delivery(FakeProducer(fail={"send": UnknownTopicOrPartitionError("no such topic")}))
+    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False
+    assert "commit" not in made[0].calls and made[0].calls[-1] == "abort"

@@ -188,7 +188,7 @@ def test_junk_on_dead_letter_is_shown_as_unreadable_and_disables_no_tool(scripts
     once = scripts.run("monitor.py", "--once").stdout
     # Then the readable letter is listed, the junk counted and skipped, and the monitor counts all three
     assert "not valid JSON" in listed and "1 dead letters" in listed
-    assert re.search(r"^2 records on dead_letter are not dead letters \(orchestrator:\d+, orchestrator:\d+\); skipped$",
+    assert re.search(r"^2 records on dead_letter are not dead letters \(orchestrator:0:\d+, orchestrator:0:\d+\); skipped$",
                      listed, re.M)
     assert "dead letters: 2 (last: (no reason given))" in once
 
@@ -207,8 +207,8 @@ def test_replay_all_replays_each_original_once_and_a_null_as_null(scripts, topic
     second = scripts.run("dead_letters.py", "replay", "--all").stdout
     # Then each run replays the four originals once (no snowball), and the null stays null
     assert first == "replayed 4 of 4 dead letters\n"
-    assert second == ("replayed 4 of 8 dead letters (4 not: an original replayed once already, or not kept whole, or "
-                      "not their writer's input)\n")
+    assert second == "replayed 4 of 8 dead letters (4 not: an original replayed once already, or one that cannot be, " \
+                     "as logged above)\n"
     letters = dead.read_count(12)
     assert sum(m.payload["reason"] == "empty message (null value)" for m in letters) == 3
 

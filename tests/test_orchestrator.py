@@ -101,6 +101,15 @@ def test_the_longest_failure_detail_still_makes_a_valid_escalation():
     assert len(escalation.payload["text"]) <= 500
 
 
+@pytest.mark.parametrize("example", [1, 2, 3])
+def test_the_longest_fields_of_every_starting_event_still_make_valid_commands(example):
+    # (an event its schema accepts must never fail in route(): its commands are built from its fields)
+    longest = {"security_detection": {"sensor_id": "s" * 64, "zone": "z" * 64, "kind": "glass_break", "severity": 5},
+               "unit_event": {"unit_id": "u" * 64, "status": "battery_low", "battery": 0}}
+    for type_, payload in longest.items():
+        assert route(new_event(type_, payload, "t"), 3) and (example < 3 or route(new_event(type_, payload, "t"), example))
+
+
 START_EVENTS = {"security_detection": detection, "unit_event": unit_event}
 
 

@@ -102,6 +102,6 @@ def test_a_fixed_and_replayed_dead_letter_completes_its_workflow(scripts, topics
     # When the cause is fixed (the orchestrator restarted at Example 3) and the dead letter replayed
     scripts.stop(orchestrator)
     scripts.start("orchestrator.py", "--example", "3")
-    assert scripts.run("dead_letters.py", "replay", "--letter", "orchestrator:0").stdout == "replayed 1 of 1 dead letters\n"
+    assert scripts.run("dead_letters.py", "replay", "--letter", "orchestrator:0:0").stdout == "replayed 1 of 1 dead letters\n"
     # Then the workflow completes: the unit got its command and applied it
     topics(MESSAGE_STREAM).read_until(lambda ms: event.id in ids_of(ms, "unit_command_applied"))

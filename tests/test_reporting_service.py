@@ -55,6 +55,17 @@ def test_the_example_3_unit_section_tracks_units_needing_attention(scripts, prod
     assert summary["units_needing_attention"] == ["unit-1"]  # its last status was "offline"
 
 
+def test_a_report_id_stored_before_with_other_content_is_a_dead_letter(scripts, topics, producer):
+    scripts.start("reporting_service.py", "--example", "2")
+    report = security_report()
+    changed = report.model_copy(update={"payload": {**report.payload, "category": "smoke"}})
+    producer(REPORT_DATA, report)
+    producer(REPORT_DATA, changed)
+    [letter] = topics("dead_letter").read_count(1)
+    assert letter.payload["reason"] == f"report id {report.id!r} was stored before with different content; not stored again"
+    assert wait_for_reports(scripts, 1)["categories"] == {"security": {"motion": 1}}
+
+
 @pytest.fixture
 def store_env(tmp_path):
     """An environment with its own report store and no broker: --summary reads only SQLite."""

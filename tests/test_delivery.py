@@ -9,6 +9,7 @@ from kafka.errors import (
     FencedInstanceIdError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     NotCoordinatorError,
     ProducerFencedError,
     TopicAuthorizationFailedError,
@@ -212,3 +213,27 @@ def test_a_record_refused_before_it_joined_the_transaction_aborts_it_instead_of_
     d, made = delivery(FakeProducer(fail={"send": UnknownTopicOrPartitionError("no such topic")}))
     assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False
     assert "commit" not in made[0].calls and made[0].calls[-1] == "abort"
+
+
+def test_a_batch_kafka_refuses_for_good_is_delivered_record_by_record_and_the_refused_one_dead_lettered():
+    from common.handling import Handled
+    from common.service import deliver
+
+    class Record:
+        topic, partition, key, value = "t_sec_command", 0, b"k", b"{}"
+
+        def __init__(self, offset):
+            self.offset = offset
+
+    class TooLarge(FakeProducer):  # refuses any transaction holding the oversized record
+        def send(self, topic, value=None, key=None):
+            self.sent.append(topic)
+            return Done(MessageSizeTooLargeError("too large") if value == b"huge" else None)
+
+    d, made = delivery(TooLarge(), TooLarge(), TooLarge())
+    handled = [Handled(Record(0), [("t_out", b"a", b"k")]), Handled(Record(1), [("t_out", b"huge", b"k")]),
+               Handled(Record(2), [("t_out", b"c", b"k")])]
+    done = deliver(d, FakeConsumer(), [], handled)
+    assert [item.record.offset for item in done] == [0, 1, 2]
+    assert done[0] is handled[0] and done[2] is handled[2]
+    assert [topic for topic, _, _ in done[1].outputs] == ["dead_letter.svc"]

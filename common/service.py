@@ -72,6 +72,9 @@ class Loop:
         if batch is None:  # the broker is away: nothing new is made until it is back
             self.pause.until_better(self.poller.trouble)
             return
+        if self.poller.unheard:  # (said, not waited on: polling is what rejoins the group)
+            self.pause.until_better(self.poller.trouble, wait=False)
+            return
         self.unsent += made(self.name, self.tick()) if self.tick else []
         handled, holdup = handle_batch(self.name, batch, self.handle, self.seen, self.stop, self.accepts)
         done = deliver(self.delivery, self.consumer, self.unsent, handled)

@@ -38,21 +38,24 @@ class Stopper:
 
 
 class Poller:
-    """consumer.poll that outlives a broker outage: while the broker or the group coordinator is away (or answers
-    no heartbeat) it returns None and keeps what the broker answered in `trouble`. A user who may not read an
-    input or use the group is told so, and the script ends."""
+    """consumer.poll that outlives a broker outage: while the broker or the group coordinator is away it returns
+    None, and it notices a coordinator that answers no heartbeat (`unheard`); `trouble` keeps what the broker
+    answered. A user who may not read an input or use the group is told so, and the script ends."""
 
     def __init__(self, consumer: KafkaConsumer, name: str, stop: "Stopper", settings: Settings):
         self.consumer, self.name, self.stop, self.settings, self.trouble = consumer, name, stop, settings, ""
-        self.client = LastWords()
+        self.client, self.unheard = LastWords(), False
 
     def poll(self, timeout_ms: int) -> dict | None:
+        """The batch ({} if none), or None while the broker is away. `unheard`: the group coordinator has answered
+        no heartbeat for longer than the session (a rejoin needs polls, so the caller goes on polling)."""
         try:
             batch = self.consumer.poll(timeout_ms=timeout_ms)
-            if not batch and (silence := heartbeat_silence_s(self.consumer)) > SESSION_TIMEOUT_MS / 1000:
+            silence = heartbeat_silence_s(self.consumer)
+            self.unheard = not batch and silence > SESSION_TIMEOUT_MS / 1000
+            if self.unheard:
                 self.trouble = (f"its group coordinator has answered no heartbeat for {silence:.0f} s (the client's "
                                 f"last words: {self.client.text or 'none'})")
-                return None
             return batch
         except AuthorizationError as error:
             raise refused(self.name, error, self.settings) from None
@@ -72,7 +75,8 @@ class Pause:
         self.name, self.group, self.stop, self.session_s = name, group, stop, session_s
         self.since, self.said, self.step = None, float("-inf"), 0.5
 
-    def until_better(self, trouble: str) -> None:
+    def until_better(self, trouble: str, wait: bool = True) -> None:
+        """Say so (see above) and, unless wait=False (the caller's own poll paces it), wait a growing step."""
         if self.stop:
             return
         now = time.monotonic()
@@ -85,8 +89,9 @@ class Pause:
             else:
                 log.warning("%s: %s; waiting, then trying again", self.name, trouble)
             self.said = now
-        self.stop.wait(self.step)
-        self.step = min(self.step * 2, 5.0)
+        if wait:
+            self.stop.wait(self.step)
+            self.step = min(self.step * 2, 5.0)
 
     def over(self) -> None:
         if self.since is not None and self.said >= self.since:

@@ -62,7 +62,6 @@ WORKFLOWS = {
         Step("applied", "unit_command", UNIT_COMMAND, "unit_event_producer", done=("unit_command_applied",)),
         Step("reported", "report_data", REPORT_DATA, "reporting_service"))),
 }
-UNKNOWN_TYPES_OWNER = "security"  # with --workflows, only the orchestrator owning this dead-letters unknown types
 
 
 def route(event: Envelope, example: int = 3) -> list[Output]:
@@ -132,8 +131,9 @@ def workflow_of(event_type: str) -> str | None:
 
 
 def owns(event_type: str, workflows: set[str]) -> bool:
-    """Whether an orchestrator running `workflows` handles this event type (another orchestrator owns the rest)."""
-    return (workflow_of(event_type) or UNKNOWN_TYPES_OWNER) in workflows
+    """Whether an orchestrator running `workflows` handles this event type: all but another orchestrator's types. (A
+    type no workflow knows never gets this far: no writer may send it, so the loop dead-letters it.)"""
+    return workflow_of(event_type) in {*workflows, None}
 
 
 def senders(workflows: set[str]) -> dict[str, frozenset]:

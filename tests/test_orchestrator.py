@@ -86,12 +86,13 @@ def test_an_unknown_type_has_no_route():
         route(stranger)
 
 
-def test_split_orchestrators_own_disjoint_workflows_and_the_security_one_owns_unknown_types():
+def test_split_orchestrators_own_disjoint_workflows_and_an_unknown_type_is_never_skipped():
     assert owns("security_detection", {"security"}) and not owns("security_detection", {"unit"})
     assert owns("unit_event", {"unit"}) and not owns("unit_event", {"security"})
     assert owns("unit_command_applied", {"unit"}) and owns("security_action_failed", {"security"})
-    assert owns("weather_report", {"security"}) and not owns("weather_report", {"unit"})
+    assert owns("weather_report", {"security"}) and owns("weather_report", {"unit"})  # (route() says "no route")
     assert all(owns(t, {"security", "unit"}) for t in ["security_detection", "unit_event", "weather_report"])
+    assert not any("weather_report" in types for types in senders({"security", "unit"}).values())  # (dead-lettered first)
 
 
 def test_the_longest_failure_detail_still_makes_a_valid_escalation():

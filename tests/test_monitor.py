@@ -25,9 +25,13 @@ def flow_of(*messages, sla: float = 5.0) -> Flow:
 
 
 def envelope(type_: str, workflow_id: str, seconds_ago: float, step: str = "") -> Envelope:
-    """A message of any type, even one no schema knows (the monitor reads only the envelope)."""
+    """A message of any type, even one no schema knows (the monitor reads only the envelope), made `seconds_ago`
+    before one fixed moment, so that the gaps between a test's messages are exact however slow the machine is."""
     return Envelope(id=f"{workflow_id}{step}", type=type_, workflow_id=workflow_id, source="test",
-                    created_at=datetime.now(timezone.utc) - timedelta(seconds=seconds_ago), payload={})
+                    created_at=MOMENT - timedelta(seconds=seconds_ago), payload={})
+
+
+MOMENT = datetime.now(timezone.utc)
 
 
 @pytest.mark.no_broker
@@ -39,7 +43,7 @@ def test_a_workflow_is_running_then_stuck_naming_the_missing_step_then_completed
     assert flow.state("w1", time.time()) == "STUCK: no 'acted' from security_service"
     flow.add(MESSAGE_STREAM, envelope("security_action_completed", "w1", 9, ".done"))
     flow.add(THIRD_PARTY, envelope("notification_delivered", "w1", 8, ".delivered"))
-    assert flow.state("w1", time.time()) == "completed" and flow.latency("w1") == pytest.approx(2.0, abs=0.01)
+    assert flow.state("w1", time.time()) == "completed" and flow.latency("w1") == pytest.approx(2.0, abs=0.001)
     assert flow.counts() == (1, 1) and flow.duplicates == 0
 
 
@@ -73,7 +77,7 @@ def test_a_workflow_added_to_the_orchestrators_definition_alone_is_followed_by_t
     # Then the monitor knows its type, its steps, who should act, its latency and its SLA figures
     now = time.time()
     assert flow.kind == {"r1": "repair", "r2": "repair"}
-    assert flow.state("r1", now) == "completed" and flow.latency("r1") == pytest.approx(3.0, abs=0.01)
+    assert flow.state("r1", now) == "completed" and flow.latency("r1") == pytest.approx(3.0, abs=0.001)
     assert flow.state("r2", now) == "STUCK: no 'repaired' from repair_service"
     assert flow.sla_report()["repair"]["count"] == 2 and flow.sla_report()["repair"]["breaches"] == 1
     assert "orchestrator-repair" in groups() and "repair_service" in groups()
@@ -193,7 +197,7 @@ def test_memory_is_a_window_of_recent_workflows_and_the_rest_are_counted_not_kep
     assert flow.counts() == (1000, 1000) and flow.unknown_fate == 0
     report = flow.sla_report()["unit"]
     assert (report["count"], report["completed"], report["breaches"]) == (1000, 1000, 0)
-    assert report["p50"] == pytest.approx(1.0, abs=0.01) and report["p99"] == pytest.approx(1.0, abs=0.01)
+    assert report["p50"] == pytest.approx(1.0, abs=0.001) and report["p99"] == pytest.approx(1.0, abs=0.001)
 
 
 @pytest.mark.no_broker

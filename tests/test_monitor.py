@@ -3,6 +3,7 @@
 
 import json
 import re
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -32,6 +33,12 @@ def envelope(type_: str, workflow_id: str, seconds_ago: float, step: str = "") -
 
 
 MOMENT = datetime.now(timezone.utc)
+
+
+@pytest.fixture(autouse=True)
+def fresh_moment(monkeypatch):
+    """Each test's fixed moment is its own start (a test's "10 s ago" must not age while others run)."""
+    monkeypatch.setattr(sys.modules[__name__], "MOMENT", datetime.now(timezone.utc))
 
 
 @pytest.mark.no_broker

@@ -15,6 +15,7 @@ import argparse
 import base64
 import binascii
 import logging
+import re
 import sys
 import time
 
@@ -27,7 +28,6 @@ import acls
 from common import (DEAD_LETTER, SETTINGS, Envelope, Stopper, discard, make_producer, read_all, refused, setup_logging,
                     wait_for_acks, wait_for_kafka)
 from common.messages import DeadLetterPayload
-from common.settings import FAMILIES
 
 log = logging.getLogger("dead_letters")
 
@@ -56,8 +56,7 @@ def chosen(letters, reason: str | None, service: str | None, which: list[str] | 
 def consumes(writer: str, topic: str) -> bool:
     """Whether `writer`, the service whose dead_letter topic a letter is on, consumes `topic` (a real name)."""
     reads = acls.ACCESS[writer].reads if writer in acls.ACCESS else []
-    return any(topic == SETTINGS.topic(name) or (name in FAMILIES and topic.startswith(SETTINGS.topic(name) + "."))
-               for name in reads)
+    return bool(reads) and re.match(SETTINGS.pattern(reads), topic) is not None
 
 
 def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None, bytes | None]]:

@@ -101,7 +101,7 @@ def handle_record(name: str, record, handle: Handler, seen: Seen | None, in_batc
             return Handled(record)
         outputs = call_handler(name, message, handle, stop)
         return Handled(record, [serialised(written_by(t, name), m, record.key) for t, m in outputs],
-                       (message.id, digest(message)))
+                       (message.id, digest(message)) if seen is not None else None)  # (remembered only with dedupe)
     except DeadLetter as reason:
         return Handled(record, [rejected(name, record, str(reason))])
     except (ValueError, PydanticSerializationError) as error:  # an output that cannot be written (ValidationError too)

@@ -330,6 +330,14 @@ def wait_until_ready(node: Broker, timeout: float, admin_password: str | None = 
                           f"last lines of {node.log}:\n{tail(node.log)}")
 
 
+def admin_client(address: str, admin_password: str | None = None):
+    """An admin client of the broker at `address` (signed in as admin when a password is given), quick to give up."""
+    from kafka import KafkaAdminClient  # imported late: start/stop work without kafka-python
+    sasl = dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM, sasl_plain_username="admin",
+                sasl_plain_password=admin_password) if admin_password else {}
+    return KafkaAdminClient(bootstrap_servers=address, bootstrap_timeout_ms=2000, request_timeout_ms=2000, **sasl)
+
+
 def metadata_ok(address: str, admin_password: str | None = None) -> bool:
     """True when the broker answers a metadata request (signed in as admin when a password is given)."""
     try:
@@ -337,12 +345,9 @@ def metadata_ok(address: str, admin_password: str | None = None) -> bool:
             pass
     except OSError:
         return False
-    from kafka import KafkaAdminClient  # imported late: start/stop/status work without it
-    from kafka.errors import KafkaError
-    sasl = dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM, sasl_plain_username="admin",
-                sasl_plain_password=admin_password) if admin_password else {}
+    from kafka.errors import KafkaError  # imported late: start/stop/status work without it
     try:
-        admin = KafkaAdminClient(bootstrap_servers=address, bootstrap_timeout_ms=2000, request_timeout_ms=2000, **sasl)
+        admin = admin_client(address, admin_password)
     except KafkaError:
         return False
     try:
@@ -358,12 +363,9 @@ def coordinator_trouble(address: str, admin_password: str | None = None, patienc
     """None when the broker's group coordinator answers; else what is wrong. A broker can answer metadata while its
     group coordinator answers NOT_COORDINATOR for ever (Kafka 4.1.1, after a crash, about 1 run in 4: every group
     stops; another restart of the broker mends it), so this asks for a probe group's offsets, as consumers do."""
-    from kafka import KafkaAdminClient  # imported late: start/stop work without it
-    from kafka.errors import KafkaError
-    sasl = dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM, sasl_plain_username="admin",
-                sasl_plain_password=admin_password) if admin_password else {}
+    from kafka.errors import KafkaError  # imported late: start/stop work without it
     try:
-        admin = KafkaAdminClient(bootstrap_servers=address, bootstrap_timeout_ms=2000, request_timeout_ms=2000, **sasl)
+        admin = admin_client(address, admin_password)
     except KafkaError as error:
         return f"the broker does not answer ({type(error).__name__})"
     deadline, answer = time.monotonic() + patience_s, ""

@@ -143,7 +143,7 @@ def test_a_handler_bug_is_dead_lettered_at_once_and_a_transient_failure_is_retri
             raise OSError("busy")
         return []
     calls.clear()
-    handled, holdup = handle_batch("svc", batch_of(good_detection().to_bytes()), flaky, None, Running())
+    handled, holdup = handle_batch("svc", batch_of(good_detection().to_bytes()), flaky, Seen(), Running())
     assert len(calls) == 3 and holdup is None and handled[0].outputs == [] and handled[0].seen
 
 

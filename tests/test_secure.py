@@ -84,10 +84,13 @@ def test_examples_run_unchanged_with_each_script_signed_in_as_itself(secure_scri
 
 
 def refusal(result) -> list[str]:
-    """The script's error lines (from our code), after checking it stopped without a traceback."""
+    """The script's error lines (from our code), after checking it stopped without a traceback and that no other
+    error line (the client's own) stands beside them."""
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
-    return [line for line in output.splitlines() if " common ERROR " in line]
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert all(" common ERROR " in line for line in errors), errors
+    return errors
 
 
 def test_a_client_without_credentials_is_refused_with_one_line(secure_scripts):

@@ -98,3 +98,12 @@ def test_a_burst_of_client_warnings_shows_one_line_then_how_many_were_hidden():
     later = record("kafka.conn", "connect to %s failed", "localhost:9092", created=131)
     assert only_one.filter(later) and later.getMessage().endswith("(and 9 more client warnings in the last 30 s)")
     assert only_one.filter(record("orchestrator", "routed", created=131.1))  # the services' own lines always pass
+
+
+@pytest.mark.no_broker
+def test_the_clients_own_line_about_a_refused_right_is_hidden_since_the_script_says_it_in_one_line():
+    from common.workarounds import HideClientRefusals
+    line = record("kafka.producer.transaction_manager", "Fatal Error handling request %s: %s", "FindCoordinatorRequest",
+                  "[Error 53] TransactionalIdAuthorizationFailedError")
+    assert not HideClientRefusals().filter(line)
+    assert HideClientRefusals().filter(record("common", "orchestrator: Kafka does not allow user %r", "x"))

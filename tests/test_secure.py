@@ -312,3 +312,10 @@ def test_dead_letters_with_a_wrong_password_is_refused_with_one_line(secure_scri
     assert result.returncode == 2
     [line] = refusal(result)
     assert "dead_letters: Kafka at" in line and "refused to sign in user 'admin'" in line
+
+
+def test_a_script_run_as_another_user_is_refused_with_one_line_and_no_client_error(secure_scripts):
+    result = secure_scripts.run("orchestrator.py", env=secure_scripts.env_for("security_detector.py"), check=False)
+    assert result.returncode == 3
+    [line] = refusal(result)
+    assert "orchestrator: Kafka does not allow user 'security_detector'" in line

@@ -7,6 +7,7 @@
   handling    one poll batch: parse, skip repeats, call the handler with retries, dead-letter what fails
   delivery    a batch's outputs and offsets, in one transaction or acknowledged then committed, and recovery
   service     run_service: consume -> handle -> produce, one batch at a time
+  state       state that survives a restart: handled ids and workflows, kept in a changelog topic per group
   waiting     the stop signal, a poll that outlives an outage, a pause that says what it waits for
   producing   run_producer, the event sources' loop
   workarounds every workaround of a kafka-python behaviour, each saying which and why
@@ -14,11 +15,12 @@
 
 from common.clients import (answers_kafka, ensure_topics, make_consumer, make_producer, read_all, refused, send,
                             wait_for_acks, wait_for_kafka)
-from common.handling import Handler, Seen, Triple, Unavailable, handle_batch
+from common.handling import Handler, Triple, Unavailable, handle_batch
 from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, Envelope, Output, caused_by, dead_letter, expect,
                              new_event, parse)
 from common.producing import Pacer, run_producer
 from common.service import run_service
+from common.state import State
 from common.waiting import Stopper
 from common.settings import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND,
                              SETTINGS, SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, family_of, setup_logging,
@@ -26,7 +28,7 @@ from common.settings import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATI
 from common.workarounds import discard
 
 __all__ = ["answers_kafka", "ensure_topics", "make_consumer", "make_producer", "read_all", "refused", "send",
-           "wait_for_acks", "wait_for_kafka", "Handler", "Seen", "Triple", "Unavailable", "handle_batch", "MAX_MESSAGE_BYTES",
+           "wait_for_acks", "wait_for_kafka", "Handler", "State", "Triple", "Unavailable", "handle_batch", "MAX_MESSAGE_BYTES",
            "SCHEMAS", "DeadLetter", "Envelope", "Output", "caused_by", "dead_letter", "expect", "new_event", "parse",
            "Pacer", "Stopper", "run_producer", "run_service", "ALL_TOPICS", "DEAD_LETTER", "MESSAGE_STREAM",
            "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "THIRD_PARTY", "UNIT_COMMAND", "Settings",

@@ -43,7 +43,7 @@ def make_producer(transactional_id: str | None = None, settings: Settings = SETT
 
 
 def make_consumer(group: str, topics: list[str], static: bool = False, settings: Settings = SETTINGS,
-                  **overrides) -> KafkaConsumer:
+                  listener=None, **overrides) -> KafkaConsumer:
     """At-least-once consumer: manual commits, start from the beginning when the group is new, committed reads only.
     A static member (group_instance_id) restarted within the session timeout rejoins without waiting out a
     rebalance, which is what keeps an orchestrator restart short."""
@@ -53,15 +53,18 @@ def make_consumer(group: str, topics: list[str], static: bool = False, settings:
     if static:
         config["group_instance_id"] = f"{settings.group(group)}-{settings.instance_id}"
     config.update(overrides)
-    return KafkaConsumer(*[settings.topic(name) for name in topics], **config)
+    consumer = KafkaConsumer(**config)
+    consumer.subscribe([settings.topic(name) for name in topics], listener=listener)
+    return consumer
 
 
-def send(producer: KafkaProducer, name: str, value: Envelope | bytes, key: bytes | str | None = None,
-         settings: Settings = SETTINGS):
+def send(producer: KafkaProducer, name: str, value: Envelope | bytes | None, key: bytes | str | None = None,
+         settings: Settings = SETTINGS, partition: int | None = None):
     """Produce one message (an envelope, or one already serialised) to a project topic; returns the future."""
     if isinstance(key, str):
         key = key.encode()
-    return producer.send(settings.topic(name), value=value.to_bytes() if isinstance(value, Envelope) else value, key=key)
+    return producer.send(settings.topic(name), value=value.to_bytes() if isinstance(value, Envelope) else value, key=key,
+                         partition=partition)
 
 
 def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "", stop=None) -> None:

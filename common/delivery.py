@@ -130,7 +130,7 @@ def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs
                        settings: Settings) -> None:
     """Exactly once: the outputs and the consumed offsets commit together, or neither does."""
     producer.begin_transaction()
-    futures = [send(producer, name, message, key, settings) for name, message, key in outputs]
+    futures = [send(producer, *out[:3], settings, *out[3:]) for out in outputs]
     for future in futures:  # kafka-python fails a record refused before it was batched (say, an unknown topic) only
         if future.is_done and future.failed():  # in its future: the transaction would commit without it
             raise future.exception
@@ -142,7 +142,7 @@ def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs
 def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Out],
                                 offsets: dict, settings: Settings, stop=None) -> None:
     """At least once: the offsets are committed only after Kafka acknowledged every output."""
-    wait_for_acks(producer, [send(producer, t, m, key, settings) for t, m, key in outputs], "batch", stop)
+    wait_for_acks(producer, [send(producer, *out[:3], settings, *out[3:]) for out in outputs], "batch", stop)
     if offsets:
         consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
 

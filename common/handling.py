@@ -6,10 +6,9 @@ the records before it are delivered, the rest wait in Kafka."""
 import logging
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -22,14 +21,22 @@ from common.settings import DEAD_LETTER, written_by
 log = logging.getLogger("common")
 
 Triple = tuple[str, Envelope, bytes | str | None]  # (topic name, message, key), as a tick() returns them
-Out = tuple[str, bytes, bytes | None]               # (topic name, serialised message, key): ready to send
-Handler = Callable[[Envelope], list[Output]]
+Handler = Callable[..., list[Output]]  # handle(message), or handle(message, state) for a service that keeps state
+
+
+class Out(NamedTuple):
+    """An output ready to send: project topic name, serialised value, key, and (a state change) its partition."""
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    partition: int | None = None
 
 # Failures of a handler's resource (a busy database, a network blip): retried briefly, then the batch is held up
 # there and handled again later, never dead-lettered. Anything else a handler raises is a bug or bad data.
 TRANSIENT = (OSError, sqlite3.OperationalError, KafkaError)
 QUICK_ATTEMPTS = 3
 BATCH_BUDGET_S = 60.0  # a batch handled longer than this is cut there: well inside the group's max.poll.interval
+SEEN = "seen/"  # state key of a handled message id (its value: a digest of what the message said)
 MAX_RECORD_BYTES = 1_000_000  # an output Kafka would refuse (the producer's default limit is 1 MiB) is a dead letter
 
 
@@ -39,37 +46,19 @@ class Unavailable(Exception):
 
 @dataclass
 class Handled:
-    """One record after handling: what to send for it, and the (id, digest) to remember once that is committed."""
+    """One record after handling: what to send for it, and the state changes to apply once that is committed."""
     record: Any
     outputs: list[Out] = field(default_factory=list)
-    seen: tuple[str, bytes] | None = None
+    changes: list = field(default_factory=list)
 
 
-class Seen:
-    """The ids handled recently (bounded) with a digest of what each said, so that a redelivered message has no
-    second effect and the same id with other content is caught."""
-
-    def __init__(self, capacity: int = 100_000):
-        self.capacity, self.ids = capacity, OrderedDict()
-
-    def get(self, message_id: str) -> bytes | None:
-        return self.ids.get(message_id)
-
-    def remember(self, handled: list[Handled]) -> None:
-        for item in handled:
-            if item.seen is not None:
-                self.ids[item.seen[0]] = item.seen[1]
-                if len(self.ids) > self.capacity:
-                    self.ids.popitem(last=False)
-
-
-def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, stop,
+def handle_batch(name: str, batch: dict, handle: Handler, store, stop,
                  accepts: dict[str, frozenset] | None = None) -> tuple[list[Handled], str | None]:
     """Handle the records of a poll in order: (the records handled, why handling stopped early or None). It stops
     early when the service is stopping or a handler's resource is unavailable; the rest is handled again later.
+    `handle(message, state)`; `store`: the service's state (common/state.py), None if it keeps none.
     `accepts`: real topic -> the message types its writer may send; any other type from there is a dead letter."""
     handled: list[Handled] = []
-    in_batch: dict[str, bytes] = {}  # ids handled in this batch, not yet committed
     until = time.monotonic() + BATCH_BUDGET_S
     for records in batch.values():
         for record in records:
@@ -78,42 +67,55 @@ def handle_batch(name: str, batch: dict, handle: Handler, seen: Seen | None, sto
             if time.monotonic() > until:  # (slow handling: commit what is done, handle the rest next)
                 return handled, f"handling took over {BATCH_BUDGET_S:.0f} s; the rest of the batch comes next"
             try:
-                item = handle_record(name, record, handle, seen, in_batch, stop, accepts)
+                handled.append(handle_record(name, record, handle, store, stop, accepts))
             except Unavailable as reason:
                 return handled, str(reason)
-            if item.seen is not None:
-                in_batch[item.seen[0]] = item.seen[1]
-            handled.append(item)
     return handled, None
 
 
-def handle_record(name: str, record, handle: Handler, seen: Seen | None, in_batch: dict, stop,
+def handle_record(name: str, record, handle: Handler, store, stop,
                   accepts: dict[str, frozenset] | None = None) -> Handled:
     """Check, parse, skip a repeat, handle, serialise: one record's outputs (each to the topic `name` writes for
-    it), or its dead letter."""
+    it) and state changes, or its dead letter."""
+    state = store.view(record.partition) if store is not None else None
     try:
         check_key(record.key)
         message = parse(record.value)
         if accepts and message.type not in accepts.get(record.topic, frozenset({message.type})):
             raise DeadLetter(f"{record.topic.rsplit('.', 1)[-1]} may not send {message.type!r}; {record.topic} "
                              f"carries {', '.join(sorted(accepts[record.topic]))} only")
-        if seen is not None and is_repeat(name, message, seen.get(message.id) or in_batch.get(message.id)):
-            return Handled(record)
-        outputs = call_handler(name, message, handle, stop)
-        return Handled(record, [serialised(written_by(t, name), m, record.key) for t, m in outputs],
-                       (message.id, digest(message)) if seen is not None else None)  # (remembered only with dedupe)
+        if store is not None and store.dedupe:
+            if is_repeat(name, message, state.get(SEEN + message.id)):
+                return Handled(record)
+            state.put(SEEN + message.id, digest(message).hex())  # (committed with the outputs, or not at all)
+        outputs = call_handler(name, message, lambda m: handle(m, state), stop)
+        outs = [serialised(written_by(t, name), m, record.key) for t, m in outputs]
+        if state is None:
+            return Handled(record, outs)
+        return Handled(record, outs + [store.out(c) for c in state.changes if store.topic], state.changes)
     except DeadLetter as reason:
+        undo(store, state)
         return Handled(record, [rejected(name, record, str(reason))])
     except (ValueError, PydanticSerializationError) as error:  # an output that cannot be written (ValidationError too)
+        undo(store, state)
         return Handled(record, [rejected(name, record, f"output could not be written: {type(error).__name__}: "
                                                        f"{str(error)[:300]}")])
+    except Unavailable:
+        undo(store, state)
+        raise
 
 
-def is_repeat(name: str, message: Envelope, known: bytes | None) -> bool:
+def undo(store, state) -> None:
+    """A record that is not handled after all changes nothing."""
+    if state is not None:
+        state.undo()
+
+
+def is_repeat(name: str, message: Envelope, known: str | None) -> bool:
     """True for a message handled before; the same id saying something else is a dead letter."""
     if known is None:
         return False
-    if known != digest(message):
+    if known != digest(message).hex():
         raise DeadLetter(f"id {message.id!r} was handled before with different content; not handled again")
     log.info("%s: %s %s already handled; ignoring the redelivery", name, message.type, message.id[:8])
     return True
@@ -142,7 +144,7 @@ def serialised(topic: str, message: Envelope, key: bytes | str | None) -> Out:
     value, key = message.to_bytes(), key.encode() if isinstance(key, str) else key
     if len(value) + len(key or b"") > MAX_RECORD_BYTES:
         raise ValueError(f"a {message.type} of {len(value)} bytes is over the {MAX_RECORD_BYTES}-byte record limit")
-    return topic, value, key
+    return Out(topic, value, key)
 
 
 def rejected(name: str, record, reason: str) -> Out:
@@ -154,7 +156,7 @@ def rejected(name: str, record, reason: str) -> Out:
         key = record.key
     except DeadLetter:
         key = None
-    return written_by(DEAD_LETTER, name), letter.to_bytes(), key
+    return Out(written_by(DEAD_LETTER, name), letter.to_bytes(), key)
 
 
 def outputs_of(handled: list[Handled]) -> list[Out]:

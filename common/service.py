@@ -6,16 +6,18 @@ becomes a dead letter in handle_batch; a failed delivery is recovered by the Del
 was committed or must be handled again (the loop then rewinds to it)."""
 
 import logging
+import time
 from collections.abc import Callable
 
-from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, NoError
 
 from common.clients import make_consumer, refused, wait_for_kafka
 from common.delivery import Delivery
-from common.handling import (Handled, Handler, Out, Seen, Triple, handle_batch, offsets_of, outputs_of, rejected,
+from common.handling import (Handled, Handler, Out, Triple, handle_batch, offsets_of, outputs_of, rejected,
                              serialised)
 from common.settings import DEAD_LETTER, SETTINGS, Settings, written_by
+from common.state import State, Store, ensure_changelog
 from common.waiting import Pause, Poller, Stopper
 
 log = logging.getLogger("common")
@@ -24,21 +26,27 @@ log = logging.getLogger("common")
 def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[str, ...] = (),
                 accepts: dict[str, frozenset] | None = None, group: str | None = None,
                 tick: Callable[[], list[Triple]] | None = None, transactional: bool = False, dedupe: bool = False,
+                state: bool = False, timer: Callable[[State, str], list[Triple]] | None = None,
                 start_like: str | None = None, settings: Settings = SETTINGS) -> None:
     """Consume `inputs`, handle each message, produce what the handler returns, then commit.
 
     transactional=True: a batch's outputs and its offsets commit in one Kafka transaction (exactly once); else its
     offsets are committed once Kafka acknowledged its outputs (at least once). A batch that cannot be delivered is
-    handled again. dedupe=True skips ids already handled. What a handler rejects or keeps failing on goes to
+    handled again. dedupe=True skips ids any copy of the service handled before. state=True: the handler is called as
+    handle(message, state), `state` being its partition's entries (common/state.py); `timer(state, key)` is called
+    when an entry's due time passes, and returns what to send then. State and handled ids are kept in Kafka with
+    the work when transactional, else in memory only. What a handler rejects or keeps failing on goes to
     dead_letter. Outputs keep the input's key. `tick()` adds (topic, message, key) triples each loop; `start_like`:
     a new group starts where that group left off. `writes`: the topics it writes (a family: its own member);
     `accepts`: input topic -> the message types its writer may send (others are dead letters).
     """
     group, stop = group or name, Stopper()
     own = [written_by(topic, name) for topic in (*writes, DEAD_LETTER)]
-    if not prepare(stop, name, group, start_like, settings, [*inputs, *own]):
+    store = Store(group, settings, durable=transactional, dedupe=dedupe) if dedupe or state else None
+    if not prepare(stop, name, group, start_like, settings, [*inputs, *own], store):
         return
-    loop = Loop(name, group, inputs, handle, stop, settings, transactional=transactional, dedupe=dedupe, tick=tick,
+    loop = Loop(name, group, inputs, handle if state else lambda message, _: handle(message), stop, settings,
+                transactional=transactional, store=store, tick=tick, timer=timer,
                 accepts={settings.topic(topic): types for topic, types in (accepts or {}).items()})
     try:
         while not stop:
@@ -56,12 +64,14 @@ class Loop:
     """One consuming service's loop: its consumer, its Delivery, what it remembers, and what it waits out."""
 
     def __init__(self, name: str, group: str, inputs: list[str], handle: Handler, stop: "Stopper", settings: Settings,
-                 *, transactional: bool, dedupe: bool, tick, accepts: dict[str, frozenset]):
-        self.name, self.handle, self.stop, self.tick, self.accepts = name, handle, stop, tick, accepts
+                 *, transactional: bool, store: Store | None, tick, timer, accepts: dict[str, frozenset]):
+        self.name, self.handle, self.stop, self.tick, self.timer, self.accepts = name, handle, stop, tick, timer, accepts
         self.delivery = Delivery(name, stop, settings.transactional_id(group) if transactional else None, settings)
-        self.consumer = join(stop, group, inputs, settings)  # (meanwhile the Delivery's producer starts)
+        self.store = store
+        listener = Forget(store) if store is not None else None
+        self.consumer = join(stop, group, inputs, settings, listener)  # (meanwhile the Delivery's producer starts)
         self.poller, self.pause = Poller(self.consumer, name, stop, settings), Pause(name, settings.group(group), stop)
-        self.seen, self.unsent, self.count = Seen() if dedupe else None, [], 0
+        self.unsent, self.count, self.expired_at = [], 0, time.monotonic()
         log.info("%s: started; consuming %s as group %s%s from %s", name, ", ".join(map(settings.topic, inputs)),
                  group, f", exactly once as transactional id {self.delivery.transactional_id}" if transactional
                  else ", at least once", settings.bootstrap_servers)
@@ -75,23 +85,75 @@ class Loop:
         if self.poller.unheard:  # (said, not waited on: polling is what rejoins the group)
             self.pause.until_better(self.poller.trouble, wait=False)
             return
+        if self.store is not None and not self.restored(batch):
+            return
         self.unsent += made(self.name, self.tick()) if self.tick else []
-        handled, holdup = handle_batch(self.name, batch, self.handle, self.seen, self.stop, self.accepts)
-        done = deliver(self.delivery, self.consumer, self.unsent, handled)
+        timed, changes = self.timers()
+        handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
+        done = deliver(self.delivery, self.consumer, self.unsent + timed, handled)
         if done is not None:
             self.unsent, self.count = [], self.count + len(done)
-            if self.seen is not None:
-                self.seen.remember(done)
+        if self.store is not None:
+            self.store.commit([*changes, *(c for item in done for c in item.changes)]) if done is not None \
+                else self.store.abandon()
         if holdup or done is None or len(done) < len(handled):
             rewind(self.consumer, batch, done or [])
             self.pause.until_better(holdup or self.delivery.trouble)
         else:
             self.pause.over()
 
+    def restored(self, batch: dict) -> bool:
+        """Read back the state of every partition assigned since the last batch, before any of its records is
+        handled; False (the batch waits in Kafka) if that could not be done now."""
+        missing = {tp.partition for tp in self.consumer.assignment()} - self.store.loaded
+        if time.monotonic() - self.expired_at > 60:
+            self.expired_at = time.monotonic()
+            self.store.expire(time.time())
+        if not missing:
+            return True
+        began = time.monotonic()
+        try:
+            count = self.store.restore(missing)
+        except KafkaError as error:
+            rewind(self.consumer, batch, [])
+            self.pause.until_better(f"its state could not be read back ({type(error).__name__}: {error})")
+            return False
+        if self.store.topic:
+            log.info("%s: state of partition%s %s read back (%d entries in %.2f s)", self.name,
+                     "s" * (len(missing) > 1), ", ".join(map(str, sorted(missing))), count, time.monotonic() - began)
+        return True
+
+    def timers(self) -> tuple[list[Out], list]:
+        """What the timers due now send, and the state changes they make (committed with the next batch)."""
+        if self.timer is None:
+            return [], []
+        outs, changes = [], []
+        for partition, key in self.store.due(time.time()):
+            state = self.store.view(partition)
+            outs += made(self.name, self.timer(state, key))
+            outs += [self.store.out(change) for change in state.changes if self.store.topic]
+            changes += state.changes
+        return outs, changes
+
     def close(self) -> None:
         log.info("%s: stopping after %d messages", self.name, self.count)
         self.consumer.close(autocommit=False)
         self.delivery.close()
+        if self.store is not None:
+            self.store.close()
+
+
+class Forget(ConsumerRebalanceListener):
+    """Partitions taken away by a rebalance: their state is forgotten, and read back if they come back."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def on_partitions_revoked(self, revoked):
+        self.store.forget({tp.partition for tp in revoked})
+
+    def on_partitions_assigned(self, assigned):
+        pass  # (read back by the loop before the partition's first record is handled)
 
 
 def deliver(delivery: Delivery, consumer: KafkaConsumer, unsent: list[Out], handled: list[Handled]) -> list | None:
@@ -131,13 +193,15 @@ def made(name: str, triples: list[Triple]) -> list[Out]:
 
 
 def prepare(stop: "Stopper", name: str, group: str, start_like: str | None, settings: Settings,
-            topics: list[str]) -> bool:
-    """Wait for Kafka, create missing topics and, for a new group with `start_like`, take over that group's
-    offsets; False if stopped meanwhile."""
+            topics: list[str], store: Store | None = None) -> bool:
+    """Wait for Kafka, create missing topics (and the state topic) and, for a new group with `start_like`, take over
+    that group's offsets; False if stopped meanwhile."""
     admin = wait_for_kafka(stop, name, settings, topics=topics)
     if admin is None:
         return False
     try:
+        if store is not None and store.topic:
+            ensure_changelog(admin, group, settings)
         while start_like and not stop:
             try:
                 inherit_offsets(admin, group, start_like, settings)
@@ -169,11 +233,11 @@ def inherit_offsets(admin: KafkaAdminClient, group: str, start_like: str, settin
         log.info("new group %s starts where group %s left off", group, start_like)
 
 
-def join(stop: "Stopper", group: str, inputs: list[str], settings: Settings) -> KafkaConsumer:
+def join(stop: "Stopper", group: str, inputs: list[str], settings: Settings, listener=None) -> KafkaConsumer:
     """A static member of `group` reading `inputs`. It subscribes only once the input topics' partitions are in the
     client's metadata: a member that joins right after the topics were created can be assigned nothing, and is not
     told when they appear."""
-    consumer = make_consumer(group, inputs, static=True, settings=settings)
+    consumer = make_consumer(group, inputs, static=True, settings=settings, listener=listener)
     while not stop and not all(consumer.partitions_for_topic(settings.topic(name)) for name in inputs):
         stop.wait(0.1)
     return consumer

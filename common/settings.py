@@ -52,6 +52,7 @@ class Settings:
     partitions: int = 1           # for topics the scripts create
     replication_factor: int = -1  # -1: the cluster's default
     instance_id: str = "1"        # this copy's static member id and transactional id; one per running copy
+    state_retention_s: float = 7 * 24 * 3600  # state entries (handled ids, workflows) not written for this long go
     security: Mapping[str, str] = field(default_factory=dict)  # kafka-python SASL/TLS arguments
 
     @classmethod
@@ -62,6 +63,7 @@ class Settings:
                    partitions=int(environ.get("TOPIC_PARTITIONS", "1")),
                    replication_factor=int(environ.get("TOPIC_REPLICATION_FACTOR", "-1")),
                    instance_id=environ.get("INSTANCE_ID", "1"),
+                   state_retention_s=float(environ.get("STATE_RETENTION_S", 7 * 24 * 3600)),
                    security=MappingProxyType({arg: environ[env] for arg, env in SECURITY_SETTINGS.items()
                                               if environ.get(env)}))
 

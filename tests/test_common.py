@@ -1,11 +1,13 @@
 """Envelope and schema validation: what parse() accepts, and the reason it gives for what it does not."""
 
 import json
+import time
 
 import pytest
 
-from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Seen, Unavailable, dead_letter, handle_batch, new_event, parse
-from common.handling import Handled
+from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Unavailable, dead_letter, handle_batch, new_event, parse
+from common.settings import Settings
+from common.state import Store
 from common.messages import derived_id
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
@@ -67,10 +69,42 @@ def test_a_dead_letter_keeps_the_original_bytes_and_where_they_came_from():
     assert letter.payload["reason"] == "not valid JSON" and letter.payload["service"] == "orchestrator"
 
 
-def test_seen_remembers_ids_and_what_they_said_up_to_its_capacity():
-    seen = Seen(capacity=2)
-    seen.remember([Handled(None, [], ("a", b"1")), Handled(None, [], ("b", b"2")), Handled(None, [], ("c", b"3"))])
-    assert seen.get("a") is None and seen.get("c") == b"3"  # the oldest went when "c" arrived
+def memory(dedupe: bool = True) -> Store:
+    """A store kept in memory only (an at-least-once service's), its partition 0 restored."""
+    store = Store("svc", Settings(state_retention_s=60), durable=False, dedupe=dedupe)
+    store.restore({0})
+    return store
+
+
+def remember(store: Store, handled: list) -> None:
+    store.commit([change for item in handled for change in item.changes])
+
+
+def test_state_changes_count_only_once_committed_and_uncommitted_timers_fire_again():
+    store = memory()
+    state = store.view(0)
+    state.put("workflow/w1", {"step": "pending"}, due=100.0)
+    assert state.get("workflow/w1") == {"step": "pending"} and store.due(1000.0) == []  # (not committed yet)
+    store.abandon()
+    assert store.view(0).get("workflow/w1") is None
+    store.commit(state.changes)
+    assert store.due(99.0) == [] and store.due(100.0) == [(0, "workflow/w1")] and store.due(100.0) == []
+    store.abandon()  # the batch with the timer's work failed: it is due again
+    assert store.due(100.0) == [(0, "workflow/w1")]
+    later = store.view(0)
+    later.put("workflow/w1", {"step": "done"})
+    store.commit(later.changes)
+    assert store.due(10_000.0) == [] and store.view(0).get("workflow/w1") == {"step": "done"}
+
+
+def test_state_entries_not_written_for_the_retention_expire_and_a_partition_taken_away_is_forgotten():
+    store = memory()
+    state = store.view(0)
+    state.put("a", 1)
+    store.commit(state.changes)
+    assert store.expire(time.time()) == 0 and store.expire(time.time() + 61) == 1 and store.view(0).get("a") is None
+    store.forget({0})
+    assert store.loaded == set()
 
 
 def test_pacer_never_exceeds_the_count():
@@ -109,46 +143,46 @@ def batch_of(*values, key=b"k") -> dict:
 
 
 def letters(handled) -> list[dict]:
-    return [json.loads(value)["payload"] for item in handled for topic, value, _ in item.outputs if topic == "dead_letter.svc"]
+    return [json.loads(value)["payload"] for item in handled for topic, value, *_ in item.outputs if topic == "dead_letter.svc"]
 
 
 def test_a_message_that_is_dead_lettered_is_not_remembered_as_handled():
     # so that replaying it once its cause is fixed is handled, not skipped as a repeat
-    seen, event, calls = Seen(), good_detection(), []
+    seen, event, calls = memory(), good_detection(), []
 
-    def handle(message):
+    def handle(message, state):
         calls.append(message.id)
         if len(calls) == 1:
             raise DeadLetter("not yet")
         return []
     handled, _ = handle_batch("svc", batch_of(event.to_bytes()), handle, seen, Running())
-    assert letters(handled)[0]["reason"] == "not yet" and handled[0].seen is None
-    seen.remember(handled)
+    assert letters(handled)[0]["reason"] == "not yet" and handled[0].changes == []
+    remember(seen, handled)
     handled, _ = handle_batch("svc", batch_of(event.to_bytes()), handle, seen, Running())
-    assert handled[0].seen[0] == event.id and len(calls) == 2
+    assert handled[0].changes[0].key == "seen/" + event.id and len(calls) == 2
 
 
 def test_a_handler_bug_is_dead_lettered_at_once_and_a_transient_failure_is_retried():
     calls = []
 
-    def buggy(message):
+    def buggy(message, state):
         calls.append(1)
         return {}["missing"]
     handled, _ = handle_batch("svc", batch_of(good_detection().to_bytes()), buggy, None, Running())
     assert len(calls) == 1 and letters(handled)[0]["reason"] == "handler failed: KeyError: 'missing'"
 
-    def flaky(message):
+    def flaky(message, state):
         calls.append(1)
         if len(calls) < 3:
             raise OSError("busy")
         return []
     calls.clear()
-    handled, holdup = handle_batch("svc", batch_of(good_detection().to_bytes()), flaky, Seen(), Running())
-    assert len(calls) == 3 and holdup is None and handled[0].outputs == [] and handled[0].seen
+    handled, holdup = handle_batch("svc", batch_of(good_detection().to_bytes()), flaky, memory(), Running())
+    assert len(calls) == 3 and holdup is None and handled[0].outputs == [] and handled[0].changes
 
 
 def test_a_resource_that_stays_unavailable_holds_the_batch_up_there_and_dead_letters_nothing():
-    def store(message):
+    def store(message, state):
         if message.payload["zone"] == "z-2":
             raise Unavailable("the store is locked")
         return []
@@ -160,24 +194,25 @@ def test_a_resource_that_stays_unavailable_holds_the_batch_up_there_and_dead_let
 
 
 def test_a_repeat_is_ignored_and_the_same_id_with_other_content_is_a_dead_letter():
-    seen, event = Seen(), good_detection()
+    seen, event = memory(), good_detection()
     changed = event.model_copy(update={"payload": {**event.payload, "zone": "z-9", "severity": 5}})
     handled, _ = handle_batch("svc", batch_of(event.to_bytes(), event.to_bytes(), changed.to_bytes()),
-                              lambda message: [], seen, Running())
-    assert [bool(item.seen) for item in handled] == [True, False, False]
+                              lambda message, state: [], seen, Running())
+    assert [bool(item.changes) for item in handled] == [True, False, False]
     assert letters(handled)[0]["reason"] == f"id {event.id!r} was handled before with different content; not handled again"
 
 
 def test_input_that_cannot_be_written_back_out_is_rejected_before_any_handler_runs():
     raw = good_detection().to_bytes().replace(b'"zone":"z-1"', b'"zone":"x\\ud800"')
     calls = []
-    handled, _ = handle_batch("svc", batch_of(raw), lambda message: calls.append(message) or [], None, Running())
+    handled, _ = handle_batch("svc", batch_of(raw), lambda message, state: calls.append(message) or [], None,
+                              Running())
     assert not calls and "lone UTF-16 surrogate" in letters(handled)[0]["reason"]
 
 
 def test_an_oversized_key_is_a_dead_letter_that_fits_and_is_not_keyed_by_it():
-    handled, _ = handle_batch("svc", batch_of(b"8 bytes!", key=b"k" * 300_000), lambda m: [], None, Running())
-    [(topic, value, key)] = handled[0].outputs
+    handled, _ = handle_batch("svc", batch_of(b"8 bytes!", key=b"k" * 300_000), lambda m, state: [], None, Running())
+    [(topic, value, key, _)] = handled[0].outputs
     letter = json.loads(value)["payload"]
     assert topic == "dead_letter.svc" and key is None and len(value) < 1_000_000  # (the service's own member)
     assert letter["reason"] == "key of 300000 bytes is over the 256-byte limit" and letter["key_truncated"]

@@ -1,0 +1,220 @@
+"""State that survives a restart, the Kafka Streams way: a small keyed store per consuming service, held in memory
+and backed by a compacted changelog topic (state.<group>). Partition p of the changelog holds the state of input
+partition p (one workflow's messages share a key, so a partition). Each change goes out in the same Kafka transaction
+as the batch that made it, with the batch's outputs and offsets: after a crash the state and the offsets agree.
+Before a partition's records are handled (at start, and whenever a rebalance assigns it) its state is read back.
+Entries expire after STATE_RETENTION_S (a week by default); the topic's retention drops them too.
+
+Only a service that runs exactly once keeps its state in Kafka; an at-least-once one keeps it in memory only."""
+
+import heapq
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer
+from kafka.admin import NewTopic
+from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError
+from kafka.structs import TopicPartition
+
+from common.clients import refused
+from common.handling import Out
+from common.settings import SETTINGS, Settings
+
+log = logging.getLogger("common")
+UNSET = object()
+RESTORE_STALL_S = 30.0  # a restore that makes no progress this long has failed (the batch waits, then tries again)
+
+
+def changelog(group: str) -> str:
+    """The project topic that holds a consumer group's state."""
+    return f"state.{group}"
+
+
+@dataclass
+class Change:
+    partition: int
+    key: str
+    stored: bytes | None  # None: the entry is removed
+
+
+def stored(value: Any, due: float | None, now: float) -> bytes:
+    """An entry as the changelog holds it: when it was written, when its timer is due (or null), and its value."""
+    return json.dumps({"at": round(now, 3), "due": due, "value": value}, separators=(",", ":")).encode()
+
+
+class State:
+    """One partition's entries, as a handler sees them: what it put earlier in this batch counts, the rest is what
+    Kafka has committed. `due`: a time (epoch seconds) at which the loop calls the service's timer for this key."""
+
+    def __init__(self, store: "Store", partition: int):
+        self.store, self.partition, self.changes, self.before = store, partition, [], []
+
+    def get(self, key: str) -> Any:
+        entry = self.store.entry(self.partition, key)
+        return None if entry is None else entry["value"]
+
+    def put(self, key: str, value: Any, due: float | None = None) -> None:
+        change = Change(self.partition, key, None if value is None else stored(value, due, time.time()))
+        self.before.append((key, self.store.pending.get((self.partition, key), UNSET)))
+        self.store.pending[(self.partition, key)] = change.stored
+        self.changes.append(change)
+
+    def undo(self) -> None:
+        """Take back this view's changes (its record ended as a dead letter, or waits for later)."""
+        for key, before in reversed(self.before):
+            if before is UNSET:
+                self.store.pending.pop((self.partition, key), None)
+            else:
+                self.store.pending[(self.partition, key)] = before
+        self.changes, self.before = [], []
+
+
+class Store:
+    """The state of every partition this copy is assigned, restored from and written to its changelog."""
+
+    def __init__(self, group: str, settings: Settings = SETTINGS, durable: bool = True, dedupe: bool = False):
+        self.topic, self.settings, self.dedupe = changelog(group) if durable else None, settings, dedupe
+        self.entries: dict[int, OrderedDict[str, bytes]] = {}  # partition -> key -> stored entry, oldest write first
+        self.pending: dict[tuple[int, str], bytes | None] = {}  # this batch's changes, not yet committed
+        self.timers: list[tuple[float, int, str]] = []          # (due, partition, key), a heap; stale ones skipped
+        self.firing: list[tuple[float, int, str]] = []          # timers handed out, put back if not committed
+        self.reader: KafkaConsumer | None = None
+        self.retention_s = settings.state_retention_s
+
+    def view(self, partition: int) -> State:
+        return State(self, partition)
+
+    def entry(self, partition: int, key: str) -> dict | None:
+        raw = self.pending[(partition, key)] if (partition, key) in self.pending else \
+            self.entries.get(partition, {}).get(key)
+        return None if raw is None else json.loads(raw)
+
+    def out(self, change: Change) -> Out:
+        return Out(self.topic, change.stored, change.key.encode(), change.partition)
+
+    def commit(self, changes: list[Change]) -> None:
+        """Apply changes Kafka has committed."""
+        for change in changes:
+            self._apply(change.partition, change.key, change.stored)
+        self.pending.clear()
+        self.firing.clear()
+
+    def abandon(self) -> None:
+        """The batch was not committed: forget its changes; timers it fired are due again."""
+        self.pending.clear()
+        for timer in self.firing:
+            heapq.heappush(self.timers, timer)
+        self.firing.clear()
+
+    def due(self, now: float) -> list[tuple[int, str]]:
+        """The (partition, key) of each entry whose timer is due, handed out once (until abandon())."""
+        fired = []
+        while self.timers and self.timers[0][0] <= now:
+            timer = heapq.heappop(self.timers)
+            entry = self.entries.get(timer[1], {}).get(timer[2])
+            if entry is not None and json.loads(entry)["due"] == timer[0]:
+                fired.append(timer)
+        self.firing += fired
+        return [(partition, key) for _, partition, key in fired]
+
+    @property
+    def loaded(self) -> set[int]:
+        return set(self.entries)
+
+    def forget(self, partitions: set[int]) -> None:
+        """Partitions taken away: their state is read again if they come back (another copy may change it)."""
+        for partition in partitions:
+            self.entries.pop(partition, None)
+
+    def restore(self, partitions: set[int]) -> int:
+        """Read the state of `partitions` back from the changelog (committed entries only); returns how many."""
+        if self.topic is None:
+            self.entries.update({partition: OrderedDict() for partition in partitions})
+            return 0
+        reader = self._reader()
+        real = self.settings.topic(self.topic)
+        have = reader.partitions_for_topic(real) or set()
+        if not partitions <= have:
+            raise SystemExit(f"the state topic {real} has partitions {sorted(have)}, but this copy was assigned "
+                             f"input partitions {sorted(partitions)}: give it as many partitions as its inputs")
+        tps = [TopicPartition(real, partition) for partition in sorted(partitions)]
+        reader.assign(tps)
+        reader.seek_to_beginning()
+        end = reader.end_offsets(tps)
+        restored = {partition: OrderedDict() for partition in partitions}
+        stalled_at, count = time.monotonic() + RESTORE_STALL_S, 0
+        while any(reader.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > stalled_at:
+                raise KafkaError(f"restoring state from {real} made no progress for {RESTORE_STALL_S:.0f} s")
+            for tp, records in reader.poll(timeout_ms=200, max_records=100_000).items():
+                entries = restored[tp.partition]
+                for record in records:
+                    key = record.key.decode()
+                    entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
+                    if record.value is not None:
+                        entries[key] = record.value
+                count += len(records)
+                stalled_at = time.monotonic() + RESTORE_STALL_S
+        self.entries.update(restored)
+        cutoff = time.time() - self.retention_s
+        for partition, entries in restored.items():
+            for key, raw in list(entries.items()):
+                entry = json.loads(raw)
+                if entry["at"] < cutoff:
+                    del entries[key]
+                elif entry["due"] is not None:
+                    heapq.heappush(self.timers, (entry["due"], partition, key))
+        return count
+
+    def expire(self, now: float) -> int:
+        """Drop entries not written for STATE_RETENTION_S (the changelog's retention drops them from Kafka)."""
+        cutoff, dropped = now - self.retention_s, 0
+        for entries in self.entries.values():
+            while entries and json.loads(next(iter(entries.values())))["at"] < cutoff:
+                entries.popitem(last=False)
+                dropped += 1
+        return dropped
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close(autocommit=False)
+
+    def _apply(self, partition: int, key: str, raw: bytes | None) -> None:
+        entries = self.entries.get(partition)
+        if entries is None:  # (the partition was taken away meanwhile: its new owner reads it from the changelog)
+            return
+        entries.pop(key, None)
+        if raw is not None:
+            entries[key] = raw
+            due = json.loads(raw)["due"]
+            if due is not None:
+                heapq.heappush(self.timers, (due, partition, key))
+
+    def _reader(self) -> KafkaConsumer:
+        if self.reader is None:  # joins no group: it reads partitions it is told to
+            self.reader = KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False,
+                                        isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024,
+                                        client_id=f"{self.settings.topic(self.topic)}-restore")
+        return self.reader
+
+
+def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:
+    """Create a group's state topic if it is missing: compacted (the last entry per key is kept) and deleted after
+    the retention (so entries not written for that long go)."""
+    real = settings.topic(changelog(group))
+    if real in admin.list_topics():
+        return
+    retention_ms = int(settings.state_retention_s * 1000)
+    config = {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms),
+              "segment.ms": str(min(retention_ms, 24 * 3600 * 1000))}  # (a segment is deleted whole, once all expired)
+    try:
+        admin.create_topics([NewTopic(real, settings.partitions, settings.replication_factor, topic_configs=config)])
+        log.info("created state topic %s", real)
+    except TopicAlreadyExistsError:
+        pass
+    except AuthorizationError as error:
+        raise refused(f"creating {real}", error, settings) from None

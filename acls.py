@@ -26,6 +26,7 @@ from kafka.errors import KafkaError
 from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, SETTINGS,
                     SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, ensure_topics, setup_logging, written_by)
 from common.settings import FAMILIES
+from common.state import changelog, ensure_changelog
 from orchestrator import command_topics
 
 log = logging.getLogger("acls")
@@ -38,18 +39,20 @@ class Access:
     group: str | None = None            # consumer group; "name*": every group named so (orchestrator-security, ...)
     transactional_id: str | None = None  # transactional id prefix (exactly-once producers)
     sees_groups: bool = False           # may read every group's committed offsets (the monitor's lag)
+    keeps_state: bool = False           # owns its group's state topic(s), state.<group>: reads, writes, creates it
 
 
 ACCESS = {  # user -> what it may do (a workflow's step topics come from the orchestrator's WORKFLOWS table)
     "security_detector": Access(writes=[MESSAGE_STREAM]),
     "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer",
-                                  transactional_id="unit_event_producer"),
-    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*command_topics(), DEAD_LETTER], group="orchestrator*",
-                           transactional_id="orchestrator"),
+                                  transactional_id="unit_event_producer", keeps_state=True),
+    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*command_topics(), MESSAGE_STREAM, DEAD_LETTER],
+                           group="orchestrator*", transactional_id="orchestrator", keeps_state=True),
     "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service",
-                               transactional_id="security_service"),
+                               transactional_id="security_service", keeps_state=True),
     "notification_service": Access(reads=[NOTIFICATION_COMMAND], writes=[THIRD_PARTY, DEAD_LETTER],
-                                   group="notification_service", transactional_id="notification_service"),
+                                   group="notification_service", transactional_id="notification_service",
+                                   keeps_state=True),
     "reporting_service": Access(reads=[REPORT_DATA], writes=[DEAD_LETTER], group="reporting_service"),
     "monitor": Access(reads=ALL_TOPICS, sees_groups=True),  # joins no group
 }
@@ -79,6 +82,10 @@ def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
     if access.sees_groups:  # every group of this TOPIC_PREFIX ("*", Kafka's wildcard, when there is none)
         acls.append(allow(ACLOperation.DESCRIBE, ResourceType.GROUP, prefix or "*",
                           ACLResourcePatternType.PREFIXED if prefix else ACLResourcePatternType.LITERAL))
+    if access.keeps_state:  # (a split orchestrator's own, state.orchestrator-unit, is made when it first runs)
+        for operation in (ACLOperation.READ, ACLOperation.WRITE, ACLOperation.DESCRIBE, ACLOperation.CREATE):
+            acls.append(allow(operation, ResourceType.TOPIC, prefix + changelog(access.group.removesuffix("*")),
+                              ACLResourcePatternType.PREFIXED))
     if access.transactional_id:
         for operation in (ACLOperation.WRITE, ACLOperation.DESCRIBE):
             acls.append(allow(operation, ResourceType.TRANSACTIONAL_ID, prefix + access.transactional_id,
@@ -92,6 +99,9 @@ def grant(admin_settings: Settings) -> int:
     admin = KafkaAdminClient(**admin_settings.kafka_config(), client_id="acls")
     try:  # (users may not create topics: every one they use, each writer's own members too, is made here)
         ensure_topics(admin, admin_settings, [*SINGLE_WRITER_TOPICS, *members()])
+        for access in ACCESS.values():
+            if access.keeps_state:
+                ensure_changelog(admin, access.group.removesuffix("*"), admin_settings)
         acls = [acl for user, access in ACCESS.items() for acl in acls_for(user, access, admin_settings.topic_prefix)]
         result = admin.create_acls(acls)
         if result["failed"]:
@@ -136,6 +146,7 @@ def main() -> None:
             writes = ", ".join(written_by(name, user) for name in access.writes) or "-"
             print(f"{user:<21} reads {', '.join(access.reads) or '-'}; writes {writes}"
                   f"{f'; group {access.group}' if access.group else ''}{'; sees every group' if access.sees_groups else ''}"
+                  f"{f'; owns {changelog(access.group)}' if access.keeps_state else ''}"
                   f"{f'; transactional id {access.transactional_id}*' if access.transactional_id else ''}")
         return
     try:

@@ -1,9 +1,12 @@
 """Orchestrator: owns the workflows. Reads message_stream, decides with the routing table below which commands to send.
 
 Consumes: message_stream.<writer> of its workflows' writers (each may send only its own types)
-Produces: sec_command, notification_command, report_data, unit_command, dead_letter.orchestrator
+Produces: sec_command, notification_command, report_data, unit_command, dead_letter.orchestrator,
+          message_stream.orchestrator (step_timed_out, workflow_completed, workflow_failed)
+State:    each workflow (its steps, attempts, deadlines) in state.<group>, committed with the commands; see workflows.py
 Run:      python orchestrator.py --example 1        # stage of the walkthrough: 1, 2 or 3 (default 3, everything)
           python orchestrator.py --workflows security   # one orchestrator per workflow, each restarts on its own
+          python orchestrator.py --step-timeout 2 --attempts 2   # each step's time limit and tries (defaults below)
           python orchestrator.py --dry-run --example 3 --compare 2   # preview a routing change on the recorded
                                                         # message_stream: produces and commits nothing
 Changing a workflow means editing its entry in WORKFLOWS and its branch of route(), then restarting this script; the
@@ -13,16 +16,19 @@ services never change. Messages that arrive while it is down wait in message_str
 import argparse
 import json
 import logging
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
 from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND,
-                    SETTINGS, DeadLetter, Envelope, Output, caused_by, parse, read_all, run_service, setup_logging,
-                    written_by)
+                    SETTINGS, DeadLetter, Envelope, Output, State, Triple, caused_by, parse, read_all, run_service,
+                    setup_logging, written_by)
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
+ATTEMPTS = 3  # tries of a step that reports back, before a person is asked to take over (--attempts)
+WORKFLOW = "workflow/"  # state key of a workflow, by its id
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,12 @@ class Step:
     failed: tuple[str, ...] = ()
     from_example: int = 1         # the walkthrough stage that adds the step
     reports_on: str = MESSAGE_STREAM  # where the service reports (its own member of message_stream)
+    time_limit: float | None = None  # seconds to wait for the report before trying again (--step-timeout)
+
+    @property
+    def tracked(self) -> bool:
+        """Whether the orchestrator waits for this step's report (it reads message_stream, not third_party)."""
+        return self.reports_on == MESSAGE_STREAM and bool(self.done + self.failed)
 
 
 @dataclass(frozen=True)
@@ -53,13 +65,14 @@ class Workflow:
 # SLA report), the dry run and the ACLs read this table. tests/test_orchestrator.py checks route() agrees with it.
 WORKFLOWS = {
     "security": Workflow("security_detection", "security_detector", started="detected", steps=(
-        Step("acted", "security_command", SEC_COMMAND, "security_service",
+        Step("acted", "security_command", SEC_COMMAND, "security_service", time_limit=5.0,
              done=("security_action_completed",), failed=("security_action_failed",)),
         Step("notified", "notification_command", NOTIFICATION_COMMAND, "notification_service",
              done=("notification_delivered",), reports_on=THIRD_PARTY),
         Step("reported", "report_data", REPORT_DATA, "reporting_service", from_example=2))),
     "unit": Workflow("unit_event", "unit_event_producer", from_example=3, started="event", steps=(
-        Step("applied", "unit_command", UNIT_COMMAND, "unit_event_producer", done=("unit_command_applied",)),
+        Step("applied", "unit_command", UNIT_COMMAND, "unit_event_producer", time_limit=5.0,
+             done=("unit_command_applied",)),
         Step("reported", "report_data", REPORT_DATA, "reporting_service"))),
 }
 
@@ -76,8 +89,12 @@ def route(event: Envelope, example: int = 3) -> list[Output]:
                 (REPORT_DATA, report(event, "unit", event.payload["status"], event.payload["unit_id"]))]
     elif event.type == "security_action_failed":  # compensation is just another route: escalate to a human
         return [(NOTIFICATION_COMMAND, escalate(event))]
-    elif reports_done(event.type):  # a step reported done (security_action_completed, ...): nothing follows
-        return []
+    elif event.type == "step_timed_out" and event.payload["attempt"] < event.payload["attempts"]:
+        return [(event.payload["topic"], Envelope.model_validate(event.payload["command"]))]  # again, same id
+    elif event.type == "step_timed_out":  # no answer after every try: a person takes over
+        return [(NOTIFICATION_COMMAND, escalate_timeout(event))]
+    elif reports_done(event.type) or event.type in ("workflow_completed", "workflow_failed"):
+        return []  # a step reported done (security_action_completed, ...): nothing follows
     else:
         raise DeadLetter(f"no route for {event.type!r} at example {example}")
 
@@ -105,6 +122,15 @@ def escalate(event: Envelope) -> Envelope:
         "text": f"ESCALATION: {outcome['action']} failed at {outcome['zone']}: {outcome['detail']}"}, SOURCE)
 
 
+def escalate_timeout(event: Envelope) -> Envelope:
+    timeout, command = event.payload, event.payload["command"]["payload"]
+    where = command.get("zone") or command.get("unit_id", "")
+    return caused_by(event, "escalate", "notification_command", {
+        "channel": "pager", "recipient": f"{timeout['workflow']}-supervisor",
+        "text": f"ESCALATION: {command.get('action') or command.get('command')} at {where} got no answer after "
+                f"{timeout['attempts']} attempts (workflow {event.workflow_id[:8]})"}, SOURCE)
+
+
 def unit_command(event: Envelope) -> Envelope:
     command = {"heartbeat": "acknowledge", "battery_low": "power_save", "offline": "reboot", "tamper": "lockdown"}
     unit = event.payload
@@ -115,6 +141,117 @@ def unit_command(event: Envelope) -> Envelope:
 def report(event: Envelope, workflow: str, category: str, entity: str) -> Envelope:
     return caused_by(event, "report", "report_data", {
         "workflow": workflow, "category": category, "entity": entity, "zone": event.payload.get("zone", "")}, SOURCE)
+
+
+# What the orchestrator remembers of each workflow (common/state.py keeps it in Kafka, committed with the commands).
+# route() stays the table; these keep its state: a step is pending until its report, a timeout or a failure.
+@dataclass(frozen=True)
+class Limits:
+    """How long a step that reports back may take, and how often it is tried (the table's, or the flags')."""
+    step_timeout: float | None = None  # overrides every step's own time_limit
+    attempts: int = ATTEMPTS
+
+    def of(self, step: Step) -> float | None:
+        return self.step_timeout if self.step_timeout is not None else step.time_limit
+
+
+def step_for(command_type: str) -> tuple[str, Step] | None:
+    """The workflow and step that send a command of this type."""
+    for name, workflow in WORKFLOWS.items():
+        for step in workflow.steps:
+            if step.command == command_type:
+                return name, step
+    return None
+
+
+def started(event: Envelope, commands: list[Output], stage: int, key: str | None, limits: Limits,
+            now: float) -> dict:
+    """A new workflow's state: each step it sent that reports back is pending, with its deadline."""
+    steps, kind = {}, workflow_of(event.type)
+    for topic, command in commands:
+        found = step_for(command.type)
+        if found and found[1].tracked:
+            limit = limits.of(found[1])
+            steps[found[1].name] = {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None,
+                                    "deadline": now + limit if limit else None, "topic": topic,
+                                    "command": json.loads(command.to_bytes())}
+    return {"workflow_id": event.workflow_id, "type": kind, "stage": stage, "key": key, "started_at": now,
+            "state": "running", "finished_at": None, "steps": steps}
+
+
+def late(event: Envelope, workflow: dict | None) -> str | None:
+    """Why an event no longer changes its workflow (a timeout after the step's report, an outcome after the workflow
+    finished), or None. Late events are recorded, never routed: no resend, no second escalation."""
+    if workflow is None or event.type in ("workflow_completed", "workflow_failed"):
+        return None
+    if event.type == "step_timed_out":
+        step = workflow["steps"].get(event.payload["step"], {})
+        if step.get("state") != "pending" or step.get("attempts") != event.payload["attempt"]:
+            return f"the step is {step.get('state', 'unknown')} (attempt {step.get('attempts')})"
+        return None
+    if workflow["state"] != "running" and event.type != WORKFLOWS[workflow["type"]].starts_with:
+        return f"the workflow had already {workflow['state']}"
+    return None
+
+
+def track(workflow: dict, event: Envelope, limits: Limits, now: float) -> list[Output]:
+    """Update a workflow with an event routed for it; the workflow_completed/workflow_failed it causes, if any."""
+    steps = workflow["steps"]
+    for name, step in steps.items():
+        definition = next(s for s in WORKFLOWS[workflow["type"]].steps if s.name == name)
+        if event.type in definition.done + definition.failed and step["state"] == "pending":
+            step.update(state="done" if event.type in definition.done else "failed", finished_at=now, deadline=None)
+        elif event.type == "step_timed_out" and event.payload["step"] == name:
+            if event.payload["attempt"] < event.payload["attempts"]:
+                step.update(attempts=step["attempts"] + 1, deadline=now + limits.of(definition))
+            else:
+                step.update(state="timed_out", finished_at=now, deadline=None)
+    if workflow["state"] != "running" or any(step["state"] == "pending" for step in steps.values()):
+        return []
+    bad = [f"{name} {step['state']}" for name, step in steps.items() if step["state"] != "done"]
+    workflow.update(state="failed" if bad else "completed", finished_at=now)
+    return [(MESSAGE_STREAM, caused_by(event, workflow["state"], f"workflow_{workflow['state']}", {
+        "workflow": workflow["type"], "detail": ", ".join(bad)}, SOURCE))]
+
+
+def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | None = None) -> list[Triple]:
+    """The timer: each pending step whose deadline passed gets a step_timed_out event, published and routed at once
+    (tried again, or escalated). Firing, the state change and what it sends commit in one transaction: once each."""
+    workflow, now, outputs = state.get(key), now or time.time(), []
+    for name, step in workflow["steps"].items():
+        if step["state"] == "pending" and step["deadline"] is not None and step["deadline"] <= now:
+            log.warning("%s %s: no answer to %s within its limit (attempt %d of %d)", workflow["type"],
+                        workflow["workflow_id"][:8], name, step["attempts"], limits.attempts)
+            event = caused_by(Envelope.model_validate(step["command"]), f"timeout-{step['attempts']}",
+                              "step_timed_out", {"workflow": workflow["type"], "step": name,
+                                                 "attempt": step["attempts"], "attempts": limits.attempts,
+                                                 "topic": step["topic"], "command": step["command"]}, SOURCE)
+            outputs += [(MESSAGE_STREAM, event), *decide(event, state, stage, limits, now)]
+    if not outputs:  # (nothing was due after all: keep the timer)
+        state.put(key, workflow, due=next_deadline(workflow))
+    return [(topic, message, workflow["key"]) for topic, message in outputs]
+
+
+def next_deadline(workflow: dict) -> float | None:
+    return min((s["deadline"] for s in workflow["steps"].values() if s["deadline"] is not None), default=None)
+
+
+def decide(event: Envelope, state: State, stage: int, limits: Limits, now: float | None = None) -> list[Output]:
+    """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends."""
+    now, key = now or time.time(), WORKFLOW + event.workflow_id
+    workflow = state.get(key)
+    why = late(event, workflow)
+    if why:
+        log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
+        return []
+    commands = route(event, stage)
+    if workflow is None and any(event.type == w.starts_with for w in WORKFLOWS.values()):
+        workflow = started(event, commands, stage, None if state.key is None else
+                           state.key.decode(errors="surrogateescape"), limits, now)
+    news = track(workflow, event, limits, now) if workflow is not None else []
+    if workflow is not None:
+        state.put(key, workflow, due=next_deadline(workflow))
+    return commands + news
 
 
 def reports_done(event_type: str) -> bool:
@@ -145,7 +282,7 @@ def senders(workflows: set[str]) -> dict[str, frozenset]:
         workflow = WORKFLOWS[name]
         may_send.setdefault(workflow.source, set()).add(workflow.starts_with)
         for step in workflow.steps:
-            if step.reports_on == MESSAGE_STREAM and step.done + step.failed:
+            if step.tracked:
                 may_send.setdefault(step.service, set()).update(step.done + step.failed)
     return {written_by(MESSAGE_STREAM, writer): frozenset(types) for writer, types in may_send.items()}
 
@@ -166,6 +303,8 @@ def preview(records, example: int, workflows: set[str]) -> dict[str, Counter]:
     accepts = senders(workflows)
     for record in records:
         allowed = accepts.get(record.topic.removeprefix(SETTINGS.topic_prefix))
+        if record.topic == SETTINGS.topic(written_by(MESSAGE_STREAM, SOURCE)):  # its own timeouts and finished workflows
+            continue
         if allowed is None:  # a writer of another orchestrator's workflows
             emitted["(another orchestrator)"]["-"] += 1
             continue
@@ -213,11 +352,17 @@ def main() -> None:
     parser.add_argument("--since", help="with --dry-run: only messages from this ISO time on (e.g. 2026-11-27T18:00)")
     parser.add_argument("--compare", type=int, choices=[1, 2, 3], help="with --dry-run: a second stage to compare")
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    parser.add_argument("--step-timeout", type=float, metavar="SECONDS",
+                        help="time limit of every step that reports back (default: each step's own, 5 s)")
+    parser.add_argument("--attempts", type=int, default=ATTEMPTS,
+                        help=f"tries of such a step before escalating to a person (default {ATTEMPTS})")
     parser.add_argument("--no-transactions", action="store_true",
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
     setup_logging()
     workflows = set(args.workflows.split(",")) if args.workflows is not None else set(WORKFLOWS)
+    if args.attempts < 1 or (args.step_timeout is not None and args.step_timeout <= 0):
+        parser.error("--attempts must be at least 1 and --step-timeout above 0")
     if not workflows or not workflows <= set(WORKFLOWS):
         parser.error(f"--workflows takes a comma-separated subset of {','.join(WORKFLOWS)}, not {args.workflows!r}")
     group, split = group_for(workflows), workflows != set(WORKFLOWS)
@@ -227,20 +372,27 @@ def main() -> None:
     later = ", ".join(f"{w} starts at {WORKFLOWS[w].from_example}" for w in sorted(workflows - set(active)))
     log.info("routing table: example %d, workflows %s", args.example, ", ".join(active) or f"none yet ({later})")
 
-    def handle(event: Envelope) -> list[Output]:
+    limits = Limits(args.step_timeout, args.attempts)
+
+    def handle(event: Envelope, state: State) -> list[Output]:
         if not owns(event.type, workflows):
             return []
-        commands = route(event, args.example)
-        log.info("%s %s -> %s", event.type, event.workflow_id[:8], ", ".join(t for t, _ in commands) or "done")
-        return commands
+        outputs = decide(event, state, args.example, limits)
+        log.info("%s %s -> %s", event.type, event.workflow_id[:8],
+                 ", ".join(m.type if t == MESSAGE_STREAM else t for t, m in outputs) or "done")
+        return outputs
 
     # Exactly once: the commands routed from a batch and the batch's offsets commit in one Kafka transaction.
     # A split orchestrator's new group takes over where the single orchestrator left off, not from the beginning.
     # dedupe: an event handled before is not routed again, and the same id with other content is a dead letter.
     # It reads only the writers of its workflows, each allowed only its own message types.
     accepts = senders(workflows)
-    run_service("orchestrator", list(accepts), handle, writes=command_topics(), accepts=accepts, group=group,
-                transactional=not args.no_transactions, dedupe=True, start_like="orchestrator" if split else None)
+    # Each workflow's state (its steps, attempts and deadlines) is kept in Kafka, committed with the commands;
+    # a step's deadline passing calls timed_out(), whose step_timed_out event is routed like any other.
+    run_service("orchestrator", list(accepts), handle, writes=(*command_topics(), MESSAGE_STREAM), accepts=accepts,
+                group=group, transactional=not args.no_transactions, dedupe=True, state=True,
+                timer=lambda state, key: timed_out(state, key, args.example, limits),
+                start_like="orchestrator" if split else None)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def handle_record(name: str, record, handle: Handler, store, stop,
                   accepts: dict[str, frozenset] | None = None) -> Handled:
     """Check, parse, skip a repeat, handle, serialise: one record's outputs (each to the topic `name` writes for
     it) and state changes, or its dead letter."""
-    state = store.view(record.partition) if store is not None else None
+    state = store.view(record.partition, record.key) if store is not None else None
     try:
         check_key(record.key)
         message = parse(record.value)

@@ -76,6 +76,20 @@ class UnitCommandApplied(Schema):
     state: str = Field(max_length=32)
 
 
+class StepTimedOut(Schema):  # the orchestrator's own event: a step's time limit passed without its outcome
+    workflow: str = Field(min_length=1, max_length=64)  # which workflow (its name in the routing table)
+    step: str = Field(min_length=1, max_length=64)
+    attempt: int = Field(ge=1)       # the attempt that got no answer
+    attempts: int = Field(ge=1)      # how many tries the step has
+    topic: str = Field(min_length=1, max_length=64)  # where its command goes
+    command: dict[str, Any]          # the command as it was sent (sent again as it is: same id)
+
+
+class WorkflowFinished(Schema):  # the orchestrator's own event: a workflow completed or failed
+    workflow: str = Field(min_length=1, max_length=64)
+    detail: str = Field(default="", max_length=200)
+
+
 SCHEMAS: dict[str, type[Schema]] = {
     "security_detection": SecurityDetection,
     "security_command": SecurityCommand,
@@ -87,6 +101,9 @@ SCHEMAS: dict[str, type[Schema]] = {
     "unit_event": UnitEvent,
     "unit_command": UnitCommand,
     "unit_command_applied": UnitCommandApplied,
+    "step_timed_out": StepTimedOut,
+    "workflow_completed": WorkflowFinished,
+    "workflow_failed": WorkflowFinished,
 }
 
 

@@ -50,8 +50,9 @@ class State:
     """One partition's entries, as a handler sees them: what it put earlier in this batch counts, the rest is what
     Kafka has committed. `due`: a time (epoch seconds) at which the loop calls the service's timer for this key."""
 
-    def __init__(self, store: "Store", partition: int):
+    def __init__(self, store: "Store", partition: int, key: bytes | None = None):
         self.store, self.partition, self.changes, self.before = store, partition, [], []
+        self.key = key  # the Kafka key of the record being handled (outputs keep it)
 
     def get(self, key: str) -> Any:
         entry = self.store.entry(self.partition, key)
@@ -85,8 +86,8 @@ class Store:
         self.reader: KafkaConsumer | None = None
         self.retention_s = settings.state_retention_s
 
-    def view(self, partition: int) -> State:
-        return State(self, partition)
+    def view(self, partition: int, key: bytes | None = None) -> State:
+        return State(self, partition, key)
 
     def entry(self, partition: int, key: str) -> dict | None:
         raw = self.pending[(partition, key)] if (partition, key) in self.pending else \

@@ -1,0 +1,108 @@
+"""What the orchestrator remembers of each workflow, without Kafka: steps pending until their report, time limits
+that try again and then escalate, and events that arrive too late to change anything."""
+
+import pytest
+from helpers import detection, unit_event
+
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, UNIT_COMMAND, caused_by
+from common.settings import Settings
+from common.state import Store
+from orchestrator import WORKFLOW, Limits, decide, route, timed_out
+
+pytestmark = pytest.mark.no_broker  # runs in `make check`
+T0 = 1_000_000.0
+LIMITS = Limits(step_timeout=2.0, attempts=2)
+
+
+@pytest.fixture
+def store():
+    store = Store("orchestrator", Settings(), durable=False)
+    store.restore({0})
+    return store
+
+
+def handled(store, event, now, stage=3):
+    """The event routed as the orchestrator's handler does it, its state change committed."""
+    state = store.view(0, b"sensor-1")
+    outputs = decide(event, state, stage, LIMITS, now)
+    store.commit(state.changes)
+    return outputs
+
+
+def fire(store, now):
+    """Every timer due at `now`, as the loop fires them: what each sends, its changes committed."""
+    sent = []
+    for partition, key in store.due(now):
+        state = store.view(partition)
+        sent += timed_out(state, key, 3, LIMITS, now)
+        store.commit(state.changes)
+    return sent
+
+
+def workflow(store, event):
+    return store.view(0).get(WORKFLOW + event.workflow_id)
+
+
+def outcome(event, type_="security_action_completed"):
+    command = route(event, 3)[0][1]
+    return caused_by(command, "done", type_, {"action": "lock_zone", "zone": "zone-1"}, "security_service")
+
+
+def test_a_workflow_is_running_until_its_reporting_step_is_done_then_completed_once(store):
+    # Given a detection routed at stage 2
+    event = detection()
+    handled(store, event, T0, stage=2)
+    state = workflow(store, event)
+    assert state["type"] == "security" and state["stage"] == 2 and state["state"] == "running"
+    assert state["steps"]["acted"] | {"command": None} == {"state": "pending", "attempts": 1, "sent_at": T0,
+                                                           "finished_at": None, "deadline": T0 + 2.0,
+                                                           "topic": SEC_COMMAND, "command": None}
+    # When the security service reports the action done
+    outputs = handled(store, outcome(event), T0 + 1)
+    # Then the workflow is completed, said once on message_stream, and its timer never fires
+    assert [(t, m.type) for t, m in outputs] == [(MESSAGE_STREAM, "workflow_completed")]
+    assert workflow(store, event)["state"] == "completed" and fire(store, T0 + 100) == []
+
+
+def test_a_step_without_answer_is_tried_again_with_the_same_id_then_escalated_and_the_workflow_failed(store):
+    # Given a detection whose command gets no answer
+    event = detection()
+    [(_, command), *_] = handled(store, event, T0)
+    # When its limit passes: a step_timed_out, and the same command again (same id)
+    first = fire(store, T0 + 2)
+    assert [(t, m.type) for t, m, _ in first] == [(MESSAGE_STREAM, "step_timed_out"), (SEC_COMMAND, "security_command")]
+    assert first[1][1].id == command.id and first[0][2] == "sensor-1" and first[0][1].payload["attempt"] == 1
+    assert fire(store, T0 + 3.9) == []  # (a new limit from the resend)
+    # When the last attempt's limit passes too: escalation to a person, and the workflow failed
+    last = fire(store, T0 + 4)
+    assert [(t, m.type) for t, m, _ in last] == [(MESSAGE_STREAM, "step_timed_out"),
+                                                 (NOTIFICATION_COMMAND, "notification_command"),
+                                                 (MESSAGE_STREAM, "workflow_failed")]
+    assert last[1][1].payload["recipient"] == "security-supervisor" and "2 attempts" in last[1][1].payload["text"]
+    state = workflow(store, event)
+    assert state["state"] == "failed" and state["steps"]["acted"]["state"] == "timed_out"
+    assert state["steps"]["acted"]["attempts"] == 2 and fire(store, T0 + 100) == []
+    # And an answer that comes after that changes nothing
+    assert handled(store, outcome(event), T0 + 5) == [] and workflow(store, event)["state"] == "failed"
+
+
+def test_an_answer_after_a_resend_completes_the_workflow_and_a_failed_action_fails_it(store):
+    # Given a workflow whose first attempt timed out
+    event, failing = detection(), detection()
+    handled(store, event, T0)
+    fire(store, T0 + 2)
+    # When the action is then done: completed, no escalation
+    assert [m.type for _, m in handled(store, outcome(event), T0 + 2.5)] == ["workflow_completed"]
+    # And a failed action escalates (route) and fails the workflow (state)
+    handled(store, failing, T0)
+    outputs = handled(store, outcome(failing, "security_action_failed"), T0 + 1)
+    assert [m.type for _, m in outputs] == ["notification_command", "workflow_failed"]
+    assert outputs[1][1].payload == {"workflow": "security", "detail": "acted failed"}
+
+
+def test_the_unit_workflow_waits_for_its_command_to_be_applied(store):
+    event = unit_event()
+    handled(store, event, T0)
+    assert list(workflow(store, event)["steps"]) == ["applied"]
+    [_, (topic, command, key)] = fire(store, T0 + 2)
+    assert topic == UNIT_COMMAND and command.type == "unit_command" and key == "sensor-1"

@@ -226,7 +226,10 @@ def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | N
                               "step_timed_out", {"workflow": workflow["type"], "step": name,
                                                  "attempt": step["attempts"], "attempts": limits.attempts,
                                                  "topic": step["topic"], "command": step["command"]}, SOURCE)
-            outputs += [(MESSAGE_STREAM, event), *decide(event, state, stage, limits, now)]
+            routed = decide(event, state, stage, limits, now)
+            log.info("step_timed_out %s -> %s", workflow["workflow_id"][:8],
+                     ", ".join(m.type if t == MESSAGE_STREAM else f"{t} ({m.type})" for t, m in routed))
+            outputs += [(MESSAGE_STREAM, event), *routed]
     if not outputs:  # (nothing was due after all: keep the timer)
         state.put(key, workflow, due=next_deadline(workflow))
     return [(topic, message, workflow["key"]) for topic, message in outputs]

@@ -1,0 +1,124 @@
+"""What each workflow is doing, read from the orchestrator's state: its steps, attempts, times, and the stage it
+started under. Reads the state topics (state.orchestrator, and a split orchestrator's state.orchestrator-security...)
+from the beginning; joins no group and commits nothing, so it never disturbs the orchestrator.
+
+Run:  python workflows.py list                      # every workflow the orchestrator remembers, newest last
+      python workflows.py list --state failed --json
+      python workflows.py show WORKFLOW_ID [--json]  # one workflow, step by step (a unique beginning of the id will do)
+"""
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from datetime import datetime
+
+from kafka import KafkaConsumer
+
+from common import SETTINGS, Stopper, read_all, setup_logging, wait_for_kafka
+from common.state import changelog
+from orchestrator import WORKFLOW
+
+log = logging.getLogger("workflows")
+STATES = ("running", "completed", "failed")
+
+
+def state_topics(settings=SETTINGS) -> list[str]:
+    """The orchestrators' state topics (project names): the single one's and each split one's."""
+    consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False)
+    try:
+        pattern = re.compile(re.escape(settings.topic(changelog("orchestrator"))) + r"(-.+)?$")
+        return sorted(t.removeprefix(settings.topic_prefix) for t in consumer.topics() if pattern.match(t))
+    finally:
+        consumer.close()
+
+
+def workflows(settings=SETTINGS) -> dict[str, dict]:
+    """Every workflow in the orchestrators' state, by id: the last entry written for it (a later one wins)."""
+    found: dict[str, tuple[float, dict]] = {}
+    for topic in state_topics(settings):
+        for record in read_all(topic, settings=settings):
+            key = record.key.decode(errors="replace")
+            if not key.startswith(WORKFLOW) or record.value is None:
+                continue
+            entry = json.loads(record.value)
+            if key not in found or entry["at"] >= found[key][0]:
+                found[key] = (entry["at"], entry["value"])
+    cutoff = time.time() - settings.state_retention_s
+    return {key.removeprefix(WORKFLOW): value for key, (at, value) in found.items() if at >= cutoff}
+
+
+def summary(workflow: dict) -> dict:
+    """One workflow as show --json prints it."""
+    return {"workflow_id": workflow["workflow_id"], "type": workflow["type"], "state": workflow["state"],
+            "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
+            "finished_at": stamp(workflow["finished_at"]),
+            "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
+                       "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
+                       "deadline": stamp(step["deadline"])} for name, step in workflow["steps"].items()]}
+
+
+def stamp(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="milliseconds")
+
+
+def clock(iso: str | None) -> str:
+    return "-" if iso is None else iso[11:23]
+
+
+def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
+    matches = [w for w in found if w.startswith(wanted)]
+    if len(matches) != 1:
+        print(f"workflows: {'no' if not matches else len(matches)} workflow{'s' * (len(matches) != 1)} "
+              f"{'has' if len(matches) == 1 else 'have'} an id starting {wanted!r}"
+              f"{'' if matches else ' (the orchestrator keeps state only for workflows it routed)'}", file=sys.stderr)
+        return 1
+    workflow = summary(found[matches[0]])
+    if as_json:
+        print(json.dumps(workflow))
+        return 0
+    print(f"workflow {workflow['workflow_id']}: {workflow['type']}, {workflow['state']}, started "
+          f"{clock(workflow['started_at'])} under example {workflow['stage']}"
+          f"{'' if workflow['finished_at'] is None else ', finished ' + clock(workflow['finished_at'])}")
+    for step in workflow["steps"]:
+        print(f"  {step['name']:<10} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}  "
+              f"finished {clock(step['finished_at'])}  deadline {clock(step['deadline'])}")
+    if not workflow["steps"]:
+        print("  (no step that reports back: done once its commands were sent)")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="every workflow the orchestrator remembers")
+    listing.add_argument("--state", choices=STATES, help="only workflows in this state")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    showing = commands.add_parser("show", help="one workflow, step by step")
+    showing.add_argument("workflow_id")
+    showing.add_argument("--json", action="store_true", help="one JSON object")
+    args = parser.parse_args()
+    setup_logging()
+    wait_for_kafka(Stopper(), "workflows", wait=False).close()
+    found = workflows()
+    if args.command == "show":
+        return show(found, args.workflow_id, args.json)
+    chosen = sorted((w for w in found.values() if args.state in (None, w["state"])), key=lambda w: w["started_at"])
+    for workflow in chosen:
+        if args.json:
+            print(json.dumps(summary(workflow)))
+            continue
+        steps = ", ".join(f"{name} {step['state']}" + (f" ({step['attempts']} attempts)" if step["attempts"] > 1 else "")
+                          for name, step in workflow["steps"].items())
+        print(f"{workflow['workflow_id']}  {workflow['type']:<8} {workflow['state']:<9} started "
+              f"{clock(stamp(workflow['started_at']))} (example {workflow['stage']})  {steps or '-'}")
+    if not args.json:
+        print(f"{len(chosen)} workflow{'s' * (len(chosen) != 1)}" + (f" {args.state}" if args.state else "") +
+              f" (of {len(found)} in the orchestrator's state)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

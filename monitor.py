@@ -89,7 +89,10 @@ class Flow:
         self.kind: dict[str, str] = {}                       # workflow id -> "security" | "unit" | ... (the window)
         self.times: dict[str, dict[str, float]] = defaultdict(dict)  # workflow id -> message type -> first seen
         self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # recent (topic, id), to spot duplicates
-        self.duplicates = 0                                   # the same command or effect twice
+        self.duplicates = 0                                   # the same effect twice (an outcome, a delivery)
+        self.resent = 0                                       # a command sent again (a timeout's retry, a re-route)
+        self.timeouts: dict[str, int] = defaultdict(int)      # workflow id -> its steps' timeouts (step_timed_out)
+        self.commands = {step.topic for workflow in WORKFLOWS.values() for step in workflow.steps}
         self.arrivals: dict[str, deque] = defaultdict(deque)  # topic -> recent arrival times, for rates
         self.dead_letters, self.last_reason = 0, "-"
         self.folded: dict[str, Folded] = defaultdict(Folded)  # kind -> the workflows that left the window
@@ -103,8 +106,13 @@ class Flow:
             self.dead_letters += 1
             self.last_reason = str(message.payload.get("reason", "(no reason given)"))[:200]
             return
-        if (topic_name, message.id) in self.seen and family != MESSAGE_STREAM:
-            self.duplicates += 1  # (a replayed event on message_stream is not a duplicate effect)
+        if (topic_name, message.id) in self.seen and family != MESSAGE_STREAM:  # (a replayed event is not a duplicate)
+            if topic_name.removeprefix(self.settings.topic_prefix) in self.commands:
+                self.resent += 1  # (same id: a service that acted on it ignores it)
+            else:
+                self.duplicates += 1
+        if message.type == "step_timed_out":
+            self.timeouts[message.workflow_id] += 1
         self.seen[(topic_name, message.id)] = None
         if len(self.seen) > 8 * self.window:
             self.seen.popitem(last=False)
@@ -129,6 +137,7 @@ class Flow:
                 self.folded[kind].add(self.times[workflow][WORKFLOWS[kind].starts_with], latency, state == "failed")
                 self.unknown_fate += state not in ("completed", "failed")
             del self.times[workflow]
+            self.timeouts.pop(workflow, None)
 
     def step_times(self, workflow: str) -> list[tuple[str, float | None, str, bool]]:
         times = self.times[workflow]
@@ -137,7 +146,8 @@ class Flow:
 
     def failed(self, workflow: str) -> bool:
         steps = WORKFLOWS[self.kind[workflow]].steps
-        return any(t in self.times[workflow] for step in steps for t in step.failed)
+        return "workflow_failed" in self.times[workflow] or any(t in self.times[workflow] for step in steps
+                                                                for t in step.failed)
 
     def state(self, workflow: str, now: float) -> str:
         if self.failed(workflow):
@@ -295,8 +305,9 @@ def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
         latency = flow.latency(workflow)
         state = flow.state(workflow, now)
         colour = {"completed": "green", "running": "yellow", "failed": "red"}.get(state, "bold red")
+        timeouts = f" ({flow.timeouts[workflow]} timed out)" if workflow in flow.timeouts else ""
         table.add_row(workflow[:8], flow.kind[workflow], path, f"{latency:.2f} s" if latency is not None else "",
-                      f"[{colour}]{state}[/]")
+                      f"[{colour}]{state}[/]{timeouts}")
     traffic = "  ".join(f"{name} {rate:.1f}/s" for name, rate in flow.rates().items())
     lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
     lags += "  (a transaction's commit marker also counts as one)" if lag else ""
@@ -308,7 +319,9 @@ def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
         completed_note = ""
     lines = [f"messages per second (last 10 s): {traffic}"] + ([f"consumer lag: {lags}"] if lag is not None else [])
     return Group(table, *lines, f"dead letters: {flow.dead_letters} (last: {last})",
-                 f"workflows: {started} started, {completed} completed, duplicates {flow.duplicates}{completed_note}")
+                 f"workflows: {started} started, {completed} completed, duplicates {flow.duplicates}{completed_note}",
+                 f"time limits: {sum(flow.timeouts.values())} steps timed out, {flow.resent} commands re-sent "
+                 f"(same id: a service that acted ignores it)")
 
 
 def print_sla_report(report: dict, as_json: bool) -> None:

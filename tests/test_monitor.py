@@ -71,6 +71,20 @@ def test_the_same_effect_twice_is_a_duplicate_but_a_replayed_event_is_not():
 
 
 @pytest.mark.no_broker
+def test_a_command_sent_again_after_a_timeout_is_a_resend_and_a_failed_workflow_is_failed():
+    command = envelope("security_command", "w1", 2, ".security")
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 3)), (SEC_COMMAND, command),
+                   (MESSAGE_STREAM, envelope("step_timed_out", "w1", 1, ".security.timeout-1")), (SEC_COMMAND, command),
+                   (MESSAGE_STREAM, envelope("workflow_failed", "w1", 0, ".security.timeout-1.failed")))
+    assert (flow.resent, flow.duplicates, flow.timeouts["w1"]) == (1, 0, 1)
+    assert flow.state("w1", time.time()) == "failed"
+    screen = Console(width=200, record=True)
+    screen.print(render(flow, None))
+    text = screen.export_text()
+    assert "failed (1 timed out)" in text and "1 steps timed out, 1 commands re-sent" in text
+
+
+@pytest.mark.no_broker
 def test_a_workflow_added_to_the_orchestrators_definition_alone_is_followed_by_the_monitor(monkeypatch):
     # Given a fourth workflow written only in the orchestrator's WORKFLOWS table
     monkeypatch.setitem(WORKFLOWS, "repair", Workflow("fault_reported", "fault_sensor", started="reported", steps=(

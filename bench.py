@@ -34,7 +34,10 @@ from rich.console import Console
 import acls
 import common
 import local_kafka
+from common.messages import digest
+from common.state import changelog, ensure_changelog, stored
 from monitor import percentile
+from orchestrator import WORKFLOW, Limits, next_deadline, route, started
 
 HERE = Path(__file__).resolve().parent
 console = Console(highlight=False)
@@ -65,7 +68,7 @@ class Bench:
     def env(self, prefix: str, **extra: str) -> dict:
         return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.address, TOPIC_PREFIX=prefix, LOG_LEVEL="WARNING",
                     TOPIC_PARTITIONS=str(self.partitions[prefix]),
-                    REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1", **extra)
+                    REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1") | extra
 
     def start(self, prefix: str, *args: str, **extra: str) -> subprocess.Popen:
         """A script on this prefix's topics; `extra`: environment variables of its own (e.g. INSTANCE_ID)."""
@@ -133,6 +136,45 @@ class Bench:
             rates[count] = self.drain(label, n, prefix + "orchestrator", prefix, "orchestrator.py", "--example", "2",
                                       envs=tuple({"INSTANCE_ID": str(i)} for i in range(1, count + 1)))[0]
         return rates, spread
+
+    def restore(self, workflows: int) -> dict:
+        """An orchestrator starting on the state of `workflows` open workflows (each with its handled detection, as
+        it writes them): how long it takes to read them back, and its resident memory then."""
+        prefix = self.prefix("restore")
+        settings = common.Settings(bootstrap_servers=self.address, topic_prefix=prefix)
+        topic = settings.topic(changelog("orchestrator"))
+        ensure_changelog(self.admin, "orchestrator", settings)
+        producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=20, batch_size=512 * 1024)
+        now, limits = time.time(), Limits(step_timeout=3600)
+        with console.status(f"state restore: writing the state of {workflows} open workflows"):
+            for i in range(workflows):
+                event = common.parse(detection_bytes(i)[1])
+                state = started(event, route(event, 2), 2, f"sensor-{i % 8}", limits, now)
+                producer.send(topic, key=f"seen/{event.id}".encode(), partition=0,
+                              value=stored(digest(event).hex(), None, now))
+                producer.send(topic, key=(WORKFLOW + event.workflow_id).encode(), partition=0,
+                              value=stored(state, next_deadline(state), now))
+            producer.flush()
+            producer.close()
+        log_path = Path(tempfile.gettempdir()) / f"{prefix}orchestrator.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "orchestrator.py", "--example", "2"], cwd=HERE, stdout=log,
+                                       stderr=subprocess.STDOUT, env=self.env(prefix, LOG_LEVEL="INFO"))
+        try:
+            with console.status(f"state restore: an orchestrator reading back {workflows} workflows"):
+                while "read back" not in log_path.read_text():
+                    if process.poll() is not None:
+                        raise SystemExit(f"bench: the orchestrator exited:\n{log_path.read_text()[-2000:]}")
+                    time.sleep(0.1)  # sampling a log for a measurement, not synchronising a test
+            line = next(line for line in log_path.read_text().splitlines() if "read back" in line)
+            seconds = float(line.rsplit(" in ", 1)[1].split()[0])
+            rss = rss_mb(process.pid)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        console.print(f"state restore: {workflows} open workflows read back in {seconds:.2f} s "
+                      f"({line.split('(')[1].split(' in ')[0]}); orchestrator RSS then {rss:.0f} MB")
+        return {"seconds": seconds, "rss_mb": round(rss, 1)}
 
     def latency(self, rate: float, seconds: float, system: bool) -> dict:
         """p50/p95/p99 ms at `rate`/s: detection -> notification delivered (system) or produce -> consume (direct)."""
@@ -249,6 +291,12 @@ class Bench:
                 "duplicates": duplicates}
 
 
+def rss_mb(pid: int) -> float:
+    """VmRSS: a process's resident memory now."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: a process's peak resident memory."""
     with open(f"/proc/{pid}/status") as status:
@@ -277,7 +325,6 @@ def confluent_router() -> None:
     """The same routing table, run by confluent-kafka (at least once: produce, flush, then commit)."""
     from confluent_kafka import Consumer, Producer
 
-    from orchestrator import route
     stop = common.Stopper()
     consumer = Consumer({"bootstrap.servers": common.SETTINGS.bootstrap_servers, "group.id": common.topic("confluent"),
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
@@ -343,8 +390,8 @@ def main() -> int:
 def throughputs(bench: Bench, n: int) -> dict[str, tuple[float, float]]:
     """Each system drains the same backlog of n detections: label -> (messages per second, peak RSS MB)."""
     rates = {}
-    for label, role, args_ in (
-            ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2"]),
+    for label, role, args_ in (  # (no service answers here: a limit of an hour keeps timeouts out of the figure)
+            ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2", "--step-timeout", "3600"]),
             ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions"]),
             ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
             ("confluent-kafka router", "confluent", ["bench.py", "--role", "confluent-router"])):
@@ -368,6 +415,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
     e2e, direct = bench.latency(1000, seconds, system=True), bench.latency(1000, seconds, system=False)
     console.print(f"latency at 1000/s: end to end {e2e}, direct single hop {direct} (ms)")
     gap = bench.restarts(restarts, 100)
+    restore = bench.restore(100_000)
     eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
     raw, ck = rates["raw kafka-python pipe"][0], rates["confluent-kafka router"][0]
     return {"kafka_version": local_kafka.KAFKA_VERSION, "kafka_python_version": kafka.__version__, "messages": n,
@@ -381,6 +429,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             f"orchestrator_eos_2_instances_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[2]),
             "two_instances_speedup": round(speedup, 2),
             f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
+            "state_restore_s": restore["seconds"], "orchestrator_rss_100k_open_workflows_mb": restore["rss_mb"],
             "lost": gap["lost"], "duplicates": gap["duplicates"],
             "ratios": {"alo_over_raw": round(alo / raw, 2), "eos_over_alo": round(eos / alo, 2),
                        "eos_over_confluent": round(eos / ck, 2),

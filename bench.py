@@ -43,6 +43,9 @@ HERE = Path(__file__).resolve().parent
 console = Console(highlight=False)
 SCALE_PARTITIONS = 4  # message_stream partitions when one orchestrator instance is compared with two
 DETECTIONS = common.written_by(common.MESSAGE_STREAM, "security_detector")  # where the detector writes
+# Where no service answers (draining a backlog, restarts), an hour's limit keeps the orchestrator's timeouts (and the
+# commands they send again) out of the figures.
+NO_ANSWER = ("--step-timeout", "3600")
 
 
 def detection_bytes(rng_seed: int) -> tuple[str, bytes, bytes]:
@@ -134,6 +137,7 @@ class Bench:
                 spread = self.backlog(prefix, n)
             label = f"orchestrator exactly-once, {count} instance{'s' if count > 1 else ''}, {partitions} partitions"
             rates[count] = self.drain(label, n, prefix + "orchestrator", prefix, "orchestrator.py", "--example", "2",
+                                      *NO_ANSWER,
                                       envs=tuple({"INSTANCE_ID": str(i)} for i in range(1, count + 1)))[0]
         return rates, spread
 
@@ -234,7 +238,7 @@ class Bench:
     def restarts(self, times: int, rate: float) -> dict:
         """Stop and start the orchestrator while traffic flows; gap = process start -> first waiting message routed."""
         prefix = self.prefix("restart")
-        orchestrator = self.start(prefix, "orchestrator.py")
+        orchestrator = self.start(prefix, "orchestrator.py", *NO_ANSWER)
         commands = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address,
                                  auto_offset_reset="earliest", isolation_level="read_committed",
                                  reconnect_backoff_max_ms=1000)
@@ -269,7 +273,7 @@ class Bench:
                 time.sleep(1.0)  # let a backlog build while it is down
                 before = len(routed)
                 started = time.time()
-                orchestrator = self.start(prefix, "orchestrator.py")
+                orchestrator = self.start(prefix, "orchestrator.py", *NO_ANSWER)
                 while len(routed) == before:
                     time.sleep(0.01)
                 gaps.append(routed[before][0] - started)
@@ -390,9 +394,10 @@ def main() -> int:
 def throughputs(bench: Bench, n: int) -> dict[str, tuple[float, float]]:
     """Each system drains the same backlog of n detections: label -> (messages per second, peak RSS MB)."""
     rates = {}
-    for label, role, args_ in (  # (no service answers here: a limit of an hour keeps timeouts out of the figure)
-            ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2", "--step-timeout", "3600"]),
-            ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions"]),
+    for label, role, args_ in (
+            ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2", *NO_ANSWER]),
+            ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions",
+                                                            *NO_ANSWER]),
             ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
             ("confluent-kafka router", "confluent", ["bench.py", "--role", "confluent-router"])):
         prefix = bench.prefix(role)

@@ -16,7 +16,7 @@ from common.clients import make_consumer, refused, wait_for_kafka
 from common.delivery import Delivery
 from common.handling import (Handled, Handler, Out, Triple, handle_batch, offsets_of, outputs_of, rejected,
                              serialised)
-from common.settings import DEAD_LETTER, SETTINGS, Settings, written_by
+from common.settings import DEAD_LETTER, FAMILIES, SETTINGS, Settings, written_by
 from common.state import State, Store, ensure_changelog
 from common.waiting import Pause, Poller, Stopper
 
@@ -46,7 +46,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
     if not prepare(stop, name, group, start_like, settings, [*inputs, *own], store):
         return
     loop = Loop(name, group, inputs, handle if state else lambda message, _: handle(message), stop, settings,
-                transactional=transactional, store=store, tick=tick, timer=timer,
+                transactional=transactional, store=store, tick=tick, timer=timer, writes=[*own, *writes],
                 accepts={settings.topic(topic): types for topic, types in (accepts or {}).items()})
     try:
         while not stop:
@@ -64,10 +64,15 @@ class Loop:
     """One consuming service's loop: its consumer, its Delivery, what it remembers, and what it waits out."""
 
     def __init__(self, name: str, group: str, inputs: list[str], handle: Handler, stop: "Stopper", settings: Settings,
-                 *, transactional: bool, store: Store | None, tick, timer, accepts: dict[str, frozenset]):
+                 *, transactional: bool, store: Store | None, tick, timer, writes: list[str],
+                 accepts: dict[str, frozenset]):
         self.name, self.handle, self.stop, self.tick, self.timer, self.accepts = name, handle, stop, tick, timer, accepts
-        self.delivery = Delivery(name, stop, settings.transactional_id(group) if transactional else None, settings)
+        writes = [t for t in dict.fromkeys(writes) if t not in FAMILIES] + ([store.topic] if store and store.topic else [])
+        self.delivery = Delivery(name, stop, settings.transactional_id(group) if transactional else None, settings,
+                                 warm=tuple(writes))
         self.store = store
+        if store is not None:
+            store.open()  # (its reader starts meanwhile, too)
         listener = Forget(store) if store is not None else None
         self.consumer = join(stop, group, inputs, settings, listener)  # (meanwhile the Delivery's producer starts)
         self.poller, self.pause = Poller(self.consumer, name, stop, settings), Pause(name, settings.group(group), stop)

@@ -23,6 +23,7 @@ from kafka.structs import TopicPartition
 from common.clients import refused
 from common.handling import Out
 from common.settings import SETTINGS, Settings
+from common.workarounds import Stuck, in_background
 
 log = logging.getLogger("common")
 UNSET = object()
@@ -84,6 +85,7 @@ class Store:
         self.timers: list[tuple[float, int, str]] = []          # (due, partition, key), a heap; stale ones skipped
         self.firing: list[tuple[float, int, str]] = []          # timers handed out, put back if not committed
         self.reader: KafkaConsumer | None = None
+        self.starting = None  # the reader, being made in the background
         self.retention_s = settings.state_retention_s
 
     def view(self, partition: int, key: bytes | None = None) -> State:
@@ -195,12 +197,27 @@ class Store:
             if due is not None:
                 heapq.heappush(self.timers, (due, partition, key))
 
+    def open(self) -> None:
+        """Start making the reader now (while the service joins its group): a restart reads its state back sooner."""
+        if self.topic is not None and self.reader is None:
+            self.starting = in_background(self._new_reader)
+
     def _reader(self) -> KafkaConsumer:
-        if self.reader is None:  # joins no group: it reads partitions it is told to
-            self.reader = KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False,
-                                        isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024,
-                                        client_id=f"{self.settings.topic(self.topic)}-restore")
+        if self.reader is None:
+            starting, self.starting = self.starting, None
+            try:
+                self.reader = starting(30) if starting else self._new_reader()
+            except Stuck as error:
+                raise KafkaError(f"the state reader did not start: {error}") from None
         return self.reader
+
+    def _new_reader(self) -> KafkaConsumer:
+        """A consumer that joins no group: it reads the partitions it is told to, committed entries only."""
+        reader = KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False,
+                               isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024,
+                               client_id=f"{self.settings.topic(self.topic)}-restore")
+        reader.partitions_for_topic(self.settings.topic(self.topic))
+        return reader
 
 
 def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:

@@ -107,3 +107,26 @@ def test_the_clients_own_line_about_a_refused_right_is_hidden_since_the_script_s
                   "[Error 53] TransactionalIdAuthorizationFailedError")
     assert not HideClientRefusals().filter(line)
     assert HideClientRefusals().filter(record("common", "orchestrator: Kafka does not allow user %r", "x"))
+
+
+def test_a_producer_learns_one_topics_metadata_at_a_time_unless_told_of_them_all_first(kafka):
+    # Given five topics a producer has not written yet
+    names = [f"know_{time.time_ns()}_{i}" for i in range(5)]
+    admin = KafkaAdminClient(bootstrap_servers=kafka)
+    admin.create_topics([NewTopic(name, 1, 1) for name in names])
+    admin.close()
+
+    def known_after_learning_the_first(tell_first):
+        producer = KafkaProducer(bootstrap_servers=kafka)
+        try:
+            if tell_first:
+                for name in names:
+                    producer._sender.add_topic(name)
+            producer.partitions_for(names[0])  # (what a first send waits for)
+            return [producer._metadata.partitions_for_topic(name) is not None for name in names[1:]]
+        finally:
+            producer.close()
+    # When the first topic's metadata is learnt, the others' not being asked for
+    # Then the client knows nothing of the others (each would cost a round trip), unless told of them all first
+    assert known_after_learning_the_first(tell_first=False) == [False] * 4
+    assert known_after_learning_the_first(tell_first=True) == [True] * 4

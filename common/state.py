@@ -119,7 +119,7 @@ class Store:
         while self.timers and self.timers[0][0] <= now:
             timer = heapq.heappop(self.timers)
             entry = self.entries.get(timer[1], {}).get(timer[2])
-            if entry is not None and json.loads(entry)["due"] == timer[0]:
+            if entry is not None and json.loads(entry)["due"] == timer[0] and timer not in fired:  # (else stale)
                 fired.append(timer)
         self.firing += fired
         return [(partition, key) for _, partition, key in fired]

@@ -91,6 +91,11 @@ def test_state_changes_count_only_once_committed_and_uncommitted_timers_fire_aga
     assert store.due(99.0) == [] and store.due(100.0) == [(0, "workflow/w1")] and store.due(100.0) == []
     store.abandon()  # the batch with the timer's work failed: it is due again
     assert store.due(100.0) == [(0, "workflow/w1")]
+    twice = store.view(0)  # (an entry put twice in a batch with one due time has two timers: it fires once)
+    twice.put("workflow/w2", {}, due=200.0)
+    twice.put("workflow/w2", {}, due=200.0)
+    store.commit(twice.changes)
+    assert store.due(200.0) == [(0, "workflow/w2")]
     later = store.view(0)
     later.put("workflow/w1", {"step": "done"})
     store.commit(later.changes)

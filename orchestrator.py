@@ -228,7 +228,7 @@ def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | N
                                                  "topic": step["topic"], "command": step["command"]}, SOURCE)
             routed = decide(event, state, stage, limits, now)
             log.info("step_timed_out %s -> %s", workflow["workflow_id"][:8],
-                     ", ".join(m.type if t == MESSAGE_STREAM else f"{t} ({m.type})" for t, m in routed))
+                     ", ".join(m.type if t in (MESSAGE_STREAM, m.type) else f"{t} ({m.type})" for t, m in routed))
             outputs += [(MESSAGE_STREAM, event), *routed]
     if not outputs:  # (nothing was due after all: keep the timer)
         state.put(key, workflow, due=next_deadline(workflow))

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from datetime import datetime
@@ -100,6 +101,7 @@ def main() -> int:
     showing.add_argument("workflow_id")
     showing.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (`workflows.py list | head` ends quietly, as other commands do)
     setup_logging()
     wait_for_kafka(Stopper(), "workflows", wait=False).close()
     found = workflows()

@@ -5,7 +5,7 @@ import re
 import time
 
 import pytest
-from helpers import detections, exactly_one_each, wait_completed, wait_for_reports, worst_delay
+from helpers import NO_RESENDS, detections, exactly_one_each, wait_completed, wait_for_reports, worst_delay
 from kafka import KafkaAdminClient
 
 import local_kafka
@@ -41,7 +41,7 @@ def test_killing_a_broker_under_load_loses_nothing_acknowledged(cluster, env, sc
     # Given the Example 2 system on the cluster and 300 detections streaming in
     for service in ("security_service.py", "notification_service.py", "reporting_service.py"):
         scripts.start(service)
-    scripts.start("orchestrator.py", "--example", "2")
+    scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS)
     detector = scripts.start("security_detector.py", "--count", "300", "--rate", "15", "--seed", "31")
     commands, stream = topics(SEC_COMMAND), topics(MESSAGE_STREAM)
     commands.read_count(40, timeout=90)

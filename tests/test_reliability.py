@@ -4,10 +4,10 @@ import random
 import signal
 import time
 
-from helpers import detections, exactly_one_each, ids_of, unit_event, wait_completed, wait_for_reports
+from helpers import NO_RESENDS, detections, exactly_one_each, ids_of, unit_event, wait_completed, wait_for_reports
 
 import local_kafka
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 
 SERVICES = ("security_service.py", "notification_service.py", "reporting_service.py")
 
@@ -16,7 +16,7 @@ def test_killing_the_orchestrator_repeatedly_loses_and_doubles_no_command(script
     # Given the Example 2 system and 200 detections streaming in
     for service in SERVICES:
         scripts.start(service)
-    orchestrator = scripts.start("orchestrator.py", "--example", "2")
+    orchestrator = scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS)
     scripts.start("security_detector.py", "--count", "200", "--rate", "40", "--seed", "11")
     commands, notifications = topics(SEC_COMMAND), topics(NOTIFICATION_COMMAND)
     stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
@@ -101,7 +101,16 @@ def test_a_fixed_and_replayed_dead_letter_completes_its_workflow(scripts, topics
     assert letter.payload["reason"] == "no route for 'unit_event' at example 2"
     # When the cause is fixed (the orchestrator restarted at Example 3) and the dead letter replayed
     scripts.stop(orchestrator)
-    scripts.start("orchestrator.py", "--example", "3")
+    orchestrator = scripts.start("orchestrator.py", "--example", "3")
     assert scripts.run("dead_letters.py", "replay", "--letter", "orchestrator:0:0").stdout == "replayed 1 of 1 dead letters\n"
     # Then the workflow completes: the unit got its command and applied it
-    topics(MESSAGE_STREAM).read_until(lambda ms: event.id in ids_of(ms, "unit_command_applied"))
+    stream = topics(MESSAGE_STREAM)
+    stream.read_until(lambda ms: event.id in ids_of(ms, "workflow_completed"))
+    # And when the orchestrator is killed (SIGKILL), started again and the letter replayed once more
+    orchestrator = scripts.restart(orchestrator, signal.SIGKILL)
+    assert scripts.run("dead_letters.py", "replay", "--letter", "orchestrator:0:0").stdout == "replayed 1 of 1 dead letters\n"
+    scripts.wait_for_output(orchestrator, "already handled; ignoring the redelivery")
+    # Then it had no second effect: one command, applied once, one completed workflow
+    assert len(topics(UNIT_COMMAND).read_count(1)) == 1
+    assert [m.type for m in stream.read_count(1, type_="workflow_completed")] == ["workflow_completed"]
+    assert [m.type for m in stream.messages()].count("unit_command_applied") == 1

@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from helpers import detections, envelope_of, exactly_one_each, wait_completed, worst_delay
+from helpers import NO_RESENDS, detections, envelope_of, exactly_one_each, wait_completed, worst_delay
 
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
 
@@ -33,7 +33,7 @@ def test_three_orchestrators_share_the_partitions_and_survive_losing_one(scripts
     # Given the services and three orchestrators in one group, each with its own INSTANCE_ID
     for service in ("security_service.py", "notification_service.py"):
         scripts.start(service)
-    orchestrators = [scripts.start("orchestrator.py", "--example", "1", INSTANCE_ID=str(i)) for i in (1, 2, 3)]
+    orchestrators = [scripts.start("orchestrator.py", "--example", "1", *NO_RESENDS, INSTANCE_ID=str(i)) for i in (1, 2, 3)]
     # When 300 detections stream in and, once every orchestrator has routed some, one is killed (SIGKILL)
     scripts.start("security_detector.py", "--count", "300", "--rate", "20", "--seed", "21")
     for orchestrator in orchestrators:
@@ -55,7 +55,7 @@ def test_three_orchestrators_share_the_partitions_and_survive_losing_one(scripts
 @pytest.mark.usefixtures("partitioned")
 def test_two_copies_of_a_service_share_the_partitions_and_survive_losing_one(scripts, topics):
     # Given one orchestrator, the notification service and two copies of the security service in one group
-    scripts.start("orchestrator.py", "--example", "1")
+    scripts.start("orchestrator.py", "--example", "1", *NO_RESENDS)
     scripts.start("notification_service.py")
     copies = [scripts.start("security_service.py", INSTANCE_ID=str(i)) for i in (1, 2)]
     # When 200 detections stream in and, once both copies have acted, one copy is killed (SIGKILL)
@@ -80,11 +80,11 @@ def test_two_copies_of_a_service_share_the_partitions_and_survive_losing_one(scr
 @pytest.mark.usefixtures("partitioned")
 def test_a_second_copy_with_the_same_instance_id_is_stopped_with_a_clear_error(scripts, topics):
     # Given an orchestrator routing a stream of detections
-    first = scripts.start("orchestrator.py", "--example", "1")
+    first = scripts.start("orchestrator.py", "--example", "1", *NO_RESENDS)
     scripts.start("security_detector.py", "--count", "150", "--rate", "20", "--seed", "23")
     scripts.wait_for_output(first, "-> sec_command")
     # When a second copy starts without its own INSTANCE_ID (both are "1")
-    second = scripts.start("orchestrator.py", "--example", "1")
+    second = scripts.start("orchestrator.py", "--example", "1", *NO_RESENDS)
     # Then one of the two stops, saying why, and the other routes every detection exactly once
     started, stopped = time.monotonic(), None
     while stopped is None:

@@ -196,19 +196,23 @@ def late(event: Envelope, workflow: dict | None) -> str | None:
 
 def track(workflow: dict, event: Envelope, limits: Limits, now: float) -> list[Output]:
     """Update a workflow with an event routed for it; the workflow_completed/workflow_failed it causes, if any."""
-    steps = workflow["steps"]
+    steps, definitions = workflow["steps"], {step.name: step for step in WORKFLOWS[workflow["type"]].steps}
     for name, step in steps.items():
-        definition = next(s for s in WORKFLOWS[workflow["type"]].steps if s.name == name)
+        definition = definitions.get(name)
+        if definition is None:  # (a step since renamed or removed from the table: nothing reports on it any more)
+            step.update(state="removed" if step["state"] == "pending" else step["state"], deadline=None)
+            continue
         if event.type in definition.done + definition.failed and step["state"] == "pending":
             step.update(state="done" if event.type in definition.done else "failed", finished_at=now, deadline=None)
         elif event.type == "step_timed_out" and event.payload["step"] == name:
             if event.payload["attempt"] < event.payload["attempts"]:
-                step.update(attempts=step["attempts"] + 1, deadline=now + limits.of(definition))
+                limit = limits.of(definition)
+                step.update(attempts=step["attempts"] + 1, deadline=now + limit if limit else None)
             else:
                 step.update(state="timed_out", finished_at=now, deadline=None)
     if workflow["state"] != "running" or any(step["state"] == "pending" for step in steps.values()):
         return []
-    bad = [f"{name} {step['state']}" for name, step in steps.items() if step["state"] != "done"]
+    bad = [f"{name} {step['state']}" for name, step in steps.items() if step["state"] not in ("done", "removed")]
     workflow.update(state="failed" if bad else "completed", finished_at=now)
     return [(MESSAGE_STREAM, caused_by(event, workflow["state"], f"workflow_{workflow['state']}", {
         "workflow": workflow["type"], "detail": ", ".join(bad)}, SOURCE))]
@@ -218,8 +222,9 @@ def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | N
     """The timer: each pending step whose deadline passed gets a step_timed_out event, published and routed at once
     (tried again, or escalated). Firing, the state change and what it sends commit in one transaction: once each."""
     workflow, now, outputs = state.get(key), now or time.time(), []
-    for name, step in workflow["steps"].items():
-        if step["state"] == "pending" and step["deadline"] is not None and step["deadline"] <= now:
+    steps = {step.name for step in WORKFLOWS[workflow["type"]].steps} if workflow else set()
+    for name, step in (workflow or {"steps": {}})["steps"].items():
+        if step["state"] == "pending" and (step["deadline"] or now + 1) <= now and name in steps:
             log.warning("%s %s: no answer to %s within its limit (attempt %d of %d)", workflow["type"],
                         workflow["workflow_id"][:8], name, step["attempts"], limits.attempts)
             event = caused_by(Envelope.model_validate(step["command"]), f"timeout-{step['attempts']}",
@@ -230,8 +235,6 @@ def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | N
             log.info("step_timed_out %s -> %s", workflow["workflow_id"][:8],
                      ", ".join(m.type if t in (MESSAGE_STREAM, m.type) else f"{t} ({m.type})" for t, m in routed))
             outputs += [(MESSAGE_STREAM, event), *routed]
-    if not outputs:  # (nothing was due after all: keep the timer)
-        state.put(key, workflow, due=next_deadline(workflow))
     return [(topic, message, workflow["key"]) for topic, message in outputs]
 
 

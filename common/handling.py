@@ -141,7 +141,8 @@ def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Ou
 
 def serialised(topic: str, message: Envelope, key: bytes | str | None) -> Out:
     """An output as it will be sent; one Kafka would refuse is a ValueError (so, its input's dead letter)."""
-    value, key = message.to_bytes(), key.encode() if isinstance(key, str) else key
+    value = message.to_bytes()
+    key = key.encode(errors="surrogateescape") if isinstance(key, str) else key  # (a key kept as text gives its bytes)
     if len(value) + len(key or b"") > MAX_RECORD_BYTES:
         raise ValueError(f"a {message.type} of {len(value)} bytes is over the {MAX_RECORD_BYTES}-byte record limit")
     return Out(topic, value, key)

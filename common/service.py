@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, NoError
+from kafka.structs import OffsetAndMetadata
 
 from common.clients import make_consumer, refused, wait_for_kafka
 from common.delivery import Delivery
@@ -93,14 +95,17 @@ class Loop:
         if self.store is not None and not self.restored(batch):
             return
         self.unsent += made(self.name, self.tick()) if self.tick else []
-        timed, changes = self.timers()
         handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
-        done = deliver(self.delivery, self.consumer, self.unsent + timed, handled)
+        timed, changes, offsets = self.timers(batch, holdup)
+        done, own = deliver(self.delivery, self.consumer, self.unsent + timed, handled, offsets)
+        if own:
+            self.unsent = []
         if done is not None:
-            self.unsent, self.count = [], self.count + len(done)
-        if self.store is not None:
-            self.store.commit([*changes, *(c for item in done for c in item.changes)]) if done is not None \
-                else self.store.abandon()
+            self.count += len(done)
+        if self.store is not None and done is None:
+            self.store.abandon()
+        elif self.store is not None:  # (a timer whose messages Kafka refused fires again)
+            self.store.commit([*(changes if own else []), *(c for item in done for c in item.changes)], fired=own)
         if holdup or done is None or len(done) < len(handled):
             rewind(self.consumer, batch, done or [])
             self.pause.until_better(holdup or self.delivery.trouble)
@@ -128,17 +133,28 @@ class Loop:
                      "s" * (len(missing) > 1), ", ".join(map(str, sorted(missing))), count, time.monotonic() - began)
         return True
 
-    def timers(self) -> tuple[list[Out], list]:
-        """What the timers due now send, and the state changes they make (committed with the next batch)."""
+    def timers(self, batch: dict, holdup: str | None) -> tuple[list[Out], list, dict]:
+        """What the timers due now send, the state changes they make, and the offsets that fence them (a copy that
+        lost the partition meanwhile cannot commit them). A partition still catching up waits: the answer a timer
+        waits for may be further on."""
         if self.timer is None:
-            return [], []
-        outs, changes = [], []
-        for partition, key in self.store.due(time.time()):
+            return [], [], {}
+        behind = {tp.partition for tp in batch if holdup or self.consumer.position(tp) < (self.consumer.highwater(tp) or 0)}
+        outs, changes, fired = [], [], set()
+        for partition, key in self.store.due(time.time(), skip=behind):
             state = self.store.view(partition)
-            outs += made(self.name, self.timer(state, key))
+            try:
+                outs += made(self.name, self.timer(state, key))
+            except Exception as error:  # noqa: BLE001 -- a bug in one timer (say, a step renamed) must not stop the loop
+                log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
+                state.undo()
+                continue
             outs += [self.store.out(change) for change in state.changes if self.store.topic]
             changes += state.changes
-        return outs, changes
+            fired.add(partition)
+        offsets = {tp: OffsetAndMetadata(self.consumer.position(tp), "", -1) for tp in self.consumer.assignment()
+                   if tp.partition in fired and tp not in batch}
+        return outs, changes, offsets
 
     def close(self) -> None:
         log.info("%s: stopping after %d messages", self.name, self.count)
@@ -161,17 +177,21 @@ class Forget(ConsumerRebalanceListener):
         pass  # (read back by the loop before the partition's first record is handled)
 
 
-def deliver(delivery: Delivery, consumer: KafkaConsumer, unsent: list[Out], handled: list[Handled]) -> list | None:
-    """Deliver a handled batch (and a tick's outputs): the records committed, in order, or None if none could be.
-    A batch Kafka refuses for good is split: each record on its own, and one Kafka never takes is dead-lettered."""
-    if delivery.deliver(consumer, unsent + outputs_of(handled), offsets_of(handled)):
-        return handled
+def deliver(delivery: Delivery, consumer: KafkaConsumer, own: list[Out], handled: list[Handled],
+            offsets: dict | None = None) -> tuple[list | None, bool]:
+    """Deliver a handled batch and the loop's own messages (a tick's, a timer's; `offsets`: theirs): (the records
+    committed, in order, or None if none could be; whether its own messages went out). A batch Kafka refuses for good
+    is split: each record on its own, and one Kafka never takes is dead-lettered."""
+    offsets = offsets or {}
+    if delivery.deliver(consumer, own + outputs_of(handled), {**offsets, **offsets_of(handled)}):
+        return handled, True
     if not delivery.undeliverable:
-        return None
-    if unsent and not delivery.deliver(consumer, unsent, {}):
-        if not delivery.undeliverable:
-            return None
-        log.error("%s: dropped %d messages of its own that Kafka refuses for good (%s)", delivery.name, len(unsent),
+        return None, False
+    sent = not own or delivery.deliver(consumer, own, offsets)
+    if not sent and not delivery.undeliverable:
+        return None, False
+    if not sent:
+        log.error("%s: dropped %d messages of its own that Kafka refuses for good (%s)", delivery.name, len(own),
                   delivery.trouble)
     done: list[Handled] = []
     for item in handled:
@@ -183,7 +203,7 @@ def deliver(delivery: Delivery, consumer: KafkaConsumer, unsent: list[Out], hand
             if not delivery.deliver(consumer, item.outputs, offsets_of([item])):
                 break
         done.append(item)
-    return done
+    return done, sent
 
 
 def made(name: str, triples: list[Triple]) -> list[Out]:
@@ -242,9 +262,17 @@ def join(stop: "Stopper", group: str, inputs: list[str], settings: Settings, lis
     """A static member of `group` reading `inputs`. It subscribes only once the input topics' partitions are in the
     client's metadata: a member that joins right after the topics were created can be assigned nothing, and is not
     told when they appear."""
-    consumer = make_consumer(group, inputs, static=True, settings=settings, listener=listener)
+    # A service that keeps state needs partition p of every input on one copy (its state is partition p of its
+    # state topic): the range assignor gives it so when the inputs have as many partitions each.
+    ranged = {"partition_assignment_strategy": (RangePartitionAssignor,)} if listener else {}
+    consumer = make_consumer(group, inputs, static=True, settings=settings, listener=listener, **ranged)
     while not stop and not all(consumer.partitions_for_topic(settings.topic(name)) for name in inputs):
         stop.wait(0.1)
+    counts = {settings.topic(name): len(consumer.partitions_for_topic(settings.topic(name)) or ()) for name in inputs}
+    if listener and not stop and len(set(counts.values())) > 1:
+        consumer.close(autocommit=False)
+        raise SystemExit(f"{group}: its input topics have different partition counts ({counts}); a service that keeps "
+                         "state needs them equal (a workflow's messages must share a partition number)")
     return consumer
 
 

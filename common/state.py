@@ -28,6 +28,7 @@ from common.workarounds import Stuck, in_background
 log = logging.getLogger("common")
 UNSET = object()
 RESTORE_STALL_S = 30.0  # a restore that makes no progress this long has failed (the batch waits, then tries again)
+TIMERS_PER_BATCH = 500  # timers fired in one loop at most
 
 
 def changelog(group: str) -> str:
@@ -40,6 +41,19 @@ class Change:
     partition: int
     key: str
     stored: bytes | None  # None: the entry is removed
+
+
+def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPartition]) -> dict:
+    """Where the committed entries end, once no transaction is open there (the committed end then is the written
+    end): the previous owner's last commit is acknowledged before its markers are written, and an open transaction
+    of a copy that died is aborted within its timeout (10 s). Waits up to 15 s for that, then takes what is there."""
+    committed_reader, any_reader = readers
+    deadline = time.monotonic() + 15
+    while True:
+        committed = committed_reader.end_offsets(tps)
+        if committed == any_reader.end_offsets(tps) or time.monotonic() > deadline:
+            return committed
+        time.sleep(0.05)
 
 
 def stored(value: Any, due: float | None, now: float) -> bytes:
@@ -84,8 +98,8 @@ class Store:
         self.pending: dict[tuple[int, str], bytes | None] = {}  # this batch's changes, not yet committed
         self.timers: list[tuple[float, int, str]] = []          # (due, partition, key), a heap; stale ones skipped
         self.firing: list[tuple[float, int, str]] = []          # timers handed out, put back if not committed
-        self.reader: KafkaConsumer | None = None
-        self.starting = None  # the reader, being made in the background
+        self.reader: tuple[KafkaConsumer, KafkaConsumer] | None = None  # (committed entries, all written ones)
+        self.starting = None  # the readers, being made in the background
         self.retention_s = settings.state_retention_s
 
     def view(self, partition: int, key: bytes | None = None) -> State:
@@ -99,11 +113,13 @@ class Store:
     def out(self, change: Change) -> Out:
         return Out(self.topic, change.stored, change.key.encode(), change.partition)
 
-    def commit(self, changes: list[Change]) -> None:
-        """Apply changes Kafka has committed."""
+    def commit(self, changes: list[Change], fired: bool = True) -> None:
+        """Apply changes Kafka has committed (fired=False: the timers handed out did not go out, and are due again)."""
         for change in changes:
             self._apply(change.partition, change.key, change.stored)
         self.pending.clear()
+        if not fired:
+            self.abandon()
         self.firing.clear()
 
     def abandon(self) -> None:
@@ -113,14 +129,21 @@ class Store:
             heapq.heappush(self.timers, timer)
         self.firing.clear()
 
-    def due(self, now: float) -> list[tuple[int, str]]:
-        """The (partition, key) of each entry whose timer is due, handed out once (until abandon())."""
-        fired = []
-        while self.timers and self.timers[0][0] <= now:
+    def due(self, now: float, skip: set[int] = frozenset(), limit: int = TIMERS_PER_BATCH) -> list[tuple[int, str]]:
+        """The (partition, key) of each entry whose timer is due, handed out once (until abandon()); at most `limit`
+        (the rest next time, so one transaction stays small), none of the partitions in `skip`."""
+        fired, kept = {}, []
+        while self.timers and self.timers[0][0] <= now and len(fired) < limit:
             timer = heapq.heappop(self.timers)
             entry = self.entries.get(timer[1], {}).get(timer[2])
-            if entry is not None and json.loads(entry)["due"] == timer[0] and timer not in fired:  # (else stale)
-                fired.append(timer)
+            if entry is None or json.loads(entry)["due"] != timer[0]:
+                continue  # (stale: the entry changed, expired or went with its partition)
+            if timer[1] in skip:
+                kept.append(timer)
+            else:
+                fired[timer] = None  # (a timer pushed twice fires once)
+        for timer in kept:
+            heapq.heappush(self.timers, timer)
         self.firing += fired
         return [(partition, key) for _, partition, key in fired]
 
@@ -138,7 +161,7 @@ class Store:
         if self.topic is None:
             self.entries.update({partition: OrderedDict() for partition in partitions})
             return 0
-        reader = self._reader()
+        reader, watermarks = self._reader()
         real = self.settings.topic(self.topic)
         have = reader.partitions_for_topic(real) or set()
         if not partitions <= have:
@@ -147,7 +170,7 @@ class Store:
         tps = [TopicPartition(real, partition) for partition in sorted(partitions)]
         reader.assign(tps)
         reader.seek_to_beginning()
-        end = reader.end_offsets(tps)
+        end = settled_end((reader, watermarks), tps)
         restored = {partition: OrderedDict() for partition in partitions}
         stalled_at, count = time.monotonic() + RESTORE_STALL_S, 0
         while any(reader.position(tp) < end[tp] for tp in tps):
@@ -183,8 +206,8 @@ class Store:
         return dropped
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close(autocommit=False)
+        for reader in self.reader or ():
+            reader.close(autocommit=False)
 
     def _apply(self, partition: int, key: str, raw: bytes | None) -> None:
         entries = self.entries.get(partition)
@@ -202,7 +225,7 @@ class Store:
         if self.topic is not None and self.reader is None:
             self.starting = in_background(self._new_reader)
 
-    def _reader(self) -> KafkaConsumer:
+    def _reader(self) -> tuple[KafkaConsumer, KafkaConsumer]:
         if self.reader is None:
             starting, self.starting = self.starting, None
             try:
@@ -211,13 +234,16 @@ class Store:
                 raise KafkaError(f"the state reader did not start: {error}") from None
         return self.reader
 
-    def _new_reader(self) -> KafkaConsumer:
-        """A consumer that joins no group: it reads the partitions it is told to, committed entries only."""
-        reader = KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False,
-                               isolation_level="read_committed", max_partition_fetch_bytes=8 * 1024 * 1024,
-                               client_id=f"{self.settings.topic(self.topic)}-restore")
-        reader.partitions_for_topic(self.settings.topic(self.topic))
-        return reader
+    def _new_reader(self) -> tuple[KafkaConsumer, KafkaConsumer]:
+        """Consumers that join no group: one reads the committed entries of the partitions it is told to, the other
+        only tells where all written entries end (committed or not)."""
+        readers = tuple(KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False, isolation_level=level,
+                                      max_partition_fetch_bytes=8 * 1024 * 1024,
+                                      client_id=f"{self.settings.topic(self.topic)}-restore")
+                        for level in ("read_committed", "read_uncommitted"))
+        for reader in readers:
+            reader.partitions_for_topic(self.settings.topic(self.topic))
+        return readers
 
 
 def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:

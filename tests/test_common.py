@@ -91,6 +91,12 @@ def test_state_changes_count_only_once_committed_and_uncommitted_timers_fire_aga
     assert store.due(99.0) == [] and store.due(100.0) == [(0, "workflow/w1")] and store.due(100.0) == []
     store.abandon()  # the batch with the timer's work failed: it is due again
     assert store.due(100.0) == [(0, "workflow/w1")]
+    many = store.view(0)  # (at most `limit` a time, none of a partition still catching up)
+    for n in range(3):
+        many.put(f"t{n}", {}, due=50.0)
+    store.commit(many.changes)
+    assert store.due(60.0, skip={0}) == [] and len(store.due(60.0, limit=2)) == 2 and len(store.due(60.0)) == 1
+    store.commit([])
     twice = store.view(0)  # (an entry put twice in a batch with one due time has two timers: it fires once)
     twice.put("workflow/w2", {}, due=200.0)
     twice.put("workflow/w2", {}, due=200.0)

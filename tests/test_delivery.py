@@ -233,7 +233,7 @@ def test_a_batch_kafka_refuses_for_good_is_delivered_record_by_record_and_the_re
     d, made = delivery(TooLarge(), TooLarge(), TooLarge())
     handled = [Handled(Record(0), [("t_out", b"a", b"k")]), Handled(Record(1), [("t_out", b"huge", b"k")]),
                Handled(Record(2), [("t_out", b"c", b"k")])]
-    done = deliver(d, FakeConsumer(), [], handled)
-    assert [item.record.offset for item in done] == [0, 1, 2]
+    done, own = deliver(d, FakeConsumer(), [], handled)
+    assert [item.record.offset for item in done] == [0, 1, 2] and own
     assert done[0] is handled[0] and done[2] is handled[2]
     assert [out.topic for out in done[1].outputs] == ["dead_letter.svc"]

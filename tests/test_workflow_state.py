@@ -1,13 +1,16 @@
 """What the orchestrator remembers of each workflow, without Kafka: steps pending until their report, time limits
 that try again and then escalate, and events that arrive too late to change anything."""
 
+from dataclasses import replace
+
 import pytest
 from helpers import detection, unit_event
 
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, UNIT_COMMAND, caused_by
 from common.settings import Settings
 from common.state import Store
-from orchestrator import WORKFLOW, Limits, decide, route, timed_out
+from common.handling import serialised
+from orchestrator import WORKFLOW, WORKFLOWS, Limits, decide, route, timed_out
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 T0 = 1_000_000.0
@@ -106,3 +109,27 @@ def test_the_unit_workflow_waits_for_its_command_to_be_applied(store):
     assert list(workflow(store, event)["steps"]) == ["applied"]
     [_, (topic, command, key)] = fire(store, T0 + 2)
     assert topic == UNIT_COMMAND and command.type == "unit_command" and key == "sensor-1"
+
+
+def test_a_timer_sends_to_the_workflows_own_key_even_one_that_is_not_text(store):
+    event = detection()
+    state = store.view(0, b"\xffsensor")
+    decide(event, state, 3, LIMITS, T0)
+    store.commit(state.changes)
+    [(topic, message, key), *_] = fire(store, T0 + 2)
+    assert serialised(topic, message, key).key == b"\xffsensor"
+
+
+def test_a_step_renamed_in_the_table_since_a_workflow_started_is_left_alone(store, monkeypatch):
+    # Given a workflow started while the security action was called "acted"
+    event = detection()
+    handled(store, event, T0)
+    # When the step is renamed, and the action then reports done
+    security = WORKFLOWS["security"]
+    renamed = (replace(security.steps[0], name="secured"), *security.steps[1:])
+    monkeypatch.setitem(WORKFLOWS, "security", replace(security, steps=renamed))
+    assert fire(store, T0 + 2) == []  # (its old limit sends nothing)
+    outputs = handled(store, outcome(event), T0 + 3)
+    # Then nothing fails: the old step is left alone, and the workflow waits for nothing else
+    assert [m.type for _, m in outputs] == ["workflow_completed"]
+    assert workflow(store, event)["steps"]["acted"]["state"] == "removed"

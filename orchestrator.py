@@ -350,6 +350,32 @@ def dry_run(args, workflows: set[str]) -> None:
             print(f"  {'':<28} ^ changes between the two stages")
 
 
+def checked(args) -> set[str]:
+    """The workflows this orchestrator runs; a flag that means nothing here, or cannot be read, ends it in one line."""
+    def refuse(why: str):
+        raise SystemExit(f"orchestrator: {why}")
+    workflows = set(args.workflows.split(",")) if args.workflows is not None else set(WORKFLOWS)
+    if not workflows or not workflows <= set(WORKFLOWS):
+        refuse(f"--workflows takes a comma-separated subset of {','.join(WORKFLOWS)}, not {args.workflows!r}")
+    flags = {"--since": args.since, "--compare": args.compare, "--json": args.json} if not args.dry_run else {
+        "--step-timeout": args.step_timeout, "--attempts": args.attempts, "--no-transactions": args.no_transactions}
+    if meaningless := [flag for flag, value in flags.items() if value]:
+        refuse(f"{', '.join(meaningless)} {'is' if len(meaningless) == 1 else 'are'} "
+               f"{'not ' if args.dry_run else ''}for --dry-run{'' if args.dry_run else ' only'}; nothing was started")
+    if (args.attempts is not None and args.attempts < 1) or (args.step_timeout is not None and args.step_timeout <= 0):
+        refuse("--attempts must be at least 1 and --step-timeout above 0")
+    try:
+        datetime.fromisoformat(args.since or "2000-01-01")
+    except ValueError:
+        refuse(f"--since takes a date and time, e.g. 2026-11-27T18:00 (local time), not {args.since!r}")
+    later = {w: WORKFLOWS[w].from_example for w in sorted(workflows) if WORKFLOWS[w].from_example > args.example}
+    if not args.dry_run and len(later) == len(workflows):
+        refuse(f"no workflow of {','.join(sorted(workflows))} runs at example {args.example} ("
+               f"{', '.join(f'{w} starts at {n}' for w, n in later.items())}); give --example "
+               f"{min(later.values())} or more")
+    return workflows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", type=int, choices=[1, 2, 3], default=3, help="walkthrough stage (default 3)")
@@ -360,25 +386,20 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     parser.add_argument("--step-timeout", type=float, metavar="SECONDS",
                         help="time limit of every step that reports back (default: each step's own, 5 s)")
-    parser.add_argument("--attempts", type=int, default=ATTEMPTS,
+    parser.add_argument("--attempts", type=int,
                         help=f"tries of such a step before escalating to a person (default {ATTEMPTS})")
     parser.add_argument("--no-transactions", action="store_true",
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
     setup_logging()
-    workflows = set(args.workflows.split(",")) if args.workflows is not None else set(WORKFLOWS)
-    if args.attempts < 1 or (args.step_timeout is not None and args.step_timeout <= 0):
-        parser.error("--attempts must be at least 1 and --step-timeout above 0")
-    if not workflows or not workflows <= set(WORKFLOWS):
-        parser.error(f"--workflows takes a comma-separated subset of {','.join(WORKFLOWS)}, not {args.workflows!r}")
+    workflows = checked(args)
     group, split = group_for(workflows), workflows != set(WORKFLOWS)
-    active = sorted(w for w in workflows if WORKFLOWS[w].from_example <= args.example)
     if args.dry_run:
         return dry_run(args, workflows)
-    later = ", ".join(f"{w} starts at {WORKFLOWS[w].from_example}" for w in sorted(workflows - set(active)))
-    log.info("routing table: example %d, workflows %s", args.example, ", ".join(active) or f"none yet ({later})")
+    active = sorted(w for w in workflows if WORKFLOWS[w].from_example <= args.example)
+    log.info("routing table: example %d, workflows %s", args.example, ", ".join(active))
 
-    limits = Limits(args.step_timeout, args.attempts)
+    limits = Limits(args.step_timeout, args.attempts or ATTEMPTS)
 
     def handle(event: Envelope, state: State) -> list[Output]:
         if not owns(event.type, workflows):

@@ -1,7 +1,11 @@
 """The routing table, without Kafka: every event type at every stage, and who owns what when split."""
 
+import os
+import subprocess
+import sys
+
 import pytest
-from helpers import detection, unit_event
+from helpers import ROOT, detection, unit_event
 
 import acls
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
@@ -142,3 +146,19 @@ def test_each_writer_to_the_orchestrator_serves_one_workflow_and_may_write_its_o
     for member in senders(set(WORKFLOWS)):
         writer = member.removeprefix(MESSAGE_STREAM + ".")
         assert MESSAGE_STREAM in acls.ACCESS[writer].writes, f"acls.py: {writer} may not write {member}"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--since", "2026-11-27T18:00"], "--since is for --dry-run only; nothing was started"),
+    (["--compare", "2", "--json"], "--compare, --json are for --dry-run only; nothing was started"),
+    (["--dry-run", "--attempts", "2"], "--attempts is not for --dry-run; nothing was started"),
+    (["--dry-run", "--since", "04:20"], "--since takes a date and time, e.g. 2026-11-27T18:00 (local time), not '04:20'"),
+    (["--dry-run", "--since", "yesterday"], "--since takes a date and time, e.g. 2026-11-27T18:00 (local time), not "
+                                            "'yesterday'"),
+    (["--workflows", "unit", "--example", "2"], "no workflow of unit runs at example 2 (unit starts at 3); give "
+                                                "--example 3 or more"),
+])
+def test_a_flag_that_means_nothing_or_cannot_be_read_ends_the_orchestrator_in_one_line_before_it_starts(args, error):
+    result = subprocess.run([sys.executable, "orchestrator.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"), timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"orchestrator: {error}\n")

@@ -94,7 +94,7 @@ class Loop:
             return
         if self.store is not None and not self.restored(batch):
             return
-        self.unsent += made(self.name, self.tick()) if self.tick else []
+        self.unsent += made(self.name, self.tick()) if self.tick and not self.stop else []  # (no new work once stopped)
         handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
         timed, changes, offsets = self.timers(batch, holdup)
         done, own = deliver(self.delivery, self.consumer, self.unsent + timed, handled, offsets)

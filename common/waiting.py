@@ -27,6 +27,7 @@ class Stopper:
 
     def _on_signal(self, signum, frame):
         if self.event.is_set():
+            os.write(2, b"second stop signal: exiting at once, without finishing the batch (it is handled again)\n")
             os._exit(128 + signum)
         self.event.set()  # (no logging here: a log call inside a signal handler can collide with one in progress)
 

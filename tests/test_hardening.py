@@ -244,3 +244,15 @@ def test_a_group_that_makes_no_progress_says_so_as_an_error_and_status_finds_the
         os.kill(pid, signal.SIGCONT)
         scripts.stop_all()
         local_kafka.stop(tmp_path / "kafka")
+
+
+def test_a_second_stop_signal_says_it_exits_at_once(scripts):
+    # Given a running service
+    service = scripts.start("security_service.py")
+    scripts.wait_for_output(service, "started;")
+    # When Ctrl-C is pressed twice
+    service.send_signal(signal.SIGINT)
+    service.send_signal(signal.SIGINT)
+    # Then it exits at once and says so
+    assert service.wait(timeout=30) == 128 + signal.SIGINT
+    assert "second stop signal: exiting at once" in scripts.output(service)

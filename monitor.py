@@ -3,7 +3,9 @@
 Reads: every project topic from the beginning (joins no group, commits nothing)
 Run:   python monitor.py                    # live view, refreshed every second; Ctrl-C to leave
        python monitor.py --once             # one snapshot of everything on the topics now, then exit
-       python monitor.py --sla-report       # per workflow type: count, p50/p95/p99 latency, SLA breaches
+       python monitor.py --once --json      # the counts only, as one JSON object
+       python monitor.py --sla-report       # per workflow type: count, failed, p50/p95/p99 latency, SLA breaches
+       python monitor.py --workflow ID      # one workflow's messages in order: time, topic, type, service, repeats
 A workflow is STUCK when it is still running past its SLA (--sla seconds): the view names the missing step and the
 service that should have done it. The steps come from the orchestrator's WORKFLOWS table.
 """
@@ -11,12 +13,13 @@ service that should have done it. The steps come from the orchestrator's WORKFLO
 import argparse
 import json
 import math
-import sys
-import time
 import random
 import re
+import sys
+import time
 from array import array
-from collections import OrderedDict, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
+from datetime import datetime
 
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.errors import AuthorizationError, KafkaError
@@ -26,8 +29,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, SETTINGS, Envelope, Settings, Stopper, ensure_topics,
-                    family_of, refused, setup_logging, wait_for_kafka)
+from common import (ALL_TOPICS, DEAD_LETTER, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of,
+                    read_all, refused, setup_logging, wait_for_kafka)
 from orchestrator import WORKFLOWS, group_for
 
 
@@ -35,6 +38,11 @@ def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100) of a non-empty list."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def weighted(rows: list[tuple], test) -> int:
+    """How many of (latency, state, weight) rows pass test(latency, state), each standing for `weight` workflows."""
+    return round(sum(weight for latency, state, weight in rows if test(latency, state)))
 
 
 def milestones(kind: str) -> list[tuple[str, set[str], str, bool]]:
@@ -63,7 +71,7 @@ class Folded:
 
     def add(self, start: float, latency: float | None, failed: bool) -> None:
         self.count += 1
-        self.completed += latency is not None
+        self.completed += latency is not None and not failed
         self.failed += failed
         row = (start, math.nan if latency is None else latency, failed)
         if len(self.starts) < self.cap:
@@ -92,6 +100,7 @@ class Flow:
         self.duplicates = 0                                   # the same effect twice (an outcome, a delivery)
         self.resent = 0                                       # a command sent again (a timeout's retry, a re-route)
         self.timeouts: dict[str, int] = defaultdict(int)      # workflow id -> its steps' timeouts (step_timed_out)
+        self.timeouts_total = 0
         self.commands = {step.topic for workflow in WORKFLOWS.values() for step in workflow.steps}
         self.arrivals: dict[str, deque] = defaultdict(deque)  # topic -> recent arrival times, for rates
         self.dead_letters, self.last_reason = 0, "-"
@@ -106,13 +115,14 @@ class Flow:
             self.dead_letters += 1
             self.last_reason = str(message.payload.get("reason", "(no reason given)"))[:200]
             return
-        if (topic_name, message.id) in self.seen and family != MESSAGE_STREAM:  # (a replayed event is not a duplicate)
+        if (topic_name, message.id) in self.seen and message.type not in self.starts:  # (a replayed event: no effect)
             if topic_name.removeprefix(self.settings.topic_prefix) in self.commands:
                 self.resent += 1  # (same id: a service that acted on it ignores it)
             else:
-                self.duplicates += 1
+                self.duplicates += 1  # an outcome, a delivery, a workflow's end: an effect twice
         if message.type == "step_timed_out":
             self.timeouts[message.workflow_id] += 1
+            self.timeouts_total += 1
         self.seen[(topic_name, message.id)] = None
         if len(self.seen) > 8 * self.window:
             self.seen.popitem(last=False)
@@ -176,25 +186,39 @@ class Flow:
         return (len(self.kind) + sum(f.count for f in self.folded.values()),
                 sum(self.completed(w) for w in self.kind) + sum(f.completed for f in self.folded.values()))
 
+    def figures(self) -> dict:
+        """Every count, as `--once --json` prints it. A workflow that left the window unfinished counts as running."""
+        now, folded = time.time(), self.folded.values()
+        states = Counter("stuck" if state.startswith("STUCK") else state for state in
+                         (self.state(w, now) for w in self.kind))
+        workflows = {"started": self.counts()[0],
+                     "completed": states["completed"] + sum(f.completed for f in folded),
+                     "failed": states["failed"] + sum(f.failed for f in folded),
+                     "stuck": states["stuck"], "running": states["running"] + self.unknown_fate}
+        return {"workflows": workflows, "duplicate_effects": self.duplicates, "resent_ignored": self.resent,
+                "steps_timed_out": self.timeouts_total, "dead_letters": self.dead_letters}
+
     def sla_report(self, window: float | None = None) -> dict:
-        """Per workflow type: completed count, p50/p95/p99 latency (s) and breaches (late, stuck or failed). Past
-        the Folded sample's cap, the figures of workflows out of the window are estimated from the sample."""
+        """Per workflow type: completed and failed counts, p50/p95/p99 latency (s) of the completed ones and breaches
+        (late, stuck or failed). Past the Folded sample's cap, the figures of workflows out of the window are
+        estimated from the sample."""
         now = time.time()
         since = float("-inf") if window is None else now - window
         report = {}
         for kind, definition in WORKFLOWS.items():
-            rows = [(self.latency(w), self.state(w, now) == "running") for w, k in self.kind.items()
+            rows = [(self.latency(w), self.state(w, now), 1.0) for w, k in self.kind.items()
                     if k == kind and self.times[w][definition.starts_with] >= since]
-            folded, weight = self.folded[kind].rows(since)
-            latencies = [lat for lat, _ in rows + folded if lat is not None]
-            late = sum(lat > self.sla for lat, _ in rows if lat is not None) + weight * sum(
-                lat > self.sla for lat, _ in folded if lat is not None)
-            unfinished = sum(lat is None and not running for lat, running in rows) + weight * sum(
-                lat is None for lat, _ in folded)
-            completed = sum(lat is not None for lat, _ in rows) + weight * sum(lat is not None for lat, _ in folded)
-            report[kind] = {"count": len(rows) + round(weight * len(folded)), "completed": round(completed),
+            sample, weight = self.folded[kind].rows(since)
+            rows += [(lat, "failed" if failed else "completed" if lat is not None else "unknown", weight)
+                     for lat, failed in sample]
+            latencies = [lat for lat, state, _ in rows if state == "completed"]
+            report[kind] = {"count": weighted(rows, lambda lat, state: True),
+                            "completed": weighted(rows, lambda lat, state: state == "completed"),
+                            "failed": weighted(rows, lambda lat, state: state == "failed"),
                             **{f"p{p}": round(percentile(latencies, p), 3) if latencies else None for p in (50, 95, 99)},
-                            "sla_s": self.sla, "breaches": round(late + unfinished)}
+                            "sla_s": self.sla,
+                            "breaches": weighted(rows, lambda lat, state: state not in ("completed", "running") or
+                                                 (state == "completed" and lat > self.sla))}
         return report
 
     def rates(self, seconds: float = 10.0) -> dict[str, float]:
@@ -312,16 +336,15 @@ def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
     lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
     lags += "  (a transaction's commit marker also counts as one)" if lag else ""
     last = flow.last_reason
-    started, completed = flow.counts()
+    figures = flow.figures()
+    counts = ", ".join(f"{n} {state}" for state, n in figures["workflows"].items())
     if flow.unknown_fate:
-        completed_note = f" ({flow.unknown_fate} left the monitor's window of {flow.window} before they finished)"
-    else:
-        completed_note = ""
+        counts += f" ({flow.unknown_fate} left the monitor's window of {flow.window} before they finished)"
     lines = [f"messages per second (last 10 s): {traffic}"] + ([f"consumer lag: {lags}"] if lag is not None else [])
     return Group(table, *lines, f"dead letters: {flow.dead_letters} (last: {last})",
-                 f"workflows: {started} started, {completed} completed, duplicates {flow.duplicates}{completed_note}",
-                 f"time limits: {sum(flow.timeouts.values())} steps timed out, {flow.resent} commands re-sent "
-                 f"(same id: a service that acted ignores it)")
+                 f"workflows: {counts}",
+                 f"duplicate effects {flow.duplicates}; commands re-sent {flow.resent} (same id: a service that acted "
+                 f"ignores it); steps timed out {flow.timeouts_total}")
 
 
 def print_sla_report(report: dict, as_json: bool) -> None:
@@ -329,15 +352,42 @@ def print_sla_report(report: dict, as_json: bool) -> None:
         print(json.dumps(report, sort_keys=True))
         return
     for kind, r in report.items():
-        print(f"{kind:<9} count {r['count']:>5}  completed {r['completed']:>5}  p50 {r['p50']} s  "
+        print(f"{kind:<9} count {r['count']:>5}  completed {r['completed']:>5}  failed {r['failed']:>4}  p50 {r['p50']} s  "
               f"p95 {r['p95']} s  p99 {r['p99']} s  SLA {r['sla_s']:g} s breaches {r['breaches']}")
+
+
+def timeline(wanted: str, settings: Settings = SETTINGS) -> int:
+    """Print every message of one workflow on the topics in the order Kafka got them, a repeat (an id seen before
+    on that topic: a re-sent command, a replayed event) marked; 1 if no single workflow has an id starting so."""
+    found = []
+    for name in ALL_TOPICS:
+        for record in read_all(name, settings=settings):
+            try:
+                message = Envelope.model_validate_json(record.value)
+            except ValidationError:  # (junk has no workflow)
+                continue
+            if message.workflow_id.startswith(wanted):
+                found.append((record.timestamp, record.topic.removeprefix(settings.topic_prefix), message))
+    workflows = {message.workflow_id for _, _, message in found}
+    if len(workflows) != 1:
+        print(f"monitor: {len(workflows) or 'no'} workflows have an id starting {wanted!r}", file=sys.stderr)
+        return 1
+    print(f"workflow {workflows.pop()}: {len(found)} messages")
+    seen = set()
+    for at, topic, message in sorted(found, key=lambda row: row[0]):
+        when = datetime.fromtimestamp(at / 1000).strftime("%H:%M:%S.%f")[:-3]
+        repeat = "  repeat (same id again)" if (topic, message.id) in seen else ""
+        seen.add((topic, message.id))
+        print(f"  {when}  {topic:<36} {message.type:<26} {message.source}{repeat}")
+    return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--sla-report", action="store_true", help="print latency percentiles and SLA breaches, exit")
-    parser.add_argument("--json", action="store_true", help="with --sla-report: one JSON object")
+    parser.add_argument("--json", action="store_true", help="with --once or --sla-report: one JSON object")
+    parser.add_argument("--workflow", metavar="ID", help="print one workflow's timeline (a unique beginning of its id)")
     parser.add_argument("--sla", type=float, default=5.0, help="seconds a workflow may take (default 5)")
     parser.add_argument("--window", type=float, help="with --sla-report: only workflows started in the last N s")
     parser.add_argument("--rows", type=int, default=15, help="workflows shown (default 15)")
@@ -351,6 +401,9 @@ def main() -> None:
     admin = wait_for_kafka(stop, "monitor")
     if admin is None:
         return
+    if args.workflow:
+        admin.close()
+        raise SystemExit(timeline(args.workflow))
     flow, console = Flow(args.sla, window=args.keep), Console(width=None if sys.stdout.isatty() else 200)
     tail = Tail(flow)
     try:
@@ -358,6 +411,8 @@ def main() -> None:
             raise SystemExit("monitor: stopped before reading to the end of the topics; no figures printed")
         if args.sla_report:
             print_sla_report(flow.sla_report(args.window), args.json)
+        elif args.once and args.json:
+            print(json.dumps(flow.figures(), sort_keys=True))
         elif args.once:
             console.print(render(flow, tail.lag(admin), args.rows))
         else:

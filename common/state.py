@@ -163,7 +163,10 @@ class Store:
             return 0
         reader, watermarks = self._reader()
         real = self.settings.topic(self.topic)
-        have = reader.partitions_for_topic(real) or set()
+        known_by = time.monotonic() + 10  # (a topic just created can be missing from the cluster's first answers)
+        while not partitions <= (have := reader.partitions_for_topic(real) or set()) and time.monotonic() < known_by:
+            reader.topics()  # (asks the cluster again)
+            time.sleep(0.1)
         if not partitions <= have:
             raise SystemExit(f"the state topic {real} has partitions {sorted(have)}, but this copy was assigned "
                              f"input partitions {sorted(partitions)}: give it as many partitions as its inputs")

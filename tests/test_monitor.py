@@ -59,8 +59,9 @@ def test_a_failed_step_fails_its_workflow_and_counts_as_an_sla_breach():
     flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 10)),
                    (MESSAGE_STREAM, envelope("security_action_failed", "w1", 9, ".done")))
     assert flow.state("w1", time.time()) == "failed"
-    assert flow.sla_report()["security"] == {"count": 1, "completed": 0, "p50": None, "p95": None, "p99": None,
-                                             "sla_s": 5.0, "breaches": 1}
+    assert flow.sla_report()["security"] == {"count": 1, "completed": 0, "failed": 1, "p50": None, "p95": None,
+                                             "p99": None, "sla_s": 5.0, "breaches": 1}
+    assert flow.figures()["workflows"] == {"started": 1, "completed": 0, "failed": 1, "stuck": 0, "running": 0}
 
 
 @pytest.mark.no_broker
@@ -81,7 +82,9 @@ def test_a_command_sent_again_after_a_timeout_is_a_resend_and_a_failed_workflow_
     screen = Console(width=200, record=True)
     screen.print(render(flow, None))
     text = screen.export_text()
-    assert "failed (1 timed out)" in text and "1 steps timed out, 1 commands re-sent" in text
+    assert "failed (1 timed out)" in text and "commands re-sent 1" in text and "steps timed out 1" in text
+    assert flow.figures() == {"workflows": {"started": 1, "completed": 0, "failed": 1, "stuck": 0, "running": 0},
+                              "duplicate_effects": 0, "resent_ignored": 1, "steps_timed_out": 1, "dead_letters": 0}
 
 
 @pytest.mark.no_broker
@@ -138,7 +141,11 @@ def test_once_shows_completed_failed_and_stuck_workflows(scripts, producer):
     assert not re.search(r"│ \d+\.\d\d s +│", rows[stuck.id[:8]])  # none while a step is missing
     assert "failed" in rows[failed.id[:8]]
     assert "STUCK: no 'acted' from security_service" in rows[stuck.id[:8]]
-    assert "workflows: 3 started, 1 completed, duplicates 0" in screen
+    assert "workflows: 3 started, 1 completed, 1 failed, 1 stuck, 0 running" in screen
+    # And --json gives those figures as one object
+    figures = json.loads(scripts.run("monitor.py", "--once", "--json", "--sla", "5").stdout)
+    assert figures["workflows"] == {"started": 3, "completed": 1, "failed": 1, "stuck": 1, "running": 0}
+    assert (figures["duplicate_effects"], figures["resent_ignored"]) == (0, 0)
 
 
 def test_sla_report_gives_percentiles_and_breaches_of_known_latencies(scripts, producer):
@@ -154,8 +161,8 @@ def test_sla_report_gives_percentiles_and_breaches_of_known_latencies(scripts, p
     # When the SLA report is asked for with a 5 s SLA
     report = json.loads(scripts.run("monitor.py", "--sla-report", "--json", "--sla", "5").stdout)
     # Then the nearest-rank percentiles and the five late workflows are reported
-    assert report["unit"] == {"count": 10, "completed": 10, "p50": 5.0, "p95": 10.0, "p99": 10.0, "sla_s": 5.0,
-                              "breaches": 5}
+    assert report["unit"] == {"count": 10, "completed": 10, "failed": 0, "p50": 5.0, "p95": 10.0, "p99": 10.0,
+                              "sla_s": 5.0, "breaches": 5}
     assert report["security"]["count"] == 0 and report["security"]["p50"] is None
     # And a window that excludes them counts none
     recent = json.loads(scripts.run("monitor.py", "--sla-report", "--json", "--window", "30").stdout)
@@ -239,5 +246,5 @@ def test_once_counts_every_workflow_when_most_have_left_the_monitors_window(scri
     # When it takes one snapshot
     screen = scripts.run("monitor.py", "--once", "--keep", "50", timeout=120).stdout
     # Then its totals count all of them, and it says none left the window unfinished
-    assert "workflows: 300 started, 300 completed, duplicates 0" in screen
+    assert "workflows: 300 started, 300 completed, 0 failed, 0 stuck, 0 running" in screen
     assert "left the monitor's window" not in screen

@@ -72,6 +72,11 @@ def test_a_step_without_answer_is_sent_attempts_times_then_escalated_and_the_wor
     assert (shown["workflow_id"], shown["type"], shown["state"], shown["stage"]) == (event.workflow_id, "security",
                                                                                      "failed", 1)
     assert [(s["name"], s["state"], s["attempts"]) for s in shown["steps"]] == [("acted", "timed_out", 3)]
+    # And the monitor's timeline of it shows each timeout and marks the commands sent again as repeats
+    lines = scripts.run("monitor.py", "--workflow", event.workflow_id[:8]).stdout.splitlines()
+    assert lines[0] == f"workflow {event.workflow_id}: 10 messages"  # (1 + 3 + 2 + 3 + 1)
+    assert sum("step_timed_out" in line for line in lines) == 3 and sum("workflow_failed" in line for line in lines) == 1
+    assert [("repeat" in line) for line in lines if " sec_command " in line] == [False, True, True]
 
 
 def test_a_service_started_before_the_attempts_run_out_acts_once_and_the_workflow_completes(scripts, topics,

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from common import (ALL_TOPICS, DEAD_LETTER, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of,
                     read_all, refused, setup_logging, wait_for_kafka)
-from orchestrator import WORKFLOWS, group_for
+from orchestrator import WORKFLOWS, group_for, replaced
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -307,8 +307,9 @@ class Tail:
             offsets = admin.list_group_offsets({real: None for real in names.values()})
         except KafkaError:  # no group coordinator yet (a brand-new cluster): no lag to show
             return {}
+        gone = replaced(admin, self.flow.settings)  # (an orchestrator split off or joined back: its lag only grows)
         return {group: sum(max(0, end.get(tp, 0) - meta.offset) for tp, meta in offsets[real].items())
-                for group, real in names.items() if offsets.get(real)}
+                for group, real in names.items() if offsets.get(real) and group not in gone}
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)

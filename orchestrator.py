@@ -20,10 +20,12 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import combinations
 
 from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND,
                     SETTINGS, DeadLetter, Envelope, Output, State, Triple, caused_by, parse, read_all, run_service,
                     setup_logging, written_by)
+from common.clients import SESSION_TIMEOUT_MS
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -303,6 +305,53 @@ def group_for(workflows: set[str]) -> str:
     return "orchestrator" if workflows == set(WORKFLOWS) else "orchestrator-" + "-".join(sorted(workflows))
 
 
+def orchestrator_groups() -> dict[str, set[str]]:
+    """Every consumer group an orchestrator can run in (the single one, each split one): group -> its workflows."""
+    names = sorted(WORKFLOWS)
+    return {group_for(set(chosen)): set(chosen) for n in range(1, len(names) + 1) for chosen in combinations(names, n)}
+
+
+def overlapping(workflows: set[str]) -> dict[str, set[str]]:
+    """Every other orchestrator group whose workflows overlap these: only one of them may run at a time, and each
+    starts where the others left off."""
+    return {group: theirs for group, theirs in orchestrator_groups().items() if theirs & workflows and theirs != workflows}
+
+
+def replaced(admin, settings=SETTINGS) -> set[str]:
+    """Orchestrator groups with no member while one of other but overlapping workflows runs: split off, or joined
+    back. Their lag means nothing: should they run again, they start where the running one left off."""
+    every = orchestrator_groups()
+    running = running_groups(admin, every, settings)
+    return {group for group, theirs in every.items() if group not in running and any(theirs & every[r] for r in running)}
+
+
+def alone(admin, workflows: set[str], settings=SETTINGS) -> None:
+    """End this orchestrator in one line while another one runs whose workflows overlap its own: both would route
+    their events (the split ones and the single one are different consumer groups). A copy stopped just now is
+    still a member until its session ends (a static member does not leave on close), so that is waited out first."""
+    others, until = overlapping(workflows), time.monotonic() + SESSION_TIMEOUT_MS / 1000 + 2
+    running = running_groups(admin, others, settings)
+    if running:
+        log.info("group %s has a member; waiting up to %d s in case it was stopped just now", ", ".join(running),
+                 until - time.monotonic())
+    while running and time.monotonic() < until:
+        time.sleep(1.0)
+        running = running_groups(admin, others, settings)
+    for group, members in running.items():
+        theirs, rest = others[group], sorted(workflows - others[group])
+        raise SystemExit(
+            f"orchestrator: group {group} (workflows {','.join(sorted(theirs))}) is running ({len(members)} "
+            f"cop{'y' if len(members) == 1 else 'ies'}), and both would route {','.join(sorted(workflows & theirs))}. "
+            f"Stop it first (Ctrl-C in its terminal), then start this one: it starts where that one left off"
+            + (f"; or run this one with --workflows {','.join(rest)}" if rest else ""))
+
+
+def running_groups(admin, groups: dict[str, set[str]], settings=SETTINGS) -> dict[str, list]:
+    """Those of these groups that have members now: group -> its members."""
+    described = admin.describe_groups([settings.group(group) for group in groups])
+    return {group: members for group in groups if (members := described.get(settings.group(group), {}).get("members"))}
+
+
 def preview(records, example: int, workflows: set[str]) -> dict[str, Counter]:
     """What route() would emit for recorded events: event type -> Counter of output topics (nothing is sent)."""
     emitted: dict[str, Counter] = defaultdict(Counter)
@@ -393,7 +442,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     workflows = checked(args)
-    group, split = group_for(workflows), workflows != set(WORKFLOWS)
+    group = group_for(workflows)
     if args.dry_run:
         return dry_run(args, workflows)
     active = sorted(w for w in workflows if WORKFLOWS[w].from_example <= args.example)
@@ -410,7 +459,8 @@ def main() -> None:
         return outputs
 
     # Exactly once: the commands routed from a batch and the batch's offsets commit in one Kafka transaction.
-    # A split orchestrator's new group takes over where the single orchestrator left off, not from the beginning.
+    # It refuses to start while an orchestrator of other but overlapping workflows runs (split and single), and
+    # starts where such ones left off: splitting, or joining back into one, routes nothing twice.
     # dedupe: an event handled before is not routed again, and the same id with other content is a dead letter.
     # It reads only the writers of its workflows, each allowed only its own message types.
     accepts = senders(workflows)
@@ -419,7 +469,7 @@ def main() -> None:
     run_service("orchestrator", list(accepts), handle, writes=(*command_topics(), MESSAGE_STREAM), accepts=accepts,
                 group=group, transactional=not args.no_transactions, dedupe=True, state=True,
                 timer=lambda state, key: timed_out(state, key, args.example, limits),
-                start_like="orchestrator" if split else None)
+                take_over=tuple(overlapping(workflows)), check=lambda admin: alone(admin, workflows))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from common.delivery import Delivery
 from common.handling import (Handled, Handler, Out, Triple, handle_batch, offsets_of, outputs_of, rejected,
                              serialised)
 from common.settings import DEAD_LETTER, FAMILIES, SETTINGS, Settings, written_by
-from common.state import State, Store, ensure_changelog
+from common.state import State, Store, adopt, ensure_changelog
 from common.waiting import Pause, Poller, Stopper
 
 log = logging.getLogger("common")
@@ -29,7 +29,8 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
                 accepts: dict[str, frozenset] | None = None, group: str | None = None,
                 tick: Callable[[], list[Triple]] | None = None, transactional: bool = False, dedupe: bool = False,
                 state: bool = False, timer: Callable[[State, str], list[Triple]] | None = None,
-                start_like: str | None = None, settings: Settings = SETTINGS) -> None:
+                take_over: tuple[str, ...] = (), check: Callable[[KafkaAdminClient], None] | None = None,
+                settings: Settings = SETTINGS) -> None:
     """Consume `inputs`, handle each message, produce what the handler returns, then commit.
 
     transactional=True: a batch's outputs and its offsets commit in one Kafka transaction (exactly once); else its
@@ -38,14 +39,15 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
     handle(message, state), `state` being its partition's entries (common/state.py); `timer(state, key)` is called
     when an entry's due time passes, and returns what to send then. State and handled ids are kept in Kafka with
     the work when transactional, else in memory only. What a handler rejects or keeps failing on goes to
-    dead_letter. Outputs keep the input's key. `tick()` adds (topic, message, key) triples each loop; `start_like`:
-    a new group starts where that group left off. `writes`: the topics it writes (a family: its own member);
+    dead_letter. Outputs keep the input's key. `tick()` adds (topic, message, key) triples each loop. `take_over`:
+    groups whose offsets it moves forward to, where they are further (see furthest_offsets); `check(admin)` runs once
+    Kafka answers, and may end the script. `writes`: the topics it writes (a family: its own member);
     `accepts`: input topic -> the message types its writer may send (others are dead letters).
     """
     group, stop = group or name, Stopper()
     own = [written_by(topic, name) for topic in (*writes, DEAD_LETTER)]
     store = Store(group, settings, durable=transactional, dedupe=dedupe) if dedupe or state else None
-    if not prepare(stop, name, group, start_like, settings, [*inputs, *own], store):
+    if not prepare(stop, name, group, take_over, settings, [*inputs, *own], store, check):
         return
     loop = Loop(name, group, inputs, handle if state else lambda message, _: handle(message), stop, settings,
                 transactional=transactional, store=store, tick=tick, timer=timer, writes=[*own, *writes],
@@ -217,19 +219,25 @@ def made(name: str, triples: list[Triple]) -> list[Out]:
     return outs
 
 
-def prepare(stop: "Stopper", name: str, group: str, start_like: str | None, settings: Settings,
-            topics: list[str], store: Store | None = None) -> bool:
-    """Wait for Kafka, create missing topics (and the state topic) and, for a new group with `start_like`, take over
-    that group's offsets; False if stopped meanwhile."""
+def prepare(stop: "Stopper", name: str, group: str, take_over: tuple[str, ...], settings: Settings,
+            topics: list[str], store: Store | None = None, check=None) -> bool:
+    """Wait for Kafka, create missing topics (and the state topic), run `check(admin)` (it may end the script), and
+    move the group's offsets forward to where the groups in `take_over` left off; False if stopped meanwhile."""
     admin = wait_for_kafka(stop, name, settings, topics=topics)
     if admin is None:
         return False
     try:
-        if store is not None and store.topic:
-            ensure_changelog(admin, group, settings)
-        while start_like and not stop:
+        while (check or take_over) and not stop:
             try:
-                inherit_offsets(admin, group, start_like, settings)
+                if check:
+                    check(admin)
+                furthest = furthest_offsets(admin, group, take_over, settings)
+                if furthest and store is not None and store.topic:  # (their state first: the offsets say it is done)
+                    ensure_changelog(admin, group, settings)
+                    log.info("%s: took over %d state entries of %s", name, adopt(group, take_over, settings),
+                             ", ".join(take_over))
+                if furthest:
+                    move_offsets(admin, group, furthest, take_over, settings)
                 break
             except AuthorizationError as error:
                 raise refused(name, error, settings) from None
@@ -237,25 +245,41 @@ def prepare(stop: "Stopper", name: str, group: str, start_like: str | None, sett
                 if not error.retriable:
                     raise
                 stop.wait(0.5)
+        if store is not None and store.topic and not stop:
+            ensure_changelog(admin, group, settings)
     finally:
         admin.close()
     return not stop
 
 
-def inherit_offsets(admin: KafkaAdminClient, group: str, start_like: str, settings: Settings = SETTINGS) -> None:
-    """Give a group that has never committed the committed offsets of another, so that it takes over where that
-    group left off rather than re-reading the topic from the beginning (e.g. when one orchestrator is split in two)."""
-    group, start_like = settings.group(group), settings.group(start_like)
-    offsets = admin.list_group_offsets({group: None, start_like: None})
-    if offsets.get(group) or not offsets.get(start_like):
-        return
-    failed = {tp: error for tp, error in admin.alter_group_offsets(group, offsets[start_like]).items()
+def furthest_offsets(admin: KafkaAdminClient, group: str, others: tuple[str, ...],
+                     settings: Settings = SETTINGS) -> dict:
+    """Where any of `others` committed further than `group`, partition by partition: the offsets that let it start
+    where they left off instead of routing again what they routed (one orchestrator split in two, or split ones
+    joined back into one). Only ever forward: where it is ahead, it keeps its own."""
+    if not others:
+        return {}
+    names = [settings.group(name) for name in (group, *others)]
+    offsets = admin.list_group_offsets({name: None for name in names})
+    own, furthest = offsets.get(names[0]) or {}, {}
+    for name in names[1:]:
+        for tp, meta in (offsets.get(name) or {}).items():
+            ahead_of = furthest.get(tp, own.get(tp))
+            if ahead_of is None or meta.offset > ahead_of.offset:
+                furthest[tp] = meta
+    return furthest
+
+
+def move_offsets(admin: KafkaAdminClient, group: str, offsets: dict, others: tuple[str, ...],
+                 settings: Settings = SETTINGS) -> None:
+    failed = {tp: error for tp, error in admin.alter_group_offsets(settings.group(group), offsets).items()
               if error is not NoError}
     if failed:
-        log.warning("could not start group %s where %s left off (%s): it reads from the beginning; the commands it sends "
-                    "again have the same ids, so services ignore them", group, start_like, failed)
+        log.warning("could not start group %s where %s left off (%s): it routes again what they routed; the commands "
+                    "have the same ids, so services ignore them", group, ", ".join(others), failed)
     else:
-        log.info("new group %s starts where group %s left off", group, start_like)
+        log.info("group %s starts where %s left off (%d partitions moved forward)", group, " and ".join(others),
+                 len(offsets))
 
 
 def join(stop: "Stopper", group: str, inputs: list[str], settings: Settings, listener=None) -> KafkaConsumer:

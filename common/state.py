@@ -15,12 +15,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError
 from kafka.structs import TopicPartition
 
-from common.clients import refused
+from common.clients import read_all, refused, wait_for_acks
 from common.handling import Out
 from common.settings import SETTINGS, Settings
 from common.workarounds import Stuck, in_background
@@ -247,6 +247,29 @@ class Store:
         for reader in readers:
             reader.partitions_for_topic(self.settings.topic(self.topic))
         return readers
+
+
+def adopt(group: str, others: tuple[str, ...], settings: Settings = SETTINGS) -> int:
+    """Copy into a group's state topic every entry that one of `others` wrote later than it did, to the same
+    partition: a group that takes over where others left off (an orchestrator split in two, or joined back into one)
+    takes over what they knew too (workflows in flight, ids handled). Returns how many entries were copied."""
+    latest: dict[tuple[int, bytes], tuple[float, bool, bytes]] = {}  # (partition, key) -> (at, its own, entry)
+    for name in (*others, group):  # (its own last: on a tie its own entry stands, so copying twice copies nothing)
+        for record in read_all(changelog(name), settings=settings):
+            if record.value is not None:
+                at, slot = json.loads(record.value)["at"], (record.partition, record.key)
+                if slot not in latest or at >= latest[slot][0]:
+                    latest[slot] = (at, name == group, record.value)
+    newer = [(slot, value) for slot, (_, own, value) in latest.items() if not own]
+    if newer:
+        producer = KafkaProducer(**settings.kafka_config(), acks="all", linger_ms=20, batch_size=256 * 1024)
+        try:
+            futures = [producer.send(settings.topic(changelog(group)), key=key, value=value, partition=partition)
+                       for (partition, key), value in newer]
+            wait_for_acks(producer, futures, f"copying state into {changelog(group)}")
+        finally:
+            producer.close(timeout=10)
+    return len(newer)
 
 
 def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:

@@ -3,7 +3,7 @@
 import re
 import time
 
-from helpers import detections, ids_of, wait_completed, wait_for_reports
+from helpers import NO_RESENDS, detections, ids_of, wait_completed, wait_for_reports
 
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, new_event
 
@@ -163,17 +163,35 @@ def test_an_unknown_type_is_dead_lettered_once_by_split_orchestrators(scripts, t
 
 def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, topics):
     # Given a single orchestrator that has routed five detections and stopped
-    single = scripts.start("orchestrator.py")
+    single = scripts.start("orchestrator.py", *NO_RESENDS)
     commands = topics(SEC_COMMAND)
     scripts.run("security_detector.py", "--count", "5", "--rate", "50")
     commands.read_count(5)
     scripts.stop(single)
     # When the security workflow gets an orchestrator of its own and one more detection arrives
-    scripts.start("orchestrator.py", "--workflows", "security")
+    split = scripts.start("orchestrator.py", "--workflows", "security", *NO_RESENDS)
     scripts.run("security_detector.py", "--count", "1")
     # Then only the new detection is routed: the new group started where the single orchestrator left off
     stream = topics(MESSAGE_STREAM)
     workflows = detections(stream.read_count(6, type_="security_detection"))
     commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms})
     assert len(commands.messages()) == 6
+    # And the monitor shows the lag of the running orchestrator only (the single one's would only grow)
+    lag = next(line for line in scripts.run("monitor.py", "--once").stdout.splitlines() if line.startswith("consumer lag"))
+    assert re.search(r"orchestrator-security \d+", lag) and not re.search(r"orchestrator \d+", lag)
+    # And a single orchestrator started by mistake meanwhile refuses in one line, naming the running one
+    refused = scripts.run("orchestrator.py", check=False)
+    assert refused.returncode == 1 and refused.stderr.splitlines()[-1].startswith(
+        "orchestrator: group orchestrator-security (workflows security) is running (1 copy), and both would route "
+        "security. Stop it first")
+    # And when the split one is stopped and the single one started again, it starts where the split one left off
+    scripts.stop(split)
+    single = scripts.start("orchestrator.py", *NO_RESENDS)
+    scripts.run("security_detector.py", "--count", "1")
+    workflows = detections(stream.read_count(7, type_="security_detection"))
+    commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms})
+    assert len(commands.messages()) == 7
+    # And each took over what the other knew of the workflows (the 5, then the 6 it had)
+    assert "took over 10 state entries of orchestrator" in scripts.output(split)
+    assert "took over 2 state entries of orchestrator-security" in scripts.output(single)
 

@@ -141,24 +141,25 @@ def test_split_orchestrators_restart_independently(scripts, topics):
     unit_commands.read_until(lambda ms: waiting <= {m.workflow_id for m in ms})
 
 
-def test_an_unknown_type_is_dead_lettered_once_by_split_orchestrators(scripts, topics, producer):
+def test_an_unknown_type_and_invalid_json_are_dead_lettered_once_by_split_orchestrators(scripts, topics, producer):
     # Given one orchestrator per workflow
     scripts.start("orchestrator.py", "--workflows", "security")
     scripts.start("orchestrator.py", "--workflows", "unit")
-    # When an event of a type no workflow knows arrives, followed by one event of each workflow
+    # When an event of a type no workflow knows and invalid JSON arrive, followed by one event of each workflow
     stranger = new_event("unit_event", {"unit_id": "u", "status": "offline", "battery": 1}, "test")
     producer(MESSAGE_STREAM, stranger.model_copy(update={"type": "weather_report"}))
+    producer(MESSAGE_STREAM, b"{not json")
     detection = new_event("security_detection", {"sensor_id": "s", "zone": "z", "kind": "smoke", "severity": 1}, "t")
     unit = new_event("unit_event", {"unit_id": "u", "status": "offline", "battery": 1}, "test")
     producer(MESSAGE_STREAM, detection)
     producer(MESSAGE_STREAM, unit)
-    # Then, once both orchestrators have routed past it, it is in dead_letter exactly once
+    # Then, once both orchestrators have routed past them, each is in dead_letter exactly once
     topics(SEC_COMMAND).read_count(1)
     topics(UNIT_COMMAND).read_count(1)
-    letters = topics("dead_letter").read_count(1)
-    assert [letter.payload["reason"] for letter in letters] == [  # (the detector may send detections only)
+    reasons = [letter.payload["reason"] for letter in topics("dead_letter").read_count(2)]
+    assert len(reasons) == 2 and reasons[0] == (  # (the detector may send detections only)
         f"security_detector may not send 'weather_report'; {scripts.env['TOPIC_PREFIX']}message_stream.security_detector "
-        f"carries security_detection only"]
+        f"carries security_detection only") and reasons[1].startswith("not valid JSON")
 
 
 def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, topics):

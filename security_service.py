@@ -19,8 +19,8 @@ def carry_out(command: Envelope, fail_zones: frozenset = frozenset()) -> list[Ou
     """Apply the command to its zone and report back to the orchestrator."""
     expect(command, "security_command")
     if command.payload["zone"] in fail_zones:  # a simulated fault: the orchestrator escalates it
-        log.warning("%s in %s FAILED (workflow %s)", command.payload["action"], command.payload["zone"],
-                    command.workflow_id[:8])
+        log.warning("%s in %s FAILED: actuator not responding (a simulated fault: --fail-zones %s) (workflow %s)",
+                    command.payload["action"], command.payload["zone"], command.payload["zone"], command.workflow_id[:8])
         return [(MESSAGE_STREAM, caused_by(command, "done", "security_action_failed", {
             "action": command.payload["action"], "zone": command.payload["zone"],
             "detail": "actuator not responding"}, "security_service"))]

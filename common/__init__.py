@@ -13,6 +13,13 @@
   workarounds every workaround of a kafka-python behaviour, each saying which and why
 """
 
+try:
+    import kafka  # noqa: F401 -- (only to say in one line what is missing, instead of a traceback)
+    import pydantic  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"{missing.name} is not installed here: run the scripts in the project's virtual environment "
+                     f"(`make check` makes it in .venv; then `. .venv/bin/activate`)") from None
+
 from common.clients import (answers_kafka, ensure_topics, make_consumer, make_producer, read_all, refused, send,
                             wait_for_acks, wait_for_kafka)
 from common.handling import Handler, Triple, Unavailable, handle_batch

@@ -1,9 +1,12 @@
 """Envelope and schema validation: what parse() accepts, and the reason it gives for what it does not."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
+from helpers import ROOT
 
 from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Unavailable, dead_letter, handle_batch, new_event, parse
 from common.settings import Settings
@@ -238,3 +241,12 @@ def test_a_derived_id_never_outgrows_the_id_limit_and_stays_the_same_for_the_sam
 def test_a_null_value_is_kept_as_null_in_its_dead_letter():
     assert dead_letter(None, "empty", "svc", Record(0, None)).payload["original_null"] is True
     assert dead_letter(b"", "empty", "svc", Record(0, b"")).payload["original_null"] is False
+
+
+def test_a_script_run_outside_the_virtual_environment_says_so_in_one_line():
+    # (-S: without site-packages, as a system Python without the project's requirements)
+    result = subprocess.run([sys.executable, "-S", "security_service.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=30)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("kafka is not installed here: run the scripts in the project's virtual environment "
+                             "(`make check` makes it in .venv; then `. .venv/bin/activate`)\n")

@@ -195,4 +195,7 @@ def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, 
     # And each took over what the other knew of the workflows (the 5, then the 6 it had)
     assert "took over 10 state entries of orchestrator" in scripts.output(split)
     assert "took over 2 state entries of orchestrator-security" in scripts.output(single)
+    # And it says, with the milliseconds, how long after its start it routed the first waiting message
+    assert re.search(r"\d\d:\d\d:\d\d\.\d{3} orchestrator INFO first message routed \d+\.\d\d s after this "
+                     r"process started", scripts.output(single))
 

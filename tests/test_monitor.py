@@ -196,7 +196,7 @@ def test_dry_run_previews_a_routing_change_and_produces_and_commits_nothing(env,
 
 def test_a_failed_security_action_is_escalated_end_to_end(scripts, topics, producer):
     # Given services where every action in zone-1 fails
-    scripts.start("security_service.py", "--fail-zones", "zone-1")
+    security = scripts.start("security_service.py", "--fail-zones", "zone-1")
     scripts.start("notification_service.py")
     scripts.start("orchestrator.py", "--example", "1")
     # When a detection in zone-1 arrives
@@ -209,6 +209,8 @@ def test_a_failed_security_action_is_escalated_end_to_end(scripts, topics, produ
     assert {m.workflow_id for m in delivered} == {event.id}
     escalation = next(m for m in delivered if m.payload["recipient"] == "security-supervisor")
     assert escalation.payload["text"] == "ESCALATION: dispatch_guard failed at zone-1: actuator not responding"
+    assert "dispatch_guard in zone-1 FAILED: actuator not responding (a simulated fault: --fail-zones zone-1)" in \
+        scripts.output(security)
 
 
 @pytest.mark.no_broker

@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import time
+from datetime import datetime
 
 from kafka import KafkaConsumer
 from kafka.errors import AuthorizationError
@@ -32,22 +33,43 @@ from common.messages import DeadLetterPayload
 log = logging.getLogger("dead_letters")
 
 
-def load(records) -> tuple[list[tuple[str, DeadLetterPayload]], list[str]]:
-    """(which letter, "SERVICE:PARTITION:OFFSET", and what it says) for each readable dead letter, and which records are not
+def load(records) -> tuple[list[tuple[str, DeadLetterPayload, datetime]], list[str]]:
+    """(which letter, "SERVICE:PARTITION:OFFSET"; what it says; when it was written) for each readable dead letter, and
+    which records are not
     dead letters at all (junk written to a dead_letter topic): those are shown, never fatal. SERVICE is the writer
     of the dead_letter topic it is on, which only that service may write."""
     letters, unreadable = [], []
     for record in records:
         which = f"{record.topic.rsplit('.', 1)[-1]}:{record.partition}:{record.offset}"
         try:
-            letters.append((which, DeadLetterPayload.model_validate(Envelope.model_validate_json(record.value).payload)))
+            envelope = Envelope.model_validate_json(record.value)
+            letters.append((which, DeadLetterPayload.model_validate(envelope.payload), envelope.created_at))
         except ValidationError:  # (invalid JSON is a ValidationError too)
             unreadable.append(which)
     return letters, unreadable
 
 
+def workflow_of(letter: DeadLetterPayload) -> str:
+    """The workflow id of a letter's original, when it is an envelope that says one; else "-"."""
+    try:
+        return Envelope.model_validate_json(decoded(letter)[1] or b"").workflow_id[:8]
+    except (ValidationError, ValueError):  # (not an envelope, or cut to fit)
+        return "-"
+
+
+def listing(letters) -> list[str]:
+    """`list`'s lines: when each letter was written, by which service, the original's workflow, where the original
+    is, and why."""
+    lines = [f"{'time':<12} {'letter':<34} {'workflow':<9} {'from topic:partition:offset':<44} reason"]
+    for which, letter, made in letters:
+        when = made.astimezone().strftime("%H:%M:%S.%f")[:12]
+        lines.append(f"{when:<12} {which:<34} {workflow_of(letter):<9} "
+                     f"{f'{letter.topic}:{letter.partition}:{letter.offset}':<44} {letter.reason}")
+    return lines
+
+
 def chosen(letters, reason: str | None, service: str | None, which: list[str] | None):
-    return [(name, letter) for name, letter in letters
+    return [(name, letter, made) for name, letter, made in letters
             if (reason is None or reason in letter.reason)
             and (service is None or name.startswith(service + ":"))
             and (not which or name in which)]
@@ -65,7 +87,7 @@ def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None
     up a message another script would have sent); each original once (unless every_copy)."""
     kept, seen = [], set()
     with Source() as source:
-        for which, letter in letters:
+        for which, letter, _ in letters:
             reason = unfit(which, letter)
             key, value = (None, None) if reason else decoded(letter)
             if reason is None and (key, value) != source.record(letter.topic, letter.partition, letter.offset):
@@ -154,10 +176,8 @@ def main() -> int:
     letters, unreadable = load(read_all(DEAD_LETTER))
     letters = chosen(letters, args.reason, args.service, args.letter)
     if args.command == "list":
-        print(f"{'letter':<26} {'from topic:partition:offset':<44} reason")
-        for which, letter in letters:
-            print(f"{which:<26} {f'{letter.topic}:{letter.partition}:{letter.offset}':<44} {letter.reason}")
-        print(f"{len(letters)} dead letters")
+        print("\n".join(listing(letters)))
+        print(f"{len(letters)} dead letters (a letter is SERVICE:PARTITION:OFFSET, the service that wrote it first)")
     else:
         todo = originals(letters, args.every_copy)
         if not todo:

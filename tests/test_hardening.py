@@ -188,6 +188,7 @@ def test_junk_on_dead_letter_is_shown_as_unreadable_and_disables_no_tool(scripts
     once = scripts.run("monitor.py", "--once").stdout
     # Then the readable letter is listed, the junk counted and skipped, and the monitor counts all three
     assert "not valid JSON" in listed and "1 dead letters" in listed
+    assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} +orchestrator:0:\d+ +- +", listed, re.M)  # (time, letter; junk: no workflow)
     assert re.search(r"^2 records on dead_letter are not dead letters \(orchestrator:0:\d+, orchestrator:0:\d+\); skipped$",
                      listed, re.M)
     assert "dead letters: 2 (last: (no reason given))" in once

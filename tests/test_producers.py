@@ -1,5 +1,8 @@
 """The two event sources against a real broker: security_detector and unit_event_producer."""
 
+import signal
+import time
+
 from helpers import unit_event
 
 from common import MESSAGE_STREAM, UNIT_COMMAND
@@ -29,3 +32,17 @@ def test_the_unit_producer_emits_events_and_applies_commands(scripts, topics, pr
     [applied] = stream.read_count(1, type_="unit_command_applied")
     assert applied.workflow_id == command.workflow_id
     assert applied.payload == {"unit_id": "unit-1", "command": "reboot", "state": "rebooting"}
+
+
+def test_the_unit_producer_makes_no_event_once_it_is_asked_to_stop(scripts, topics):
+    # Given the unit producer making 20 events a second
+    units = scripts.start("unit_event_producer.py", "--rate", "20")
+    stream = topics(MESSAGE_STREAM)
+    stream.read_count(5, type_="unit_event")
+    # When it gets Ctrl-C
+    asked = time.time()
+    units.send_signal(signal.SIGINT)
+    assert units.wait(timeout=30) == 0
+    # Then every event it made was made before (an event made after the signal would never get its command applied)
+    made = [m.created_at.timestamp() for m in stream.read_count(1, type_="unit_event")]
+    assert made and max(made) <= asked + 0.02

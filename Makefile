@@ -4,12 +4,14 @@
 # make kafka-up / kafka-down -- a broker on localhost:9092: Docker compose where a Docker engine answers, else local_kafka
 # make lint   -- ruff
 # make bench  -- bench.py: throughput, latency, restart gap and memory, side by side (about 4 minutes)
+# make reset  -- start the walkthrough over: delete its topics, consumer groups, state and reports.db
+# make walkthrough -- a tmux session with one window per script of Example 1, for the examples by hand
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DOCKER_ENGINE := $(shell docker info >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test check kafka-up kafka-down lint bench
+.PHONY: demo test check kafka-up kafka-down lint bench reset walkthrough
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +51,9 @@ $(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
 
 bench: $(VENV)/.bench-installed
 	$(PY) bench.py --json bench.json
+
+reset: $(VENV)/.installed
+	$(PY) demo.py --reset
+
+walkthrough: $(VENV)/.installed
+	$(PY) demo.py --tmux

@@ -3,6 +3,9 @@
 Reads:  every project topic (to follow each workflow)   Needs: a broker (`make kafka-up`; `make demo` does it)
 Run:    python demo.py            # about a minute; Ctrl-C stops everything it started
         python demo.py --quick    # shorter stages (used by the tests)
+        python demo.py --tmux     # the examples by hand: a tmux session, one window per script (`make walkthrough`)
+        python demo.py --reset    # start the walkthrough over: delete its topics, consumer groups, state and
+                                  # reports.db (those of TOPIC_PREFIX; `make reset`)
 Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 reports=N restart_gap_s=X.X (exit 1 if anything
 was lost).
 """
@@ -10,6 +13,7 @@ was lost).
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,8 +26,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common import Settings
-from monitor import Flow, Tail, render
+from kafka import KafkaAdminClient
+from kafka.errors import NonEmptyGroupError, KafkaError
+
+from common import ALL_TOPICS, SETTINGS, Settings
+from common.clients import SESSION_TIMEOUT_MS
+from common.state import changelog
+from monitor import Flow, Tail, groups, render
 
 HERE = Path(__file__).resolve().parent
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_green"]
@@ -141,12 +150,86 @@ class Walkthrough:
         return 1 if lost or flow.duplicates else 0
 
 
+# The walkthrough's windows: (name, command, whether it runs at once). Example 1 runs; Examples 2 and 3 are typed,
+# ready: press Enter in their window when the README's step says so.
+WINDOWS = [("security", "python security_service.py", True),
+           ("notification", "python notification_service.py", True),
+           ("orchestrator", "python orchestrator.py --example 1", True),
+           ("detector", "python security_detector.py", True),
+           ("monitor", "python monitor.py", True),
+           ("reporting", "python reporting_service.py --example 2", False),
+           ("units", "python unit_event_producer.py", False)]
+SESSION = "walkthrough"
+
+
+def walkthrough(attach: bool) -> int:
+    """Open the tmux session of the examples by hand (or say how to reach the one already open)."""
+    if shutil.which("tmux") is None:
+        raise SystemExit("demo: tmux is not installed (apt-get install tmux, brew install tmux); or open one terminal "
+                         "per script as the README shows")
+    if subprocess.run(["tmux", "has-session", "-t", SESSION], capture_output=True).returncode != 0:
+        for number, (name, command, run) in enumerate(WINDOWS):
+            subprocess.run(["tmux", "new-session", "-d", "-s", SESSION, "-n", name, "-c", str(HERE)] if number == 0
+                           else ["tmux", "new-window", "-t", SESSION, "-n", name, "-c", str(HERE)], check=True)
+            keys = [f". {HERE / '.venv/bin/activate'} && {command}"] + (["Enter"] if run else [])
+            subprocess.run(["tmux", "send-keys", "-t", f"{SESSION}:{name}", *keys], check=True)
+        subprocess.run(["tmux", "select-window", "-t", f"{SESSION}:orchestrator"], check=True)
+        print(f"tmux session {SESSION!r}: Example 1 runs in windows {', '.join(n for n, _, run in WINDOWS if run)}; "
+              f"{', '.join(n for n, _, run in WINDOWS if not run)} are typed, ready for Examples 2 and 3 "
+              f"(Ctrl-b n: next window; Ctrl-b d: leave it running; `tmux kill-session -t {SESSION}`: end it)")
+    if not attach:
+        print(f"attach with: tmux attach -t {SESSION}")
+        return 0
+    return subprocess.run(["tmux", "attach", "-t", SESSION]).returncode
+
+
+def reset(settings: Settings, report_db: str | None = None) -> list[str]:
+    """Delete the walkthrough's topics (every project topic and family member of settings.topic_prefix, and the state
+    topics of its groups), its consumer groups and its report store; returns the topics deleted."""
+    admin = KafkaAdminClient(**settings.kafka_config(), client_id="reset")
+    try:
+        ours = re.compile(settings.pattern(ALL_TOPICS)[:-2] + "|" + "|".join(
+            re.escape(changelog(group)) for group in groups()) + ")$")
+        topics = sorted(t for t in admin.list_topics() if ours.match(t))
+        if topics:
+            admin.delete_topics(topics, raise_errors=False)
+        busy, until = [settings.group(group) for group in groups()], time.monotonic() + SESSION_TIMEOUT_MS / 1000 + 2
+        while busy:  # (a script stopped just now stays a member until its session ends: that is waited out)
+            busy = [group for group, error in admin.delete_groups(busy).items()  # (kafka-python 3.0.12 names the
+                    if NonEmptyGroupError.__name__ in str(error)]                 # error of each group)
+            if busy and time.monotonic() > until:
+                raise SystemExit(f"demo: {', '.join(busy)} still {'has' if len(busy) == 1 else 'have'} members: "
+                                 f"stop every script first (Ctrl-C in each terminal), then reset again")
+            time.sleep(0.5 if busy else 0)
+    finally:
+        admin.close()
+    if report_db and os.path.exists(report_db):
+        os.remove(report_db)
+    return topics
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short stages (for tests)")
-    parser.add_argument("--keep", action="store_true", help="keep the demo's report store instead of deleting it")
+    parser.add_argument("--keep", action="store_true", help="keep the demo's report store and topics")
+    parser.add_argument("--tmux", action="store_true", help="open a tmux session with a window per script of the "
+                                                            "examples by hand, then exit")
+    parser.add_argument("--reset", action="store_true", help="delete the walkthrough's topics, groups, state and "
+                                                             "report store (those of TOPIC_PREFIX), then exit")
     args = parser.parse_args()
+    if args.tmux:
+        return walkthrough(attach=sys.stdout.isatty())
+    if args.reset:
+        try:
+            topics = reset(SETTINGS, os.environ.get("REPORT_DB", "reports.db"))
+        except KafkaError as error:
+            raise SystemExit(f"demo: could not reset at {SETTINGS.bootstrap_servers}: {error}") from None
+        prefixed = f" prefixed {SETTINGS.topic_prefix!r}" if SETTINGS.topic_prefix else ""
+        print(f"reset: deleted {len(topics)} topics{prefixed}, the consumer groups and the report store; the "
+              "walkthrough starts over")
+        return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too stops everything the demo started
+    own_prefix = not os.environ.get("TOPIC_PREFIX")
     prefix = os.environ.get("TOPIC_PREFIX") or f"demo{uuid.uuid4().hex[:6]}_"
     workdir = tempfile.mkdtemp(prefix="orchestration-demo-")
     env = dict(os.environ, TOPIC_PREFIX=prefix, REPORT_DB=os.path.join(workdir, "reports.db"), PYTHONUNBUFFERED="1")
@@ -170,6 +253,8 @@ def main() -> int:
             tail.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+        if not args.keep and own_prefix:  # (topics it made under a prefix of its own: nobody needs them after)
+            reset(settings)
 
 
 if __name__ == "__main__":

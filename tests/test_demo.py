@@ -1,10 +1,14 @@
-"""`make demo`'s walkthrough runs to its final line with nothing lost, against the real broker."""
+"""`make demo`'s walkthrough runs to its final line with nothing lost, against the real broker; `make reset` starts
+the walkthrough over; `make walkthrough` lays out its terminals."""
 
+import os
 import re
 import subprocess
 import sys
 
-from helpers import ROOT
+import pytest
+from helpers import NO_RESENDS, ROOT, wait_for_reports
+from kafka import KafkaAdminClient
 
 
 def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
@@ -20,3 +24,42 @@ def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
     assert workflows > 20 and completed == workflows and lost == 0 and duplicates == 0
     assert "Example 3" in result.stdout and "replayed" in result.stdout
     assert result.returncode == 0
+
+
+@pytest.mark.no_broker
+def test_make_walkthrough_opens_a_tmux_session_with_a_window_per_script(tmp_path):
+    env = dict(os.environ, TMUX_TMPDIR=str(tmp_path), KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")  # (a tmux of its own)
+    try:
+        opened = subprocess.run([sys.executable, "demo.py", "--tmux"], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert opened.returncode == 0 and "attach with: tmux attach -t walkthrough" in opened.stdout
+        windows = subprocess.run(["tmux", "list-windows", "-t", "walkthrough", "-F", "#{window_name}"], env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()
+        assert windows == ["security", "notification", "orchestrator", "detector", "monitor", "reporting", "units"]
+        again = subprocess.run([sys.executable, "demo.py", "--tmux"], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert again.stdout == "attach with: tmux attach -t walkthrough\n"  # (the open one is kept, not doubled)
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
+
+
+def test_make_reset_deletes_the_walkthroughs_topics_groups_state_and_report_store(scripts, env):
+    # Given a walkthrough that ran: a detection routed and reported
+    orchestrator = scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS)
+    reporting = scripts.start("reporting_service.py")
+    scripts.run("security_detector.py", "--count", "1")
+    wait_for_reports(scripts, 1)
+    # When its scripts are stopped and it is reset
+    scripts.stop(orchestrator)
+    scripts.stop(reporting)
+    result = scripts.run("demo.py", "--reset", env=dict(env, LOG_LEVEL="WARNING"))
+    # Then its topics (state ones too), consumer groups and report store are gone
+    assert result.stdout.startswith("reset: deleted ")
+    admin = KafkaAdminClient(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    try:
+        assert [t for t in admin.list_topics() if t.startswith(env["TOPIC_PREFIX"])] == []
+        assert not any(admin.list_group_offsets({env["TOPIC_PREFIX"] + g: None for g in ("orchestrator",
+                                                                                       "reporting_service")}).values())
+    finally:
+        admin.close()
+    assert not os.path.exists(env["REPORT_DB"])

@@ -12,15 +12,19 @@ import random
 from common import MESSAGE_STREAM, new_event, run_producer, setup_logging
 
 log = logging.getLogger("security_detector")
-KINDS = ["motion", "door_forced", "glass_break", "smoke"]
+# The sensors of a site: what each one detects (motion sensors fire most), and how severe that kind is.
+SENSORS = ["motion", "motion", "motion", "motion", "door_forced", "door_forced", "glass_break", "smoke"]
+WEIGHTS = {"motion": 6, "door_forced": 2, "glass_break": 1, "smoke": 1}
+SEVERITY = {"motion": (1, 3), "door_forced": (3, 5), "glass_break": (3, 4), "smoke": (4, 5)}
 
 
-def detection(rng: random.Random, sensors: int = 8):
-    """One simulated detection: (topic, message, key)."""
-    sensor = rng.randrange(sensors)
+def detection(rng: random.Random, sensors: int = len(SENSORS)):
+    """One simulated detection from one of the site's sensors: (topic, message, key)."""
+    sensor = rng.choices(range(sensors), weights=[WEIGHTS[SENSORS[n % len(SENSORS)]] for n in range(sensors)])[0]
+    kind = SENSORS[sensor % len(SENSORS)]
     event = new_event("security_detection", {
-        "sensor_id": f"sensor-{sensor}", "zone": f"zone-{sensor % 4}", "kind": rng.choice(KINDS),
-        "severity": rng.randint(1, 5)}, "security_detector")
+        "sensor_id": f"sensor-{sensor}", "zone": f"zone-{sensor % 4}", "kind": kind,
+        "severity": rng.randint(*SEVERITY[kind])}, "security_detector")
     log.info("detected %s in %s (severity %s) workflow %s", event.payload["kind"], event.payload["zone"],
              event.payload["severity"], event.workflow_id[:8])
     return MESSAGE_STREAM, event, event.payload["sensor_id"]

@@ -15,19 +15,43 @@ from common import (MESSAGE_STREAM, UNIT_COMMAND, Envelope, Output, Pacer, cause
     setup_logging)
 
 log = logging.getLogger("unit_event_producer")
-STATUSES = ["heartbeat", "heartbeat", "battery_low", "offline", "tamper"]  # mostly heartbeats, as in the field
 STATE_AFTER = {"acknowledge": "ok", "power_save": "power_saving", "reboot": "rebooting", "lockdown": "locked_down"}
+LOW, CHARGED = 20, 95  # battery_low below LOW %; a unit recharges from just under 15 % up to CHARGED %
 units: dict[str, str] = {}  # unit id -> state after the last command applied
 
 
-def unit_event(rng: random.Random, count: int) -> tuple[str, Envelope, str]:
-    """One simulated unit event: (topic, message, key)."""
-    unit = f"unit-{rng.randrange(count)}"
-    event = new_event("unit_event", {"unit_id": unit, "status": rng.choice(STATUSES), "battery": rng.randint(5, 100)},
-                      "unit_event_producer")
-    log.info("%s reports %s (battery %s%%) workflow %s", unit, event.payload["status"], event.payload["battery"],
-             event.workflow_id[:8])
-    return MESSAGE_STREAM, event, unit
+class Field:
+    """Simulated units as they behave in the field: each battery drains a little with every report and, once low,
+    recharges step by step; battery_low only below 20 %; a unit goes offline or is tampered with rarely."""
+
+    def __init__(self, rng: random.Random, count: int):
+        self.rng = rng
+        self.battery = {f"unit-{n}": rng.uniform(40, 100) for n in range(count)}
+        self.charging: set[str] = set()
+
+    def event(self) -> tuple[str, Envelope, str]:
+        """One unit's report: (topic, message, key)."""
+        unit = self.rng.choice(sorted(self.battery))
+        self.battery[unit] = self.drained(unit)
+        battery, chance = round(self.battery[unit]), self.rng.random()
+        status = ("battery_low" if battery < LOW else "offline" if chance < 0.02
+                  else "tamper" if chance < 0.03 else "heartbeat")
+        event = new_event("unit_event", {"unit_id": unit, "status": status, "battery": battery}, "unit_event_producer")
+        log.info("%s reports %s (battery %s%%) workflow %s", unit, status, event.payload["battery"],
+                 event.workflow_id[:8])
+        return MESSAGE_STREAM, event, unit
+
+    def drained(self, unit: str) -> float:
+        level = self.battery[unit]
+        if unit in self.charging:
+            level = min(100.0, level + self.rng.uniform(4, 8))
+            if level >= CHARGED:
+                self.charging.discard(unit)
+            return level
+        level = max(0.0, level - self.rng.uniform(0.5, 3))
+        if level < 15:
+            self.charging.add(unit)
+        return level
 
 
 def apply(command: Envelope) -> list[Output]:
@@ -51,9 +75,9 @@ def main() -> None:
     if args.rate <= 0 or args.units < 1 or (args.count is not None and args.count < 0):
         parser.error("--rate and --units must be above 0 and --count not negative")
     setup_logging()
-    rng, pacer = random.Random(args.seed), Pacer(args.rate, args.count)
+    field, pacer = Field(random.Random(args.seed), args.units), Pacer(args.rate, args.count)
     run_service("unit_event_producer", [UNIT_COMMAND], apply, writes=(MESSAGE_STREAM,), dedupe=True, transactional=True,
-                tick=lambda: [unit_event(rng, args.units) for _ in range(pacer.due())])
+                tick=lambda: [field.event() for _ in range(pacer.due())])
 
 
 if __name__ == "__main__":

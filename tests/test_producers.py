@@ -1,12 +1,16 @@
 """The two event sources against a real broker: security_detector and unit_event_producer."""
 
+import random
 import signal
 import time
 
+import pytest
 from helpers import unit_event
 
 from common import MESSAGE_STREAM, UNIT_COMMAND
 from orchestrator import route
+from security_detector import SEVERITY, detection
+from unit_event_producer import Field
 
 
 def test_the_detector_produces_count_valid_detections_keyed_by_sensor(scripts, topics):
@@ -46,3 +50,27 @@ def test_the_unit_producer_makes_no_event_once_it_is_asked_to_stop(scripts, topi
     # Then every event it made was made before (an event made after the signal would never get its command applied)
     made = [m.created_at.timestamp() for m in stream.read_count(1, type_="unit_event")]
     assert made and max(made) <= asked + 0.02
+
+
+@pytest.mark.no_broker
+def test_simulated_units_drain_and_recharge_smoothly_and_report_battery_low_only_when_low():
+    field, last, statuses = Field(random.Random(3), 5), {}, []
+    for _ in range(3000):
+        _, event, unit = field.event()
+        battery, status = event.payload["battery"], event.payload["status"]
+        assert abs(battery - last.get(unit, battery)) <= 9  # (no 15 -> 78 jumps)
+        assert (status == "battery_low") == (battery < 20) or status in ("offline", "tamper")
+        last[unit] = battery
+        statuses.append(status)
+    assert statuses.count("battery_low") > 0 and statuses.count("offline") + statuses.count("tamper") < 0.05 * 3000
+
+
+@pytest.mark.no_broker
+def test_each_simulated_sensor_detects_its_own_kind_with_a_severity_that_fits_it():
+    rng, kinds = random.Random(4), {}
+    for _ in range(500):
+        _, event, sensor = detection(rng)
+        kinds.setdefault(sensor, set()).add(event.payload["kind"])
+        low, high = SEVERITY[event.payload["kind"]]
+        assert low <= event.payload["severity"] <= high
+    assert all(len(found) == 1 for found in kinds.values()) and len(kinds) == 8

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from itertools import combinations
 
+from kafka.errors import AuthorizationError
+
 from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND,
                     SETTINGS, DeadLetter, Envelope, Output, State, Triple, caused_by, parse, read_all, run_service,
                     setup_logging, written_by)
@@ -350,7 +352,10 @@ def alone(admin, workflows: set[str], settings=SETTINGS) -> None:
 
 def running_groups(admin, groups: dict[str, set[str]], settings=SETTINGS) -> dict[str, list]:
     """Those of these groups that have members now: group -> its members."""
-    described = admin.describe_groups([settings.group(group) for group in groups])
+    try:
+        described = admin.describe_groups([settings.group(group) for group in groups])
+    except AuthorizationError:  # a user who may not see those groups may not run in them either
+        return {}
     return {group: members for group in groups if (members := described.get(settings.group(group), {}).get("members"))}
 
 

@@ -155,7 +155,7 @@ def test_an_exactly_once_script_writing_a_topic_it_does_not_own_is_refused_and_c
     acls.create_users(Settings.from_env(env), {"half_orchestrator": "half-orchestrator-password"})
     admin = KafkaAdminClient(**Settings.from_env(env).kafka_config())
     access = acls.Access(reads=[MESSAGE_STREAM], writes=[NOTIFICATION_COMMAND, DEAD_LETTER], group="orchestrator",
-                         transactional_id="orchestrator")
+                         transactional_id="orchestrator", keeps_state=True)
     admin.create_acls(acls.acls_for("half_orchestrator", access, prefix))
     admin.close()
     secure_scripts.run("security_detector.py", "--count", "1")

@@ -71,6 +71,7 @@ def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "", stop=N
     """Send what is batched now and wait until Kafka acknowledged every record (raise if one failed), saying so
     while the broker is away; a stop ends the wait (KafkaTimeoutError: not acknowledged). The producer lingers to
     build big batches; flushing here adds no latency."""
+    began = time.monotonic()
     while True:
         try:
             producer.flush(timeout=10)
@@ -78,8 +79,9 @@ def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "", stop=N
         except KafkaTimeoutError:
             if stop:
                 raise
-            log.warning("%s: Kafka has not acknowledged %d messages for 10 s; still trying (is it up?)", name,
-                        sum(not f.is_done for f in futures))
+            waiting = sum(not f.is_done for f in futures)
+            log.warning("%s: %d message%s waiting %.0f s for Kafka to acknowledge them; still trying (is it up?)", name,
+                        waiting, "s" * (waiting != 1), time.monotonic() - began)
     for future in futures:
         future.get()  # flush() does not raise for a failed record; get() does
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from common.workarounds import ClientWarningsOncePer, HideClientRefusals, HidePassword
+from common.workarounds import ClientWarningsOncePer, HideClientRefusals, HidePassword, QuietClientChatter
 
 # Topics: each has a single writer, so that what a topic carries is bound to who may write it (acls.py).
 MESSAGE_STREAM = "message_stream"        # events in: detections, unit events, service outcomes (a family, below)
@@ -111,5 +111,6 @@ def setup_logging() -> None:
         logging.getLogger("kafka.net.sasl").setLevel(logging.ERROR)  # "credentials in the clear": README says so
     for handler in logging.getLogger().handlers:
         handler.addFilter(HideClientRefusals())
+        handler.addFilter(QuietClientChatter())
         handler.addFilter(ClientWarningsOncePer(30.0))
         handler.addFilter(HidePassword(SETTINGS.security.get("sasl_plain_password")))

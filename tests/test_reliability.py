@@ -1,6 +1,7 @@
 """Delivery guarantees against a real broker: crashes, a broker outage, replay (a store that fails: test_hardening.py)."""
 
 import random
+import re
 import signal
 import time
 
@@ -84,6 +85,9 @@ def test_a_broker_outage_is_ridden_out_without_restarting_any_service(tmp_path, 
         wait_completed(stream, third_party, workflows, timeout=120)
         assert wait_for_reports(scripts, 150, timeout=120)["reports"] == 150
         assert all(p.poll() is None for p in running[:-1])
+        # And meanwhile the detector said how long and how many of its messages waited
+        assert re.search(r"security_detector: \d+ messages? waiting 10 s for Kafka to acknowledge them; still trying",
+                         scripts.output(running[-1]))
         print(f"broker outage: 15 s; first command routed {resumed:.1f} s after the broker was back; "
               f"sent=150 completed={len(workflows)} lost=0")
     finally:

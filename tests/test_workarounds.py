@@ -15,7 +15,8 @@ from kafka.errors import KafkaError, KafkaTimeoutError, SaslAuthenticationFailed
 
 import common.workarounds
 import local_kafka
-from common.workarounds import ClientWarningsOncePer, ConnectionWatch, HidePassword, Stuck, bounded, discard, underlying
+from common.workarounds import (ClientWarningsOncePer, ConnectionWatch, HidePassword, QuietClientChatter, Stuck, bounded,
+                                discard, underlying)
 
 
 def test_a_producer_whose_broker_is_gone_is_not_stopped_by_close_but_is_by_discard(tmp_path):
@@ -130,3 +131,15 @@ def test_a_producer_learns_one_topics_metadata_at_a_time_unless_told_of_them_all
     # Then the client knows nothing of the others (each would cost a round trip), unless told of them all first
     assert known_after_learning_the_first(tell_first=False) == [False] * 4
     assert known_after_learning_the_first(tell_first=True) == [True] * 4
+
+
+@pytest.mark.no_broker
+def test_the_clients_chatter_on_a_healthy_broker_is_hidden_and_nothing_else():
+    quiet = QuietClientChatter()
+    for line in (record("kafka.producer.sender", "Got error produce response: %s. Unable to verify the partition has "
+                        "been added to the transaction", "NotEnoughReplicasError"),
+                 record("kafka.cluster", "Metadata refresh: failed %s", "Cancelled"),
+                 record("kafka.net.selector", "Task %s ran for 0.137s (>0.100s threshold). It is blocking", "t")):
+        assert not quiet.filter(line)
+    assert quiet.filter(record("kafka.cluster", "Metadata refresh: failed %s", "KafkaConnectionError"))
+    assert quiet.filter(record("orchestrator", "(>0.100s threshold)"))  # (the scripts' own lines always pass)

@@ -224,12 +224,16 @@ def track(workflow: dict, event: Envelope, limits: Limits, now: float) -> list[O
         "workflow": workflow["type"], "detail": ", ".join(bad)}, SOURCE))]
 
 
-def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | None = None) -> list[Triple]:
+def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | None = None,
+              owned: set[str] = frozenset(WORKFLOWS)) -> list[Triple]:
     """The timer: each pending step whose deadline passed gets a step_timed_out event, published and routed at once
-    (tried again, or escalated). Firing, the state change and what it sends commit in one transaction: once each."""
+    (tried again, or escalated). Firing, the state change and what it sends commit in one transaction: once each.
+    Workflows not `owned` (taken over from a single orchestrator, but another split one's) are left alone."""
     workflow, now, outputs = state.get(key), now or time.time(), []
-    steps = {step.name for step in WORKFLOWS[workflow["type"]].steps} if workflow else set()
-    for name, step in (workflow or {"steps": {}})["steps"].items():
+    if workflow is None or workflow["type"] not in owned:
+        return []
+    steps = {step.name for step in WORKFLOWS[workflow["type"]].steps}
+    for name, step in workflow["steps"].items():
         if step["state"] == "pending" and (step["deadline"] or now + 1) <= now and name in steps:
             log.warning("%s %s: no answer to %s within its limit (attempt %d of %d)", workflow["type"],
                         workflow["workflow_id"][:8], name, step["attempts"], limits.attempts)
@@ -490,7 +494,7 @@ def main() -> None:
     # a step's deadline passing calls timed_out(), whose step_timed_out event is routed like any other.
     run_service("orchestrator", list(accepts), handle, writes=(*command_topics(), MESSAGE_STREAM), accepts=accepts,
                 group=group, transactional=not args.no_transactions, dedupe=True, state=True,
-                timer=lambda state, key: timed_out(state, key, args.example, limits),
+                timer=lambda state, key: timed_out(state, key, args.example, limits, owned=workflows),
                 take_over=tuple(overlapping(workflows)), check=lambda admin: alone(admin, workflows))
 
 

@@ -133,3 +133,12 @@ def test_a_step_renamed_in_the_table_since_a_workflow_started_is_left_alone(stor
     # Then nothing fails: the old step is left alone, and the workflow waits for nothing else
     assert [m.type for _, m in outputs] == ["workflow_completed"]
     assert workflow(store, event)["steps"]["acted"]["state"] == "removed"
+
+
+def test_a_split_orchestrator_leaves_the_timers_of_another_ones_workflows_alone(store):
+    # Given a security workflow in the state (taken over from the single orchestrator) whose limit passed
+    handled(store, detection(), T0)
+    # When the unit orchestrator's timer fires for it
+    [(partition, key)] = store.due(T0 + 2)
+    # Then it sends nothing: the security orchestrator's own copy of the state acts on it
+    assert timed_out(store.view(partition), key, 3, LIMITS, T0 + 2, owned={"unit"}) == []

@@ -183,9 +183,10 @@ def walkthrough(attach: bool) -> int:
     return subprocess.run(["tmux", "attach", "-t", SESSION]).returncode
 
 
-def reset(settings: Settings, report_db: str | None = None) -> list[str]:
+def reset(settings: Settings, report_db: str | None = None, patient: bool = True) -> list[str]:
     """Delete the walkthrough's topics (every project topic and family member of settings.topic_prefix, and the state
-    topics of its groups), its consumer groups and its report store; returns the topics deleted."""
+    topics of its groups), its consumer groups and its report store; returns the topics deleted. patient=False: a
+    group whose scripts stopped just now (still members until their session ends) is left, not waited for."""
     admin = KafkaAdminClient(**settings.kafka_config(), client_id="reset")
     try:
         ours = re.compile(settings.pattern(ALL_TOPICS)[:-2] + "|" + "|".join(
@@ -197,6 +198,8 @@ def reset(settings: Settings, report_db: str | None = None) -> list[str]:
         while busy:  # (a script stopped just now stays a member until its session ends: that is waited out)
             busy = [group for group, error in admin.delete_groups(busy).items()  # (kafka-python 3.0.12 names the
                     if NonEmptyGroupError.__name__ in str(error)]                 # error of each group)
+            if busy and not patient:
+                break
             if busy and time.monotonic() > until:
                 raise SystemExit(f"demo: {', '.join(busy)} still {'has' if len(busy) == 1 else 'have'} members: "
                                  f"stop every script first (Ctrl-C in each terminal), then reset again")
@@ -254,7 +257,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         if not args.keep and own_prefix:  # (topics it made under a prefix of its own: nobody needs them after)
-            reset(settings)
+            reset(settings, patient=False)
 
 
 if __name__ == "__main__":

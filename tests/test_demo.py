@@ -12,8 +12,9 @@ from kafka import KafkaAdminClient
 
 
 def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
-    # When the demo runs its short version
-    result = subprocess.run([sys.executable, "demo.py", "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
+    # When the demo runs its short version, under a topic prefix of its own (as for a user who sets none)
+    own = {name: value for name, value in env.items() if name != "TOPIC_PREFIX"}
+    result = subprocess.run([sys.executable, "demo.py", "--quick"], cwd=ROOT, env=own, capture_output=True, text=True,
                             timeout=240)
     # Then it ends with the summary line: every workflow completed, none lost, none doubled
     last = result.stdout.strip().splitlines()[-1]
@@ -24,6 +25,13 @@ def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
     assert workflows > 20 and completed == workflows and lost == 0 and duplicates == 0
     assert "Example 3" in result.stdout and "replayed" in result.stdout
     assert result.returncode == 0
+    # And it deleted the topics it made under its prefix
+    prefix = re.search(r"topics prefixed '(demo\w+_)'", result.stdout).group(1)
+    admin = KafkaAdminClient(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    try:
+        assert [t for t in admin.list_topics() if t.startswith(prefix)] == []
+    finally:
+        admin.close()
 
 
 @pytest.mark.no_broker

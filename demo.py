@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -171,7 +172,7 @@ def walkthrough(attach: bool) -> int:
         for number, (name, command, run) in enumerate(WINDOWS):
             subprocess.run(["tmux", "new-session", "-d", "-s", SESSION, "-n", name, "-c", str(HERE)] if number == 0
                            else ["tmux", "new-window", "-t", SESSION, "-n", name, "-c", str(HERE)], check=True)
-            keys = [f". {HERE / '.venv/bin/activate'} && {command}"] + (["Enter"] if run else [])
+            keys = [f". {shlex.quote(str(HERE / '.venv/bin/activate'))} && {command}"] + (["Enter"] if run else [])
             subprocess.run(["tmux", "send-keys", "-t", f"{SESSION}:{name}", *keys], check=True)
         subprocess.run(["tmux", "select-window", "-t", f"{SESSION}:orchestrator"], check=True)
         print(f"tmux session {SESSION!r}: Example 1 runs in windows {', '.join(n for n, _, run in WINDOWS if run)}; "
@@ -180,7 +181,8 @@ def walkthrough(attach: bool) -> int:
     if not attach:
         print(f"attach with: tmux attach -t {SESSION}")
         return 0
-    return subprocess.run(["tmux", "attach", "-t", SESSION]).returncode
+    inside = "switch-client" if os.environ.get("TMUX") else "attach"  # (tmux refuses to attach inside tmux)
+    return subprocess.run(["tmux", inside, "-t", SESSION]).returncode
 
 
 def reset(settings: Settings, report_db: str | None = None, patient: bool = True) -> list[str]:
@@ -191,11 +193,8 @@ def reset(settings: Settings, report_db: str | None = None, patient: bool = True
     try:
         ours = re.compile(settings.pattern(ALL_TOPICS)[:-2] + "|" + "|".join(
             re.escape(changelog(group)) for group in groups()) + ")$")
-        topics = sorted(t for t in admin.list_topics() if ours.match(t))
-        if topics:
-            admin.delete_topics(topics, raise_errors=False)
         busy, until = [settings.group(group) for group in groups()], time.monotonic() + SESSION_TIMEOUT_MS / 1000 + 2
-        while busy:  # (a script stopped just now stays a member until its session ends: that is waited out)
+        while busy:  # (groups first: while a script runs nothing is deleted; one stopped just now is waited out)
             busy = [group for group, error in admin.delete_groups(busy).items()  # (kafka-python 3.0.12 names the
                     if NonEmptyGroupError.__name__ in str(error)]                 # error of each group)
             if busy and not patient:
@@ -204,6 +203,10 @@ def reset(settings: Settings, report_db: str | None = None, patient: bool = True
                 raise SystemExit(f"demo: {', '.join(busy)} still {'has' if len(busy) == 1 else 'have'} members: "
                                  f"stop every script first (Ctrl-C in each terminal), then reset again")
             time.sleep(0.5 if busy else 0)
+        topics = sorted(t for t in admin.list_topics() if ours.match(t))
+        answer = admin.delete_topics(topics, raise_errors=False) if topics else {"topics": []}
+        if failed := {t["name"]: t["error_message"] for t in answer["topics"] if t["error_code"]}:
+            raise SystemExit(f"demo: could not delete {', '.join(sorted(failed))}: {next(iter(failed.values()))}")
     finally:
         admin.close()
     if report_db and os.path.exists(report_db):

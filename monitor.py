@@ -305,9 +305,9 @@ class Tail:
         names = {group: self.flow.settings.group(group) for group in groups()}
         try:
             offsets = admin.list_group_offsets({real: None for real in names.values()})
+            gone = replaced(admin, self.flow.settings)  # (an orchestrator split off or joined back: its lag only grows)
         except KafkaError:  # no group coordinator yet (a brand-new cluster): no lag to show
             return {}
-        gone = replaced(admin, self.flow.settings)  # (an orchestrator split off or joined back: its lag only grows)
         return {group: sum(max(0, end.get(tp, 0) - meta.offset) for tp, meta in offsets[real].items())
                 for group, real in names.items() if offsets.get(real) and group not in gone}
 
@@ -395,6 +395,8 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=50_000, help="workflows kept in full; older finished ones are "
                                                                  "only counted, so memory stays bounded (default 50 000)")
     args = parser.parse_args()
+    if args.json and not (args.once or args.sla_report):
+        parser.error("--json goes with --once or --sla-report")
     if args.sla <= 0 or (args.window is not None and args.window <= 0) or args.keep < 10:
         parser.error("--sla and --window must be above 0, --keep at least 10")
     setup_logging()

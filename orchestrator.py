@@ -333,7 +333,7 @@ def replaced(admin, settings=SETTINGS) -> set[str]:
     return {group for group, theirs in every.items() if group not in running and any(theirs & every[r] for r in running)}
 
 
-def alone(admin, workflows: set[str], settings=SETTINGS) -> None:
+def alone(admin, workflows: set[str], stop, settings=SETTINGS) -> None:
     """End this orchestrator in one line while another one runs whose workflows overlap its own: both would route
     their events (the split ones and the single one are different consumer groups). A copy stopped just now is
     still a member until its session ends (a static member does not leave on close), so that is waited out first."""
@@ -342,9 +342,10 @@ def alone(admin, workflows: set[str], settings=SETTINGS) -> None:
     if running:
         log.info("group %s has a member; waiting up to %d s in case it was stopped just now", ", ".join(running),
                  until - time.monotonic())
-    while running and time.monotonic() < until:
-        time.sleep(1.0)
+    while running and time.monotonic() < until and not stop.wait(1.0):
         running = running_groups(admin, others, settings)
+    if stop:
+        return
     for group, members in running.items():
         theirs, rest = others[group], sorted(workflows - others[group])
         raise SystemExit(
@@ -495,7 +496,7 @@ def main() -> None:
     run_service("orchestrator", list(accepts), handle, writes=(*command_topics(), MESSAGE_STREAM), accepts=accepts,
                 group=group, transactional=not args.no_transactions, dedupe=True, state=True,
                 timer=lambda state, key: timed_out(state, key, args.example, limits, owned=workflows),
-                take_over=tuple(overlapping(workflows)), check=lambda admin: alone(admin, workflows))
+                take_over=tuple(overlapping(workflows)), check=lambda admin, stop: alone(admin, workflows, stop))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
                 accepts: dict[str, frozenset] | None = None, group: str | None = None,
                 tick: Callable[[], list[Triple]] | None = None, transactional: bool = False, dedupe: bool = False,
                 state: bool = False, timer: Callable[[State, str], list[Triple]] | None = None,
-                take_over: tuple[str, ...] = (), check: Callable[[KafkaAdminClient], None] | None = None,
+                take_over: tuple[str, ...] = (), check: Callable[[KafkaAdminClient, Stopper], None] | None = None,
                 settings: Settings = SETTINGS) -> None:
     """Consume `inputs`, handle each message, produce what the handler returns, then commit.
 
@@ -40,14 +40,14 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
     when an entry's due time passes, and returns what to send then. State and handled ids are kept in Kafka with
     the work when transactional, else in memory only. What a handler rejects or keeps failing on goes to
     dead_letter. Outputs keep the input's key. `tick()` adds (topic, message, key) triples each loop. `take_over`:
-    groups whose offsets it moves forward to, where they are further (see furthest_offsets); `check(admin)` runs once
-    Kafka answers, and may end the script. `writes`: the topics it writes (a family: its own member);
+    groups whose offsets it moves forward to, where they are further (see furthest_offsets); `check(admin, stop)` runs
+    once Kafka answers, and may end the script. `writes`: the topics it writes (a family: its own member);
     `accepts`: input topic -> the message types its writer may send (others are dead letters).
     """
     group, stop = group or name, Stopper()
     own = [written_by(topic, name) for topic in (*writes, DEAD_LETTER)]
     store = Store(group, settings, durable=transactional, dedupe=dedupe) if dedupe or state else None
-    if not prepare(stop, name, group, take_over, settings, [*inputs, *own], store, check):
+    if not prepare(stop, name, group, take_over, settings, [*inputs, *own], store, check, inputs):
         return
     loop = Loop(name, group, inputs, handle if state else lambda message, _: handle(message), stop, settings,
                 transactional=transactional, store=store, tick=tick, timer=timer, writes=[*own, *writes],
@@ -220,8 +220,8 @@ def made(name: str, triples: list[Triple]) -> list[Out]:
 
 
 def prepare(stop: "Stopper", name: str, group: str, take_over: tuple[str, ...], settings: Settings,
-            topics: list[str], store: Store | None = None, check=None) -> bool:
-    """Wait for Kafka, create missing topics (and the state topic), run `check(admin)` (it may end the script), and
+            topics: list[str], store: Store | None = None, check=None, inputs: list[str] = ()) -> bool:
+    """Wait for Kafka, create missing topics (and the state topic), run `check(admin, stop)` (it may end the script), and
     move the group's offsets forward to where the groups in `take_over` left off; False if stopped meanwhile."""
     admin = wait_for_kafka(stop, name, settings, topics=topics)
     if admin is None:
@@ -230,8 +230,8 @@ def prepare(stop: "Stopper", name: str, group: str, take_over: tuple[str, ...], 
         while (check or take_over) and not stop:
             try:
                 if check:
-                    check(admin)
-                furthest = furthest_offsets(admin, group, take_over, settings)
+                    check(admin, stop)
+                furthest = furthest_offsets(admin, group, take_over, inputs, settings) if not stop else {}
                 if furthest and store is not None and store.topic:  # (their state first: the offsets say it is done)
                     ensure_changelog(admin, group, settings)
                     log.info("%s: took over %d state entries of %s", name, adopt(group, take_over, settings),
@@ -252,21 +252,26 @@ def prepare(stop: "Stopper", name: str, group: str, take_over: tuple[str, ...], 
     return not stop
 
 
-def furthest_offsets(admin: KafkaAdminClient, group: str, others: tuple[str, ...],
+def furthest_offsets(admin: KafkaAdminClient, group: str, others: tuple[str, ...], inputs: list[str],
                      settings: Settings = SETTINGS) -> dict:
-    """Where any of `others` committed further than `group`, partition by partition: the offsets that let it start
-    where they left off instead of routing again what they routed (one orchestrator split in two, or split ones
-    joined back into one). Only ever forward: where it is ahead, it keeps its own."""
-    if not others:
+    """Where any of `others` committed further than `group` on its `inputs`, partition by partition: the offsets
+    that let it start where they left off instead of routing again what they routed (one orchestrator split in two,
+    or split ones joined back into one). Only ever forward: where it is ahead, it keeps its own. Nothing while a copy
+    of the group runs already (it took over when it started)."""
+    if not others or admin.describe_groups([settings.group(group)]).get(settings.group(group), {}).get("members"):
         return {}
-    names = [settings.group(name) for name in (group, *others)]
+    names, reads = [settings.group(name) for name in (group, *others)], {settings.topic(name) for name in inputs}
     try:
         offsets = admin.list_group_offsets({name: None for name in names})
-    except AuthorizationError:  # (a user who may not see the others' groups never ran in them: nothing to take over)
+    except AuthorizationError:  # a user who may not see the others' groups: it cannot take over from them
+        log.warning("%s: may not see groups %s, so it cannot start where they left off (if they ran, it routes "
+                    "again what they routed; the commands have the same ids)", group, ", ".join(names[1:]))
         offsets = admin.list_group_offsets({names[0]: None})
     own, furthest = offsets.get(names[0]) or {}, {}
     for name in names[1:]:
         for tp, meta in (offsets.get(name) or {}).items():
+            if tp.topic not in reads:  # (another split one's topics: never read here, so never moved on)
+                continue
             ahead_of = furthest.get(tp, own.get(tp))
             if ahead_of is None or meta.offset > ahead_of.offset:
                 furthest[tp] = meta

@@ -3,7 +3,8 @@
 import re
 import time
 
-from helpers import NO_RESENDS, detections, ids_of, wait_completed, wait_for_reports
+from helpers import NO_RESENDS, detections, ids_of, unit_event, wait_completed, wait_for_reports
+from kafka import KafkaAdminClient
 
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, new_event
 
@@ -162,12 +163,14 @@ def test_an_unknown_type_and_invalid_json_are_dead_lettered_once_by_split_orches
         f"carries security_detection only") and reasons[1].startswith("not valid JSON")
 
 
-def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, topics):
-    # Given a single orchestrator that has routed five detections and stopped
+def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, topics, producer):
+    # Given a single orchestrator that has routed five detections and a unit event, and stopped
     single = scripts.start("orchestrator.py", *NO_RESENDS)
     commands = topics(SEC_COMMAND)
     scripts.run("security_detector.py", "--count", "5", "--rate", "50")
+    producer(MESSAGE_STREAM, unit_event())
     commands.read_count(5)
+    topics(UNIT_COMMAND).read_count(1)
     scripts.stop(single)
     # When the security workflow gets an orchestrator of its own and one more detection arrives
     split = scripts.start("orchestrator.py", "--workflows", "security", *NO_RESENDS)
@@ -177,6 +180,12 @@ def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, 
     workflows = detections(stream.read_count(6, type_="security_detection"))
     commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms})
     assert len(commands.messages()) == 6
+    # And it took over the offsets of its own topics only (another split one's would never move on)
+    admin = KafkaAdminClient(bootstrap_servers=scripts.env["KAFKA_BOOTSTRAP_SERVERS"])
+    group = scripts.env["TOPIC_PREFIX"] + "orchestrator-security"
+    taken = {tp.topic.removeprefix(scripts.env["TOPIC_PREFIX"]) for tp in admin.list_group_offsets({group: None})[group]}
+    admin.close()
+    assert taken == {"message_stream.security_detector"}
     # And the monitor shows the lag of the running orchestrator only (the single one's would only grow)
     lag = next(line for line in scripts.run("monitor.py", "--once").stdout.splitlines() if line.startswith("consumer lag"))
     assert re.search(r"orchestrator-security \d+", lag) and not re.search(r"orchestrator \d+", lag)
@@ -192,9 +201,9 @@ def test_a_split_orchestrator_takes_over_where_the_single_one_left_off(scripts, 
     workflows = detections(stream.read_count(7, type_="security_detection"))
     commands.read_until(lambda ms: workflows <= {m.workflow_id for m in ms})
     assert len(commands.messages()) == 7
-    # And each took over what the other knew of the workflows (the 5, then the 6 it had)
-    assert "took over 10 state entries of orchestrator" in scripts.output(split)
-    assert "took over 2 state entries of orchestrator-security" in scripts.output(single)
+    # And each took over what the other knew of the workflows (all 6 of the single one, then the one it routed)
+    assert "took over 12 state entries of orchestrator" in scripts.output(split)
+    assert "took over 2 state entries of orchestrator-security" in scripts.output(single)  # (the 6th detection)
     # And it says, with the milliseconds, how long after its start it routed the first waiting message
     assert re.search(r"\d\d:\d\d:\d\d\.\d{3} orchestrator INFO first message routed \d+\.\d\d s after this "
                      r"process started", scripts.output(single))

@@ -10,45 +10,26 @@ Run:  python workflows.py list                      # every workflow the orchest
 import argparse
 import json
 import logging
-import re
 import signal
 import sys
 import time
 from datetime import datetime
 
-from kafka import KafkaConsumer
-
-from common import SETTINGS, Stopper, read_all, setup_logging, wait_for_kafka
-from common.state import changelog
-from orchestrator import WORKFLOW
+from common import SETTINGS, Stopper, setup_logging, wait_for_kafka
+from common.state import latest_entries
+from orchestrator import WORKFLOW, orchestrator_groups
 
 log = logging.getLogger("workflows")
 STATES = ("running", "completed", "failed")
 
 
-def state_topics(settings=SETTINGS) -> list[str]:
-    """The orchestrators' state topics (project names): the single one's and each split one's."""
-    consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False)
-    try:
-        pattern = re.compile(re.escape(settings.topic(changelog("orchestrator"))) + r"(-.+)?$")
-        return sorted(t.removeprefix(settings.topic_prefix) for t in consumer.topics() if pattern.match(t))
-    finally:
-        consumer.close()
-
-
 def workflows(settings=SETTINGS) -> dict[str, dict]:
-    """Every workflow in the orchestrators' state, by id: the last entry written for it (a later one wins)."""
-    found: dict[str, tuple[float, dict]] = {}
-    for topic in state_topics(settings):
-        for record in read_all(topic, settings=settings):
-            key = record.key.decode(errors="replace")
-            if not key.startswith(WORKFLOW) or record.value is None:
-                continue
-            entry = json.loads(record.value)
-            if key not in found or entry["at"] >= found[key][0]:
-                found[key] = (entry["at"], entry["value"])
+    """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
+    written for it (a later one wins); those past the retention are gone."""
     cutoff = time.time() - settings.state_retention_s
-    return {key.removeprefix(WORKFLOW): value for key, (at, value) in found.items() if at >= cutoff}
+    return {key.decode(errors="replace").removeprefix(WORKFLOW): json.loads(entry)["value"]
+            for (_, key), (at, _, entry) in latest_entries(orchestrator_groups(), settings).items()
+            if key.startswith(WORKFLOW.encode()) and at >= cutoff}
 
 
 def summary(workflow: dict) -> dict:

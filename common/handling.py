@@ -92,7 +92,7 @@ def handle_record(name: str, record, handle: Handler, store, stop,
         outs = [serialised(written_by(t, name), m, record.key) for t, m in outputs]
         if state is None:
             return Handled(record, outs)
-        return Handled(record, outs + [store.out(c) for c in state.changes if store.topic], state.changes)
+        return Handled(record, outs + store.outs(state.changes), state.changes)
     except DeadLetter as reason:
         undo(store, state)
         return Handled(record, [rejected(name, record, str(reason))])

@@ -151,7 +151,7 @@ class Loop:
                 log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
                 state.undo()
                 continue
-            outs += [self.store.out(change) for change in state.changes if self.store.topic]
+            outs += self.store.outs(state.changes)
             changes += state.changes
             fired.add(partition)
         offsets = {tp: OffsetAndMetadata(self.consumer.position(tp), "", -1) for tp in self.consumer.assignment()

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ class Change:
     partition: int
     key: str
     stored: bytes | None  # None: the entry is removed
+    due: float | None = None  # (kept beside the stored entry: applying it needs no second parse)
 
 
 def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPartition]) -> dict:
@@ -74,7 +76,7 @@ class State:
         return None if entry is None else entry["value"]
 
     def put(self, key: str, value: Any, due: float | None = None) -> None:
-        change = Change(self.partition, key, None if value is None else stored(value, due, time.time()))
+        change = Change(self.partition, key, None if value is None else stored(value, due, time.time()), due)
         self.before.append((key, self.store.pending.get((self.partition, key), UNSET)))
         self.store.pending[(self.partition, key)] = change.stored
         self.changes.append(change)
@@ -110,13 +112,14 @@ class Store:
             self.entries.get(partition, {}).get(key)
         return None if raw is None else json.loads(raw)
 
-    def out(self, change: Change) -> Out:
-        return Out(self.topic, change.stored, change.key.encode(), change.partition)
+    def outs(self, changes: list[Change]) -> list[Out]:
+        """The changelog records of these changes, ready to send with the batch (none if kept in memory only)."""
+        return [Out(self.topic, c.stored, c.key.encode(), c.partition) for c in changes] if self.topic else []
 
     def commit(self, changes: list[Change], fired: bool = True) -> None:
         """Apply changes Kafka has committed (fired=False: the timers handed out did not go out, and are due again)."""
         for change in changes:
-            self._apply(change.partition, change.key, change.stored)
+            self._apply(change)
         self.pending.clear()
         if not fired:
             self.abandon()
@@ -212,16 +215,15 @@ class Store:
         for reader in self.reader or ():
             reader.close(autocommit=False)
 
-    def _apply(self, partition: int, key: str, raw: bytes | None) -> None:
-        entries = self.entries.get(partition)
+    def _apply(self, change: Change) -> None:
+        entries = self.entries.get(change.partition)
         if entries is None:  # (the partition was taken away meanwhile: its new owner reads it from the changelog)
             return
-        entries.pop(key, None)
-        if raw is not None:
-            entries[key] = raw
-            due = json.loads(raw)["due"]
-            if due is not None:
-                heapq.heappush(self.timers, (due, partition, key))
+        entries.pop(change.key, None)
+        if change.stored is not None:
+            entries[change.key] = change.stored
+            if change.due is not None:
+                heapq.heappush(self.timers, (change.due, change.partition, change.key))
 
     def open(self) -> None:
         """Start making the reader now (while the service joins its group): a restart reads its state back sooner."""
@@ -249,18 +251,25 @@ class Store:
         return readers
 
 
+def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict[tuple[int, bytes], tuple]:
+    """The last entry written for each (partition, key) in these groups' state topics (read whole, joining no
+    group): (when it was written, by which group, the entry). On a tie the group named later wins."""
+    latest: dict[tuple[int, bytes], tuple[float, str, bytes]] = {}
+    for group in groups:
+        for record in read_all(changelog(group), settings=settings):
+            if record.value is not None:
+                at, slot = json.loads(record.value)["at"], (record.partition, record.key)
+                if slot not in latest or at >= latest[slot][0]:
+                    latest[slot] = (at, group, record.value)
+    return latest
+
+
 def adopt(group: str, others: tuple[str, ...], settings: Settings = SETTINGS) -> int:
     """Copy into a group's state topic every entry that one of `others` wrote later than it did, to the same
     partition: a group that takes over where others left off (an orchestrator split in two, or joined back into one)
     takes over what they knew too (workflows in flight, ids handled). Returns how many entries were copied."""
-    latest: dict[tuple[int, bytes], tuple[float, bool, bytes]] = {}  # (partition, key) -> (at, its own, entry)
-    for name in (*others, group):  # (its own last: on a tie its own entry stands, so copying twice copies nothing)
-        for record in read_all(changelog(name), settings=settings):
-            if record.value is not None:
-                at, slot = json.loads(record.value)["at"], (record.partition, record.key)
-                if slot not in latest or at >= latest[slot][0]:
-                    latest[slot] = (at, name == group, record.value)
-    newer = [(slot, value) for slot, (_, own, value) in latest.items() if not own]
+    newer = [(slot, entry) for slot, (_, writer, entry) in  # (its own last: on a tie its own stands, so copying
+             latest_entries((*others, group), settings).items() if writer != group]  # twice copies nothing)
     if newer:
         producer = KafkaProducer(**settings.kafka_config(), acks="all", linger_ms=20, batch_size=256 * 1024)
         try:

@@ -178,9 +178,12 @@ class QuietClientChatter(logging.Filter):
       (KIP-890) and, when that check's connection is not up yet, asks the producer to retry, which it does;
     - "Metadata refresh: failed Cancelled": a refresh still pending when a one-shot tool closes its client;
     - the event loop's "Task ... ran for 0.137s (>0.100s threshold)": a busy machine (two cores here) makes one
-      step of the client's loop slow; nothing is lost or late because of it."""
+      step of the client's loop slow; nothing is lost or late because of it;
+    - "Topic ... not found in cluster metadata" (ERROR) for a topic the script created a moment before: the broker
+      answering is not told of it yet, and the client asks again. (A topic that is really missing ends in the
+      script's own error line, when its messages are not acknowledged.)"""
     CHATTER = ("Unable to verify the partition has been added to the transaction", "Metadata refresh: failed Cancelled",
-               "(>0.100s threshold)")
+               "(>0.100s threshold)", "not found in cluster metadata")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("kafka") or logging.getLogger().isEnabledFor(logging.DEBUG):

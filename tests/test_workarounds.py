@@ -139,7 +139,8 @@ def test_the_clients_chatter_on_a_healthy_broker_is_hidden_and_nothing_else():
     for line in (record("kafka.producer.sender", "Got error produce response: %s. Unable to verify the partition has "
                         "been added to the transaction", "NotEnoughReplicasError"),
                  record("kafka.cluster", "Metadata refresh: failed %s", "Cancelled"),
-                 record("kafka.net.selector", "Task %s ran for 0.137s (>0.100s threshold). It is blocking", "t")):
+                 record("kafka.net.selector", "Task %s ran for 0.137s (>0.100s threshold). It is blocking", "t"),
+                 record("kafka.cluster", "Topic %s not found in cluster metadata", "message_stream.security_detector")):
         assert not quiet.filter(line)
     assert quiet.filter(record("kafka.cluster", "Metadata refresh: failed %s", "KafkaConnectionError"))
     assert quiet.filter(record("orchestrator", "(>0.100s threshold)"))  # (the scripts' own lines always pass)

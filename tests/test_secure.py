@@ -181,6 +181,20 @@ def test_a_service_may_not_read_another_services_commands(secure_scripts):
     assert "does not allow user 'security_service'" in line
 
 
+def test_a_service_may_not_read_another_services_state_but_reads_its_own(secure_scripts):
+    # Given the security service's user, and the state topics acls.py made
+    settings = Settings.from_env(secure_scripts.env_for("security_service.py"))
+    consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False)
+    try:
+        # When it asks for the orchestrator's state (the workflows) and for its own (the ids it handled)
+        # Then the first is refused and the second answered
+        with pytest.raises(TopicAuthorizationFailedError):
+            consumer.end_offsets([TopicPartition(settings.topic("state.orchestrator"), 0)])
+        assert consumer.end_offsets([TopicPartition(settings.topic("state.security_service"), 0)])
+    finally:
+        consumer.close()
+
+
 def test_a_user_made_by_acls_py_signs_in_but_may_do_nothing_it_was_not_granted(secure_scripts, tmp_path):
     # Given a user created with `python acls.py --users FILE` (run as admin), which no ACL mentions
     users = tmp_path / "users.json"

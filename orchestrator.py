@@ -180,7 +180,7 @@ def started(event: Envelope, commands: list[Output], stage: int, key: str | None
             limit = limits.of(found[1])
             steps[found[1].name] = {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None,
                                     "deadline": now + limit if limit else None, "topic": topic,
-                                    "command": json.loads(command.to_bytes())}
+                                    "command": command.model_dump(mode="json")}
     return {"workflow_id": event.workflow_id, "type": kind, "stage": stage, "key": key, "started_at": now,
             "state": "running", "finished_at": None, "steps": steps}
 

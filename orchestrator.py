@@ -29,6 +29,8 @@ from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DA
                     SETTINGS, DeadLetter, Envelope, Output, State, Triple, caused_by, parse, read_all, run_service,
                     setup_logging, written_by)
 from common.clients import SESSION_TIMEOUT_MS
+from common.handling import is_repeat
+from common.messages import digest
 
 log = logging.getLogger("orchestrator")
 LOADED = time.monotonic()
@@ -182,7 +184,7 @@ def started(event: Envelope, commands: list[Output], stage: int, key: str | None
                                     "deadline": now + limit if limit else None, "topic": topic,
                                     "command": command.model_dump(mode="json")}
     return {"workflow_id": event.workflow_id, "type": kind, "stage": stage, "key": key, "started_at": now,
-            "state": "running", "finished_at": None, "steps": steps}
+            "state": "running", "finished_at": None, "steps": steps, "handled": {}}
 
 
 def late(event: Envelope, workflow: dict | None) -> str | None:
@@ -256,6 +258,8 @@ def decide(event: Envelope, state: State, stage: int, limits: Limits, now: float
     """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends."""
     now, key = now or time.time(), WORKFLOW + event.workflow_id
     workflow = state.get(key)
+    if workflow is not None and is_repeat(SOURCE, event, workflow.get("handled", {}).get(event.id)):
+        return []  # (handled before: the workflow's entry keeps the ids it handled, with what each said)
     why = late(event, workflow)
     if why:
         log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
@@ -266,6 +270,7 @@ def decide(event: Envelope, state: State, stage: int, limits: Limits, now: float
                            state.key.decode(errors="surrogateescape"), limits, now)
     news = track(workflow, event, limits, now) if workflow is not None else []
     if workflow is not None:
+        workflow.setdefault("handled", {})[event.id] = digest(event).hex()
         state.put(key, workflow, due=next_deadline(workflow))
     return commands + news
 
@@ -488,13 +493,14 @@ def main() -> None:
     # Exactly once: the commands routed from a batch and the batch's offsets commit in one Kafka transaction.
     # It refuses to start while an orchestrator of other but overlapping workflows runs (split and single), and
     # starts where such ones left off: splitting, or joining back into one, routes nothing twice.
-    # dedupe: an event handled before is not routed again, and the same id with other content is a dead letter.
+    # An event handled before is not routed again, and the same id with other content is a dead letter: decide()
+    # keeps the ids of a workflow's events in its entry (one state record per event, not two).
     # It reads only the writers of its workflows, each allowed only its own message types.
     accepts = senders(workflows)
     # Each workflow's state (its steps, attempts and deadlines) is kept in Kafka, committed with the commands;
     # a step's deadline passing calls timed_out(), whose step_timed_out event is routed like any other.
     run_service("orchestrator", list(accepts), handle, writes=(*command_topics(), MESSAGE_STREAM), accepts=accepts,
-                group=group, transactional=not args.no_transactions, dedupe=True, state=True,
+                group=group, transactional=not args.no_transactions, state=True,
                 timer=lambda state, key: timed_out(state, key, args.example, limits, owned=workflows),
                 take_over=tuple(overlapping(workflows)), check=lambda admin, stop: alone(admin, workflows, stop))
 

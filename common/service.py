@@ -6,6 +6,7 @@ becomes a dead letter in handle_batch; a failed delivery is recovered by the Del
 was committed or must be handled again (the loop then rewinds to it)."""
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -14,13 +15,14 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, NoError
 from kafka.structs import OffsetAndMetadata
 
-from common.clients import make_consumer, refused, wait_for_kafka
+from common.clients import SESSION_TIMEOUT_MS, fence, leave, make_consumer, members, refused, wait_for_kafka
 from common.delivery import Delivery
 from common.handling import (Handled, Handler, Out, Triple, handle_batch, offsets_of, outputs_of, rejected,
                              serialised)
 from common.settings import DEAD_LETTER, FAMILIES, SETTINGS, Settings, written_by
 from common.state import State, Store, adopt, ensure_changelog
 from common.waiting import Pause, Poller, Stopper
+from common.workarounds import Stuck, in_background
 
 log = logging.getLogger("common")
 
@@ -77,7 +79,8 @@ class Loop:
         self.store = store
         if store is not None:
             store.open()  # (its reader starts meanwhile, too)
-        listener = Forget(store) if store is not None else None
+        self.copies = Copies(name, group, settings)
+        listener = Forget(store, self.copies) if store is not None else None
         self.consumer = join(stop, group, inputs, settings, listener)  # (meanwhile the Delivery's producer starts)
         self.poller, self.pause = Poller(self.consumer, name, stop, settings), Pause(name, settings.group(group), stop)
         self.unsent, self.count, self.expired_at = [], 0, time.monotonic()
@@ -121,10 +124,15 @@ class Loop:
         if time.monotonic() - self.expired_at > 60:
             self.expired_at = time.monotonic()
             self.store.expire(time.time())
+        rebalanced, self.copies.rebalanced = self.copies.rebalanced and self.delivery.transactional, False
+        if rebalanced and not missing:  # (another copy joined, say: who is in the group now)
+            self.copies.learn()
         if not missing:
             return True
         began = time.monotonic()
         try:
+            if rebalanced:
+                self.copies.end_departed()
             count = self.store.restore(missing)
         except KafkaError as error:
             rewind(self.consumer, batch, [])
@@ -160,23 +168,89 @@ class Loop:
 
     def close(self) -> None:
         log.info("%s: stopping after %d messages", self.name, self.count)
+        others = self.copies.others()
         self.consumer.close(autocommit=False)
+        if others:
+            self.copies.leave(len(others))
         self.delivery.close()
         if self.store is not None:
             self.store.close()
+        self.copies.close()
+
+
+class Copies:
+    """The other copies of a service in its group, as far as handing partitions over goes.
+
+    - A copy stopped while others of its group run leaves the group, so they take its partitions at once; the last
+      one keeps its place for the session timeout, so that a restart of it finds them waiting (the restart gap).
+    - A copy given partitions by a rebalance ends the open transaction of any copy gone from the group since the last
+      one (it may have died in the middle of one): until Kafka aborts it (its transaction timeout, 10 s, and its next
+      check), every read_committed reader of what it wrote waits behind it, this copy's state read included."""
+
+    def __init__(self, name: str, group: str, settings: Settings):
+        self.name, self.group, self.settings = name, group, settings
+        self.admin: KafkaAdminClient | None = None
+        self.making = threading.Lock()  # (the first rebalance asks in the background)
+        self.known: set[str] | None = None  # the group's members at the last rebalance (None: not asked yet)
+        self.rebalanced = False  # set by the rebalance listener (Forget), looked at by the loop
+
+    def learn(self) -> None:
+        """Ask who is in the group now, in the background (the batch does not wait for it)."""
+        in_background(self._learn)
+
+    def end_departed(self) -> None:
+        """After a rebalance that gave this copy partitions: end what copies gone from the group since the last one
+        left open. The first time, it only learns who is there (a restart's first batch does not wait for that)."""
+        if self.known is None:
+            return self.learn()
+        now = members(self._admin(), self.group, self.settings)
+        for gone in sorted(self.known - now):
+            fence(gone, self.settings)
+            log.info("%s: ended what %s, gone from the group, left open", self.name, gone)
+        self.known = now
+
+    def _learn(self) -> None:
+        self.known = members(self._admin(), self.group, self.settings)
+
+    def others(self) -> set[str]:
+        """The other copies in the group now (none if Kafka does not answer within 3 s)."""
+        try:
+            return in_background(lambda: members(self._admin(), self.group, self.settings))(3) - \
+                {self.settings.member(self.group)}
+        except (KafkaError, Stuck):
+            return set()
+
+    def leave(self, others: int) -> None:
+        try:
+            leave(self._admin(), self.group, self.settings)
+            log.info("%s: left group %s to the other cop%s", self.name, self.group, "ies" if others > 1 else "y")
+        except KafkaError as error:
+            log.warning("%s: could not leave group %s (%s); the others take over after %d s", self.name, self.group,
+                        error, SESSION_TIMEOUT_MS // 1000)
+
+    def _admin(self) -> KafkaAdminClient:
+        with self.making:
+            if self.admin is None:
+                self.admin = KafkaAdminClient(**self.settings.kafka_config(), bootstrap_timeout_ms=3000,
+                                              client_id=self.settings.group(self.group))
+        return self.admin
+
+    def close(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
 
 
 class Forget(ConsumerRebalanceListener):
     """Partitions taken away by a rebalance: their state is forgotten, and read back if they come back."""
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store, copies: "Copies"):
+        self.store, self.copies = store, copies
 
     def on_partitions_revoked(self, revoked):
         self.store.forget({tp.partition for tp in revoked})
 
     def on_partitions_assigned(self, assigned):
-        pass  # (read back by the loop before the partition's first record is handled)
+        self.copies.rebalanced = True  # (the loop reads new partitions back before their first record is handled)
 
 
 def deliver(delivery: Delivery, consumer: KafkaConsumer, own: list[Out], handled: list[Handled],

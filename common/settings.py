@@ -89,9 +89,14 @@ class Settings:
         """The real consumer group name: a prefix isolates groups as it isolates topics."""
         return self.topic_prefix + name
 
+    def member(self, group: str) -> str:
+        """This copy's static member id in the group; also its transactional id, so a copy that takes over from one
+        that left the group knows whose open transaction to end (see Loop.fence_departed)."""
+        return f"{self.group(group)}-{self.instance_id}"
+
     def transactional_id(self, group: str) -> str:
         """Stable per group and copy, so a restarted copy fences its own earlier self and nobody else."""
-        return f"{self.group(group)}-{self.instance_id}"
+        return self.member(group)
 
 
 SETTINGS = Settings.from_env()  # built once, at start; pass another Settings where a script needs another prefix

@@ -1,14 +1,19 @@
 """Several copies of a script in one consumer group share the partitions. Killing one hands its partitions to the
-others: nothing lost, nothing doubled (read committed), and each key's messages still in order."""
+others: nothing lost, nothing doubled (read committed), and each key's messages still in order. Stopping one hands
+them over at once; the copy that takes over a killed one's partitions ends the transaction it left open."""
 
 import signal
 import time
 from collections import defaultdict
 
 import pytest
-from helpers import NO_RESENDS, detections, envelope_of, exactly_one_each, wait_completed, worst_delay
+from helpers import (NO_RESENDS, detection, detections, envelope_of, exactly_one_each, wait_completed, worst_delay,
+                     writer_of)
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.errors import KafkaError
 
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, Settings
+from common.clients import members
 
 
 @pytest.fixture
@@ -99,3 +104,66 @@ def test_a_second_copy_with_the_same_instance_id_is_stopped_with_a_clear_error(s
     stream, commands = topics(MESSAGE_STREAM), topics(SEC_COMMAND)
     workflows = detections(stream.read_count(150, type_="security_detection", timeout=60))
     exactly_one_each(workflows, commands)
+
+
+def group_members(env: dict, group: str) -> set[str]:
+    admin = KafkaAdminClient(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    try:
+        return members(admin, group, Settings.from_env(env))
+    finally:
+        admin.close()
+
+
+def wait_members(env: dict, group: str, expected: set[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := group_members(env, group)) != expected:
+        if time.monotonic() > deadline:
+            pytest.fail(f"group {group} has members {now}, not {expected}")
+        time.sleep(0.2)  # polling the group's state
+
+
+@pytest.mark.usefixtures("partitioned")
+def test_a_copy_stopped_while_others_run_hands_its_partitions_over_at_once_and_the_last_keeps_its_place(env, scripts):
+    # Given two orchestrators in one group
+    prefix = env["TOPIC_PREFIX"]
+    copies = [scripts.start("orchestrator.py", "--example", "1", *NO_RESENDS, INSTANCE_ID=str(i)) for i in (1, 2)]
+    wait_members(env, "orchestrator", {f"{prefix}orchestrator-1", f"{prefix}orchestrator-2"})
+    # When the second is stopped (Ctrl-C, a scale-down)
+    scripts.stop(copies[1], signal.SIGINT)
+    # Then it has left the group as it exited: the other need not wait out its session to take its partitions
+    assert group_members(env, "orchestrator") == {f"{prefix}orchestrator-1"}
+    assert "left group orchestrator to the other copy" in scripts.output(copies[1])
+    # And when the last one is stopped, it keeps its place (a restart finds its partitions waiting)
+    scripts.stop(copies[0], signal.SIGINT)
+    assert group_members(env, "orchestrator") == {f"{prefix}orchestrator-1"}
+    assert "left group" not in scripts.output(copies[0])
+
+
+@pytest.mark.usefixtures("partitioned")
+def test_the_copy_that_takes_over_ends_the_transaction_a_killed_copy_left_open(env, scripts, topics):
+    # Given two orchestrators in one group and the services
+    prefix = env["TOPIC_PREFIX"]
+    copies = [scripts.start("orchestrator.py", "--example", "1", *NO_RESENDS, INSTANCE_ID=str(i)) for i in (1, 2)]
+    wait_members(env, "orchestrator", {f"{prefix}orchestrator-1", f"{prefix}orchestrator-2"})
+    # When the second is killed in the middle of a transaction: one left open on every partition of sec_command
+    # (made here with its transactional id, and a timeout of a minute, as a copy that died in it leaves it)
+    scripts.stop(copies[1], signal.SIGKILL)
+    dead = KafkaProducer(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"], transactional_id=f"{prefix}orchestrator-2",
+                         transaction_timeout_ms=60_000)
+    dead.init_transactions()
+    dead.begin_transaction()
+    left_open = [dead.send(prefix + SEC_COMMAND, b"never committed", partition=partition) for partition in range(4)]
+    dead.flush()
+    assert all(future.get().offset >= 0 for future in left_open)
+    # And a detection comes in
+    event, detector = detection(severity=4), KafkaProducer(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    detector.send(prefix + writer_of(MESSAGE_STREAM, event), event.to_bytes(), key=b"sensor-1").get(timeout=30)
+    detector.close()
+    # Then its command is routed and readable (read committed) well before Kafka would have timed that transaction
+    # out: the survivor, given the killed copy's partitions, ended it
+    commands = topics(SEC_COMMAND).read_count(1, timeout=40)
+    assert [c.workflow_id for c in commands] == [event.id]
+    scripts.wait_for_output(copies[0], f"ended what {prefix}orchestrator-2, gone from the group, left open")
+    with pytest.raises(KafkaError):  # (and the dead copy's producer is fenced off)
+        dead.commit_transaction()
+    dead.close(timeout=1)

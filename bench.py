@@ -11,6 +11,7 @@ Internal roles (run by the benchmark itself): --role raw-pipe | confluent-router
 """
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict, defaultdict, namedtuple
 from pathlib import Path
 
 import kafka
@@ -34,10 +35,10 @@ from rich.console import Console
 import acls
 import common
 import local_kafka
-from common.messages import digest
-from common.state import changelog, ensure_changelog, stored
+from common.handling import handle_record
+from common.state import Store, changelog, ensure_changelog
 from monitor import percentile
-from orchestrator import WORKFLOW, Limits, next_deadline, route, started
+from orchestrator import Limits, decide
 
 HERE = Path(__file__).resolve().parent
 console = Console(highlight=False)
@@ -149,15 +150,13 @@ class Bench:
         topic = settings.topic(changelog("orchestrator"))
         ensure_changelog(self.admin, "orchestrator", settings)
         producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=20, batch_size=512 * 1024)
-        now, limits = time.time(), Limits(step_timeout=3600)
+        memory, limits = Store("orchestrator", settings, durable=False), Limits(step_timeout=3600)
         with console.status(f"state restore: writing the state of {workflows} open workflows"):
-            for i in range(workflows):
-                event = common.parse(detection_bytes(i)[1])
-                state = started(event, route(event, 2), 2, f"sensor-{i % 8}", limits, now)
-                producer.send(topic, key=f"seen/{event.id}".encode(), partition=0,
-                              value=stored(digest(event).hex(), None, now))
-                producer.send(topic, key=(WORKFLOW + event.workflow_id).encode(), partition=0,
-                              value=stored(state, next_deadline(state), now))
+            for i in range(workflows):  # (each entry as the orchestrator writes it, made by the same code)
+                state = memory.view(0, f"sensor-{i % 8}".encode())
+                decide(common.parse(detection_bytes(i)[1]), state, 2, limits)
+                for change in state.changes:
+                    producer.send(topic, key=change.key.encode(), value=change.stored, partition=0)
             producer.flush()
             producer.close()
         log_path = Path(tempfile.gettempdir()) / f"{prefix}orchestrator.log"
@@ -181,49 +180,51 @@ class Bench:
         return {"seconds": seconds, "rss_mb": round(rss, 1)}
 
     def latency(self, rate: float, seconds: float, system: bool) -> dict:
-        """p50/p95/p99 ms at `rate`/s: detection -> notification delivered (system) or produce -> consume (direct)."""
+        """p50/p95/p99 ms at `rate`/s: detection -> notification delivered (system) or produce -> consume (direct).
+        The system's figures add `hops`: where each detection's time went, read off when each hop's output became
+        visible to a read_committed reader and when its writer sent it (the record's timestamp)."""
         prefix = self.prefix("e2e" if system else "hop")
         processes = [self.start(prefix, name) for name in ("orchestrator.py", "security_service.py",
                                                            "notification_service.py")] if system else []
-        receive_topic = prefix + (common.THIRD_PARTY if system else DETECTIONS)
-        consumer = KafkaConsumer(receive_topic, bootstrap_servers=self.address, auto_offset_reset="latest",
-                                 isolation_level="read_committed", fetch_max_wait_ms=10, reconnect_backoff_max_ms=1000)
-        while not consumer.assignment():
+        path = [DETECTIONS, common.NOTIFICATION_COMMAND, common.THIRD_PARTY] if system else [DETECTIONS]
+        consumer = KafkaConsumer(*(prefix + name for name in path), bootstrap_servers=self.address,
+                                 auto_offset_reset="latest", isolation_level="read_committed", fetch_max_wait_ms=5,
+                                 reconnect_backoff_max_ms=1000)
+        while len(consumer.assignment()) < len(path):
             consumer.poll(timeout_ms=100)
-        sent, latencies, stop = {}, [], threading.Event()
+        sent: dict[str, float] = {}
+        seen: dict[str, dict[str, tuple[float, float]]] = {prefix + name: {} for name in path}  # id -> (visible, sent)
+        last, stop = seen[prefix + path[-1]], threading.Event()
 
         def receive():
             while not stop.is_set():
-                for records in consumer.poll(timeout_ms=50).values():
+                for tp, records in consumer.poll(timeout_ms=20).items():
                     now = time.time()
                     for record in records:
-                        key = (json.loads(record.value)["workflow_id"]) if system else record.key.decode()
-                        if key in sent:
-                            latencies.append((now - sent.pop(key)) * 1000)
+                        key = json.loads(record.value)["workflow_id"] if system else record.key.decode()
+                        seen[tp.topic].setdefault(key, (now, record.timestamp / 1000))
 
         receiver = threading.Thread(target=receive, daemon=True)
         receiver.start()
         producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=0, acks="all")
         if system:  # warm up: the services must be in their groups before timing starts
             warm_id, value, key = detection_bytes(0)
-            sent[warm_id] = time.time()
             producer.send(prefix + DETECTIONS, value=value, key=key)
             deadline = time.monotonic() + 60
-            while warm_id in sent and time.monotonic() < deadline:
+            while warm_id not in last and time.monotonic() < deadline:
                 time.sleep(0.05)
-            latencies.clear()
         pacer, count = common.Pacer(rate, int(rate * seconds)), 0
         while not pacer.finished:
             for _ in range(pacer.due()):
-                event_id, value, key = detection_bytes(count)
+                event_id, value, key = detection_bytes(count + 1)
                 sent[event_id] = time.time()
                 producer.send(prefix + DETECTIONS, value=value, key=event_id.encode() if not system else key)
                 count += 1
             time.sleep(pacer.pause())
         producer.flush()
         deadline = time.monotonic() + 30
-        while sent and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while any(i not in last for i in sent) and time.monotonic() < deadline:
+            time.sleep(0.05)  # waiting for a measurement's last answers, not synchronising a test
         stop.set()
         receiver.join()
         consumer.close()
@@ -231,9 +232,118 @@ class Bench:
         for process in processes:
             process.terminate()
             process.wait(timeout=60)
-        figures = {f"p{p}": round(percentile(latencies, p), 1) for p in (50, 95, 99)} if latencies else {}
-        figures["received"], figures["sent"] = len(latencies), count
+        done = [i for i in sent if i in last]
+        figures = spread([(last[i][0] - sent[i]) * 1000 for i in done])
+        figures["received"], figures["sent"] = len(done), count
+        if system:
+            figures["hops"] = hops(prefix, path, sent, seen, done)
         return figures
+
+    def failover(self, kill: bool, instances: int = 3, partitions: int = 6, rate: float = 100) -> dict:
+        """`instances` exactly-once orchestrators share `partitions` partitions under `rate` detections/s; one is
+        SIGKILLed (kill) or stopped with SIGTERM (a scale-down). Returns the seconds from then until every partition's
+        detections are routed again (the slowest partition's first command for a detection sent after the signal,
+        visible to a read_committed reader), and lost/duplicated workflows over the whole run."""
+        prefix = self.prefix("kill" if kill else "stop", partitions)
+        copies = [self.start(prefix, "orchestrator.py", "--example", "2", *NO_ANSWER, INSTANCE_ID=str(i))
+                  for i in range(1, instances + 1)]
+        commands = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address,
+                                 auto_offset_reset="earliest", isolation_level="read_committed", fetch_max_wait_ms=5,
+                                 reconnect_backoff_max_ms=1000)
+        routed: dict[str, list[float]] = {}  # workflow id -> times its command was seen (more than one: a duplicate)
+        detections: list[tuple[float, int, str]] = []  # (sent, partition, id)
+        stop, stop_watching = threading.Event(), threading.Event()
+
+        def watch():
+            while not stop_watching.is_set():
+                for records in commands.poll(timeout_ms=20).values():
+                    now = time.time()
+                    for record in records:
+                        routed.setdefault(json.loads(record.value)["workflow_id"], []).append(now)
+
+        def traffic():
+            producer, i = KafkaProducer(bootstrap_servers=self.address, linger_ms=0), 0
+            pacer = common.Pacer(rate, None)
+            while not stop.is_set():
+                for _ in range(pacer.due()):
+                    event_id, value, key = detection_bytes(i)
+                    detections.append((time.time(), i % partitions, event_id))
+                    producer.send(prefix + DETECTIONS, value=value, key=key, partition=i % partitions)
+                    i += 1
+                time.sleep(pacer.pause())
+            producer.flush()
+            producer.close()
+
+        threads = [threading.Thread(target=watch, daemon=True), threading.Thread(target=traffic, daemon=True)]
+        for thread in threads:
+            thread.start()
+        group, how = prefix + "orchestrator", "SIGKILL" if kill else "SIGTERM"
+        with console.status(f"failover: {instances} orchestrators on {partitions} partitions, one gets {how}"):
+            while not self.steady(group, instances, detections, routed):
+                time.sleep(0.2)  # sampling a measurement's warm-up, not synchronising a test
+            signalled = time.time()
+            copies[-1].send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(self.resumed(signalled, detections, routed)) < partitions:
+                time.sleep(0.02)
+            resumed = self.resumed(signalled, detections, routed)
+            copies[-1].wait(timeout=60)
+            stop.set()
+            threads[1].join()
+            deadline = time.monotonic() + 60
+            while any(d[2] not in routed for d in detections) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        stop_watching.set()
+        threads[0].join()
+        for copy in copies[:-1]:
+            copy.terminate()
+        for copy in copies[:-1]:
+            copy.wait(timeout=60)
+        commands.close()
+        seconds = max(resumed.values()) - signalled if len(resumed) == partitions else float("inf")
+        lost = sum(d[2] not in routed for d in detections)
+        duplicates = sum(len(times) - 1 for times in routed.values())
+        console.print(f"failover after {how}: every partition routed again {seconds:.2f} s later "
+                      f"({instances} orchestrators, {partitions} partitions, {rate:g} detections/s); "
+                      f"{len(detections)} detections, lost {lost}, duplicates {duplicates}")
+        return {"seconds": round(seconds, 2), "lost": lost, "duplicates": duplicates}
+
+    def steady(self, group: str, members: int, detections: list, routed: dict) -> bool:
+        """All copies in the group and, for two seconds, every detection routed within half a second."""
+        description = self.admin.describe_groups([group]).get(group, {})
+        if len(description.get("members") or ()) != members or description.get("group_state") != "Stable":
+            return False
+        now = time.time()
+        recent = [d for d in detections if now - 2.5 < d[0] < now - 0.5]
+        return len(recent) > 100 and all(d[2] in routed and routed[d[2]][0] - d[0] < 0.5 for d in recent)
+
+    @staticmethod
+    def resumed(since: float, detections: list, routed: dict) -> dict[int, float]:
+        """Per partition: when the first detection sent after `since` was routed (partitions not yet: absent)."""
+        first: dict[int, float] = {}
+        for sent, partition, event_id in list(detections):
+            if sent >= since and partition not in first and event_id in routed:
+                first[partition] = routed[event_id][0]
+        return first
+
+    def ceiling(self, records: int) -> float:
+        """Kafka's own producer performance tool on this broker: records/s of detection-sized records, acks=all,
+        idempotent, to a topic with as many partitions as the orchestrator's input. What the broker can take here."""
+        prefix = self.prefix("ceiling")
+        size = len(detection_bytes(0)[1])
+        command = [local_kafka.find_java(), "-Xmx512m", "-cp", local_kafka.resolve_classpath(),
+                   "org.apache.kafka.tools.ProducerPerformance", "--topic", prefix + DETECTIONS,
+                   "--num-records", str(records), "--record-size", str(size), "--throughput", "-1",
+                   "--producer-props", f"bootstrap.servers={self.address}", "acks=all"]
+        with console.status(f"broker ceiling: Kafka's producer performance tool, {records} records of {size} bytes"):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        summary = [line for line in result.stdout.splitlines() if f"{records} records sent" in line]
+        if result.returncode != 0 or not summary:
+            raise SystemExit(f"bench: the producer performance tool failed:\n{(result.stdout + result.stderr)[-2000:]}")
+        rate = float(summary[-1].split(",")[1].split()[0])
+        console.print(f"broker ceiling (Kafka's ProducerPerformance, {size}-byte records, acks=all): "
+                      f"{rate:,.0f} records/s; {summary[-1].split(',', 1)[1].strip()}")
+        return rate
 
     def restarts(self, times: int, rate: float) -> dict:
         """Stop and start the orchestrator while traffic flows; gap = process start -> first waiting message routed."""
@@ -295,6 +405,28 @@ class Bench:
                 "duplicates": duplicates}
 
 
+def spread(latencies: list[float]) -> dict:
+    """p50/p95/p99 of latencies (ms)."""
+    return {f"p{p}": round(percentile(latencies, p), 1) for p in (50, 95, 99)} if latencies else {}
+
+
+HOP_NAMES = {common.NOTIFICATION_COMMAND: "orchestrator", common.THIRD_PARTY: "notification service"}
+
+
+def hops(prefix: str, path: list[str], sent: dict, seen: dict, done: list[str]) -> dict:
+    """Each detection's way, hop by hop (ms, p50/p95/p99): the detection becoming visible, then per service the time
+    until it sent its output (fetching and handling the input) and until that output was visible (its transaction
+    committed, markers written)."""
+    first = seen[prefix + path[0]]
+    parts = {"detection visible": [(first[i][0] - sent[i]) * 1000 for i in done if i in first]}
+    for before, after in itertools.pairwise(path):
+        inputs, outputs, name = seen[prefix + before], seen[prefix + after], HOP_NAMES[after]
+        both = [i for i in done if i in inputs and i in outputs]
+        parts[f"{name}: fetched and handled"] = [max(0.0, outputs[i][1] - inputs[i][0]) * 1000 for i in both]
+        parts[f"{name}: committed and visible"] = [max(0.0, outputs[i][0] - outputs[i][1]) * 1000 for i in both]
+    return {part: spread(values) for part, values in parts.items()}
+
+
 def rss_mb(pid: int) -> float:
     """VmRSS: a process's resident memory now."""
     with open(f"/proc/{pid}/status") as status:
@@ -309,7 +441,8 @@ def peak_rss_mb(pid: int) -> float:
 
 def raw_pipe() -> None:
     """No logic: every message_stream record is copied as it is to the three topics the Example 2 table sends to
-    (the same fan-out as the orchestrator), with the loop's producer, batching and commit policy."""
+    (the same fan-out as the orchestrator), with the loop's producer, batching and commit policy: the Kafka work of
+    the at-least-once orchestrator, which keeps its state in memory."""
     stop = common.Stopper()
     consumer = common.make_consumer("raw", [DETECTIONS])
     producer = common.make_producer()
@@ -326,26 +459,48 @@ def raw_pipe() -> None:
 
 
 def confluent_router() -> None:
-    """The same routing table, run by confluent-kafka (at least once: produce, flush, then commit)."""
-    from confluent_kafka import Consumer, Producer
+    """The exactly-once orchestrator's Kafka work done by confluent-kafka: per poll batch one transaction with the
+    same records (the commands of the Example 2 table and the same state records, made by the same handling code)
+    and the batch's offsets. What the client library costs, side by side with kafka-python."""
+    from confluent_kafka import Consumer, KafkaException, Producer
 
-    stop = common.Stopper()
-    consumer = Consumer({"bootstrap.servers": common.SETTINGS.bootstrap_servers, "group.id": common.topic("confluent"),
+    stop, settings, limits = common.Stopper(), common.SETTINGS, Limits(step_timeout=3600)
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": common.topic("confluent"),
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
                          "isolation.level": "read_committed"})
     consumer.subscribe([common.topic(DETECTIONS)])
-    producer = Producer({"bootstrap.servers": common.SETTINGS.bootstrap_servers, "enable.idempotence": True, "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "transactional.id": common.topic("confluent"),
+                         "linger.ms": 20})
+    producer.init_transactions()
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    ensure_changelog(admin, "confluent", settings)
+    admin.close()
+    store = Store("confluent", settings, durable=True)  # (like the orchestrator: decide() skips repeats)
+    store.entries = defaultdict(OrderedDict)  # (a fresh group: nothing to read back)
     while not stop:
-        messages = consumer.consume(500, timeout=0.5)
+        messages = [m for m in consumer.consume(500, timeout=0.5) if not m.error()]
+        if not messages:
+            continue
+        producer.begin_transaction()
+        changes = []
         for message in messages:
-            if message.error():
-                continue
-            for name, command in route(common.parse(message.value()), 2):
-                producer.produce(common.topic(name), value=command.to_bytes(), key=message.key())
-        if messages:
-            producer.flush()
-            consumer.commit(asynchronous=False)
+            record = Record(message.topic(), message.partition(), message.offset(), message.key(), message.value())
+            handled = handle_record("confluent", record, lambda event, state: decide(event, state, 2, limits), store, stop)
+            for out in handled.outputs:
+                producer.produce(common.topic(out.topic), value=out.value, key=out.key,
+                                 **({} if out.partition is None else {"partition": out.partition}))
+            changes += handled.changes
+        try:
+            producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
+                                                 consumer.consumer_group_metadata())
+            producer.commit_transaction()
+        except KafkaException as error:  # (a benchmark role: no recovery; the figure would be void)
+            raise SystemExit(f"confluent router: {error}") from None
+        store.commit(changes)
     consumer.close()
+
+
+Record = namedtuple("Record", "topic partition offset key value")
 
 
 def broker() -> tuple[str, Path | None]:
@@ -399,7 +554,7 @@ def throughputs(bench: Bench, n: int) -> dict[str, tuple[float, float]]:
             ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions",
                                                             *NO_ANSWER]),
             ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
-            ("confluent-kafka router", "confluent", ["bench.py", "--role", "confluent-router"])):
+            ("confluent-kafka router, exactly once", "confluent", ["bench.py", "--role", "confluent-router"])):
         prefix = bench.prefix(role)
         with console.status(f"{label}: producing a backlog of {n}"):
             bench.backlog(prefix, n)
@@ -417,29 +572,47 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
                   f"speedup {speedup:.2f}x")
     console.print(f"  on this {os.cpu_count()}-core machine the two instances compete for the same CPUs as the broker, "
                   "so this speedup is bounded by cores, not by the design")
-    e2e, direct = bench.latency(1000, seconds, system=True), bench.latency(1000, seconds, system=False)
-    console.print(f"latency at 1000/s: end to end {e2e}, direct single hop {direct} (ms)")
+    latency = {rate: (bench.latency(rate, seconds, system=True), bench.latency(rate, seconds, system=False))
+               for rate in (100, 1000)}
+    for rate, (e2e, direct) in latency.items():
+        console.print(f"latency at {rate}/s: end to end {without(e2e, 'hops')}, direct single hop {direct} (ms)")
+        for part, figures in e2e.get("hops", {}).items():
+            console.print(f"  {part}: {figures}")
     gap = bench.restarts(restarts, 100)
+    kill, stop = bench.failover(kill=True), bench.failover(kill=False)
     restore = bench.restore(100_000)
+    ceiling = bench.ceiling(n * 10)
     eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
-    raw, ck = rates["raw kafka-python pipe"][0], rates["confluent-kafka router"][0]
+    raw, ck = rates["raw kafka-python pipe"][0], rates["confluent-kafka router, exactly once"][0]
+    (e2e, direct), (e2e_100, direct_100) = latency[1000], latency[100]
+    figures = lambda f: {k: f.get(k) for k in ("p50", "p95", "p99")}  # noqa: E731
+    ratio = lambda a, b: round(a / b, 2) if a and b else None  # noqa: E731
     return {"kafka_version": local_kafka.KAFKA_VERSION, "kafka_python_version": kafka.__version__, "messages": n,
             "orchestrator_eos_msgs_per_s": round(eos), "orchestrator_alo_msgs_per_s": round(alo),
             "raw_pipe_msgs_per_s": round(raw), "confluent_router_msgs_per_s": round(ck),
-            "e2e_latency_ms": {k: e2e.get(k) for k in ("p50", "p95", "p99")},
-            "direct_latency_ms": {k: direct.get(k) for k in ("p50", "p95", "p99")},
+            "broker_ceiling_msgs_per_s": round(ceiling),
+            "e2e_latency_ms": figures(e2e), "direct_latency_ms": figures(direct),
+            "e2e_latency_100_ms": figures(e2e_100), "direct_latency_100_ms": figures(direct_100),
+            "e2e_hops_100_ms": e2e_100.get("hops"), "e2e_hops_ms": e2e.get("hops"),
             "restart_gap_s": {"median": gap["median"], "max": gap["max"]},
+            "failover_kill_s": kill["seconds"], "failover_stop_s": stop["seconds"],
             "orchestrator_peak_rss_mb": round(rates["orchestrator exactly-once"][1], 1),
             f"orchestrator_eos_1_instance_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[1]),
             f"orchestrator_eos_2_instances_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[2]),
             "two_instances_speedup": round(speedup, 2),
             f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
             "state_restore_s": restore["seconds"], "orchestrator_rss_100k_open_workflows_mb": restore["rss_mb"],
-            "lost": gap["lost"], "duplicates": gap["duplicates"],
-            "ratios": {"alo_over_raw": round(alo / raw, 2), "eos_over_alo": round(eos / alo, 2),
-                       "eos_over_confluent": round(eos / ck, 2),
-                       "e2e_p99_over_direct_p99": round(e2e["p99"] / direct["p99"], 2)
-                       if e2e.get("p99") and direct.get("p99") else None}}
+            "lost": gap["lost"] + kill["lost"] + stop["lost"],
+            "duplicates": gap["duplicates"] + kill["duplicates"] + stop["duplicates"],
+            "ratios": {"alo_over_raw": ratio(alo, raw), "eos_over_alo": ratio(eos, alo),
+                       "eos_over_confluent": ratio(eos, ck), "eos_over_broker_ceiling": ratio(eos, ceiling),
+                       "e2e_p99_over_direct_p99": ratio(e2e.get("p99"), direct.get("p99")),
+                       "e2e_p99_over_direct_p99_100": ratio(e2e_100.get("p99"), direct_100.get("p99")),
+                       "e2e_p50_over_direct_p50_100": ratio(e2e_100.get("p50"), direct_100.get("p50"))}}
+
+
+def without(figures: dict, key: str) -> dict:
+    return {k: v for k, v in figures.items() if k != key}
 
 
 def sweep(bench: Bench, seconds: float) -> list[dict]:
@@ -447,7 +620,7 @@ def sweep(bench: Bench, seconds: float) -> list[dict]:
     rows = []
     for rate in (100, 500, 1000, 2000, 5000):
         rows.append({"rate": rate, "e2e": bench.latency(rate, seconds, True), "direct": bench.latency(rate, seconds, False)})
-        console.print(f"sweep {rate}/s: e2e {rows[-1]['e2e']} direct {rows[-1]['direct']}")
+        console.print(f"sweep {rate}/s: e2e {without(rows[-1]['e2e'], 'hops')} direct {rows[-1]['direct']}")
     return rows
 
 

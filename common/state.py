@@ -20,6 +20,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError
 from kafka.structs import TopicPartition
+from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from common.clients import read_all, refused, wait_for_acks
 from common.handling import Out
@@ -60,7 +61,19 @@ def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPar
 
 def stored(value: Any, due: float | None, now: float) -> bytes:
     """An entry as the changelog holds it: when it was written, when its timer is due (or null), and its value."""
-    return json.dumps({"at": round(now, 3), "due": due, "value": value}, separators=(",", ":")).encode()
+    entry = {"at": round(now, 3), "due": due, "value": value}
+    try:
+        return to_json(entry)  # (pydantic's serialiser, written in Rust: a quarter of the stdlib's time)
+    except PydanticSerializationError:  # a key that is not UTF-8, kept with surrogate escapes: only json writes those
+        return json.dumps(entry, separators=(",", ":")).encode()
+
+
+def read(raw: bytes) -> dict:
+    """A stored entry, read back."""
+    try:
+        return from_json(raw)
+    except ValueError:  # (the surrogate escapes of a key that is not UTF-8)
+        return json.loads(raw)
 
 
 class State:
@@ -110,7 +123,7 @@ class Store:
     def entry(self, partition: int, key: str) -> dict | None:
         raw = self.pending[(partition, key)] if (partition, key) in self.pending else \
             self.entries.get(partition, {}).get(key)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else read(raw)
 
     def outs(self, changes: list[Change]) -> list[Out]:
         """The changelog records of these changes, ready to send with the batch (none if kept in memory only)."""
@@ -139,7 +152,7 @@ class Store:
         while self.timers and self.timers[0][0] <= now and len(fired) < limit:
             timer = heapq.heappop(self.timers)
             entry = self.entries.get(timer[1], {}).get(timer[2])
-            if entry is None or json.loads(entry)["due"] != timer[0]:
+            if entry is None or read(entry)["due"] != timer[0]:
                 continue  # (stale: the entry changed, expired or went with its partition)
             if timer[1] in skip:
                 kept.append(timer)
@@ -195,7 +208,7 @@ class Store:
         cutoff = time.time() - self.retention_s
         for partition, entries in restored.items():
             for key, raw in list(entries.items()):
-                entry = json.loads(raw)
+                entry = read(raw)
                 if entry["at"] < cutoff:
                     del entries[key]
                 elif entry["due"] is not None:
@@ -206,7 +219,7 @@ class Store:
         """Drop entries not written for STATE_RETENTION_S (the changelog's retention drops them from Kafka)."""
         cutoff, dropped = now - self.retention_s, 0
         for entries in self.entries.values():
-            while entries and json.loads(next(iter(entries.values())))["at"] < cutoff:
+            while entries and read(next(iter(entries.values())))["at"] < cutoff:
                 entries.popitem(last=False)
                 dropped += 1
         return dropped
@@ -258,7 +271,7 @@ def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict
     for group in groups:
         for record in read_all(changelog(group), settings=settings):
             if record.value is not None:
-                at, slot = json.loads(record.value)["at"], (record.partition, record.key)
+                at, slot = read(record.value)["at"], (record.partition, record.key)
                 if slot not in latest or at >= latest[slot][0]:
                     latest[slot] = (at, group, record.value)
     return latest

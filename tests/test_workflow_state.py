@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 from helpers import detection, unit_event
 
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, UNIT_COMMAND, caused_by
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by
 from common.settings import Settings
 from common.state import Store
 from common.handling import serialised
@@ -142,3 +142,17 @@ def test_a_split_orchestrator_leaves_the_timers_of_another_ones_workflows_alone(
     [(partition, key)] = store.due(T0 + 2)
     # Then it sends nothing: the security orchestrator's own copy of the state acts on it
     assert timed_out(store.view(partition), key, 3, LIMITS, T0 + 2, owned={"unit"}) == []
+
+
+def test_an_event_handled_before_is_not_routed_again_and_its_id_saying_something_else_is_a_dead_letter(store):
+    # Given a detection routed, and its step's outcome
+    event = detection()
+    assert [topic for topic, _ in handled(store, event, T0)] == [SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA]
+    handled(store, outcome(event), T0 + 1)
+    # When both come again (a producer's retry, a replayed dead letter), nothing is routed and nothing changes
+    before = workflow(store, event)
+    assert handled(store, event, T0 + 2) == [] and handled(store, outcome(event), T0 + 3) == []
+    assert workflow(store, event) == before
+    # And the same id saying something else is a dead letter (the workflow's entry keeps what each id said)
+    with pytest.raises(DeadLetter, match="handled before with different content"):
+        handled(store, event.model_copy(update={"payload": {**event.payload, "severity": 5}}), T0 + 4)

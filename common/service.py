@@ -308,7 +308,8 @@ def prepare(stop: "Stopper", name: str, group: str, take_over: tuple[str, ...], 
                 furthest = furthest_offsets(admin, group, take_over, inputs, settings) if not stop else {}
                 if furthest and store is not None and store.topic:  # (their state first: the offsets say it is done)
                     ensure_changelog(admin, group, settings)
-                    log.info("%s: took over %d state entries of %s", name, adopt(group, take_over, settings),
+                    copied = adopt(group, take_over, settings)
+                    log.info("%s: took over %d state entr%s of %s", name, copied, "y" if copied == 1 else "ies",
                              ", ".join(take_over))
                 if furthest:
                     move_offsets(admin, group, furthest, take_over, settings)

@@ -3,7 +3,7 @@
 # make check  -- lint and the tests that need no broker (seconds): the inner loop while changing code
 # make kafka-up / kafka-down -- a broker on localhost:9092: Docker compose where a Docker engine answers, else local_kafka
 # make lint   -- ruff
-# make bench  -- bench.py: throughput, latency, restart gap and memory, side by side (about 4 minutes)
+# make bench  -- bench.py: throughput, latency, failover, restart gap and memory, side by side (about 8 minutes)
 # make reset  -- start the walkthrough over: delete its topics, consumer groups, state and reports.db
 # make walkthrough -- a tmux session with one window per script of Example 1, for the examples by hand
 PYTHON ?= python3

@@ -1,9 +1,11 @@
-"""Benchmark: what the orchestrator hop costs, and whether the orchestrator is the bottleneck, measured side by side;
-and what a second orchestrator instance adds on a 4-partition message_stream.
+"""Benchmark: what the orchestrator costs, side by side with a raw kafka-python pipe, confluent-kafka doing the same
+Kafka work and the broker's own ceiling (Kafka's ProducerPerformance); latency end to end and per hop at 100 and
+1 000/s against a direct hop; how soon the partitions of a killed or stopped copy are routed again; the restart gap;
+what a second instance adds on a 4-partition message_stream; reading the state of 100 000 workflows back.
 
 Runs against KAFKA_BOOTSTRAP_SERVERS if it answers, else starts local_kafka on a free port (stopped at the end).
 Every run uses topic prefixes of its own. Needs requirements-bench.txt (confluent-kafka; matplotlib for --plot).
-Run:   python bench.py                      # default: a 100 000-detection backlog, latency at 1 000/s
+Run:   python bench.py                      # default: a 100 000-detection backlog, 10 s latency runs
        python bench.py --quick              # a smaller run (20 000 messages, shorter latency runs)
        python bench.py --json bench.json    # also write the figures as JSON
        python bench.py --sweep --plot latency.png   # latency against rate, 100 -> 5 000 msg/s, drawn

@@ -50,6 +50,7 @@ DETECTIONS = common.written_by(common.MESSAGE_STREAM, "security_detector")  # wh
 # Where no service answers (draining a backlog, restarts), an hour's limit keeps the orchestrator's timeouts (and the
 # commands they send again) out of the figures.
 NO_ANSWER = ("--step-timeout", "3600")
+ROUNDS = 3  # throughput drains per system, taken in turns; the median counts
 
 
 def detection_bytes(rng_seed: int) -> tuple[str, bytes, bytes]:
@@ -580,20 +581,23 @@ def main() -> int:
     return 0
 
 
-def throughputs(bench: Bench, n: int) -> dict[str, tuple[float, float]]:
-    """Each system drains the same backlog of n detections: label -> (messages per second, peak RSS MB)."""
-    rates = {}
-    for label, role, args_ in (
-            ("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2", *NO_ANSWER]),
-            ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2", "--no-transactions",
-                                                            *NO_ANSWER]),
-            ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
-            ("confluent-kafka router, exactly once", "confluent", ["bench.py", "--role", "confluent-router"])):
+def throughputs(bench: Bench, n: int, rounds: int = ROUNDS) -> dict[str, tuple[float, float]]:
+    """Each system drains the same backlog of n detections, in turn, `rounds` times (a run varies by ±20% on a busy
+    machine; taking turns spreads that over all of them): label -> (the median of its messages per second, its
+    largest peak RSS in MB)."""
+    systems = (("orchestrator exactly-once", "orchestrator", ["orchestrator.py", "--example", "2", *NO_ANSWER]),
+               ("orchestrator at-least-once", "orchestrator", ["orchestrator.py", "--example", "2",
+                                                               "--no-transactions", *NO_ANSWER]),
+               ("raw kafka-python pipe", "raw", ["bench.py", "--role", "raw-pipe"]),
+               ("confluent-kafka router, exactly once", "confluent", ["bench.py", "--role", "confluent-router"]))
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for _, (label, role, args_) in itertools.product(range(rounds), systems):
         prefix = bench.prefix(role)
         with console.status(f"{label}: producing a backlog of {n}"):
             bench.backlog(prefix, n)
-        rates[label] = bench.drain(label, n, prefix + role, prefix, *args_)
-    return rates
+        runs.setdefault(label, []).append(bench.drain(label, n, prefix + role, prefix, *args_))
+    return {label: (statistics.median(rate for rate, _ in results), max(rss for _, rss in results))
+            for label, results in runs.items()}
 
 
 def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:

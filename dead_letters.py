@@ -81,21 +81,24 @@ def consumes(writer: str, topic: str) -> bool:
     return bool(reads) and re.match(SETTINGS.pattern(reads), topic) is not None
 
 
-def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None, bytes | None]]:
-    """What to replay, as (topic, key, value): each letter's original, if it is kept whole, goes back to a topic its
-    writer consumes, and is still in Kafka byte for byte where the letter says it came from (so a letter cannot make
-    up a message another script would have sent); each original once (unless every_copy)."""
+def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None, bytes | None, list]]:
+    """What to replay, as (topic, key, value, headers): each letter's original, if it is kept whole, goes back to a
+    topic its writer consumes, and is still in Kafka byte for byte where the letter says it came from (so a letter
+    cannot make up a message another script would have sent); each original once (unless every_copy). The headers
+    are the original's trace context: with tracing on, a replay stays in its workflow's trace."""
     kept, seen = [], set()
     with Source() as source:
         for which, letter, _ in letters:
             reason = unfit(which, letter)
             key, value = (None, None) if reason else decoded(letter)
-            if reason is None and (key, value) != source.record(letter.topic, letter.partition, letter.offset):
+            record = None if reason else source.record(letter.topic, letter.partition, letter.offset)
+            if reason is None and (record is None or (key, value) != (record.key, record.value)):
                 reason = f"its original is not at {letter.topic}:{letter.partition}:{letter.offset} (any more)"
             if reason:
                 log.warning("dead letter %s is not replayed: %s", which, reason)
             elif every_copy or (letter.topic, key, value) not in seen:
-                kept.append((letter.topic, key, value))
+                kept.append((letter.topic, key, value,
+                             [(k, v) for k, v in record.headers or () if k in ("traceparent", "tracestate")]))
                 seen.add((letter.topic, key, value))
     return kept
 
@@ -129,15 +132,15 @@ class Source:
                                       isolation_level="read_committed")
         return self
 
-    def record(self, topic: str, partition: int, offset: int) -> tuple[bytes | None, bytes | None] | None:
-        """(key, value) of the record at topic:partition:offset, or None if there is none (any more)."""
+    def record(self, topic: str, partition: int, offset: int):
+        """The record at topic:partition:offset, or None if there is none (any more)."""
         where = TopicPartition(topic, partition)
         self.consumer.assign([where])
         self.consumer.seek(where, offset)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for record in self.consumer.poll(timeout_ms=200).get(where, []):
-                return (record.key, record.value) if record.offset == offset else None
+                return record if record.offset == offset else None
             if self.consumer.position(where) >= self.consumer.end_offsets([where])[where]:
                 return None
         return None
@@ -146,11 +149,12 @@ class Source:
         self.consumer.close(autocommit=False)
 
 
-def replay(originals: list[tuple[str, bytes | None, bytes | None]]) -> int:
-    """Send each original (null as null), with its key, back to the topic it came from."""
+def replay(originals: list[tuple[str, bytes | None, bytes | None, list]]) -> int:
+    """Send each original (null as null), with its key and trace context, back to the topic it came from."""
     producer = make_producer()
     try:
-        futures = [producer.send(topic, key=key, value=value) for topic, key, value in originals]
+        futures = [producer.send(topic, key=key, value=value, headers=headers or None)
+                   for topic, key, value, headers in originals]
         wait_for_acks(producer, futures, "dead_letters")
     except AuthorizationError as error:
         raise refused("dead_letters", error) from None

@@ -30,7 +30,7 @@ from rich.console import Console
 from kafka import KafkaAdminClient
 from kafka.errors import NonEmptyGroupError, KafkaError
 
-from common import ALL_TOPICS, SETTINGS, Settings
+from common import ALL_TOPICS, MESSAGE_STREAM, SETTINGS, Settings, read_all, tracing, written_by
 from common.clients import SESSION_TIMEOUT_MS
 from common.state import changelog
 from monitor import Flow, Tail, groups, render
@@ -148,6 +148,11 @@ class Walkthrough:
         lost = started - completed + max(0, routed_reports - reports)
         print(f"demo: workflows={started} completed={completed} lost={lost} duplicates={flow.duplicates} "
               f"reports={reports} restart_gap_s={gap:.1f}", flush=True)
+        if tracing.EXPORTER == "zipkin":  # (OTEL_TRACES_EXPORTER=zipkin: one workflow, as Zipkin shows it)
+            first = next(iter(read_all(written_by(MESSAGE_STREAM, "security_detector"), settings=self.flow.settings)),
+                         None)
+            link = tracing.zipkin_link(first.headers if first else None)
+            console.print(f"one workflow's trace in Zipkin: {link}" if link else "no traced workflow found")
         return 1 if lost or flow.duplicates else 0
 
 

@@ -7,7 +7,7 @@ Run:      python notification_service.py
 import argparse
 import logging
 
-from common import NOTIFICATION_COMMAND, THIRD_PARTY, Envelope, Output, caused_by, expect, run_service, setup_logging
+from common import NOTIFICATION_COMMAND, THIRD_PARTY, Envelope, Output, caused_by, expect, run_service, setup_logging, metrics
 
 log = logging.getLogger("notification_service")
 
@@ -22,10 +22,12 @@ def notify(command: Envelope) -> list[Output]:
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    metrics.flag(parser)
+    args = parser.parse_args()
     setup_logging()
     run_service("notification_service", [NOTIFICATION_COMMAND], notify, writes=(THIRD_PARTY,), dedupe=True,
-                transactional=True)
+                transactional=True, metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from kafka.errors import AuthorizationError
 
 from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND,
                     SETTINGS, DeadLetter, Envelope, Output, State, Triple, caused_by, parse, read_all, run_service,
-                    setup_logging, written_by)
+                    setup_logging, written_by, metrics)
 from common.clients import SESSION_TIMEOUT_MS
 from common.handling import is_repeat
 from common.messages import digest
@@ -244,10 +244,21 @@ def timed_out(state: State, key: str, stage: int, limits: Limits, now: float | N
                                                  "attempt": step["attempts"], "attempts": limits.attempts,
                                                  "topic": step["topic"], "command": step["command"]}, SOURCE)
             routed = decide(event, state, stage, limits, now)
+            metrics.count("timeouts", workflow=workflow["type"])
+            counted(routed, workflow["type"])
             log.info("step_timed_out %s -> %s", workflow["workflow_id"][:8],
                      ", ".join(m.type if t in (MESSAGE_STREAM, m.type) else f"{t} ({m.type})" for t, m in routed))
             outputs += [(MESSAGE_STREAM, event), *routed]
     return [(topic, message, workflow["key"]) for topic, message in outputs]
+
+
+def counted(outputs: list[Output], workflow: str | None) -> None:
+    """The commands among a workflow's outputs, counted per topic (metrics on)."""
+    if not metrics.ON:
+        return
+    for topic, _ in outputs:
+        if topic in command_topics():
+            metrics.count("routed", topic=topic, workflow=workflow or "none")
 
 
 def next_deadline(workflow: dict) -> float | None:
@@ -464,6 +475,7 @@ def main() -> None:
                         help="time limit of every step that reports back (default: each step's own, 5 s)")
     parser.add_argument("--attempts", type=int,
                         help=f"tries of such a step before escalating to a person (default {ATTEMPTS})")
+    metrics.flag(parser)
     parser.add_argument("--no-transactions", action="store_true",
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
@@ -483,6 +495,7 @@ def main() -> None:
         if not owns(event.type, workflows):
             return []
         outputs = decide(event, state, args.example, limits)
+        counted(outputs, workflow_of(event.type))
         log.info("%s %s -> %s", event.type, event.workflow_id[:8],
                  ", ".join(m.type if t == MESSAGE_STREAM else t for t, m in outputs) or "done")
         if not routed:  # (the restart gap, to read off by hand)
@@ -502,6 +515,7 @@ def main() -> None:
     run_service("orchestrator", list(accepts), handle, writes=(*command_topics(), MESSAGE_STREAM), accepts=accepts,
                 group=group, transactional=not args.no_transactions, state=True,
                 timer=lambda state, key: timed_out(state, key, args.example, limits, owned=workflows),
+                metrics_port=args.metrics_port, running=lambda store: store.count(WORKFLOW, b'"state":"running"'),
                 take_over=tuple(overlapping(workflows)), check=lambda admin, stop: alone(admin, workflows, stop))
 
 

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 
-from common import REPORT_DATA, DeadLetter, Envelope, Output, Unavailable, expect, run_service, setup_logging
+from common import REPORT_DATA, DeadLetter, Envelope, Output, Unavailable, expect, run_service, setup_logging, metrics
 
 log = logging.getLogger("reporting_service")
 SCHEMA = """
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="print the stored counts and exit")
     parser.add_argument("--json", action="store_true", help="with --summary: one JSON object")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between printed summaries (default 10)")
+    metrics.flag(parser)
     args = parser.parse_args()
     if args.every <= 0:
         parser.error("--every must be above 0")
@@ -145,7 +146,7 @@ def main() -> None:
 
     log.info("storing reports in %s (unit section %s)", args.db, "on" if args.example >= 3 else "off")
     run_service("reporting_service", [REPORT_DATA], lambda message: reports.use(lambda db: store(db, message, args.example)),
-                tick=print_summary_when_due)
+                tick=print_summary_when_due, metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

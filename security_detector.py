@@ -9,7 +9,7 @@ import argparse
 import logging
 import random
 
-from common import MESSAGE_STREAM, new_event, run_producer, setup_logging
+from common import MESSAGE_STREAM, new_event, run_producer, setup_logging, metrics
 
 log = logging.getLogger("security_detector")
 # The sensors of a site: what each one detects (motion sensors fire most), and how severe that kind is.
@@ -35,12 +35,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, help="detections to produce, then exit (default: forever)")
     parser.add_argument("--rate", type=float, default=1.0, help="detections per second (default 1)")
     parser.add_argument("--seed", type=int, help="random seed, for repeatable runs")
+    metrics.flag(parser)
     args = parser.parse_args()
     if args.rate <= 0 or (args.count is not None and args.count < 0):
         parser.error("--rate must be above 0 and --count not negative")
     setup_logging()
     rng = random.Random(args.seed)
-    run_producer("security_detector", lambda: detection(rng), args.count, args.rate)
+    run_producer("security_detector", lambda: detection(rng), args.count, args.rate, metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

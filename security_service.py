@@ -9,7 +9,7 @@ import argparse
 import logging
 from collections import defaultdict
 
-from common import MESSAGE_STREAM, SEC_COMMAND, Envelope, Output, caused_by, expect, run_service, setup_logging
+from common import MESSAGE_STREAM, SEC_COMMAND, Envelope, Output, caused_by, expect, run_service, setup_logging, metrics
 
 log = logging.getLogger("security_service")
 zones: dict[str, dict] = defaultdict(lambda: {"state": "normal", "actions": 0})  # per-zone state, in memory
@@ -36,11 +36,12 @@ def carry_out(command: Envelope, fail_zones: frozenset = frozenset()) -> list[Ou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fail-zones", default="", help="comma-separated zones whose actions fail (a simulated fault)")
+    metrics.flag(parser)
     args = parser.parse_args()
     setup_logging()
     fail_zones = frozenset(filter(None, args.fail_zones.split(",")))
     run_service("security_service", [SEC_COMMAND], lambda command: carry_out(command, fail_zones),
-                writes=(MESSAGE_STREAM,), dedupe=True, transactional=True)
+                writes=(MESSAGE_STREAM,), dedupe=True, transactional=True, metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import logging
 import random
 
 from common import (MESSAGE_STREAM, UNIT_COMMAND, Envelope, Output, Pacer, caused_by, expect, new_event, run_service,
-    setup_logging)
+    setup_logging, metrics)
 
 log = logging.getLogger("unit_event_producer")
 STATE_AFTER = {"acknowledge": "ok", "power_save": "power_saving", "reboot": "rebooting", "lockdown": "locked_down"}
@@ -71,13 +71,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="unit events per second (default 1)")
     parser.add_argument("--units", type=int, default=5, help="number of simulated units (default 5)")
     parser.add_argument("--seed", type=int, help="random seed, for repeatable runs")
+    metrics.flag(parser)
     args = parser.parse_args()
     if args.rate <= 0 or args.units < 1 or (args.count is not None and args.count < 0):
         parser.error("--rate and --units must be above 0 and --count not negative")
     setup_logging()
     field, pacer = Field(random.Random(args.seed), args.units), Pacer(args.rate, args.count)
     run_service("unit_event_producer", [UNIT_COMMAND], apply, writes=(MESSAGE_STREAM,), dedupe=True, transactional=True,
-                tick=lambda: [field.event() for _ in range(pacer.due())])
+                tick=lambda: [field.event() for _ in range(pacer.due())], metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

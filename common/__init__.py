@@ -11,6 +11,8 @@
   waiting     the stop signal, a poll that outlives an outage, a pause that says what it waits for
   producing   run_producer, the event sources' loop
   workarounds every workaround of a kafka-python behaviour, each saying which and why
+  tracing     OpenTelemetry: a trace per workflow, its context in the record headers (off unless asked)
+  metrics     Prometheus metrics on METRICS_PORT (off unless a port is given)
 """
 
 try:

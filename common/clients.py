@@ -82,12 +82,13 @@ def fence(transactional_id: str, settings: Settings = SETTINGS) -> None:
 
 
 def send(producer: KafkaProducer, name: str, value: Envelope | bytes | None, key: bytes | str | None = None,
-         settings: Settings = SETTINGS, partition: int | None = None):
-    """Produce one message (an envelope, or one already serialised) to a project topic; returns the future."""
+         settings: Settings = SETTINGS, partition: int | None = None, headers: list | None = None):
+    """Produce one message (an envelope, or one already serialised) to a project topic; returns the future.
+    `headers`: the record's headers (the trace context, when tracing is on)."""
     if isinstance(key, str):
         key = key.encode()
     return producer.send(settings.topic(name), value=value.to_bytes() if isinstance(value, Envelope) else value, key=key,
-                         partition=partition)
+                         partition=partition, headers=headers)
 
 
 def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "", stop=None) -> None:

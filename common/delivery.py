@@ -131,7 +131,7 @@ def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs
                        settings: Settings) -> None:
     """Exactly once: the outputs and the consumed offsets commit together, or neither does."""
     producer.begin_transaction()
-    futures = [send(producer, *out[:3], settings, *out[3:]) for out in outputs]
+    futures = [send(producer, *out[:3], settings, *out[3:]) for out in outputs]  # (partition, headers)
     for future in futures:  # kafka-python fails a record refused before it was batched (say, an unknown topic) only
         if future.is_done and future.failed():  # in its future: the transaction would commit without it
             raise future.exception

@@ -15,6 +15,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
+from common import metrics, tracing
 from common.messages import DeadLetter, Envelope, Output, check_key, dead_letter, digest, parse
 from common.settings import DEAD_LETTER, written_by
 
@@ -25,11 +26,13 @@ Handler = Callable[..., list[Output]]  # handle(message), or handle(message, sta
 
 
 class Out(NamedTuple):
-    """An output ready to send: project topic name, serialised value, key, and (a state change) its partition."""
+    """An output ready to send: project topic name, serialised value, key, (a state change) its partition, and its
+    headers (the trace context of the span that made it, when tracing is on)."""
     topic: str
     value: bytes | None
     key: bytes | None
     partition: int | None = None
+    headers: list | None = None
 
 # Failures of a handler's resource (a busy database, a network blip): retried briefly, then the batch is held up
 # there and handled again later, never dead-lettered. Anything else a handler raises is a bug or bad data.
@@ -46,10 +49,12 @@ class Unavailable(Exception):
 
 @dataclass
 class Handled:
-    """One record after handling: what to send for it, and the state changes to apply once that is committed."""
+    """One record after handling: what to send for it, the state changes to apply once that is committed, and the
+    span of its handling (tracing; ended by the loop once the batch is delivered, or not)."""
     record: Any
     outputs: list[Out] = field(default_factory=list)
     changes: list = field(default_factory=list)
+    span: Any = None
 
 
 def handle_batch(name: str, batch: dict, handle: Handler, store, stop,
@@ -77,31 +82,36 @@ def handle_record(name: str, record, handle: Handler, store, stop,
                   accepts: dict[str, frozenset] | None = None) -> Handled:
     """Check, parse, skip a repeat, handle, serialise: one record's outputs (each to the topic `name` writes for
     it) and state changes, or its dead letter."""
-    state = store.view(record.partition, record.key) if store is not None else None
+    span = tracing.consumed(record)
+    state = store.view(record.partition, record.key, tracing.traceparent(span)) if store is not None else None
     try:
         check_key(record.key)
         message = parse(record.value)
+        tracing.about(span, message)
+        metrics.count("handled", service=name, type=message.type)
         if accepts and message.type not in accepts.get(record.topic, frozenset({message.type})):
             raise DeadLetter(f"{record.topic.rsplit('.', 1)[-1]} may not send {message.type!r}; {record.topic} "
                              f"carries {', '.join(sorted(accepts[record.topic]))} only")
         if store is not None and store.dedupe:
             if is_repeat(name, message, state.get(SEEN + message.id)):
-                return Handled(record)
+                metrics.count("repeats", service=name)
+                return Handled(record, span=span)
             state.put(SEEN + message.id, digest(message).hex())  # (committed with the outputs, or not at all)
         outputs = call_handler(name, message, lambda m: handle(m, state), stop)
-        outs = [serialised(written_by(t, name), m, record.key) for t, m in outputs]
+        outs = [serialised(written_by(t, name), m, record.key, tracing.headers(span)) for t, m in outputs]
         if state is None:
-            return Handled(record, outs)
-        return Handled(record, outs + store.outs(state.changes), state.changes)
+            return Handled(record, outs, span=span)
+        return Handled(record, outs + store.outs(state.changes), state.changes, span)
     except DeadLetter as reason:
         undo(store, state)
-        return Handled(record, [rejected(name, record, str(reason))])
+        return Handled(record, [rejected(name, record, str(reason), span)], span=span)
     except (ValueError, PydanticSerializationError) as error:  # an output that cannot be written (ValidationError too)
         undo(store, state)
         return Handled(record, [rejected(name, record, f"output could not be written: {type(error).__name__}: "
-                                                       f"{str(error)[:300]}")])
+                                                       f"{str(error)[:300]}", span)], span=span)
     except Unavailable:
         undo(store, state)
+        tracing.ended(span)  # (handled again later: that is another span)
         raise
 
 
@@ -124,6 +134,7 @@ def is_repeat(name: str, message: Envelope, known: str | None) -> bool:
 def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Output]:
     """handle(message). A transient failure is retried briefly, then raised as Unavailable; a bug is a dead letter."""
     for attempt in range(1, QUICK_ATTEMPTS + 1):
+        began = time.perf_counter()
         try:
             return handle(message)
         except (DeadLetter, Unavailable):
@@ -136,28 +147,34 @@ def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Ou
             raise DeadLetter(f"output invalid: {str(error)[:300]}") from None
         except Exception as error:  # noqa: BLE001 -- a bug or bad data in one message must not stop the service
             raise DeadLetter(f"handler failed: {type(error).__name__}: {error}") from None
+        finally:
+            metrics.observe("handler", time.perf_counter() - began, service=name)
     raise AssertionError("unreachable")
 
 
-def serialised(topic: str, message: Envelope, key: bytes | str | None) -> Out:
+def serialised(topic: str, message: Envelope, key: bytes | str | None, headers: list | None = None) -> Out:
     """An output as it will be sent; one Kafka would refuse is a ValueError (so, its input's dead letter)."""
     value = message.to_bytes()
     key = key.encode(errors="surrogateescape") if isinstance(key, str) else key  # (a key kept as text gives its bytes)
     if len(value) + len(key or b"") > MAX_RECORD_BYTES:
         raise ValueError(f"a {message.type} of {len(value)} bytes is over the {MAX_RECORD_BYTES}-byte record limit")
-    return Out(topic, value, key)
+    return Out(topic, value, key, None, headers)
 
 
-def rejected(name: str, record, reason: str) -> Out:
-    """The record's dead letter, ready to send: keyed like the record unless its key is what was wrong."""
+def rejected(name: str, record, reason: str, span=None) -> Out:
+    """The record's dead letter, ready to send: keyed like the record unless its key is what was wrong. It carries
+    the record's trace context (a replay of it stays in the same trace); its span is marked as an error."""
     log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
+    tracing.failed(span, f"dead letter: {reason}")
+    metrics.count("dead", service=name, reason=metrics.reason_kind(reason))
     letter = dead_letter(record.value, reason, name, record)
     try:
         check_key(record.key)
         key = record.key
     except DeadLetter:
         key = None
-    return Out(written_by(DEAD_LETTER, name), letter.to_bytes(), key)
+    return Out(written_by(DEAD_LETTER, name), letter.to_bytes(), key, None,
+               [(k, v) for k, v in getattr(record, "headers", None) or () if k in ("traceparent", "tracestate")] or None)
 
 
 def outputs_of(handled: list[Handled]) -> list[Out]:

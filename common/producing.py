@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from kafka.errors import AuthorizationError, KafkaError
 
+from common import metrics, tracing
 from common.clients import make_producer, refused, send, wait_for_acks, wait_for_kafka
 from common.messages import Envelope
 from common.settings import MESSAGE_STREAM, SETTINGS, Settings, written_by
@@ -17,25 +18,29 @@ log = logging.getLogger("common")
 
 
 def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count: int | None, rate: float,
-                 writes: tuple[str, ...] = (MESSAGE_STREAM,), settings: Settings = SETTINGS) -> int:
+                 writes: tuple[str, ...] = (MESSAGE_STREAM,), settings: Settings = SETTINGS,
+                 metrics_port: int | None = None) -> int:
     """Produce make()'s messages at `rate` per second until `count` are sent (None: until stopped), each to the
-    topic this script writes for it (its own member of a family)."""
+    topic this script writes for it (its own member of a family). `metrics_port`: serve Prometheus metrics there."""
     stop = Stopper()
     admin = wait_for_kafka(stop, name, settings, topics=[written_by(topic, name) for topic in writes])
     if admin is None:
         return 0
     admin.close()
+    tracing.start(name)
+    metrics.start(name, metrics_port)
     producer = make_producer(settings=settings)
     pacer, delivered = Pacer(rate, count), 0
     log.info("%s: producing %s at %s/s to %s", name, "forever" if count is None else count, rate,
              settings.bootstrap_servers)
     try:
         while not stop and not pacer.finished:
-            futures = [send(producer, written_by(topic, name), message, key, settings)
+            futures = [sent(producer, written_by(topic, name), message, key, settings)
                        for topic, message, key in (make() for _ in range(pacer.due()))]
             try:
                 wait_for_acks(producer, futures, name)
                 delivered += len(futures)
+                metrics.count("produced", len(futures), service=name)
             except AuthorizationError as error:  # this user may not write there: nothing was written
                 raise refused(name, error, settings) from None
             except KafkaError as error:  # delivery_timeout_ms (5 min) passed: these messages are not in Kafka
@@ -45,6 +50,15 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
         discard(producer, timeout=10)
         log.info("%s: produced %d messages", name, delivered)
     return delivered
+
+
+def sent(producer, topic: str, message: Envelope, key: str, settings: Settings):
+    """Send one event; with tracing on, it starts its workflow's trace (the context goes in the record's headers)."""
+    span = tracing.produced(settings.topic(topic), message)
+    try:
+        return send(producer, topic, message, key, settings, headers=tracing.headers(span))
+    finally:
+        tracing.ended(span)
 
 
 class Pacer:

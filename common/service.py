@@ -15,6 +15,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, NoError
 from kafka.structs import OffsetAndMetadata
 
+from common import metrics, tracing
 from common.clients import SESSION_TIMEOUT_MS, fence, leave, make_consumer, members, refused, wait_for_kafka
 from common.delivery import Delivery
 from common.handling import (Handled, Handler, Out, Triple, handle_batch, offsets_of, outputs_of, rejected,
@@ -32,6 +33,7 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
                 tick: Callable[[], list[Triple]] | None = None, transactional: bool = False, dedupe: bool = False,
                 state: bool = False, timer: Callable[[State, str], list[Triple]] | None = None,
                 take_over: tuple[str, ...] = (), check: Callable[[KafkaAdminClient, Stopper], None] | None = None,
+                metrics_port: int | None = None, running: Callable[[Store], int] | None = None,
                 settings: Settings = SETTINGS) -> None:
     """Consume `inputs`, handle each message, produce what the handler returns, then commit.
 
@@ -44,14 +46,18 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
     dead_letter. Outputs keep the input's key. `tick()` adds (topic, message, key) triples each loop. `take_over`:
     groups whose offsets it moves forward to, where they are further (see furthest_offsets); `check(admin, stop)` runs
     once Kafka answers, and may end the script. `writes`: the topics it writes (a family: its own member);
-    `accepts`: input topic -> the message types its writer may send (others are dead letters).
+    `accepts`: input topic -> the message types its writer may send (others are dead letters). `metrics_port`: serve
+    Prometheus metrics there (common/metrics.py); `running(store)`: how many workflows run (its open_workflows).
     """
     group, stop = group or name, Stopper()
+    tracing.start(name)
+    metrics.start(name, metrics_port)
     own = [written_by(topic, name) for topic in (*writes, DEAD_LETTER)]
     store = Store(group, settings, durable=transactional, dedupe=dedupe) if dedupe or state else None
     if not prepare(stop, name, group, take_over, settings, [*inputs, *own], store, check, inputs):
         return
     loop = Loop(name, group, inputs, handle if state else lambda message, _: handle(message), stop, settings,
+                running=running,
                 transactional=transactional, store=store, tick=tick, timer=timer, writes=[*own, *writes],
                 accepts={settings.topic(topic): types for topic, types in (accepts or {}).items()})
     try:
@@ -71,7 +77,7 @@ class Loop:
 
     def __init__(self, name: str, group: str, inputs: list[str], handle: Handler, stop: "Stopper", settings: Settings,
                  *, transactional: bool, store: Store | None, tick, timer, writes: list[str],
-                 accepts: dict[str, frozenset]):
+                 accepts: dict[str, frozenset], running=None):
         self.name, self.handle, self.stop, self.tick, self.timer, self.accepts = name, handle, stop, tick, timer, accepts
         writes = [t for t in dict.fromkeys(writes) if t not in FAMILIES] + ([store.topic] if store and store.topic else [])
         self.delivery = Delivery(name, stop, settings.transactional_id(group) if transactional else None, settings,
@@ -84,6 +90,8 @@ class Loop:
         self.consumer = join(stop, group, inputs, settings, listener)  # (meanwhile the Delivery's producer starts)
         self.poller, self.pause = Poller(self.consumer, name, stop, settings), Pause(name, settings.group(group), stop)
         self.unsent, self.count, self.expired_at = [], 0, time.monotonic()
+        self.spans: list = []  # the timers' spans of this batch (tracing on)
+        self.running, self.counted_at = running, float("-inf")
         log.info("%s: started; consuming %s as group %s%s from %s", name, ", ".join(map(settings.topic, inputs)),
                  group, f", exactly once as transactional id {self.delivery.transactional_id}" if transactional
                  else ", at least once", settings.bootstrap_servers)
@@ -99,10 +107,15 @@ class Loop:
             return
         if self.store is not None and not self.restored(batch):
             return
-        self.unsent += made(self.name, self.tick()) if self.tick and not self.stop else []  # (no new work once stopped)
+        self.unsent += made(self.name, self.tick(), new_traces=True) if self.tick and not self.stop else []  # (no new
+        # work once stopped; each event a tick makes starts its workflow's trace)
         handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
         timed, changes, offsets = self.timers(batch, holdup)
+        began = time.perf_counter()
         done, own = deliver(self.delivery, self.consumer, self.unsent + timed, handled, offsets)
+        metrics.observe("commit", time.perf_counter() - began, service=self.name)
+        self.traced(handled, done, own)
+        self.measured()
         if own:
             self.unsent = []
         if done is not None:
@@ -116,6 +129,30 @@ class Loop:
             self.pause.until_better(holdup or self.delivery.trouble)
         else:
             self.pause.over()
+
+    def measured(self) -> None:
+        """The lag of each assigned partition, and how many workflows run (metrics on)."""
+        if not metrics.ON:
+            return
+        for tp in self.consumer.assignment():
+            metrics.gauge("lag", max(0, (self.consumer.highwater(tp) or 0) - self.consumer.position(tp)),
+                          service=self.name, topic=tp.topic, partition=str(tp.partition))
+        if self.running is not None and self.store is not None and time.monotonic() - self.counted_at > 5:
+            self.counted_at = time.monotonic()  # (a scan of the state: every 5 s at most)
+            metrics.gauge("open", self.running(self.store))
+
+    def traced(self, handled: list[Handled], done: list[Handled] | None, own: bool) -> None:
+        """End the spans of the batch (tracing on): an error where its transaction did not commit."""
+        committed = {id(item.record) for item in done or ()}
+        for item in handled:
+            if id(item.record) not in committed:
+                tracing.failed(item.span, f"not delivered ({self.delivery.trouble}); handled again")
+            tracing.ended(item.span)
+        for span in self.spans:
+            if not own:
+                tracing.failed(span, f"not delivered ({self.delivery.trouble}); fires again")
+            tracing.ended(span)
+        self.spans = []
 
     def restored(self, batch: dict) -> bool:
         """Read back the state of every partition assigned since the last batch, before any of its records is
@@ -152,11 +189,14 @@ class Loop:
         behind = {tp.partition for tp in batch if holdup or self.consumer.position(tp) < (self.consumer.highwater(tp) or 0)}
         outs, changes, fired = [], [], set()
         for partition, key in self.store.due(time.time(), skip=behind):
-            state = self.store.view(partition)
+            span = tracing.resumed(self.store.trace_of(partition, key), f"timer {key}")  # (in the entry's trace)
+            self.spans.append(span)
+            state = self.store.view(partition, trace=tracing.traceparent(span))
             try:
-                outs += made(self.name, self.timer(state, key))
+                outs += made(self.name, self.timer(state, key), tracing.headers(span))
             except Exception as error:  # noqa: BLE001 -- a bug in one timer (say, a step renamed) must not stop the loop
                 log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
+                tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")
                 state.undo()
                 continue
             outs += self.store.outs(state.changes)
@@ -282,14 +322,18 @@ def deliver(delivery: Delivery, consumer: KafkaConsumer, own: list[Out], handled
     return done, sent
 
 
-def made(name: str, triples: list[Triple]) -> list[Out]:
-    """A tick's messages, serialised; one that cannot be is a bug of the script's own: logged and left out."""
+def made(name: str, triples: list[Triple], headers: list | None = None, new_traces: bool = False) -> list[Out]:
+    """A tick's or a timer's messages, serialised; one that cannot be is a bug of the script's own: logged and left
+    out. `headers`: the trace context they carry (a timer's); new_traces: each starts a trace of its own (a tick's)."""
     outs = []
     for topic, message, key in triples:
+        span = tracing.produced(written_by(topic, name), message) if new_traces else None
         try:
-            outs.append(serialised(written_by(topic, name), message, key))
+            outs.append(serialised(written_by(topic, name), message, key, tracing.headers(span) or headers))
         except ValueError as error:
             log.error("%s: a %s of its own could not be written and is left out: %s", name, message.type, error)
+            tracing.failed(span, f"could not be written: {error}")
+        tracing.ended(span)
     return outs
 
 

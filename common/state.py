@@ -59,9 +59,10 @@ def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPar
         time.sleep(0.05)
 
 
-def stored(value: Any, due: float | None, now: float) -> bytes:
-    """An entry as the changelog holds it: when it was written, when its timer is due (or null), and its value."""
-    entry = {"at": round(now, 3), "due": due, "value": value}
+def stored(value: Any, due: float | None, now: float, trace: str | None = None) -> bytes:
+    """An entry as the changelog holds it: when it was written, when its timer is due (or null), and its value; with
+    tracing on, also the trace context of the record that wrote it (what its timer sends stays in that trace)."""
+    entry = {"at": round(now, 3), "due": due, "value": value} | ({"trace": trace} if trace else {})
     try:
         return to_json(entry)  # (pydantic's serialiser, written in Rust: a quarter of the stdlib's time)
     except PydanticSerializationError:  # a key that is not UTF-8, kept with surrogate escapes: only json writes those
@@ -80,16 +81,17 @@ class State:
     """One partition's entries, as a handler sees them: what it put earlier in this batch counts, the rest is what
     Kafka has committed. `due`: a time (epoch seconds) at which the loop calls the service's timer for this key."""
 
-    def __init__(self, store: "Store", partition: int, key: bytes | None = None):
+    def __init__(self, store: "Store", partition: int, key: bytes | None = None, trace: str | None = None):
         self.store, self.partition, self.changes, self.before = store, partition, [], []
         self.key = key  # the Kafka key of the record being handled (outputs keep it)
+        self.trace = trace  # the trace context of its handling (tracing on), kept with what it puts
 
     def get(self, key: str) -> Any:
         entry = self.store.entry(self.partition, key)
         return None if entry is None else entry["value"]
 
     def put(self, key: str, value: Any, due: float | None = None) -> None:
-        change = Change(self.partition, key, None if value is None else stored(value, due, time.time()), due)
+        change = Change(self.partition, key, None if value is None else stored(value, due, time.time(), self.trace), due)
         self.before.append((key, self.store.pending.get((self.partition, key), UNSET)))
         self.store.pending[(self.partition, key)] = change.stored
         self.changes.append(change)
@@ -117,8 +119,18 @@ class Store:
         self.starting = None  # the readers, being made in the background
         self.retention_s = settings.state_retention_s
 
-    def view(self, partition: int, key: bytes | None = None) -> State:
-        return State(self, partition, key)
+    def view(self, partition: int, key: bytes | None = None, trace: str | None = None) -> State:
+        return State(self, partition, key, trace)
+
+    def count(self, prefix: str, marked: bytes) -> int:
+        """How many entries under `prefix` contain `marked` as stored (a quick scan, parsing none)."""
+        return sum(marked in raw for entries in self.entries.values() for key, raw in entries.items()
+                   if key.startswith(prefix))
+
+    def trace_of(self, partition: int, key: str) -> str | None:
+        """The trace context kept with an entry (tracing on), or None."""
+        raw = self.entries.get(partition, {}).get(key)
+        return None if raw is None else read(raw).get("trace")
 
     def entry(self, partition: int, key: str) -> dict | None:
         raw = self.pending[(partition, key)] if (partition, key) in self.pending else \

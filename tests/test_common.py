@@ -226,7 +226,7 @@ def test_input_that_cannot_be_written_back_out_is_rejected_before_any_handler_ru
 
 def test_an_oversized_key_is_a_dead_letter_that_fits_and_is_not_keyed_by_it():
     handled, _ = handle_batch("svc", batch_of(b"8 bytes!", key=b"k" * 300_000), lambda m, state: [], None, Running())
-    [(topic, value, key, _)] = handled[0].outputs
+    [(topic, value, key, *_)] = handled[0].outputs
     letter = json.loads(value)["payload"]
     assert topic == "dead_letter.svc" and key is None and len(value) < 1_000_000  # (the service's own member)
     assert letter["reason"] == "key of 300000 bytes is over the 256-byte limit" and letter["key_truncated"]

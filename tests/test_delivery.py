@@ -62,7 +62,7 @@ class FakeProducer:
     def begin_transaction(self):
         self._step("begin")
 
-    def send(self, topic, value=None, key=None, partition=None):
+    def send(self, topic, value=None, key=None, partition=None, headers=None):
         self.sent.append(topic)
         return Done(self.fail.pop("send", None))
 
@@ -226,7 +226,7 @@ def test_a_batch_kafka_refuses_for_good_is_delivered_record_by_record_and_the_re
             self.offset = offset
 
     class TooLarge(FakeProducer):  # refuses any transaction holding the oversized record
-        def send(self, topic, value=None, key=None, partition=None):
+        def send(self, topic, value=None, key=None, partition=None, headers=None):
             self.sent.append(topic)
             return Done(MessageSizeTooLargeError("too large") if value == b"huge" else None)
 

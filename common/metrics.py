@@ -1,0 +1,83 @@
+"""Metrics an operator's tools can scrape: each long-running script serves Prometheus metrics (prometheus-client)
+on METRICS_PORT, or --metrics-port, at /metrics. Off unless a port is given; then the shared loop counts what every
+service does, and the orchestrator what only it does (commands routed, open workflows, timeouts fired).
+
+    messages_handled_total{service,type}        records handled (a repeat, a dead letter, or its handler's work)
+    dead_letters_total{service,reason}          records dead-lettered, by the kind of reason (its first words)
+    redeliveries_ignored_total{service}         messages handled before, skipped
+    handler_seconds{service}                    the handler's time per message (histogram)
+    commit_seconds{service}                     a batch's delivery: its transaction, or acks and commit (histogram)
+    consumer_lag{service,topic,partition}       records not yet handled, per assigned partition
+    commands_routed_total{topic,workflow}       the orchestrator's commands, per topic and workflow
+    open_workflows                              workflows the orchestrator has running
+    timeouts_fired_total{workflow}              steps whose time limit passed
+    messages_produced_total{service}            events an event source (the detector) sent, acknowledged
+"""
+
+import argparse
+import logging
+import os
+import re
+
+log = logging.getLogger("common")
+# The ports the README, the Prometheus scrape config and the Docker setup give each script (METRICS_PORT=...).
+PORTS = {"orchestrator": 9101, "security_service": 9102, "notification_service": 9103, "reporting_service": 9104,
+         "unit_event_producer": 9105, "security_detector": 9106}
+ON = False
+_metrics: dict = {}
+
+
+def flag(parser: argparse.ArgumentParser) -> None:
+    """Add --metrics-port to a script's arguments (its default: METRICS_PORT, or none: no metrics)."""
+    default = os.environ.get("METRICS_PORT")
+    parser.add_argument("--metrics-port", type=int, default=int(default) if default else None, metavar="PORT",
+                        help="serve Prometheus metrics on this port at /metrics (default: METRICS_PORT, else none)")
+
+
+def start(name: str, port: int | None) -> None:
+    """Serve the metrics of the script `name` on `port` (nothing if None)."""
+    global ON
+    if port is None or ON:
+        return
+    from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+    buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+    _metrics.update(
+        handled=Counter("messages_handled", "Records handled", ["service", "type"]),
+        dead=Counter("dead_letters", "Records dead-lettered, by the kind of reason", ["service", "reason"]),
+        repeats=Counter("redeliveries_ignored", "Messages handled before, skipped", ["service"]),
+        handler=Histogram("handler_seconds", "The handler's time per message", ["service"], buckets=buckets),
+        commit=Histogram("commit_seconds", "A batch's delivery (transaction, or acks and commit)", ["service"],
+                         buckets=buckets),
+        lag=Gauge("consumer_lag", "Records not yet handled, per assigned partition", ["service", "topic", "partition"]),
+        routed=Counter("commands_routed", "The orchestrator's commands", ["topic", "workflow"]),
+        open=Gauge("open_workflows", "Workflows the orchestrator has running"),
+        timeouts=Counter("timeouts_fired", "Steps whose time limit passed", ["workflow"]),
+        produced=Counter("messages_produced", "Events an event source sent (acknowledged)", ["service"]))
+    try:
+        start_http_server(port)
+    except OSError as error:
+        raise SystemExit(f"{name}: cannot serve metrics on port {port}: {error.strerror or error}") from None
+    ON = True
+    log.info("%s: metrics at http://127.0.0.1:%d/metrics", name, port)
+
+
+def count(metric: str, amount: float = 1, **labels: str) -> None:
+    if ON:
+        _metrics[metric].labels(**labels).inc(amount)
+
+
+def observe(metric: str, seconds: float, **labels: str) -> None:
+    if ON:
+        _metrics[metric].labels(**labels).observe(seconds)
+
+
+def gauge(metric: str, value: float, **labels: str) -> None:
+    if ON:
+        (_metrics[metric].labels(**labels) if labels else _metrics[metric]).set(value)
+
+
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason, cut to its kind (a bounded label): "invalid envelope", "no route for", ..."""
+    words = re.findall(r"[a-zA-Z_-]+", reason.split(":", 1)[0])[:4]
+    return " ".join(words).lower() or "other"

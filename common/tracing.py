@@ -1,0 +1,145 @@
+"""Traces an operator's tools can read: one trace per workflow, across every script, with OpenTelemetry.
+
+The W3C trace context travels in each Kafka record's headers (`traceparent`, `tracestate`). The event sources start
+a trace per event; the shared loop makes one span per record it handles (`process <topic>`), parented by the
+context in the record's headers, and writes that span's context into the headers of everything the record causes.
+A state entry keeps the context of the record that last wrote it, so what a timer sends later (a step timed out)
+stays in the workflow's trace; a replayed dead letter carries its original's headers, so it does too.
+
+Off unless OTEL_TRACES_EXPORTER names an exporter (zipkin, otlp or console); then the standard variables configure
+it (OTEL_EXPORTER_ZIPKIN_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_BSP_SCHEDULE_DELAY, ...) and
+OTEL_SERVICE_NAME defaults to the script's name. Off, every function here returns at its first line, and
+OpenTelemetry is not even imported."""
+
+import atexit
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("common")
+EXPORTER = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+ON = EXPORTER not in ("", "none")
+Headers = list[tuple[str, bytes]]
+_tracer: Any = None
+
+
+def start(name: str) -> None:
+    """Set tracing up for the script `name` (once; nothing when it is off)."""
+    global _tracer
+    if not ON or _tracer is not None:
+        return
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    if EXPORTER == "zipkin":
+        from opentelemetry.exporter.zipkin.json import ZipkinExporter as Exporter
+    elif EXPORTER == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Exporter
+    elif EXPORTER == "console":
+        Exporter = ConsoleSpanExporter
+    else:
+        raise SystemExit(f"{name}: OTEL_TRACES_EXPORTER={EXPORTER!r} is not one this project knows: zipkin, otlp, "
+                         "console or none")
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or name}))
+    provider.add_span_processor(BatchSpanProcessor(Exporter()))
+    trace.set_tracer_provider(provider)
+    atexit.register(provider.shutdown)  # (sends the spans still waiting)
+    _tracer = trace.get_tracer("orchestrated-microservices")
+    log.info("%s: tracing on, exporting to %s", name, EXPORTER)
+
+
+def consumed(record) -> Any:
+    """The span of handling one Kafka record, parented by the trace context in its headers (None when off)."""
+    if _tracer is None:
+        return None
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    return _tracer.start_span(f"process {record.topic}", context=extract(carrier_of(getattr(record, "headers", None))),
+                              kind=SpanKind.CONSUMER, attributes={
+                                  "messaging.system": "kafka", "messaging.operation.type": "process",
+                                  "messaging.destination.name": record.topic,
+                                  "messaging.destination.partition.id": str(record.partition),
+                                  "messaging.kafka.offset": record.offset})
+
+
+def produced(topic: str, message) -> Any:
+    """The span of an event source sending one message: a new trace, its workflow's (None when off)."""
+    if _tracer is None:
+        return None
+    from opentelemetry.trace import SpanKind
+
+    span = _tracer.start_span(f"send {topic}", kind=SpanKind.PRODUCER, attributes={
+        "messaging.system": "kafka", "messaging.operation.type": "send", "messaging.destination.name": topic})
+    about(span, message)
+    return span
+
+
+def resumed(context: str | None, name: str) -> Any:
+    """A span continuing a trace kept in a state entry (a timer firing), or None (off, or no context kept)."""
+    if _tracer is None or not context:
+        return None
+    from opentelemetry.propagate import extract
+
+    return _tracer.start_span(name, context=extract({"traceparent": context}))
+
+
+def about(span, message) -> None:
+    """Name the message a span handled or sent: its id, type and workflow."""
+    if span is not None:
+        span.set_attributes({"messaging.message.id": message.id, "message.type": message.type,
+                             "workflow.id": message.workflow_id})
+
+
+def failed(span, reason: str) -> None:
+    """Mark a span as an error: a dead letter, an aborted transaction, a fenced copy."""
+    if span is not None:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, reason[:300]))
+
+
+def ended(span) -> None:
+    if span is not None:
+        span.end()
+
+
+def headers(span) -> Headers | None:
+    """The record headers that carry a span's context to whatever reads its outputs (None when off)."""
+    if span is None:
+        return None
+    from opentelemetry.propagate import inject
+    from opentelemetry.trace import set_span_in_context
+
+    carrier: dict[str, str] = {}
+    inject(carrier, context=set_span_in_context(span))
+    return [(key, value.encode()) for key, value in carrier.items()]
+
+
+def traceparent(span) -> str | None:
+    """A span's context as one string, to keep in a state entry (None when off)."""
+    found = dict(headers(span) or ())
+    return found["traceparent"].decode() if "traceparent" in found else None
+
+
+def zipkin_link(record_headers: Headers | None) -> str | None:
+    """Where the Zipkin UI shows the trace a record belongs to (tracing to Zipkin on, and the record traced)."""
+    parent = carrier_of(record_headers).get("traceparent", "")
+    if EXPORTER != "zipkin" or parent.count("-") != 3:
+        return None
+    endpoint = os.environ.get("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://localhost:9411/api/v2/spans")
+    return f"{endpoint.removesuffix('/api/v2/spans')}/zipkin/traces/{parent.split('-')[1]}"
+
+
+def carrier_of(record_headers: Headers | None) -> dict[str, str]:
+    """The trace context in a record's headers (others, and what is not text, are left out)."""
+    carrier = {}
+    for key, value in record_headers or ():
+        if key in ("traceparent", "tracestate") and value is not None:
+            try:
+                carrier[key] = value.decode()
+            except UnicodeDecodeError:
+                pass
+    return carrier

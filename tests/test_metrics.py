@@ -1,0 +1,115 @@
+"""Prometheus metrics: each long-running script serves them on its METRICS_PORT, and the counters agree with what
+was sent; the scrape config and the Grafana dashboard for Docker users fit the metrics the scripts serve."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from helpers import NO_RESENDS, ROOT, detections, wait_completed, wait_for_reports
+from prometheus_client.parser import text_string_to_metric_families
+
+import local_kafka
+from common import MESSAGE_STREAM, THIRD_PARTY
+from common.metrics import PORTS
+
+DOCUMENTED = {"messages_handled", "dead_letters", "redeliveries_ignored", "handler_seconds", "commit_seconds",
+              "consumer_lag", "commands_routed", "open_workflows", "timeouts_fired", "messages_produced"}
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    """(sample name, labels as sorted pairs) -> value, from a script's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_each_script_serves_metrics_that_agree_with_what_was_sent(scripts, topics):
+    # Given Example 2 running, each script serving metrics on a port of its own
+    ports = {name: local_kafka.free_port() for name in PORTS}
+    for script in ("security_service", "notification_service", "reporting_service"):
+        scripts.start(f"{script}.py", METRICS_PORT=str(ports[script]))
+    scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS, "--metrics-port", str(ports["orchestrator"]))
+    # When 6 detections are made, one of them unreadable on the way in, and every workflow completes
+    scripts.run("security_detector.py", "--count", "6", "--rate", "20", "--seed", "5")
+    stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
+    workflows = detections(stream.read_count(6, type_="security_detection"))
+    wait_completed(stream, third_party, workflows)
+    wait_for_reports(scripts, 6)
+    # Then each script's counters say so (a scrape may come just before the last batch's: read until they agree)
+    expected = {
+        "orchestrator": [("messages_handled_total", {"service": "orchestrator", "type": "security_detection"}, 6),
+                         ("messages_handled_total", {"service": "orchestrator", "type": "security_action_completed"}, 6),
+                         ("commands_routed_total", {"topic": "sec_command", "workflow": "security"}, 6),
+                         ("commands_routed_total", {"topic": "notification_command", "workflow": "security"}, 6),
+                         ("commands_routed_total", {"topic": "report_data", "workflow": "security"}, 6),
+                         ("handler_seconds_count", {"service": "orchestrator"}, 12),
+                         ("open_workflows", {}, 0)],
+        "security_service": [("messages_handled_total", {"service": "security_service", "type": "security_command"}, 6)],
+        "notification_service": [("messages_handled_total", {"service": "notification_service",
+                                                             "type": "notification_command"}, 6)],
+        "reporting_service": [("messages_handled_total", {"service": "reporting_service", "type": "report_data"}, 6)]}
+    deadline = time.monotonic() + 30
+    while True:
+        found = {script: {(name, tuple(labels.items())): value(scrape(ports[script]), name, **labels)
+                          for name, labels, _ in wanted} for script, wanted in expected.items()}
+        want = {script: {(name, tuple(labels.items())): count for name, labels, count in wanted}
+                for script, wanted in expected.items()}
+        if found == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # (polling the endpoints)
+    assert found == want
+    # And the lag of each partition and the commit times are there
+    orchestrator = scrape(ports["orchestrator"])
+    assert any(name == "consumer_lag" and dict(labels)["service"] == "orchestrator" for name, labels in orchestrator)
+    assert value(orchestrator, "commit_seconds_count", service="orchestrator") >= 1
+    assert value(orchestrator, "dead_letters_total", service="orchestrator", reason="invalid envelope") == 0
+
+
+@pytest.mark.no_broker
+def test_a_port_that_is_taken_is_a_one_line_error():
+    # Given a port already in use
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # When a script is asked to serve its metrics there, it says so in one line and stops (before any Kafka)
+        result = subprocess.run([sys.executable, str(ROOT / "security_service.py"), "--metrics-port", str(port)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(f"security_service: cannot serve metrics on port {port}")
+
+
+@pytest.mark.no_broker
+def test_the_scrape_config_and_the_dashboard_fit_the_metrics_the_scripts_serve():
+    # The scrape config has a target per script, on the port the README gives it
+    config = yaml.safe_load((ROOT / "observability" / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    targets = {group["labels"]["script"]: group["targets"] for group in job["static_configs"]}
+    assert targets == {name: [f"host.docker.internal:{port}"] for name, port in PORTS.items()}
+    # The dashboard is valid JSON whose every query names metrics the scripts serve, and shows each of them
+    dashboard = json.loads((ROOT / "observability" / "grafana" / "dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    named = {re.sub(r"_(total|bucket|count|sum)$", "", word) for expr in exprs
+             for word in re.findall(r"\b([a-z_]+)\b(?=\[|\)|$|\s*\))", expr)} - {"le", "service", "type", "topic",
+                                                                                 "workflow", "partition", "reason"}
+    assert named == DOCUMENTED
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    assert all(panel["datasource"]["uid"] == "prometheus" for panel in dashboard["panels"])
+    # And the Docker setup mounts them where Prometheus and Grafana read them
+    compose = yaml.safe_load((ROOT / "docker-compose-observability.yml").read_text())["services"]
+    assert "./observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in compose["prometheus"]["volumes"]
+    assert any(volume.startswith("./observability/grafana/dashboard.json:") for volume in compose["grafana"]["volumes"])
+    assert compose["zipkin"]["image"] == "openzipkin/zipkin:3.5.1" and "9411:9411" in compose["zipkin"]["ports"]

@@ -1,0 +1,105 @@
+"""One trace per workflow, across every script, in a real Zipkin (python -m local_zipkin, from Maven Central): the
+span tree of a detection and of a unit event, a dead letter marked as an error and its replay in the same trace, and
+a step's timeout in its workflow's trace."""
+
+import json
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from helpers import NO_RESENDS, detections, ids_of, wait_completed
+
+import local_kafka
+import local_zipkin
+from common import MESSAGE_STREAM, THIRD_PARTY
+
+
+@pytest.fixture(scope="module")
+def zipkin(tmp_path_factory):
+    where = tmp_path_factory.mktemp("zipkin")
+    server, _ = local_zipkin.start(local_kafka.free_port(), where)
+    yield server
+    local_zipkin.stop(where)
+
+
+@pytest.fixture
+def traced(env, zipkin):
+    """This test's scripts export their spans to the Zipkin (within 0.2 s of each span's end)."""
+    env.update(OTEL_TRACES_EXPORTER="zipkin", OTEL_EXPORTER_ZIPKIN_ENDPOINT=zipkin.spans_endpoint,
+               OTEL_BSP_SCHEDULE_DELAY="200")
+    return zipkin
+
+
+def trace_of(zipkin, workflow_id: str, services: set[str], spans: int = 1, timeout: float = 60) -> list[dict]:
+    """The spans of the one trace tagged with this workflow id, once every one of `services` has sent its spans
+    and there are at least `spans` of them (spans arrive in batches, each script's on its own)."""
+    query = urllib.parse.urlencode({"annotationQuery": f"workflow.id={workflow_id}", "limit": 10, "lookback": 3_600_000})
+    deadline, traces = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{zipkin.address}/api/v2/traces?{query}", timeout=10) as response:
+            traces = json.load(response)
+        if len(traces) == 1 and services <= {s["localEndpoint"]["serviceName"] for s in traces[0]} \
+                and len(traces[0]) >= spans:
+            return traces[0]
+        time.sleep(0.5)  # (polling Zipkin's API: spans arrive in batches)
+    pytest.fail(f"no single trace of workflow {workflow_id} with {services}: {json.dumps(traces)[:3000]}")
+
+
+def parent_service(spans: list[dict], span: dict) -> str | None:
+    by_id = {s["id"]: s for s in spans}
+    return by_id[span["parentId"]]["localEndpoint"]["serviceName"] if span.get("parentId") else None
+
+
+def test_a_detection_is_one_trace_from_the_detector_through_every_service(scripts, topics, traced):
+    # Given Example 2 running with tracing on
+    for script in ("security_service.py", "notification_service.py", "reporting_service.py"):
+        scripts.start(script)
+    scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS)
+    # When one detection is made and its workflow completes
+    scripts.run("security_detector.py", "--count", "1")
+    stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
+    [workflow] = detections(stream.read_count(1, type_="security_detection"))
+    wait_completed(stream, third_party, {workflow})
+    # Then Zipkin has one trace of it, with a span from every script it went through
+    spans = trace_of(traced, workflow, {"security_detector", "orchestrator", "security_service",
+                                        "notification_service", "reporting_service"}, spans=6)
+    # And each span has the right parent: the detector's send starts it, the orchestrator routes it to the services,
+    # and the security service's outcome goes back to the orchestrator
+    edges = {(parent_service(spans, s), s["localEndpoint"]["serviceName"], s["name"]) for s in spans}
+    prefix = scripts.env["TOPIC_PREFIX"]
+    assert {(None, "security_detector", f"send {prefix}message_stream.security_detector"),
+            ("security_detector", "orchestrator", f"process {prefix}message_stream.security_detector"),
+            ("orchestrator", "security_service", f"process {prefix}sec_command"),
+            ("orchestrator", "notification_service", f"process {prefix}notification_command"),
+            ("orchestrator", "reporting_service", f"process {prefix}report_data"),
+            ("security_service", "orchestrator", f"process {prefix}message_stream.security_service")} <= edges
+    # And every span is of this workflow, in one trace, and none is an error
+    assert {s["tags"].get("workflow.id") for s in spans} == {workflow}
+    assert len({s["traceId"] for s in spans}) == 1 and not any("error" in s["tags"] for s in spans)
+    assert {s["tags"]["messaging.system"] for s in spans} == {"kafka"}
+
+
+def test_a_dead_letter_is_an_error_its_replay_and_a_timeout_stay_in_the_workflows_trace(scripts, topics, traced):
+    # Given an orchestrator at Example 2 (no unit workflow yet) and a unit event it has no route for
+    orchestrator = scripts.start("orchestrator.py", "--example", "2", "--step-timeout", "1", "--attempts", "1")
+    units = scripts.start("unit_event_producer.py", "--count", "1", "--seed", "4")
+    stream = topics(MESSAGE_STREAM)
+    [unit] = ids_of(stream.read_count(1, type_="unit_event"), "unit_event")
+    topics("dead_letter").read_count(1)
+    # When the orchestrator comes back at Example 3 and the dead letter is replayed (no unit producer applies it)
+    scripts.stop(units)
+    scripts.stop(orchestrator)
+    scripts.start("orchestrator.py", "--example", "3", "--step-timeout", "1", "--attempts", "1")
+    scripts.run("dead_letters.py", "replay", "--all")
+    # Then its unit command times out and is escalated (nobody applies it)
+    stream.read_until(lambda ms: any(m.type == "workflow_failed" and m.workflow_id == unit for m in ms))
+    # And all of it is one trace: the first handling an error (dead-lettered), the replayed one routing the
+    # command, and the timer's step_timed_out within it
+    spans = trace_of(traced, unit, {"unit_event_producer", "orchestrator"}, spans=4)
+    names = sorted((s["name"], "error" in s["tags"]) for s in spans if s["localEndpoint"]["serviceName"] == "orchestrator")
+    prefix = scripts.env["TOPIC_PREFIX"]
+    assert names == [(f"process {prefix}message_stream.unit_event_producer", False),
+                     (f"process {prefix}message_stream.unit_event_producer", True),
+                     (f"timer workflow/{unit}", False)]
+    assert len({s["traceId"] for s in spans}) == 1

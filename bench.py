@@ -38,6 +38,7 @@ from rich.console import Console
 import acls
 import common
 import local_kafka
+import local_zipkin
 from common.handling import handle_record
 from common.state import Store, changelog, ensure_changelog
 from monitor import percentile
@@ -330,6 +331,28 @@ class Bench:
                 first[partition] = routed[event_id][0]
         return first
 
+    def traced(self, n: int) -> float | None:
+        """The exactly-once orchestrator draining a backlog of n with tracing on, exporting every span to a real
+        Zipkin (python -m local_zipkin, started here on a free port): messages per second, or None where Zipkin
+        cannot run (no Java, or Maven cannot fetch it)."""
+        where = Path(tempfile.mkdtemp(prefix="bench-zipkin-"))
+        try:
+            with console.status("tracing: starting Zipkin"):
+                zipkin, _ = local_zipkin.start(local_kafka.free_port(), where)
+        except local_kafka.LocalKafkaError as error:
+            console.print(f"tracing: not measured ({error})")
+            return None
+        try:
+            prefix = self.prefix("traced")
+            with console.status(f"tracing: producing a backlog of {n}"):
+                self.backlog(prefix, n)
+            return self.drain("orchestrator exactly-once, traced (Zipkin)", n, prefix + "orchestrator", prefix,
+                              "orchestrator.py", "--example", "2", *NO_ANSWER,
+                              envs=({"OTEL_TRACES_EXPORTER": "zipkin",
+                                     "OTEL_EXPORTER_ZIPKIN_ENDPOINT": zipkin.spans_endpoint},))[0]
+        finally:
+            local_zipkin.stop(where)
+
     def ceiling(self, records: int) -> float:
         """Kafka's own producer performance tool on this broker: records/s of detection-sized records, acks=all,
         idempotent, to a topic with as many partitions as the orchestrator's input. What the broker can take here."""
@@ -620,6 +643,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
     kill, stop = bench.failover(kill=True), bench.failover(kill=False)
     restore = bench.restore(100_000)
     ceiling = bench.ceiling(n * 10)
+    traced = bench.traced(n)
     eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
     raw, ck = rates["raw kafka-python pipe"][0], rates["confluent-kafka router, exactly once"][0]
     (e2e, direct), (e2e_100, direct_100) = latency[1000], latency[100]
@@ -627,6 +651,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
     ratio = lambda a, b: round(a / b, 2) if a and b else None  # noqa: E731
     return {"kafka_version": local_kafka.KAFKA_VERSION, "kafka_python_version": kafka.__version__, "messages": n,
             "orchestrator_eos_msgs_per_s": round(eos), "orchestrator_alo_msgs_per_s": round(alo),
+            "orchestrator_eos_traced_msgs_per_s": round(traced) if traced else None,
             "raw_pipe_msgs_per_s": round(raw), "confluent_router_msgs_per_s": round(ck),
             "broker_ceiling_msgs_per_s": round(ceiling),
             "e2e_latency_ms": figures(e2e), "direct_latency_ms": figures(direct),
@@ -644,6 +669,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             "duplicates": gap["duplicates"] + kill["duplicates"] + stop["duplicates"],
             "ratios": {"alo_over_raw": ratio(alo, raw), "eos_over_alo": ratio(eos, alo),
                        "eos_over_confluent": ratio(eos, ck), "eos_over_broker_ceiling": ratio(eos, ceiling),
+                       "traced_over_untraced": ratio(traced, eos),
                        "e2e_p99_over_direct_p99": ratio(e2e.get("p99"), direct.get("p99")),
                        "e2e_p99_over_direct_p99_100": ratio(e2e_100.get("p99"), direct_100.get("p99")),
                        "e2e_p50_over_direct_p50_100": ratio(e2e_100.get("p50"), direct_100.get("p50"))}}

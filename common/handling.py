@@ -83,7 +83,8 @@ def handle_record(name: str, record, handle: Handler, store, stop,
     """Check, parse, skip a repeat, handle, serialise: one record's outputs (each to the topic `name` writes for
     it) and state changes, or its dead letter."""
     span = tracing.consumed(record)
-    state = store.view(record.partition, record.key, tracing.traceparent(span)) if store is not None else None
+    carried = tracing.headers(span)  # (what its outputs carry: its context, when tracing is on)
+    state = store.view(record.partition, record.key, tracing.traceparent(carried)) if store is not None else None
     try:
         check_key(record.key)
         message = parse(record.value)
@@ -98,7 +99,7 @@ def handle_record(name: str, record, handle: Handler, store, stop,
                 return Handled(record, span=span)
             state.put(SEEN + message.id, digest(message).hex())  # (committed with the outputs, or not at all)
         outputs = call_handler(name, message, lambda m: handle(m, state), stop)
-        outs = [serialised(written_by(t, name), m, record.key, tracing.headers(span)) for t, m in outputs]
+        outs = [serialised(written_by(t, name), m, record.key, carried) for t, m in outputs]
         if state is None:
             return Handled(record, outs, span=span)
         return Handled(record, outs + store.outs(state.changes), state.changes, span)

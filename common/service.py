@@ -191,9 +191,10 @@ class Loop:
         for partition, key in self.store.due(time.time(), skip=behind):
             span = tracing.resumed(self.store.trace_of(partition, key), f"timer {key}")  # (in the entry's trace)
             self.spans.append(span)
-            state = self.store.view(partition, trace=tracing.traceparent(span))
+            carried = tracing.headers(span)
+            state = self.store.view(partition, trace=tracing.traceparent(carried))
             try:
-                outs += made(self.name, self.timer(state, key), tracing.headers(span))
+                outs += made(self.name, self.timer(state, key), carried)
             except Exception as error:  # noqa: BLE001 -- a bug in one timer (say, a step renamed) must not stop the loop
                 log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
                 tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")

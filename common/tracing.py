@@ -118,10 +118,12 @@ def headers(span) -> Headers | None:
     return [(key, value.encode()) for key, value in carrier.items()]
 
 
-def traceparent(span) -> str | None:
-    """A span's context as one string, to keep in a state entry (None when off)."""
-    found = dict(headers(span) or ())
-    return found["traceparent"].decode() if "traceparent" in found else None
+def traceparent(carried: Headers | None) -> str | None:
+    """The context in a span's headers as one string, to keep in a state entry (None when off)."""
+    for key, value in carried or ():
+        if key == "traceparent":
+            return value.decode()
+    return None
 
 
 def zipkin_link(record_headers: Headers | None) -> str | None:

@@ -1,8 +1,10 @@
 """One trace per workflow, across every script, in a real Zipkin (python -m local_zipkin, from Maven Central): the
-span tree of a detection and of a unit event, a dead letter marked as an error and its replay in the same trace, and
-a step's timeout in its workflow's trace."""
+span tree of a detection, as the API gives it and as the UI shows it in a real browser; a dead letter marked as an
+error, its replay in the same trace, and a step's timeout in its workflow's trace."""
 
 import json
+import shutil
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -46,6 +48,15 @@ def trace_of(zipkin, workflow_id: str, services: set[str], spans: int = 1, timeo
     pytest.fail(f"no single trace of workflow {workflow_id} with {services}: {json.dumps(traces)[:3000]}")
 
 
+def browser_dom(url: str) -> str:
+    """The page as headless Chromium renders it (Debian's `chromium`; .ci/run installs it where it is missing)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the browser test needs Chromium: apt-get install chromium"
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                             "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return result.stdout
+
+
 def parent_service(spans: list[dict], span: dict) -> str | None:
     by_id = {s["id"]: s for s in spans}
     return by_id[span["parentId"]]["localEndpoint"]["serviceName"] if span.get("parentId") else None
@@ -78,6 +89,10 @@ def test_a_detection_is_one_trace_from_the_detector_through_every_service(script
     assert {s["tags"].get("workflow.id") for s in spans} == {workflow}
     assert len({s["traceId"] for s in spans}) == 1 and not any("error" in s["tags"] for s in spans)
     assert {s["tags"]["messaging.system"] for s in spans} == {"kafka"}
+    # And Zipkin's UI, opened in a real browser (headless Chromium) where `make demo` points, shows every service
+    page = browser_dom(f"{traced.address}/zipkin/traces/{spans[0]['traceId']}")
+    for service in ("security_detector", "orchestrator", "security_service", "notification_service", "reporting_service"):
+        assert f"{service}: " in page, f"{service} is not on the trace's page"
 
 
 def test_a_dead_letter_is_an_error_its_replay_and_a_timeout_stay_in_the_workflows_trace(scripts, topics, traced):

@@ -1,7 +1,8 @@
 """Benchmark: what the orchestrator costs, side by side with a raw kafka-python pipe, confluent-kafka doing the same
 Kafka work and the broker's own ceiling (Kafka's ProducerPerformance); latency end to end and per hop at 100 and
 1 000/s against a direct hop; how soon the partitions of a killed or stopped copy are routed again; the restart gap;
-what a second instance adds on a 4-partition message_stream; reading the state of 100 000 workflows back.
+what a second instance adds on a 4-partition message_stream; reading the state of 100 000 workflows back; the
+orchestrator with tracing on, every span exported to a real Zipkin (python -m local_zipkin).
 
 Runs against KAFKA_BOOTSTRAP_SERVERS if it answers, else starts local_kafka on a free port (stopped at the end).
 Every run uses topic prefixes of its own. Needs requirements-bench.txt (confluent-kafka; matplotlib for --plot).

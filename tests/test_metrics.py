@@ -36,17 +36,21 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_each_script_serves_metrics_that_agree_with_what_was_sent(scripts, topics):
-    # Given Example 2 running, each script serving metrics on a port of its own
+    # Given Example 3 running, each script serving metrics on a port of its own
     ports = {name: local_kafka.free_port() for name in PORTS}
-    for script in ("security_service", "notification_service", "reporting_service"):
+    for script in ("security_service", "notification_service"):
         scripts.start(f"{script}.py", METRICS_PORT=str(ports[script]))
-    scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS, "--metrics-port", str(ports["orchestrator"]))
-    # When 6 detections are made, one of them unreadable on the way in, and every workflow completes
+    scripts.start("reporting_service.py", "--example", "3", METRICS_PORT=str(ports["reporting_service"]))
+    scripts.start("orchestrator.py", "--example", "3", *NO_RESENDS, "--metrics-port", str(ports["orchestrator"]))
+    # When 6 detections and 2 unit events are made, and every workflow completes
+    scripts.start("unit_event_producer.py", "--count", "2", "--seed", "5", "--metrics-port",
+                  str(ports["unit_event_producer"]))
     scripts.run("security_detector.py", "--count", "6", "--rate", "20", "--seed", "5")
     stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
     workflows = detections(stream.read_count(6, type_="security_detection"))
     wait_completed(stream, third_party, workflows)
-    wait_for_reports(scripts, 6)
+    stream.read_count(2, type_="unit_command_applied")
+    wait_for_reports(scripts, 8)
     # Then each script's counters say so (a scrape may come just before the last batch's: read until they agree)
     expected = {
         "orchestrator": [("messages_handled_total", {"service": "orchestrator", "type": "security_detection"}, 6),
@@ -54,12 +58,18 @@ def test_each_script_serves_metrics_that_agree_with_what_was_sent(scripts, topic
                          ("commands_routed_total", {"topic": "sec_command", "workflow": "security"}, 6),
                          ("commands_routed_total", {"topic": "notification_command", "workflow": "security"}, 6),
                          ("commands_routed_total", {"topic": "report_data", "workflow": "security"}, 6),
-                         ("handler_seconds_count", {"service": "orchestrator"}, 12),
+                         ("messages_handled_total", {"service": "orchestrator", "type": "unit_event"}, 2),
+                         ("messages_handled_total", {"service": "orchestrator", "type": "unit_command_applied"}, 2),
+                         ("commands_routed_total", {"topic": "unit_command", "workflow": "unit"}, 2),
+                         ("commands_routed_total", {"topic": "report_data", "workflow": "unit"}, 2),
+                         ("handler_seconds_count", {"service": "orchestrator"}, 16),
                          ("open_workflows", {}, 0)],
+        "unit_event_producer": [("messages_handled_total", {"service": "unit_event_producer", "type": "unit_command"},
+                                 2)],
         "security_service": [("messages_handled_total", {"service": "security_service", "type": "security_command"}, 6)],
         "notification_service": [("messages_handled_total", {"service": "notification_service",
                                                              "type": "notification_command"}, 6)],
-        "reporting_service": [("messages_handled_total", {"service": "reporting_service", "type": "report_data"}, 6)]}
+        "reporting_service": [("messages_handled_total", {"service": "reporting_service", "type": "report_data"}, 8)]}
     deadline = time.monotonic() + 30
     while True:
         found = {script: {(name, tuple(labels.items())): value(scrape(ports[script]), name, **labels)

@@ -14,7 +14,7 @@ from helpers import NO_RESENDS, detections, ids_of, wait_completed
 
 import local_kafka
 import local_zipkin
-from common import MESSAGE_STREAM, THIRD_PARTY
+from common import MESSAGE_STREAM, THIRD_PARTY, tracing
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,16 @@ def test_a_dead_letter_is_an_error_its_replay_and_a_timeout_stay_in_the_workflow
                      (f"process {prefix}message_stream.unit_event_producer", True),
                      (f"timer workflow/{unit}", False)]
     assert len({s["traceId"] for s in spans}) == 1
+
+
+@pytest.mark.no_broker
+def test_the_demo_links_a_records_trace_in_zipkins_ui(monkeypatch):
+    # Given tracing to a Zipkin, and a record carrying a trace context
+    monkeypatch.setattr(tracing, "EXPORTER", "zipkin")
+    monkeypatch.setenv("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://127.0.0.1:9411/api/v2/spans")
+    headers = [("traceparent", b"00-f73b32b4f688d2d5f4dab518491c8957-a65f330ff53b8626-01")]
+    # Then the link is that trace's page in the UI; a record without one, or tracing elsewhere, gives none
+    assert tracing.zipkin_link(headers) == "http://127.0.0.1:9411/zipkin/traces/f73b32b4f688d2d5f4dab518491c8957"
+    assert tracing.zipkin_link([("traceparent", b"junk")]) is None and tracing.zipkin_link(None) is None
+    monkeypatch.setattr(tracing, "EXPORTER", "otlp")
+    assert tracing.zipkin_link(headers) is None

@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_kafka import LocalKafkaError, find_java
+from local_kafka import LocalKafkaError, find_java, is_alive as alive
 
 ZIPKIN_VERSION = "3.5.1"
 ARTIFACT = f"io.zipkin:zipkin-server:{ZIPKIN_VERSION}:jar:exec"
@@ -43,14 +43,18 @@ class Zipkin:
 
 
 def start(port: int = 9411, data_dir: Path | None = None, timeout: float = 120.0) -> tuple[Zipkin, bool]:
-    """Start Zipkin on 127.0.0.1:port unless the one in data_dir runs already; returns (it, whether started now)."""
+    """Start Zipkin on `port` unless the one in data_dir runs already; returns (it, whether started now)."""
     data_dir = (data_dir or DEFAULT_DIR).resolve()
     running = status(data_dir)
     if running:
         return running, False
     if healthy(port):
         raise LocalZipkinError(f"port {port} is taken by another Zipkin (or another server); give --port")
-    java, jar = find_java(), resolve_jar()
+    try:
+        java = find_java()
+    except LocalKafkaError as error:  # (the shared check speaks of Kafka)
+        raise LocalZipkinError(str(error).replace("to run Kafka", "to run Zipkin")) from None
+    jar = resolve_jar()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "zipkin.log"
     with open(log_path, "w") as log:
@@ -102,17 +106,6 @@ def healthy(port: int) -> bool:
             return response.status == 200
     except (OSError, urllib.error.URLError):
         return False
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # (a zombie child of this process counts as gone)
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def resolve_jar() -> Path:

@@ -1,6 +1,6 @@
 """python -m local_zipkin start|stop|status: the Zipkin trace UI and API without Docker (in-memory storage).
 
-  start    Zipkin on 127.0.0.1:--port (default 9411); running it again while it runs changes nothing
+  start    Zipkin on --port (default 9411); running it again while it runs changes nothing
   stop     the one started from --dir
   status   whether it runs (exit 0) or not (exit 1)
 
@@ -19,7 +19,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m local_zipkin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--port", type=int, default=9411, help="the UI and API port on 127.0.0.1 (default 9411)")
+    parser.add_argument("--port", type=int, default=9411, help="the UI and API port (default 9411)")
     parser.add_argument("--dir", type=Path, help="log and pid directory (default .local_zipkin)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for it to answer")
     args = parser.parse_args()
@@ -40,10 +40,7 @@ def main() -> int:
             zipkin = local_zipkin.status(args.dir)
             print(f"running at {zipkin.address} (pid {zipkin.pid}); log: {zipkin.log}" if zipkin else "not running")
             return 0 if zipkin else 1
-    except local_zipkin.LocalZipkinError as error:
-        print(f"local_zipkin: {error}", file=sys.stderr)
-        return 2
-    except local_zipkin.LocalKafkaError as error:  # (Java missing or too old: said by the shared check)
+    except local_zipkin.LocalKafkaError as error:  # (its own, and Java missing or too old: the shared check's)
         print(f"local_zipkin: {error}", file=sys.stderr)
         return 2
     return 0

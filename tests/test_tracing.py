@@ -3,14 +3,17 @@ span tree of a detection, as the API gives it and as the UI shows it in a real b
 error, its replay in the same trace, and a step's timeout in its workflow's trace."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
-from helpers import NO_RESENDS, detections, ids_of, wait_completed
+from helpers import NO_RESENDS, ROOT, detections, ids_of, wait_completed
 
 import local_kafka
 import local_zipkin
@@ -21,6 +24,7 @@ from common import MESSAGE_STREAM, THIRD_PARTY, tracing
 def zipkin(tmp_path_factory):
     where = tmp_path_factory.mktemp("zipkin")
     server, _ = local_zipkin.start(local_kafka.free_port(), where)
+    server.dir = where
     yield server
     local_zipkin.stop(where)
 
@@ -131,3 +135,24 @@ def test_the_demo_links_a_records_trace_in_zipkins_ui(monkeypatch):
     assert tracing.zipkin_link([("traceparent", b"junk")]) is None and tracing.zipkin_link(None) is None
     monkeypatch.setattr(tracing, "EXPORTER", "otlp")
     assert tracing.zipkin_link(headers) is None
+
+
+def test_local_zipkin_starts_once_says_where_it_runs_and_keeps_a_log(zipkin):
+    # Starting it again where it runs changes nothing; status says where it runs; it writes a log
+    again = subprocess.run([sys.executable, "-m", "local_zipkin", "start", "--port", str(zipkin.port), "--dir",
+                            str(zipkin.dir)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.startswith(f"Zipkin 3.5.1 already running at {zipkin.address}")
+    status = subprocess.run([sys.executable, "-m", "local_zipkin", "status", "--dir", str(zipkin.dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.startswith(f"running at {zipkin.address} (pid {zipkin.pid})")
+    assert "Serving HTTP at" in Path(zipkin.log).read_text()
+
+
+@pytest.mark.no_broker
+def test_local_zipkin_without_java_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "local_zipkin", "start", "--dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, JAVA_HOME=str(tmp_path / "no-java"), PATH="/nonexistent"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["local_zipkin: Java 17 or newer is needed to run Zipkin, but no "
+                                                  "'java' was found on PATH or in JAVA_HOME"]

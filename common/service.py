@@ -112,7 +112,12 @@ class Loop:
         handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
         timed, changes, offsets = self.timers(batch, holdup)
         began = time.perf_counter()
-        done, own = deliver(self.delivery, self.consumer, self.unsent + timed, handled, offsets)
+        try:
+            done, own = deliver(self.delivery, self.consumer, self.unsent + timed, handled, offsets)
+        except FencedInstanceIdError:  # (another copy runs as this one: the script stops, the batch is not committed)
+            self.delivery.trouble = "fenced: another copy runs with this INSTANCE_ID"
+            self.traced(handled, None, False)
+            raise
         metrics.observe("commit", time.perf_counter() - began, service=self.name)
         self.traced(handled, done, own)
         self.measured()
@@ -194,7 +199,9 @@ class Loop:
             carried = tracing.headers(span)
             state = self.store.view(partition, trace=tracing.traceparent(carried))
             try:
-                outs += made(self.name, self.timer(state, key), carried)
+                triples = self.timer(state, key)
+                tracing.about(span, triples[0][1] if triples else None)
+                outs += made(self.name, triples, carried)
             except Exception as error:  # noqa: BLE001 -- a bug in one timer (say, a step renamed) must not stop the loop
                 log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
                 tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")

@@ -88,7 +88,7 @@ def resumed(context: str | None, name: str) -> Any:
 
 def about(span, message) -> None:
     """Name the message a span handled or sent: its id, type and workflow."""
-    if span is not None:
+    if span is not None and message is not None:
         span.set_attributes({"messaging.message.id": message.id, "message.type": message.type,
                              "workflow.id": message.workflow_id})
 

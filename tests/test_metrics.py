@@ -42,34 +42,39 @@ def test_each_script_serves_metrics_that_agree_with_what_was_sent(scripts, topic
         scripts.start(f"{script}.py", METRICS_PORT=str(ports[script]))
     scripts.start("reporting_service.py", "--example", "3", METRICS_PORT=str(ports["reporting_service"]))
     scripts.start("orchestrator.py", "--example", "3", *NO_RESENDS, "--metrics-port", str(ports["orchestrator"]))
-    # When 6 detections and 2 unit events are made, and every workflow completes
+    # When detections (6 or more) and 2 unit events are made, and every workflow completes
     scripts.start("unit_event_producer.py", "--count", "2", "--seed", "5", "--metrics-port",
                   str(ports["unit_event_producer"]))
-    scripts.run("security_detector.py", "--count", "6", "--rate", "20", "--seed", "5")
+    detector = scripts.start("security_detector.py", "--rate", "10", "--seed", "5", METRICS_PORT=str(ports["security_detector"]))
     stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
-    workflows = detections(stream.read_count(6, type_="security_detection"))
+    stream.read_count(6, type_="security_detection")
+    produced = value(scrape(ports["security_detector"]), "messages_produced_total", service="security_detector")
+    scripts.stop(detector)
+    n = int(re.search(r"produced (\d+) messages", scripts.output(detector))[1])  # (its last line, as it stops)
+    workflows = detections(stream.read_count(n, type_="security_detection"))
+    assert 6 <= produced <= n == len(workflows)
     wait_completed(stream, third_party, workflows)
     stream.read_count(2, type_="unit_command_applied")
-    wait_for_reports(scripts, 8)
+    wait_for_reports(scripts, n + 2)
     # Then each script's counters say so (a scrape may come just before the last batch's: read until they agree)
     expected = {
-        "orchestrator": [("messages_handled_total", {"service": "orchestrator", "type": "security_detection"}, 6),
-                         ("messages_handled_total", {"service": "orchestrator", "type": "security_action_completed"}, 6),
-                         ("commands_routed_total", {"topic": "sec_command", "workflow": "security"}, 6),
-                         ("commands_routed_total", {"topic": "notification_command", "workflow": "security"}, 6),
-                         ("commands_routed_total", {"topic": "report_data", "workflow": "security"}, 6),
+        "orchestrator": [("messages_handled_total", {"service": "orchestrator", "type": "security_detection"}, n),
+                         ("messages_handled_total", {"service": "orchestrator", "type": "security_action_completed"}, n),
+                         ("commands_routed_total", {"topic": "sec_command", "workflow": "security"}, n),
+                         ("commands_routed_total", {"topic": "notification_command", "workflow": "security"}, n),
+                         ("commands_routed_total", {"topic": "report_data", "workflow": "security"}, n),
                          ("messages_handled_total", {"service": "orchestrator", "type": "unit_event"}, 2),
                          ("messages_handled_total", {"service": "orchestrator", "type": "unit_command_applied"}, 2),
                          ("commands_routed_total", {"topic": "unit_command", "workflow": "unit"}, 2),
                          ("commands_routed_total", {"topic": "report_data", "workflow": "unit"}, 2),
-                         ("handler_seconds_count", {"service": "orchestrator"}, 16),
+                         ("handler_seconds_count", {"service": "orchestrator"}, 2 * n + 4),
                          ("open_workflows", {}, 0)],
         "unit_event_producer": [("messages_handled_total", {"service": "unit_event_producer", "type": "unit_command"},
                                  2)],
-        "security_service": [("messages_handled_total", {"service": "security_service", "type": "security_command"}, 6)],
+        "security_service": [("messages_handled_total", {"service": "security_service", "type": "security_command"}, n)],
         "notification_service": [("messages_handled_total", {"service": "notification_service",
-                                                             "type": "notification_command"}, 6)],
-        "reporting_service": [("messages_handled_total", {"service": "reporting_service", "type": "report_data"}, 8)]}
+                                                             "type": "notification_command"}, n)],
+        "reporting_service": [("messages_handled_total", {"service": "reporting_service", "type": "report_data"}, n + 2)]}
     deadline = time.monotonic() + 30
     while True:
         found = {script: {(name, tuple(labels.items())): value(scrape(ports[script]), name, **labels)

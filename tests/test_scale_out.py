@@ -10,7 +10,7 @@ import pytest
 from helpers import (NO_RESENDS, detection, detections, envelope_of, exactly_one_each, wait_completed, worst_delay,
                      writer_of)
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, KafkaError
 
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, Settings
 from common.clients import members
@@ -115,8 +115,13 @@ def group_members(env: dict, group: str) -> set[str]:
 
 
 def wait_members(env: dict, group: str, expected: set[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (now := group_members(env, group)) != expected:
+    deadline, now = time.monotonic() + timeout, None
+    while True:
+        try:
+            if (now := group_members(env, group)) == expected:
+                return
+        except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError):  # (a fresh broker makes its offsets
+            pass                                                                 # topic on first use)
         if time.monotonic() > deadline:
             pytest.fail(f"group {group} has members {now}, not {expected}")
         time.sleep(0.2)  # polling the group's state

@@ -121,7 +121,7 @@ def test_a_dead_letter_is_an_error_its_replay_and_a_timeout_stay_in_the_workflow
     assert names == [(f"process {prefix}message_stream.unit_event_producer", False),
                      (f"process {prefix}message_stream.unit_event_producer", True),
                      (f"timer workflow/{unit}", False)]
-    assert len({s["traceId"] for s in spans}) == 1
+    assert len({s["traceId"] for s in spans}) == 1 and {s["tags"].get("workflow.id") for s in spans} == {unit}
 
 
 @pytest.mark.no_broker

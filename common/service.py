@@ -13,7 +13,7 @@ from collections.abc import Callable
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, NoError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from common import metrics, tracing
 from common.clients import SESSION_TIMEOUT_MS, fence, leave, make_consumer, members, refused, wait_for_kafka
@@ -60,16 +60,18 @@ def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[
                 running=running,
                 transactional=transactional, store=store, tick=tick, timer=timer, writes=[*own, *writes],
                 accepts={settings.topic(topic): types for topic, types in (accepts or {}).items()})
+    fenced = False
     try:
         while not stop:
             loop.once()
     except FencedInstanceIdError:
+        fenced = True
         log.error("%s: another process joined group %s as INSTANCE_ID=%s and took over; give each copy its own "
                   "INSTANCE_ID. This one stops (its last batch will be handled again by the other).", name, group,
                   settings.instance_id)
         raise SystemExit(1) from None
     finally:
-        loop.close()
+        loop.close(fenced)
 
 
 class Loop:
@@ -120,7 +122,6 @@ class Loop:
             raise
         metrics.observe("commit", time.perf_counter() - began, service=self.name)
         self.traced(handled, done, own)
-        self.measured()
         if own:
             self.unsent = []
         if done is not None:
@@ -129,22 +130,32 @@ class Loop:
             self.store.abandon()
         elif self.store is not None:  # (a timer whose messages Kafka refused fires again)
             self.store.commit([*(changes if own else []), *(c for item in done for c in item.changes)], fired=own)
+        self.measured(done or [])
         if holdup or done is None or len(done) < len(handled):
             rewind(self.consumer, batch, done or [])
             self.pause.until_better(holdup or self.delivery.trouble)
         else:
             self.pause.over()
 
-    def measured(self) -> None:
-        """The lag of each assigned partition, and how many workflows run (metrics on)."""
+    def measured(self, done: list[Handled]) -> None:
+        """Count the committed records (metrics on): how each ended, the lag of each partition of the batch, and
+        how many workflows run. A failure here is logged, never more: metrics must not stop the work."""
         if not metrics.ON:
             return
-        for tp in self.consumer.assignment():
-            metrics.gauge("lag", max(0, (self.consumer.highwater(tp) or 0) - self.consumer.position(tp)),
-                          service=self.name, topic=tp.topic, partition=str(tp.partition))
-        if self.running is not None and self.store is not None and time.monotonic() - self.counted_at > 5:
-            self.counted_at = time.monotonic()  # (a scan of the state: every 5 s at most)
-            metrics.gauge("open", self.running(self.store))
+        try:
+            for item in done:
+                metric, label = item.counted
+                metrics.count(metric, service=self.name, **({"reason": label} if metric == "dead" else
+                                                            {} if metric == "repeats" else {"type": label}))
+            last = {TopicPartition(item.record.topic, item.record.partition): item.record.offset for item in done}
+            for tp, offset in last.items():  # (the partitions just handled; their lag after this batch)
+                metrics.gauge("lag", max(0, (self.consumer.highwater(tp) or 0) - offset - 1),
+                              service=self.name, topic=tp.topic, partition=str(tp.partition))
+            if self.running is not None and self.store is not None and time.monotonic() - self.counted_at > 5:
+                self.counted_at = time.monotonic()  # (a scan of the state: every 5 s at most)
+                metrics.gauge("open", self.running(self.store))
+        except Exception as error:  # noqa: BLE001 -- see the docstring
+            log.warning("%s: metrics not updated: %s: %s", self.name, type(error).__name__, error)
 
     def traced(self, handled: list[Handled], done: list[Handled] | None, own: bool) -> None:
         """End the spans of the batch (tracing on): an error where its transaction did not commit."""
@@ -214,9 +225,10 @@ class Loop:
                    if tp.partition in fired and tp not in batch}
         return outs, changes, offsets
 
-    def close(self) -> None:
+    def close(self, fenced: bool = False) -> None:
+        """Stop; fenced: another copy runs with this one's INSTANCE_ID, and must keep its place in the group."""
         log.info("%s: stopping after %d messages", self.name, self.count)
-        others = self.copies.others()
+        others = set() if fenced else self.copies.others()
         self.consumer.close(autocommit=False)
         if others:
             self.copies.leave(len(others))
@@ -248,13 +260,23 @@ class Copies:
 
     def end_departed(self) -> None:
         """After a rebalance that gave this copy partitions: end what copies gone from the group since the last one
-        left open. The first time, it only learns who is there (a restart's first batch does not wait for that)."""
+        left open. The first time, it only learns who is there (a restart's first batch does not wait for that).
+        Each step is bounded (10 s): a slow broker delays the batch, it does not hold the loop."""
         if self.known is None:
             return self.learn()
-        now = members(self._admin(), self.group, self.settings)
+        try:
+            now = in_background(lambda: members(self._admin(), self.group, self.settings))(10)
+        except Stuck as error:
+            raise KafkaError(f"the group's members: {error}") from None
+        if self.settings.member(self.group) not in now:  # (an answer from before this copy joined: not to act on)
+            return
         for gone in sorted(self.known - now):
-            fence(gone, self.settings)
-            log.info("%s: ended what %s, gone from the group, left open", self.name, gone)
+            try:
+                in_background(fence, transactional_id=gone, settings=self.settings)(10)
+                log.info("%s: ended what %s, gone from the group, left open", self.name, gone)
+            except (KafkaError, Stuck) as error:
+                log.warning("%s: could not end what %s left open (%s); Kafka aborts it after its timeout", self.name,
+                            gone, error)
         self.known = now
 
     def _learn(self) -> None:
@@ -270,9 +292,9 @@ class Copies:
 
     def leave(self, others: int) -> None:
         try:
-            leave(self._admin(), self.group, self.settings)
+            in_background(lambda: leave(self._admin(), self.group, self.settings))(5)
             log.info("%s: left group %s to the other cop%s", self.name, self.group, "ies" if others > 1 else "y")
-        except KafkaError as error:
+        except (KafkaError, Stuck) as error:
             log.warning("%s: could not leave group %s (%s); the others take over after %d s", self.name, self.group,
                         error, SESSION_TIMEOUT_MS // 1000)
 
@@ -296,6 +318,8 @@ class Forget(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked):
         self.store.forget({tp.partition for tp in revoked})
+        for tp in revoked:  # (another copy reports their lag now)
+            metrics.dropped("lag", service=self.copies.name, topic=tp.topic, partition=str(tp.partition))
 
     def on_partitions_assigned(self, assigned):
         self.copies.rebalanced = True  # (the loop reads new partitions back before their first record is handled)
@@ -323,7 +347,8 @@ def deliver(delivery: Delivery, consumer: KafkaConsumer, own: list[Out], handled
             if not delivery.undeliverable:
                 break
             reason = f"its output could not be delivered: {delivery.trouble}"
-            item = Handled(item.record, [rejected(delivery.name, item.record, reason)])
+            item = Handled(item.record, [rejected(delivery.name, item.record, reason, item.span)], span=item.span,
+                           counted=("dead", metrics.reason_kind(reason)))
             if not delivery.deliver(consumer, item.outputs, offsets_of([item])):
                 break
         done.append(item)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from common import metrics, tracing
-from common.messages import DeadLetter, Envelope, Output, check_key, dead_letter, digest, parse
+from common.messages import SCHEMAS, DeadLetter, Envelope, Output, check_key, dead_letter, digest, parse
 from common.settings import DEAD_LETTER, written_by
 
 log = logging.getLogger("common")
@@ -55,6 +55,7 @@ class Handled:
     outputs: list[Out] = field(default_factory=list)
     changes: list = field(default_factory=list)
     span: Any = None
+    counted: tuple[str, str] = ("handled", "(unread)")  # (metric, label): counted once its batch is committed
 
 
 def handle_batch(name: str, batch: dict, handle: Handler, store, stop,
@@ -89,27 +90,28 @@ def handle_record(name: str, record, handle: Handler, store, stop,
         check_key(record.key)
         message = parse(record.value)
         tracing.about(span, message)
-        metrics.count("handled", service=name, type=message.type)
+        kind = message.type if message.type in SCHEMAS else "(other)"  # (a label per known type only)
         if accepts and message.type not in accepts.get(record.topic, frozenset({message.type})):
             raise DeadLetter(f"{record.topic.rsplit('.', 1)[-1]} may not send {message.type!r}; {record.topic} "
                              f"carries {', '.join(sorted(accepts[record.topic]))} only")
         if store is not None and store.dedupe:
             if is_repeat(name, message, state.get(SEEN + message.id)):
-                metrics.count("repeats", service=name)
-                return Handled(record, span=span)
+                return Handled(record, span=span, counted=("repeats", kind))
             state.put(SEEN + message.id, digest(message).hex())  # (committed with the outputs, or not at all)
         outputs = call_handler(name, message, lambda m: handle(m, state), stop)
         outs = [serialised(written_by(t, name), m, record.key, carried) for t, m in outputs]
         if state is None:
-            return Handled(record, outs, span=span)
-        return Handled(record, outs + store.outs(state.changes), state.changes, span)
+            return Handled(record, outs, span=span, counted=("handled", kind))
+        return Handled(record, outs + store.outs(state.changes), state.changes, span, ("handled", kind))
     except DeadLetter as reason:
         undo(store, state)
-        return Handled(record, [rejected(name, record, str(reason), span)], span=span)
+        return Handled(record, [rejected(name, record, str(reason), span)], span=span,
+                       counted=("dead", metrics.reason_kind(str(reason))))
     except (ValueError, PydanticSerializationError) as error:  # an output that cannot be written (ValidationError too)
         undo(store, state)
-        return Handled(record, [rejected(name, record, f"output could not be written: {type(error).__name__}: "
-                                                       f"{str(error)[:300]}", span)], span=span)
+        reason = f"output could not be written: {type(error).__name__}: {str(error)[:300]}"
+        return Handled(record, [rejected(name, record, reason, span)], span=span,
+                       counted=("dead", metrics.reason_kind(reason)))
     except Unavailable:
         undo(store, state)
         tracing.ended(span)  # (handled again later: that is another span)
@@ -167,7 +169,6 @@ def rejected(name: str, record, reason: str, span=None) -> Out:
     the record's trace context (a replay of it stays in the same trace); its span is marked as an error."""
     log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
     tracing.failed(span, f"dead letter: {reason}")
-    metrics.count("dead", service=name, reason=metrics.reason_kind(reason))
     letter = dead_letter(record.value, reason, name, record)
     try:
         check_key(record.key)

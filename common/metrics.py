@@ -77,7 +77,17 @@ def gauge(metric: str, value: float, **labels: str) -> None:
         (_metrics[metric].labels(**labels) if labels else _metrics[metric]).set(value)
 
 
+def dropped(metric: str, **labels: str) -> None:
+    """Remove one series (a partition this copy no longer reads)."""
+    if ON:
+        try:
+            _metrics[metric].remove(*labels.values())
+        except KeyError:
+            pass
+
+
 def reason_kind(reason: str) -> str:
-    """A dead letter's reason, cut to its kind (a bounded label): "invalid envelope", "no route for", ..."""
-    words = re.findall(r"[a-zA-Z_-]+", reason.split(":", 1)[0])[:4]
-    return " ".join(words).lower() or "other"
+    """A dead letter's reason, cut to its kind, a label with few values: its first three words before any colon,
+    with what it quotes left out ("no route for", "invalid envelope", "id was handled", ...)."""
+    unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", " ", reason.split(":", 1)[0])
+    return " ".join(re.findall(r"[a-zA-Z_-]+", unquoted)[:3]).lower() or "other"

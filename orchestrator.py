@@ -29,7 +29,7 @@ from common import (DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DA
                     SETTINGS, DeadLetter, Envelope, Output, State, Triple, caused_by, parse, read_all, run_service,
                     setup_logging, written_by, metrics)
 from common.clients import SESSION_TIMEOUT_MS
-from common.handling import is_repeat
+from common.handling import SEEN, is_repeat
 from common.messages import digest
 
 log = logging.getLogger("orchestrator")
@@ -269,8 +269,10 @@ def decide(event: Envelope, state: State, stage: int, limits: Limits, now: float
     """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends."""
     now, key = now or time.time(), WORKFLOW + event.workflow_id
     workflow = state.get(key)
-    if workflow is not None and is_repeat(SOURCE, event, workflow.get("handled", {}).get(event.id)):
-        return []  # (handled before: the workflow's entry keeps the ids it handled, with what each said)
+    handled = workflow.get("handled", {}) if workflow is not None else {}
+    if is_repeat(SOURCE, event, handled.get(event.id) or state.get(SEEN + event.id)):
+        metrics.count("repeats", service=SOURCE)
+        return []  # (handled before: a workflow's entry keeps the ids it handled, with what each said)
     why = late(event, workflow)
     if why:
         log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
@@ -283,6 +285,8 @@ def decide(event: Envelope, state: State, stage: int, limits: Limits, now: float
     if workflow is not None:
         workflow.setdefault("handled", {})[event.id] = digest(event).hex()
         state.put(key, workflow, due=next_deadline(workflow))
+    else:  # (an event of no workflow it knows, say an outcome after the workflow expired: its id kept on its own)
+        state.put(SEEN + event.id, digest(event).hex())
     return commands + news
 
 

@@ -96,7 +96,15 @@ def status(data_dir: Path | None = None) -> Zipkin | None:
     if not saved.exists():
         return None
     zipkin = Zipkin(**json.loads(saved.read_text()))
-    return zipkin if alive(zipkin.pid) else None
+    return zipkin if alive(zipkin.pid) and ours(zipkin.pid) else None
+
+
+def ours(pid: int) -> bool:
+    """Whether the process is a Zipkin server (a pid left in zipkin.json may since belong to another process)."""
+    try:
+        return b"zipkin-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def healthy(port: int) -> bool:

@@ -156,3 +156,11 @@ def test_an_event_handled_before_is_not_routed_again_and_its_id_saying_something
     # And the same id saying something else is a dead letter (the workflow's entry keeps what each id said)
     with pytest.raises(DeadLetter, match="handled before with different content"):
         handled(store, event.model_copy(update={"payload": {**event.payload, "severity": 5}}), T0 + 4)
+
+
+def test_a_repeat_of_an_event_of_no_known_workflow_is_skipped_too(store):
+    # Given a failed action of a workflow this orchestrator does not know (it expired, say): it escalates once
+    failed = outcome(detection(), "security_action_failed")
+    assert [topic for topic, _ in handled(store, failed, T0)] == [NOTIFICATION_COMMAND]
+    # Then the same event again escalates nothing more
+    assert handled(store, failed, T0 + 1) == []

@@ -280,7 +280,12 @@ class Copies:
         self.known = now
 
     def _learn(self) -> None:
-        self.known = members(self._admin(), self.group, self.settings)
+        for attempt in range(5):  # (a coordinator still loading answers with an error: ask again shortly)
+            try:
+                self.known = members(self._admin(), self.group, self.settings)
+                return
+            except KafkaError:
+                time.sleep(0.5 * (attempt + 1))
 
     def others(self) -> set[str]:
         """The other copies in the group now (none if Kafka does not answer within 3 s)."""

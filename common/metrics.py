@@ -2,7 +2,7 @@
 on METRICS_PORT, or --metrics-port, at /metrics. Off unless a port is given; then the shared loop counts what every
 service does, and the orchestrator what only it does (commands routed, open workflows, timeouts fired).
 
-    messages_handled_total{service,type}        records handled (a repeat, a dead letter, or its handler's work)
+    messages_handled_total{service,type}        records handled by the handler, counted once their batch is committed
     dead_letters_total{service,reason}          records dead-lettered, by the kind of reason (its first words)
     redeliveries_ignored_total{service}         messages handled before, skipped
     handler_seconds{service}                    the handler's time per message (histogram)

@@ -15,12 +15,15 @@ from kafka.structs import TopicPartition
 
 from common.messages import Envelope
 from common.settings import FAMILIES, SETTINGS, SINGLE_WRITER_TOPICS, Settings
-from common.workarounds import ConnectionWatch, quick_transaction_retries
+from common.workarounds import ConnectionWatch, discard, in_background, quick_transaction_retries
 
 log = logging.getLogger("common")
 SESSION_TIMEOUT_MS = 6_000  # a member silent this long (a killed copy) loses its partitions to the others (the
 # broker's least, group.min.session.timeout.ms); heartbeats every second tell the others of a rebalance within one
 HEARTBEAT_INTERVAL_MS = 1_000
+# A transactional producer that has not started within this long is given up and made anew (its caller retries):
+# after a broker crash kafka-python 3.0.12 can keep asking a coordinator that is gone, up to max_block_ms (120 s).
+INIT_TIMEOUT_S = 30
 
 
 def make_producer(transactional_id: str | None = None, settings: Settings = SETTINGS, **overrides) -> KafkaProducer:
@@ -37,10 +40,10 @@ def make_producer(transactional_id: str | None = None, settings: Settings = SETT
     config.update(overrides)
     producer = quick_transaction_retries(KafkaProducer(**config))
     if transactional_id:
-        try:
-            producer.init_transactions()  # fences any earlier producer with this id, finishing its open transaction
-        except KafkaError:
-            producer.close(timeout=1)
+        try:  # (fences any earlier producer with this id, finishing its open transaction)
+            in_background(producer.init_transactions)(INIT_TIMEOUT_S)
+        except KafkaError:  # Stuck too: a client still asking a coordinator that died; a new one asks afresh
+            discard(producer)
             raise
     return producer
 
@@ -149,7 +152,8 @@ def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = 
                 if reason := why_refused(watch, settings):
                     log.error("%s: %s", what, reason)
                     raise SystemExit(2) from None
-                if not wait and time.monotonic() - began > 6:  # (a sign-in failure shows within a few tries)
+                if not wait and time.monotonic() - began > 10:  # (a sign-in failure shows within a few tries, even
+                    # on a busy machine: SCRAM makes the broker work)
                     log.error("%s: no Kafka answers at %s (start it with 'make kafka-up')", what,
                               settings.bootstrap_servers)
                     raise SystemExit(2) from None

@@ -147,9 +147,10 @@ class Loop:
                 metric, label = item.counted
                 metrics.count(metric, service=self.name, **({"reason": label} if metric == "dead" else
                                                             {} if metric == "repeats" else {"type": label}))
-            last = {TopicPartition(item.record.topic, item.record.partition): item.record.offset for item in done}
-            for tp, offset in last.items():  # (the partitions just handled; their lag after this batch)
-                metrics.gauge("lag", max(0, (self.consumer.highwater(tp) or 0) - offset - 1),
+            for tp in {TopicPartition(item.record.topic, item.record.partition) for item in done}:
+                # (the partitions just handled, whose position is known: past their last record and any commit
+                # marker after it, which the high watermark counts too)
+                metrics.gauge("lag", max(0, (self.consumer.highwater(tp) or 0) - self.consumer.position(tp)),
                               service=self.name, topic=tp.topic, partition=str(tp.partition))
             if self.running is not None and self.store is not None and time.monotonic() - self.counted_at > 5:
                 self.counted_at = time.monotonic()  # (a scan of the state: every 5 s at most)

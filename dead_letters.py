@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 import acls
 from common import (DEAD_LETTER, SETTINGS, Envelope, Stopper, discard, make_producer, read_all, refused, setup_logging,
-                    wait_for_acks, wait_for_kafka)
+                    wait_for_acks, wait_for_kafka, tracing)
 from common.messages import DeadLetterPayload
 
 log = logging.getLogger("dead_letters")
@@ -81,7 +81,7 @@ def consumes(writer: str, topic: str) -> bool:
     return bool(reads) and re.match(SETTINGS.pattern(reads), topic) is not None
 
 
-def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None, bytes | None, list]]:
+def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None, bytes | None, list | None]]:
     """What to replay, as (topic, key, value, headers): each letter's original, if it is kept whole, goes back to a
     topic its writer consumes, and is still in Kafka byte for byte where the letter says it came from (so a letter
     cannot make up a message another script would have sent); each original once (unless every_copy). The headers
@@ -97,8 +97,7 @@ def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None
             if reason:
                 log.warning("dead letter %s is not replayed: %s", which, reason)
             elif every_copy or (letter.topic, key, value) not in seen:
-                kept.append((letter.topic, key, value,
-                             [(k, v) for k, v in record.headers or () if k in ("traceparent", "tracestate")]))
+                kept.append((letter.topic, key, value, tracing.kept(record.headers)))
                 seen.add((letter.topic, key, value))
     return kept
 
@@ -149,11 +148,11 @@ class Source:
         self.consumer.close(autocommit=False)
 
 
-def replay(originals: list[tuple[str, bytes | None, bytes | None, list]]) -> int:
+def replay(originals: list[tuple[str, bytes | None, bytes | None, list | None]]) -> int:
     """Send each original (null as null), with its key and trace context, back to the topic it came from."""
     producer = make_producer()
     try:
-        futures = [producer.send(topic, key=key, value=value, headers=headers or None)
+        futures = [producer.send(topic, key=key, value=value, headers=headers)
                    for topic, key, value, headers in originals]
         wait_for_acks(producer, futures, "dead_letters")
     except AuthorizationError as error:

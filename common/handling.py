@@ -175,8 +175,7 @@ def rejected(name: str, record, reason: str, span=None) -> Out:
         key = record.key
     except DeadLetter:
         key = None
-    return Out(written_by(DEAD_LETTER, name), letter.to_bytes(), key, None,
-               [(k, v) for k, v in getattr(record, "headers", None) or () if k in ("traceparent", "tracestate")] or None)
+    return Out(written_by(DEAD_LETTER, name), letter.to_bytes(), key, None, tracing.kept(getattr(record, "headers", None)))
 
 
 def outputs_of(handled: list[Handled]) -> list[Out]:

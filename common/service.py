@@ -160,6 +160,8 @@ class Loop:
 
     def traced(self, handled: list[Handled], done: list[Handled] | None, own: bool) -> None:
         """End the spans of the batch (tracing on): an error where its transaction did not commit."""
+        if not tracing.active():
+            return
         committed = {id(item.record) for item in done or ()}
         for item in handled:
             if id(item.record) not in committed:

@@ -50,6 +50,11 @@ def start(name: str) -> None:
     log.info("%s: tracing on, exporting to %s", name, EXPORTER)
 
 
+def active() -> bool:
+    """Whether spans are being made (tracing on and started)."""
+    return _tracer is not None
+
+
 def consumed(record) -> Any:
     """The span of handling one Kafka record, parented by the trace context in its headers (None when off)."""
     if _tracer is None:
@@ -135,11 +140,19 @@ def zipkin_link(record_headers: Headers | None) -> str | None:
     return f"{endpoint.removesuffix('/api/v2/spans')}/zipkin/traces/{parent.split('-')[1]}"
 
 
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def kept(record_headers: Headers | None) -> Headers | None:
+    """A record's trace headers, to send along with what stands for it (its dead letter, its replay)."""
+    return [(key, value) for key, value in record_headers or () if key in TRACE_HEADERS] or None
+
+
 def carrier_of(record_headers: Headers | None) -> dict[str, str]:
     """The trace context in a record's headers (others, and what is not text, are left out)."""
     carrier = {}
     for key, value in record_headers or ():
-        if key in ("traceparent", "tracestate") and value is not None:
+        if key in TRACE_HEADERS and value is not None:
             try:
                 carrier[key] = value.decode()
             except UnicodeDecodeError:

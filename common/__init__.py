@@ -7,6 +7,7 @@
   handling    one poll batch: parse, skip repeats, call the handler with retries, dead-letter what fails
   delivery    a batch's outputs and offsets, in one transaction or acknowledged then committed, and recovery
   service     run_service: consume -> handle -> produce, one batch at a time
+  copies      the copies of a service in its group: leave when stopped, end a gone copy's transaction
   state       state that survives a restart: handled ids and workflows, kept in a changelog topic per group
   waiting     the stop signal, a poll that outlives an outage, a pause that says what it waits for
   producing   run_producer, the event sources' loop

@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import MemberToRemove, NewTopic
-from kafka.errors import AuthorizationError, KafkaError, KafkaTimeoutError, NoError, TopicAlreadyExistsError
+from kafka.admin import NewTopic
+from kafka.errors import AuthorizationError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import TopicPartition
 
 from common.messages import Envelope
@@ -63,31 +63,6 @@ def make_consumer(group: str, topics: list[str], static: bool = False, settings:
     consumer = KafkaConsumer(**config)
     consumer.subscribe([settings.topic(name) for name in topics], listener=listener)
     return consumer
-
-
-def members(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> set[str]:
-    """The static member ids of the copies in a consumer group now. KafkaError if the group's coordinator did not
-    say (kafka-python returns its error beside an empty member list, which must not read as "nobody")."""
-    found = admin.describe_groups([settings.group(group)]).get(settings.group(group)) or {}
-    if found.get("error"):
-        raise KafkaError(f"describing group {settings.group(group)}: {found['error']}")
-    return {member["group_instance_id"] for member in found.get("members") or () if member.get("group_instance_id")}
-
-
-def leave(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:
-    """Take this copy out of its group at once. A static member's close() does not leave (so that a restart finds
-    its partitions waiting); a copy stopped for good while others run hands its partitions over this way instead of
-    after the session timeout. KafkaError if the coordinator refused."""
-    answers = admin.remove_group_members(settings.group(group), [MemberToRemove(group_instance_id=settings.member(group))])
-    refused_with = [error for error in answers.values() if error is not NoError]
-    if refused_with:
-        raise KafkaError(", ".join(error.__name__ for error in refused_with))
-
-
-def fence(transactional_id: str, settings: Settings = SETTINGS) -> None:
-    """End whatever transaction a gone copy left open (a producer starting with its transactional id aborts it at
-    once, and fences that copy off should it still be alive) instead of waiting for Kafka's transaction timeout."""
-    make_producer(transactional_id=transactional_id, settings=settings).close(timeout=5)
 
 
 def send(producer: KafkaProducer, name: str, value: Envelope | bytes | None, key: bytes | str | None = None,

@@ -6,7 +6,6 @@ becomes a dead letter in handle_batch; a failed delivery is recovered by the Del
 was committed or must be handled again (the loop then rewinds to it)."""
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -16,14 +15,14 @@ from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError, 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from common import metrics, tracing
-from common.clients import SESSION_TIMEOUT_MS, fence, leave, make_consumer, members, refused, wait_for_kafka
+from common.clients import make_consumer, refused, wait_for_kafka
+from common.copies import Copies
 from common.delivery import Delivery
 from common.handling import (Handled, Handler, Out, Triple, handle_batch, offsets_of, outputs_of, rejected,
                              serialised)
 from common.settings import DEAD_LETTER, FAMILIES, SETTINGS, Settings, written_by
 from common.state import State, Store, adopt, ensure_changelog
 from common.waiting import Pause, Poller, Stopper
-from common.workarounds import Stuck, in_background
 
 log = logging.getLogger("common")
 
@@ -239,83 +238,6 @@ class Loop:
         if self.store is not None:
             self.store.close()
         self.copies.close()
-
-
-class Copies:
-    """The other copies of a service in its group, as far as handing partitions over goes.
-
-    - A copy stopped while others of its group run leaves the group, so they take its partitions at once; the last
-      one keeps its place for the session timeout, so that a restart of it finds them waiting (the restart gap).
-    - A copy given partitions by a rebalance ends the open transaction of any copy gone from the group since the last
-      one (it may have died in the middle of one): until Kafka aborts it (its transaction timeout, 10 s, and its next
-      check), every read_committed reader of what it wrote waits behind it, this copy's state read included."""
-
-    def __init__(self, name: str, group: str, settings: Settings):
-        self.name, self.group, self.settings = name, group, settings
-        self.admin: KafkaAdminClient | None = None
-        self.making = threading.Lock()  # (the first rebalance asks in the background)
-        self.known: set[str] | None = None  # the group's members at the last rebalance (None: not asked yet)
-        self.rebalanced = False  # set by the rebalance listener (Forget), looked at by the loop
-
-    def learn(self) -> None:
-        """Ask who is in the group now, in the background (the batch does not wait for it)."""
-        in_background(self._learn)
-
-    def end_departed(self) -> None:
-        """After a rebalance that gave this copy partitions: end what copies gone from the group since the last one
-        left open. The first time, it only learns who is there (a restart's first batch does not wait for that).
-        Each step is bounded (10 s): a slow broker delays the batch, it does not hold the loop."""
-        if self.known is None:
-            return self.learn()
-        try:
-            now = in_background(lambda: members(self._admin(), self.group, self.settings))(10)
-        except Stuck as error:
-            raise KafkaError(f"the group's members: {error}") from None
-        if self.settings.member(self.group) not in now:  # (an answer from before this copy joined: not to act on)
-            return
-        for gone in sorted(self.known - now):
-            try:
-                in_background(fence, transactional_id=gone, settings=self.settings)(10)
-                log.info("%s: ended what %s, gone from the group, left open", self.name, gone)
-            except (KafkaError, Stuck) as error:
-                log.warning("%s: could not end what %s left open (%s); Kafka aborts it after its timeout", self.name,
-                            gone, error)
-        self.known = now
-
-    def _learn(self) -> None:
-        for attempt in range(5):  # (a coordinator still loading answers with an error: ask again shortly)
-            try:
-                self.known = members(self._admin(), self.group, self.settings)
-                return
-            except KafkaError:
-                time.sleep(0.5 * (attempt + 1))
-
-    def others(self) -> set[str]:
-        """The other copies in the group now (none if Kafka does not answer within 3 s)."""
-        try:
-            return in_background(lambda: members(self._admin(), self.group, self.settings))(3) - \
-                {self.settings.member(self.group)}
-        except (KafkaError, Stuck):
-            return set()
-
-    def leave(self, others: int) -> None:
-        try:
-            in_background(lambda: leave(self._admin(), self.group, self.settings))(5)
-            log.info("%s: left group %s to the other cop%s", self.name, self.group, "ies" if others > 1 else "y")
-        except (KafkaError, Stuck) as error:
-            log.warning("%s: could not leave group %s (%s); the others take over after %d s", self.name, self.group,
-                        error, SESSION_TIMEOUT_MS // 1000)
-
-    def _admin(self) -> KafkaAdminClient:
-        with self.making:
-            if self.admin is None:
-                self.admin = KafkaAdminClient(**self.settings.kafka_config(), bootstrap_timeout_ms=3000,
-                                              client_id=self.settings.group(self.group))
-        return self.admin
-
-    def close(self) -> None:
-        if self.admin is not None:
-            self.admin.close()
 
 
 class Forget(ConsumerRebalanceListener):

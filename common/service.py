@@ -23,6 +23,7 @@ from common.handling import (Handled, Handler, Out, Triple, handle_batch, offset
 from common.settings import DEAD_LETTER, FAMILIES, SETTINGS, Settings, written_by
 from common.state import State, Store, adopt, ensure_changelog
 from common.waiting import Pause, Poller, Stopper
+from common.workarounds import heartbeat_silence_s
 
 log = logging.getLogger("common")
 
@@ -230,7 +231,8 @@ class Loop:
     def close(self, fenced: bool = False) -> None:
         """Stop; fenced: another copy runs with this one's INSTANCE_ID, and must keep its place in the group."""
         log.info("%s: stopping after %d messages", self.name, self.count)
-        others = set() if fenced else self.copies.others()
+        # (A coordinator that answers no heartbeat would not answer who else is there either: no wait for it.)
+        others = set() if fenced or heartbeat_silence_s(self.consumer) > 3 else self.copies.others()
         self.consumer.close(autocommit=False)
         if others:
             self.copies.leave(len(others))

@@ -23,11 +23,10 @@ from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatter
                          UserScramCredentialUpsertion)
 from kafka.errors import KafkaError
 
-from common import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, SETTINGS,
-                    SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, ensure_topics, setup_logging, written_by)
-from common.settings import FAMILIES
-from common.state import changelog, ensure_changelog
-from orchestrator import command_topics
+from common import (ALL_TOPICS, DEAD_LETTER, FAMILIES, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA,
+                    SEC_COMMAND, SETTINGS, SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, changelog,
+                    command_topics, ensure_changelog, ensure_topics, setup_logging, written_by)
+from orchestrator import WORKFLOWS
 
 log = logging.getLogger("acls")
 
@@ -46,7 +45,7 @@ ACCESS = {  # user -> what it may do (a workflow's step topics come from the orc
     "security_detector": Access(writes=[MESSAGE_STREAM]),
     "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer",
                                   transactional_id="unit_event_producer", keeps_state=True),
-    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*command_topics(), MESSAGE_STREAM, DEAD_LETTER],
+    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*command_topics(WORKFLOWS), MESSAGE_STREAM, DEAD_LETTER],
                            group="orchestrator*", transactional_id="orchestrator", keeps_state=True),
     "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service",
                                transactional_id="security_service", keeps_state=True),

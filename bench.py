@@ -40,10 +40,9 @@ import acls
 import common
 import local_kafka
 import local_zipkin
-from common.handling import handle_record
-from common.state import Store, changelog, ensure_changelog
+from common import Limits, Orchestration, Store, changelog, ensure_changelog, handle_record
 from monitor import percentile
-from orchestrator import Limits, decide
+from orchestrator import WORKFLOWS, route
 
 HERE = Path(__file__).resolve().parent
 console = Console(highlight=False)
@@ -156,11 +155,12 @@ class Bench:
         topic = settings.topic(changelog("orchestrator"))
         ensure_changelog(self.admin, "orchestrator", settings)
         producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=20, batch_size=512 * 1024)
-        memory, limits = Store("orchestrator", settings, durable=False), Limits(step_timeout=3600)
+        memory = Store("orchestrator", settings, durable=False)
+        orchestration = Orchestration(WORKFLOWS, route, 2, Limits(step_timeout=3600))
         with console.status(f"state restore: writing the state of {workflows} open workflows"):
             for i in range(workflows):  # (each entry as the orchestrator writes it, made by the same code)
                 state = memory.view(0, f"sensor-{i % 8}".encode())
-                decide(common.parse(detection_bytes(i)[1]), state, 2, limits)
+                orchestration.decide(common.parse(detection_bytes(i)[1]), state)
                 for change in state.changes:
                     producer.send(topic, key=change.key.encode(), value=change.stored, partition=0)
             producer.flush()
@@ -492,7 +492,8 @@ def confluent_router() -> None:
     and the batch's offsets. What the client library costs, side by side with kafka-python."""
     from confluent_kafka import Consumer, KafkaException, Producer
 
-    stop, settings, limits = common.Stopper(), common.SETTINGS, Limits(step_timeout=3600)
+    stop, settings = common.Stopper(), common.SETTINGS
+    orchestration = Orchestration(WORKFLOWS, route, 2, Limits(step_timeout=3600))
     consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": common.topic("confluent"),
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
                          "isolation.level": "read_committed"})
@@ -513,7 +514,7 @@ def confluent_router() -> None:
         changes = []
         for message in messages:
             record = Record(message.topic(), message.partition(), message.offset(), message.key(), message.value())
-            handled = handle_record("confluent", record, lambda event, state: decide(event, state, 2, limits), store, stop)
+            handled = handle_record("confluent", record, orchestration.decide, store, stop)
             for out in handled.outputs:
                 producer.produce(common.topic(out.topic), value=out.value, key=out.key,
                                  **({} if out.partition is None else {"partition": out.partition}))
@@ -540,12 +541,12 @@ def profile(count: int = 20_000) -> dict:
 
     records = [Record(common.topic(DETECTIONS), 0, i, key, value)
                for i, (_, value, key) in enumerate(map(detection_bytes, range(2 * count)))]
-    store, limits, stop = Store("orchestrator", durable=True), Limits(step_timeout=3600), common.Stopper()
+    store, stop = Store("orchestrator", durable=True), common.Stopper()
+    orchestration = Orchestration(WORKFLOWS, route, 2, Limits(step_timeout=3600))
 
     def handle(batch):
         for record in batch:
-            handled = handle_record("orchestrator", record, lambda event, state: decide(event, state, 2, limits),
-                                    store, stop)
+            handled = handle_record("orchestrator", record, orchestration.decide, store, stop)
             store.commit(handled.changes)
     store.entries = defaultdict(OrderedDict)  # (no state to read back)
     began = time.perf_counter()

@@ -26,9 +26,8 @@ from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
 import acls
-from common import (DEAD_LETTER, SETTINGS, Envelope, Stopper, discard, make_producer, read_all, refused, setup_logging,
-                    wait_for_acks, wait_for_kafka, tracing)
-from common.messages import DeadLetterPayload
+from common import (DEAD_LETTER, SETTINGS, DeadLetterPayload, Envelope, Stopper, discard, make_producer, read_all,
+                    refused, setup_logging, tracing, wait_for_acks, wait_for_kafka)
 
 log = logging.getLogger("dead_letters")
 

@@ -30,9 +30,8 @@ from rich.console import Console
 from kafka import KafkaAdminClient
 from kafka.errors import NonEmptyGroupError, KafkaError
 
-from common import ALL_TOPICS, MESSAGE_STREAM, SETTINGS, Settings, read_all, tracing, written_by
-from common.clients import SESSION_TIMEOUT_MS
-from common.state import changelog
+from common import (ALL_TOPICS, MESSAGE_STREAM, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
+                    written_by)
 from monitor import Flow, Tail, groups, render
 
 HERE = Path(__file__).resolve().parent

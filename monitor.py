@@ -30,8 +30,8 @@ from rich.live import Live
 from rich.table import Table
 
 from common import (ALL_TOPICS, DEAD_LETTER, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of,
-                    read_all, refused, setup_logging, wait_for_kafka)
-from orchestrator import WORKFLOWS, group_for, replaced
+                    group_for, read_all, refused, replaced, setup_logging, wait_for_kafka)
+from orchestrator import WORKFLOWS
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -58,7 +58,8 @@ def milestones(kind: str) -> list[tuple[str, set[str], str, bool]]:
 def groups() -> list[str]:
     """The consumer groups whose lag the monitor shows: the orchestrator's (whole and split) and each service's."""
     services = dict.fromkeys(step.service for workflow in WORKFLOWS.values() for step in workflow.steps)
-    return [group_for(set(WORKFLOWS)), *(group_for({name}) for name in WORKFLOWS), *services]
+    return [group_for(WORKFLOWS, set(WORKFLOWS)), *(group_for(WORKFLOWS, {name}) for name in WORKFLOWS),
+            *services]
 
 
 class Folded:
@@ -305,7 +306,7 @@ class Tail:
         names = {group: self.flow.settings.group(group) for group in groups()}
         try:
             offsets = admin.list_group_offsets({real: None for real in names.values()})
-            gone = replaced(admin, self.flow.settings)  # (an orchestrator split off or joined back: its lag only grows)
+            gone = replaced(admin, WORKFLOWS, self.flow.settings)  # (split off or joined back: its lag only grows)
         except KafkaError:  # no group coordinator yet (a brand-new cluster): no lag to show
             return {}
         return {group: sum(max(0, end.get(tp, 0) - meta.offset) for tp, meta in offsets[real].items())

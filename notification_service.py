@@ -26,8 +26,8 @@ def main() -> None:
     metrics.flag(parser)
     args = parser.parse_args()
     setup_logging()
-    run_service("notification_service", [NOTIFICATION_COMMAND], notify, writes=(THIRD_PARTY,), dedupe=True,
-                transactional=True, metrics_port=args.metrics_port)
+    run_service("notification_service", [NOTIFICATION_COMMAND], notify, writes=(THIRD_PARTY,), exactly_once=True,
+                metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> None:
     setup_logging()
     fail_zones = frozenset(filter(None, args.fail_zones.split(",")))
     run_service("security_service", [SEC_COMMAND], lambda command: carry_out(command, fail_zones),
-                writes=(MESSAGE_STREAM,), dedupe=True, transactional=True, metrics_port=args.metrics_port)
+                writes=(MESSAGE_STREAM,), exactly_once=True, metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

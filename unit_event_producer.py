@@ -77,7 +77,7 @@ def main() -> None:
         parser.error("--rate and --units must be above 0 and --count not negative")
     setup_logging()
     field, pacer = Field(random.Random(args.seed), args.units), Pacer(args.rate, args.count)
-    run_service("unit_event_producer", [UNIT_COMMAND], apply, writes=(MESSAGE_STREAM,), dedupe=True, transactional=True,
+    run_service("unit_event_producer", [UNIT_COMMAND], apply, writes=(MESSAGE_STREAM,), exactly_once=True,
                 tick=lambda: [field.event() for _ in range(pacer.due())], metrics_port=args.metrics_port)
 
 

@@ -15,9 +15,8 @@ import sys
 import time
 from datetime import datetime
 
-from common import SETTINGS, Stopper, setup_logging, wait_for_kafka
-from common.state import latest_entries
-from orchestrator import WORKFLOW, orchestrator_groups
+from common import (SETTINGS, WORKFLOW, Stopper, latest_entries, orchestrator_groups, setup_logging, wait_for_kafka)
+from orchestrator import WORKFLOWS
 
 log = logging.getLogger("workflows")
 STATES = ("running", "completed", "failed")
@@ -28,7 +27,7 @@ def workflows(settings=SETTINGS) -> dict[str, dict]:
     written for it (a later one wins); those past the retention are gone."""
     cutoff = time.time() - settings.state_retention_s
     return {key.decode(errors="replace").removeprefix(WORKFLOW): json.loads(entry)["value"]
-            for (_, key), (at, _, entry) in latest_entries(orchestrator_groups(), settings).items()
+            for (_, key), (at, _, entry) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
             if key.startswith(WORKFLOW.encode()) and at >= cutoff}
 
 

@@ -1,19 +1,26 @@
-"""What every script shares, one concern a module; this file only hands the names on, so scripts keep writing
-`from common import ...`. Read them in this order:
+"""What every script shares, one concern a module; this file only hands the names on, so scripts write
+`from common import ...` and never reach inside. Read them in this order:
 
-  messages    the envelope, a schema per message type, new_event / caused_by / parse / dead_letter (no Kafka)
-  settings    one frozen Settings from the environment; topic names; group and transactional-id naming; logging
-  clients     kafka-python producers, consumers and admin made the project's way; topics; read_all; refusals
-  handling    one poll batch: parse, skip repeats, call the handler with retries, dead-letter what fails
-  delivery    a batch's outputs and offsets, in one transaction or acknowledged then committed, and recovery
-  service     run_service: consume -> handle -> produce, one batch at a time
-  copies      the copies of a service in its group: leave when stopped, end a gone copy's transaction
-  state       state that survives a restart: handled ids and workflows, kept in a changelog topic per group
-  waiting     the stop signal, a poll that outlives an outage, a pause that says what it waits for
-  producing   run_producer, the event sources' loop
-  workarounds every workaround of a kafka-python behaviour, each saying which and why
-  tracing     OpenTelemetry: a trace per workflow, its context in the record headers (off unless asked)
-  metrics     Prometheus metrics on METRICS_PORT (off unless a port is given)
+  messages     the envelope, a schema per message type, new_event / caused_by / parse / dead_letter (no Kafka)
+  settings     one frozen Settings from the environment; topic names; group and transactional-id naming; logging
+  clients      kafka-python producers, consumers and admin made the project's way; topics; read_all; refusals
+  service      a consuming service declared (run_service, Service) and started
+  loop         its loop, a batch at a time: poll -> handle -> deliver -> commit
+  handling     one poll batch: parse, skip repeats (dedupe), call the handler with retries, dead-letter what fails
+  delivery     a batch's outputs and offsets, in one transaction or acknowledged then committed, and recovery
+  state        state that survives a restart: a keyed store per group, its changes committed with the work
+  changelog    the Kafka side of that state: the compacted state.<group> topic, made and read back
+  copies       the copies of a service in its group: leave when stopped, end a gone copy's transaction
+  waiting      the stop signal, a poll that outlives an outage, a pause that says what it waits for
+  producing    run_producer, the event sources' loop
+  workflow     the workflow table's shape (Workflow, Step) and what can be asked of it
+  orchestration  a workflow's life: routed events, steps, attempts, deadlines, its end; late answers
+  takeover     one orchestrator split in two or joined back: the overlap guard, offsets and state taken over
+  dry_run      the orchestrator's preview of a routing change on the recorded message_stream
+  orchestrator_cli  the orchestrator's flags and what it runs, handed the table and route()
+  workarounds  every workaround of a kafka-python behaviour, each saying which and why
+  tracing      OpenTelemetry: a trace per workflow, its context in the record headers (off unless asked)
+  metrics      Prometheus metrics on METRICS_PORT (off unless a port is given)
 """
 
 try:
@@ -23,23 +30,33 @@ except ModuleNotFoundError as missing:
     raise SystemExit(f"{missing.name} is not installed here: run the scripts in the project's virtual environment "
                      f"(`make check` makes it in .venv; then `. .venv/bin/activate`)") from None
 
-from common.clients import (answers_kafka, ensure_topics, make_consumer, make_producer, read_all, refused, send,
-                            wait_for_acks, wait_for_kafka)
-from common.handling import Handler, Triple, Unavailable, handle_batch
-from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, Envelope, Output, caused_by, dead_letter, expect,
-                             new_event, parse)
+from common.changelog import changelog, ensure_changelog, latest_entries
+from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,
+                            refused, send, wait_for_acks, wait_for_kafka)
+from common.handling import Handler, Unavailable, handle_batch, handle_record
+from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, caused_by,
+                             dead_letter, expect, new_event, parse)
+from common.orchestration import WORKFLOW, Limits, Orchestration
+from common.orchestrator_cli import run_orchestrator
 from common.producing import Pacer, run_producer
-from common.service import run_service
-from common.state import State
+from common.service import Service, run_service, serve
+from common.settings import (ALL_TOPICS, DEAD_LETTER, FAMILIES, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA,
+                             SEC_COMMAND, SETTINGS, SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, family_of,
+                             setup_logging, topic, written_by)
+from common.state import State, Store
+from common.takeover import replaced
 from common.waiting import Stopper
-from common.settings import (ALL_TOPICS, DEAD_LETTER, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND,
-                             SETTINGS, SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, family_of, setup_logging,
-                             topic, written_by)
 from common.workarounds import discard
+from common.workflow import (Step, Workflow, command_topics, group_for, orchestrator_groups, owns, reports_done, senders,
+                             services)
 
-__all__ = ["answers_kafka", "ensure_topics", "make_consumer", "make_producer", "read_all", "refused", "send",
-           "wait_for_acks", "wait_for_kafka", "Handler", "State", "Triple", "Unavailable", "handle_batch", "MAX_MESSAGE_BYTES",
-           "SCHEMAS", "DeadLetter", "Envelope", "Output", "caused_by", "dead_letter", "expect", "new_event", "parse",
-           "Pacer", "Stopper", "run_producer", "run_service", "ALL_TOPICS", "DEAD_LETTER", "MESSAGE_STREAM",
-           "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "THIRD_PARTY", "UNIT_COMMAND", "Settings",
-           "setup_logging", "topic", "discard", "SINGLE_WRITER_TOPICS", "written_by", "family_of"]
+__all__ = ["changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka", "ensure_topics",
+           "make_consumer", "make_producer", "read_all", "refused", "send", "wait_for_acks", "wait_for_kafka", "Handler",
+           "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES", "SCHEMAS", "DeadLetter",
+           "DeadLetterPayload", "Envelope", "Output", "caused_by", "dead_letter", "expect", "new_event", "parse",
+           "WORKFLOW", "Limits", "Orchestration", "run_orchestrator", "Pacer", "run_producer", "Service", "run_service",
+           "serve", "ALL_TOPICS", "DEAD_LETTER", "FAMILIES", "MESSAGE_STREAM", "NOTIFICATION_COMMAND", "REPORT_DATA",
+           "SEC_COMMAND", "SETTINGS", "SINGLE_WRITER_TOPICS", "THIRD_PARTY", "UNIT_COMMAND", "Settings", "family_of",
+           "setup_logging", "topic", "written_by", "State", "Store", "replaced", "Stopper", "discard", "Step",
+           "Workflow", "command_topics", "group_for", "orchestrator_groups", "owns", "reports_done", "senders",
+           "services"]

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import AuthorizationError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.structs import TopicPartition
 
 from common.messages import Envelope
@@ -62,6 +63,24 @@ def make_consumer(group: str, topics: list[str], static: bool = False, settings:
     config.update(overrides)
     consumer = KafkaConsumer(**config)
     consumer.subscribe([settings.topic(name) for name in topics], listener=listener)
+    return consumer
+
+
+def join(stop, group: str, inputs: list[str], settings: Settings, listener=None) -> KafkaConsumer:
+    """A static member of `group` reading `inputs`. It subscribes only once the input topics' partitions are in the
+    client's metadata: a member that joins right after the topics were created can be assigned nothing, and is not
+    told when they appear."""
+    # A service that keeps state needs partition p of every input on one copy (its state is partition p of its
+    # state topic): the range assignor gives it so when the inputs have as many partitions each.
+    ranged = {"partition_assignment_strategy": (RangePartitionAssignor,)} if listener else {}
+    consumer = make_consumer(group, inputs, static=True, settings=settings, listener=listener, **ranged)
+    while not stop and not all(consumer.partitions_for_topic(settings.topic(name)) for name in inputs):
+        stop.wait(0.1)
+    counts = {settings.topic(name): len(consumer.partitions_for_topic(settings.topic(name)) or ()) for name in inputs}
+    if listener and not stop and len(set(counts.values())) > 1:
+        consumer.close(autocommit=False)
+        raise SystemExit(f"{group}: its input topics have different partition counts ({counts}); a service that keeps "
+                         "state needs them equal (a workflow's messages must share a partition number)")
     return consumer
 
 

@@ -1,5 +1,5 @@
 """The copies of a service in one consumer group, as far as handing partitions over goes: leaving the group when
-stopped while others run, and ending the open transaction of a copy that is gone (common/service.py uses them)."""
+stopped while others run, and ending the open transaction of a copy that is gone (common/loop.py uses them)."""
 
 import logging
 import threading

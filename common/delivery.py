@@ -12,7 +12,8 @@ from kafka.errors import (AuthorizationError, CorruptRecordError, FencedInstance
                           RecordListTooLargeError)
 
 from common.clients import make_producer, refused, send, wait_for_acks
-from common.handling import Out
+from common import metrics
+from common.handling import Handled, Serialised, offsets_of, outputs_of, rejected
 from common.settings import SETTINGS, Settings
 from common.workarounds import Stuck, bounded, discard, in_background, knowing, underlying
 
@@ -27,9 +28,10 @@ UNDELIVERABLE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecor
 
 
 class Delivery:
-    """Delivers batches for one consuming service. deliver() is True once a batch is committed and False when it
-    must be handled again (`undeliverable` then says whether Kafka refused a record for good); a refusal ends the
-    script and a second copy with our INSTANCE_ID raises FencedInstanceIdError, since retrying helps neither."""
+    """Delivers batches for one consuming service: deliver() says which records were committed; write() sends
+    outputs and commits offsets once, True if committed and False if they must be handled again (`undeliverable`
+    then says whether Kafka refused a record for good). A refusal ends the script and a second copy with our
+    INSTANCE_ID raises FencedInstanceIdError, since retrying helps neither."""
 
     def __init__(self, name: str, stop, transactional_id: str | None, settings: Settings = SETTINGS,
                  new_producer: Callable[..., KafkaProducer] = make_producer, warm: tuple[str, ...] = ()):
@@ -46,8 +48,37 @@ class Delivery:
     def transactional(self) -> bool:
         return self.transactional_id is not None
 
-    def deliver(self, consumer: KafkaConsumer, outputs: list[Out], offsets: dict) -> bool:
-        """Produce `outputs` and commit `offsets`; True if committed, False if the batch must be handled again."""
+    def deliver(self, consumer: KafkaConsumer, own: list[Serialised], handled: list[Handled],
+                offsets: dict | None = None) -> tuple[list[Handled] | None, bool]:
+        """Deliver a handled batch and the loop's own messages (a tick's, a timer's; `offsets`: theirs): (the records
+        committed, in order, or None if none could be; whether its own messages went out). A batch Kafka refuses for
+        good is split: each record on its own, and one Kafka never takes is dead-lettered."""
+        offsets = offsets or {}
+        if self.write(consumer, own + outputs_of(handled), {**offsets, **offsets_of(handled)}):
+            return handled, True
+        if not self.undeliverable:
+            return None, False
+        sent = not own or self.write(consumer, own, offsets)
+        if not sent and not self.undeliverable:
+            return None, False
+        if not sent:
+            log.error("%s: dropped %d messages of its own that Kafka refuses for good (%s)", self.name, len(own),
+                      self.trouble)
+        done: list[Handled] = []
+        for item in handled:
+            if not self.write(consumer, item.outputs, offsets_of([item])):
+                if not self.undeliverable:
+                    break
+                reason = f"its output could not be delivered: {self.trouble}"
+                item = Handled(item.record, [rejected(self.name, item.record, reason, item.span)], span=item.span,
+                               counted=("dead", metrics.reason_kind(reason)))
+                if not self.write(consumer, item.outputs, offsets_of([item])):
+                    break
+            done.append(item)
+        return done, sent
+
+    def write(self, consumer: KafkaConsumer, outputs: list[Serialised], offsets: dict) -> bool:
+        """Produce `outputs` and commit `offsets`; True if committed, False if they must be handled again."""
         self.undeliverable = False
         if not outputs and not offsets:
             return True
@@ -127,7 +158,7 @@ class Delivery:
         return None
 
 
-def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Out], offsets: dict,
+def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Serialised], offsets: dict,
                        settings: Settings) -> None:
     """Exactly once: the outputs and the consumed offsets commit together, or neither does."""
     producer.begin_transaction()
@@ -140,7 +171,7 @@ def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs
     bounded(producer.commit_transaction)
 
 
-def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Out],
+def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Serialised],
                                 offsets: dict, settings: Settings, stop=None) -> None:
     """At least once: the offsets are committed only after Kafka acknowledged every output."""
     wait_for_acks(producer, [send(producer, *out[:3], settings, *out[3:]) for out in outputs], "batch", stop)

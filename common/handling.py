@@ -21,13 +21,12 @@ from common.settings import DEAD_LETTER, written_by
 
 log = logging.getLogger("common")
 
-Triple = tuple[str, Envelope, bytes | str | None]  # (topic name, message, key), as a tick() returns them
 Handler = Callable[..., list[Output]]  # handle(message), or handle(message, state) for a service that keeps state
 
 
-class Out(NamedTuple):
-    """An output ready to send: project topic name, serialised value, key, (a state change) its partition, and its
-    headers (the trace context of the span that made it, when tracing is on)."""
+class Serialised(NamedTuple):
+    """An Output as Kafka takes it: project topic name, serialised value, key, (a state change) its partition, and
+    its headers (the trace context of the span that made it, when tracing is on)."""
     topic: str
     value: bytes | None
     key: bytes | None
@@ -52,7 +51,7 @@ class Handled:
     """One record after handling: what to send for it, the state changes to apply once that is committed, and the
     span of its handling (tracing; ended by the loop once the batch is delivered, or not)."""
     record: Any
-    outputs: list[Out] = field(default_factory=list)
+    outputs: list[Serialised] = field(default_factory=list)
     changes: list = field(default_factory=list)
     span: Any = None
     counted: tuple[str, str] = ("handled", "(unread)")  # (metric, label): counted once its batch is committed
@@ -87,19 +86,15 @@ def handle_record(name: str, record, handle: Handler, store, stop,
     carried = tracing.headers(span)  # (what its outputs carry: its context, when tracing is on)
     state = store.view(record.partition, record.key, tracing.traceparent(carried)) if store is not None else None
     try:
-        check_key(record.key)
-        message = parse(record.value)
+        message = accepted_message(record, accepts)
         tracing.about(span, message)
         kind = message.type if message.type in SCHEMAS else "(other)"  # (a label per known type only)
-        if accepts and message.type not in accepts.get(record.topic, frozenset({message.type})):
-            raise DeadLetter(f"{record.topic.rsplit('.', 1)[-1]} may not send {message.type!r}; {record.topic} "
-                             f"carries {', '.join(sorted(accepts[record.topic]))} only")
         if store is not None and store.dedupe:
-            if is_repeat(name, message, state.get(SEEN + message.id)):
+            if is_repeat(name, message, state):
                 return Handled(record, span=span, counted=("repeats", kind))
-            state.put(SEEN + message.id, digest(message).hex())  # (committed with the outputs, or not at all)
+            remember(message, state)  # (committed with the outputs, or not at all)
         outputs = call_handler(name, message, lambda m: handle(m, state), stop)
-        outs = [serialised(written_by(t, name), m, record.key, carried) for t, m in outputs]
+        outs = [serialised(written_by(t, name), m, record.key, carried) for t, m, *_ in outputs]
         if state is None:
             return Handled(record, outs, span=span, counted=("handled", kind))
         return Handled(record, outs + store.outs(state.changes), state.changes, span, ("handled", kind))
@@ -118,20 +113,41 @@ def handle_record(name: str, record, handle: Handler, store, stop,
         raise
 
 
+def accepted_message(record, accepts: dict[str, frozenset] | None) -> Envelope:
+    """The record's message; DeadLetter if its key, its value, or its type from that writer is not acceptable."""
+    check_key(record.key)
+    message = parse(record.value)
+    if accepts and message.type not in accepts.get(record.topic, frozenset({message.type})):
+        raise DeadLetter(f"{record.topic.rsplit('.', 1)[-1]} may not send {message.type!r}; {record.topic} "
+                         f"carries {', '.join(sorted(accepts[record.topic]))} only")
+    return message
+
+
 def undo(store, state) -> None:
     """A record that is not handled after all changes nothing."""
     if state is not None:
         state.undo()
 
 
-def is_repeat(name: str, message: Envelope, known: str | None) -> bool:
-    """True for a message handled before; the same id saying something else is a dead letter."""
+def is_repeat(name: str, message: Envelope, state, kept: dict | None = None) -> bool:
+    """True for a message handled before: its id is under seen/<id> in the service's state, or in `kept` (the ids a
+    workflow's entry keeps of its events). The same id saying something else is a dead letter."""
+    known = (kept or {}).get(message.id) or state.get(SEEN + message.id)
     if known is None:
         return False
     if known != digest(message).hex():
         raise DeadLetter(f"id {message.id!r} was handled before with different content; not handled again")
     log.info("%s: %s %s already handled; ignoring the redelivery", name, message.type, message.id[:8])
     return True
+
+
+def remember(message: Envelope, state, kept: dict | None = None) -> None:
+    """Keep a handled message's id and what it said, committed with its outputs: in `kept` (the caller stores it
+    with its entry) or under seen/<id>."""
+    if kept is not None:
+        kept[message.id] = digest(message).hex()
+    else:
+        state.put(SEEN + message.id, digest(message).hex())
 
 
 def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Output]:
@@ -155,16 +171,31 @@ def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Ou
     raise AssertionError("unreachable")
 
 
-def serialised(topic: str, message: Envelope, key: bytes | str | None, headers: list | None = None) -> Out:
+def serialised(topic: str, message: Envelope, key: bytes | str | None, headers: list | None = None) -> Serialised:
     """An output as it will be sent; one Kafka would refuse is a ValueError (so, its input's dead letter)."""
     value = message.to_bytes()
     key = key.encode(errors="surrogateescape") if isinstance(key, str) else key  # (a key kept as text gives its bytes)
     if len(value) + len(key or b"") > MAX_RECORD_BYTES:
         raise ValueError(f"a {message.type} of {len(value)} bytes is over the {MAX_RECORD_BYTES}-byte record limit")
-    return Out(topic, value, key, None, headers)
+    return Serialised(topic, value, key, None, headers)
 
 
-def rejected(name: str, record, reason: str, span=None) -> Out:
+def serialise_own(name: str, outputs: list[Output], headers: list | None = None, new_traces: bool = False) -> list[Serialised]:
+    """A tick's or a timer's messages, serialised; one that cannot be is a bug of the script's own: logged and left
+    out. `headers`: the trace context they carry (a timer's); new_traces: each starts a trace of its own (a tick's)."""
+    outs = []
+    for topic, message, key in outputs:
+        span = tracing.produced(written_by(topic, name), message) if new_traces else None
+        try:
+            outs.append(serialised(written_by(topic, name), message, key, tracing.headers(span) or headers))
+        except ValueError as error:
+            log.error("%s: a %s of its own could not be written and is left out: %s", name, message.type, error)
+            tracing.failed(span, f"could not be written: {error}")
+        tracing.ended(span)
+    return outs
+
+
+def rejected(name: str, record, reason: str, span=None) -> Serialised:
     """The record's dead letter, ready to send: keyed like the record unless its key is what was wrong. It carries
     the record's trace context (a replay of it stays in the same trace); its span is marked as an error."""
     log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
@@ -175,10 +206,10 @@ def rejected(name: str, record, reason: str, span=None) -> Out:
         key = record.key
     except DeadLetter:
         key = None
-    return Out(written_by(DEAD_LETTER, name), letter.to_bytes(), key, None, tracing.kept(getattr(record, "headers", None)))
+    return Serialised(written_by(DEAD_LETTER, name), letter.to_bytes(), key, None, tracing.kept(getattr(record, "headers", None)))
 
 
-def outputs_of(handled: list[Handled]) -> list[Out]:
+def outputs_of(handled: list[Handled]) -> list[Serialised]:
     return [out for item in handled for out in item.outputs]
 
 

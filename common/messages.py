@@ -7,7 +7,7 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -121,7 +121,12 @@ class Envelope(BaseModel):
         return self.model_dump_json().encode()
 
 
-Output = tuple[str, Envelope]  # (topic name, message): what a handler returns for each message it sends
+class Output(NamedTuple):
+    """A message to send: (topic name, message), as a handler returns it (a plain pair does too; it keeps the input's
+    key), with a key of its own where nothing was consumed (a tick's event, a timer's)."""
+    topic: str
+    message: Envelope
+    key: bytes | str | None = None
 
 
 class DeadLetter(Exception):

@@ -18,6 +18,9 @@ import argparse
 import logging
 import os
 import re
+import time
+
+from kafka.structs import TopicPartition
 
 log = logging.getLogger("common")
 # The ports the README, the Prometheus scrape config and the Docker setup give each script (METRICS_PORT=...).
@@ -25,6 +28,8 @@ PORTS = {"orchestrator": 9101, "security_service": 9102, "notification_service":
          "unit_event_producer": 9105, "security_detector": 9106}
 ON = False
 _metrics: dict = {}
+OPEN_EVERY_S = 5  # how often the open workflows are counted (a scan of the state)
+_open_counted_at = float("-inf")
 
 
 def flag(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +89,30 @@ def dropped(metric: str, **labels: str) -> None:
             _metrics[metric].remove(*labels.values())
         except KeyError:
             pass
+
+
+def batch_committed(service: str, consumer, done: list, store=None, open_count=None) -> None:
+    """Count a batch's committed records: how each ended, the lag of each partition it read, and (`open_count`,
+    given the service's state) how many workflows run. A failure here is logged, never more: metrics must not stop
+    the work."""
+    global _open_counted_at
+    if not ON:
+        return
+    try:
+        for item in done:
+            metric, label = item.counted
+            count(metric, service=service, **({"reason": label} if metric == "dead" else
+                                              {} if metric == "repeats" else {"type": label}))
+        for tp in {TopicPartition(item.record.topic, item.record.partition) for item in done}:
+            # (the partitions just handled, whose position is known: past their last record and any commit marker
+            # after it, which the high watermark counts too)
+            gauge("lag", max(0, (consumer.highwater(tp) or 0) - consumer.position(tp)), service=service, topic=tp.topic,
+                  partition=str(tp.partition))
+        if open_count is not None and store is not None and time.monotonic() - _open_counted_at > OPEN_EVERY_S:
+            _open_counted_at = time.monotonic()
+            gauge("open", open_count(store))
+    except Exception as error:  # noqa: BLE001 -- see the docstring
+        log.warning("%s: metrics not updated: %s: %s", service, type(error).__name__, error)
 
 
 def reason_kind(reason: str) -> str:

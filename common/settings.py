@@ -91,7 +91,7 @@ class Settings:
 
     def member(self, group: str) -> str:
         """This copy's static member id in the group; also its transactional id, so a copy that takes over from one
-        that left the group knows whose open transaction to end (see Copies.end_departed in common/service.py)."""
+        that left the group knows whose open transaction to end (see Copies.end_departed in common/copies.py)."""
         return f"{self.group(group)}-{self.instance_id}"
 
     def transactional_id(self, group: str) -> str:

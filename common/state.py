@@ -12,30 +12,18 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError
-from kafka.structs import TopicPartition
-from pydantic_core import PydanticSerializationError, from_json, to_json
+from pydantic_core import PydanticSerializationError, to_json
 
-from common.clients import read_all, refused, wait_for_acks
-from common.handling import Out
+from common.changelog import Reader, changelog, read
+from common.handling import Serialised
 from common.settings import SETTINGS, Settings
-from common.workarounds import Stuck, in_background
 
 log = logging.getLogger("common")
 UNSET = object()
-RESTORE_STALL_S = 30.0  # a restore that makes no progress this long has failed (the batch waits, then tries again)
 TIMERS_PER_BATCH = 500  # timers fired in one loop at most
-
-
-def changelog(group: str) -> str:
-    """The project topic that holds a consumer group's state."""
-    return f"state.{group}"
 
 
 @dataclass
@@ -46,19 +34,6 @@ class Change:
     due: float | None = None  # (kept beside the stored entry: applying it needs no second parse)
 
 
-def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPartition]) -> dict:
-    """Where the committed entries end, once no transaction is open there (the committed end then is the written
-    end): the previous owner's last commit is acknowledged before its markers are written, and an open transaction
-    of a copy that died is aborted within its timeout (10 s). Waits up to 15 s for that, then takes what is there."""
-    committed_reader, any_reader = readers
-    deadline = time.monotonic() + 15
-    while True:
-        committed = committed_reader.end_offsets(tps)
-        if committed == any_reader.end_offsets(tps) or time.monotonic() > deadline:
-            return committed
-        time.sleep(0.05)
-
-
 def stored(value: Any, due: float | None, now: float, trace: str | None = None) -> bytes:
     """An entry as the changelog holds it: when it was written, when its timer is due (or null), and its value; with
     tracing on, also the trace context of the record that wrote it (what its timer sends stays in that trace)."""
@@ -67,14 +42,6 @@ def stored(value: Any, due: float | None, now: float, trace: str | None = None) 
         return to_json(entry)  # (pydantic's serialiser, written in Rust: a quarter of the stdlib's time)
     except PydanticSerializationError:  # a key that is not UTF-8, kept with surrogate escapes: only json writes those
         return json.dumps(entry, separators=(",", ":")).encode()
-
-
-def read(raw: bytes) -> dict:
-    """A stored entry, read back."""
-    try:
-        return from_json(raw)
-    except ValueError:  # (the surrogate escapes of a key that is not UTF-8)
-        return json.loads(raw)
 
 
 class State:
@@ -115,8 +82,7 @@ class Store:
         self.pending: dict[tuple[int, str], bytes | None] = {}  # this batch's changes, not yet committed
         self.timers: list[tuple[float, int, str]] = []          # (due, partition, key), a heap; stale ones skipped
         self.firing: list[tuple[float, int, str]] = []          # timers handed out, put back if not committed
-        self.reader: tuple[KafkaConsumer, KafkaConsumer] | None = None  # (committed entries, all written ones)
-        self.starting = None  # the readers, being made in the background
+        self.reader: Reader | None = None
         self.retention_s = settings.state_retention_s
 
     def view(self, partition: int, key: bytes | None = None, trace: str | None = None) -> State:
@@ -137,9 +103,9 @@ class Store:
             self.entries.get(partition, {}).get(key)
         return None if raw is None else read(raw)
 
-    def outs(self, changes: list[Change]) -> list[Out]:
+    def outs(self, changes: list[Change]) -> list[Serialised]:
         """The changelog records of these changes, ready to send with the batch (none if kept in memory only)."""
-        return [Out(self.topic, c.stored, c.key.encode(), c.partition) for c in changes] if self.topic else []
+        return [Serialised(self.topic, c.stored, c.key.encode(), c.partition) for c in changes] if self.topic else []
 
     def commit(self, changes: list[Change], fired: bool = True) -> None:
         """Apply changes Kafka has committed (fired=False: the timers handed out did not go out, and are due again)."""
@@ -189,33 +155,8 @@ class Store:
         if self.topic is None:
             self.entries.update({partition: OrderedDict() for partition in partitions})
             return 0
-        reader, watermarks = self._reader()
-        real = self.settings.topic(self.topic)
-        known_by = time.monotonic() + 10  # (a topic just created can be missing from the cluster's first answers)
-        while not partitions <= (have := reader.partitions_for_topic(real) or set()) and time.monotonic() < known_by:
-            reader.topics()  # (asks the cluster again)
-            time.sleep(0.1)
-        if not partitions <= have:
-            raise SystemExit(f"the state topic {real} has partitions {sorted(have)}, but this copy was assigned "
-                             f"input partitions {sorted(partitions)}: give it as many partitions as its inputs")
-        tps = [TopicPartition(real, partition) for partition in sorted(partitions)]
-        reader.assign(tps)
-        reader.seek_to_beginning()
-        end = settled_end((reader, watermarks), tps)
-        restored = {partition: OrderedDict() for partition in partitions}
-        stalled_at, count = time.monotonic() + RESTORE_STALL_S, 0
-        while any(reader.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > stalled_at:
-                raise KafkaError(f"restoring state from {real} made no progress for {RESTORE_STALL_S:.0f} s")
-            for tp, records in reader.poll(timeout_ms=200, max_records=100_000).items():
-                entries = restored[tp.partition]
-                for record in records:
-                    key = record.key.decode()
-                    entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
-                    if record.value is not None:
-                        entries[key] = record.value
-                count += len(records)
-                stalled_at = time.monotonic() + RESTORE_STALL_S
+        self.open()
+        restored, count = self.reader.entries(partitions)
         self.entries.update(restored)
         cutoff = time.time() - self.retention_s
         for partition, entries in restored.items():
@@ -237,8 +178,8 @@ class Store:
         return dropped
 
     def close(self) -> None:
-        for reader in self.reader or ():
-            reader.close(autocommit=False)
+        if self.reader is not None:
+            self.reader.close()
 
     def _apply(self, change: Change) -> None:
         entries = self.entries.get(change.partition)
@@ -251,74 +192,7 @@ class Store:
                 heapq.heappush(self.timers, (change.due, change.partition, change.key))
 
     def open(self) -> None:
-        """Start making the reader now (while the service joins its group): a restart reads its state back sooner."""
+        """Start making the changelog's reader now (while the service joins its group): a restart reads its state
+        back sooner. Kept in memory only, it has none."""
         if self.topic is not None and self.reader is None:
-            self.starting = in_background(self._new_reader)
-
-    def _reader(self) -> tuple[KafkaConsumer, KafkaConsumer]:
-        if self.reader is None:
-            starting, self.starting = self.starting, None
-            try:
-                self.reader = starting(30) if starting else self._new_reader()
-            except Stuck as error:
-                raise KafkaError(f"the state reader did not start: {error}") from None
-        return self.reader
-
-    def _new_reader(self) -> tuple[KafkaConsumer, KafkaConsumer]:
-        """Consumers that join no group: one reads the committed entries of the partitions it is told to, the other
-        only tells where all written entries end (committed or not)."""
-        readers = tuple(KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False, isolation_level=level,
-                                      max_partition_fetch_bytes=8 * 1024 * 1024,
-                                      client_id=f"{self.settings.topic(self.topic)}-restore")
-                        for level in ("read_committed", "read_uncommitted"))
-        for reader in readers:
-            reader.partitions_for_topic(self.settings.topic(self.topic))
-        return readers
-
-
-def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict[tuple[int, bytes], tuple]:
-    """The last entry written for each (partition, key) in these groups' state topics (read whole, joining no
-    group): (when it was written, by which group, the entry). On a tie the group named later wins."""
-    latest: dict[tuple[int, bytes], tuple[float, str, bytes]] = {}
-    for group in groups:
-        for record in read_all(changelog(group), settings=settings):
-            if record.value is not None:
-                at, slot = read(record.value)["at"], (record.partition, record.key)
-                if slot not in latest or at >= latest[slot][0]:
-                    latest[slot] = (at, group, record.value)
-    return latest
-
-
-def adopt(group: str, others: tuple[str, ...], settings: Settings = SETTINGS) -> int:
-    """Copy into a group's state topic every entry that one of `others` wrote later than it did, to the same
-    partition: a group that takes over where others left off (an orchestrator split in two, or joined back into one)
-    takes over what they knew too (workflows in flight, ids handled). Returns how many entries were copied."""
-    newer = [(slot, entry) for slot, (_, writer, entry) in  # (its own last: on a tie its own stands, so copying
-             latest_entries((*others, group), settings).items() if writer != group]  # twice copies nothing)
-    if newer:
-        producer = KafkaProducer(**settings.kafka_config(), acks="all", linger_ms=20, batch_size=256 * 1024)
-        try:
-            futures = [producer.send(settings.topic(changelog(group)), key=key, value=value, partition=partition)
-                       for (partition, key), value in newer]
-            wait_for_acks(producer, futures, f"copying state into {changelog(group)}")
-        finally:
-            producer.close(timeout=10)
-    return len(newer)
-
-
-def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:
-    """Create a group's state topic if it is missing: compacted (the last entry per key is kept) and deleted after
-    the retention (so entries not written for that long go)."""
-    real = settings.topic(changelog(group))
-    if real in admin.list_topics():
-        return
-    retention_ms = int(settings.state_retention_s * 1000)
-    config = {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms),
-              "segment.ms": str(min(retention_ms, 24 * 3600 * 1000))}  # (a segment is deleted whole, once all expired)
-    try:
-        admin.create_topics([NewTopic(real, settings.partitions, settings.replication_factor, topic_configs=config)])
-        log.info("created state topic %s", real)
-    except TopicAlreadyExistsError:
-        pass
-    except AuthorizationError as error:
-        raise refused(f"creating {real}", error, settings) from None
+            self.reader = Reader(self.topic, self.settings)

@@ -111,6 +111,22 @@ def ended(span) -> None:
         span.end()
 
 
+def end_batch(handled: list, done: list | None, timer_spans: list, sent: bool, trouble: str) -> None:
+    """End the spans of a batch: an error where its transaction did not commit (`done`: the records committed;
+    `sent`: whether the timers' messages went out; `trouble`: why not)."""
+    if not active():
+        return
+    committed = {id(item.record) for item in done or ()}
+    for item in handled:
+        if id(item.record) not in committed:
+            failed(item.span, f"not delivered ({trouble}); handled again")
+        ended(item.span)
+    for span in timer_spans:
+        if not sent:
+            failed(span, f"not delivered ({trouble}); fires again")
+        ended(span)
+
+
 def headers(span) -> Headers | None:
     """The record headers that carry a span's context to whatever reads its outputs (None when off)."""
     if span is None:

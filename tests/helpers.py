@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from common import MESSAGE_STREAM, Envelope, Settings, new_event, written_by
 from common.settings import FAMILIES
-from orchestrator import WORKFLOWS, senders
+from common import senders
+from orchestrator import WORKFLOWS
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_IMAGE = "apache/kafka:4.1.1"
@@ -210,7 +211,7 @@ def writer_of(name: str, value) -> str:
     it (a detection: message_stream.security_detector); junk goes where the detector writes, or the orchestrator."""
     if name not in FAMILIES:
         return name
-    may_send = {t: member for member, types in senders(set(WORKFLOWS)).items() for t in types}
+    may_send = {t: member for member, types in senders(WORKFLOWS, set(WORKFLOWS)).items() for t in types}
     if isinstance(value, Envelope) and name == MESSAGE_STREAM and value.type in may_send:
         return may_send[value.type]
     return written_by(name, "security_detector" if name == MESSAGE_STREAM else "orchestrator")

@@ -128,16 +128,16 @@ def outputs():
 
 def test_a_batch_commits_its_outputs_and_offsets_in_one_transaction():
     d, made = delivery(FakeProducer())
-    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is True
+    assert d.write(FakeConsumer(), outputs(), OFFSETS) is True
     assert made[0].calls == ["begin", "send_offsets", "commit"] and len(made[0].sent) == 2
 
 
 def test_a_failed_commit_is_aborted_and_the_batch_handled_again_with_the_same_producer():
     d, made = delivery(FakeProducer(fail={"commit": NotCoordinatorError("moved")}))
     consumer = FakeConsumer()
-    assert d.deliver(consumer, outputs(), OFFSETS) is False
+    assert d.write(consumer, outputs(), OFFSETS) is False
     assert made[0].calls[-1] == "abort"
-    assert d.deliver(consumer, outputs(), OFFSETS) is True and len(made) == 1
+    assert d.write(consumer, outputs(), OFFSETS) is True and len(made) == 1
 
 
 def test_a_stuck_commit_gives_up_the_producer_and_a_new_one_finds_the_batch_committed(monkeypatch):
@@ -146,7 +146,7 @@ def test_a_stuck_commit_gives_up_the_producer_and_a_new_one_finds_the_batch_comm
     stuck, fresh = FakeProducer(fail={"commit": "block"}), FakeProducer()
     d, made = delivery(stuck, fresh)
     # When the batch is delivered, and the group's committed offsets show the commit went through after all
-    result = d.deliver(FakeConsumer(committed=10), outputs(), OFFSETS)
+    result = d.write(FakeConsumer(committed=10), outputs(), OFFSETS)
     stuck.released.set()
     # Then the stuck producer is closed, a new one is made, and the batch counts as delivered (not handled twice)
     assert result is True and made == [stuck, fresh] and "close" in stuck.calls and "abort" not in stuck.calls
@@ -157,7 +157,7 @@ def test_a_stuck_commit_that_did_not_go_through_is_handled_again(monkeypatch):
     stuck = FakeProducer(fail={"send_offsets": "block"})
     d, made = delivery(stuck, FakeProducer())
     consumer = FakeConsumer(committed=4)
-    assert d.deliver(consumer, outputs(), OFFSETS) is False
+    assert d.write(consumer, outputs(), OFFSETS) is False
     stuck.released.set()
     assert len(made) == 2 and ("committed", 6000) in consumer.timeouts  # the look-up is bounded too
 
@@ -168,10 +168,10 @@ def test_fenced_once_takes_a_new_producer_and_fenced_again_soon_means_another_co
         return FakeProducer(fail={"commit": ProducerFencedError("fenced"), "abort": ProducerFencedError("fenced")})
     d, made = delivery(fenced_producer(), fenced_producer())
     # When a batch meets fencing once: a new producer, and the batch is handled again
-    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False and len(made) == 2
+    assert d.write(FakeConsumer(), outputs(), OFFSETS) is False and len(made) == 2
     # Then fencing again within 30 s stops the service (FencedInstanceIdError), instead of a fencing war
     with pytest.raises(FencedInstanceIdError):
-        d.deliver(FakeConsumer(), outputs(), OFFSETS)
+        d.write(FakeConsumer(), outputs(), OFFSETS)
 
 
 def test_a_refusal_hidden_behind_a_plain_error_ends_the_script():
@@ -180,20 +180,20 @@ def test_a_refusal_hidden_behind_a_plain_error_ends_the_script():
     producer._transaction_manager.last_error = TopicAuthorizationFailedError("sec_command")
     d, _ = delivery(producer)
     with pytest.raises(SystemExit) as stopped:
-        d.deliver(FakeConsumer(), outputs(), OFFSETS)
+        d.write(FakeConsumer(), outputs(), OFFSETS)
     assert stopped.value.code == 3
 
 
 def test_at_least_once_commits_with_a_bound_only_after_every_output_is_acknowledged():
     d, made = delivery(FakeProducer(), transactional=False)
     consumer = FakeConsumer()
-    assert d.deliver(consumer, outputs(), OFFSETS) is True
+    assert d.write(consumer, outputs(), OFFSETS) is True
     assert made[0].calls == ["flush"] and consumer.offsets[PARTITION] == 10 and consumer.timeouts == [("commit", 6000)]
 
 
 def test_at_least_once_a_commit_that_times_out_is_handled_again():
     d, _ = delivery(FakeProducer(), transactional=False)
-    assert d.deliver(FakeConsumer(fail_commit=KafkaTimeoutError("no answer")), outputs(), OFFSETS) is False
+    assert d.write(FakeConsumer(fail_commit=KafkaTimeoutError("no answer")), outputs(), OFFSETS) is False
 
 
 def test_a_producer_that_could_not_start_is_made_again_on_the_next_batch():
@@ -204,20 +204,19 @@ def test_a_producer_that_could_not_start_is_made_again_on_the_next_batch():
         return FakeProducer()
     made: list = []
     d = Delivery("svc", NeverStopped(), None, new_producer=new_producer)
-    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False
-    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is True and len(made) == 2
+    assert d.write(FakeConsumer(), outputs(), OFFSETS) is False
+    assert d.write(FakeConsumer(), outputs(), OFFSETS) is True and len(made) == 2
 
 
 def test_a_record_refused_before_it_joined_the_transaction_aborts_it_instead_of_committing_without_it():
     # kafka-python fails such a record only in its future; the commit would otherwise succeed without it
     d, made = delivery(FakeProducer(fail={"send": UnknownTopicOrPartitionError("no such topic")}))
-    assert d.deliver(FakeConsumer(), outputs(), OFFSETS) is False
+    assert d.write(FakeConsumer(), outputs(), OFFSETS) is False
     assert "commit" not in made[0].calls and made[0].calls[-1] == "abort"
 
 
 def test_a_batch_kafka_refuses_for_good_is_delivered_record_by_record_and_the_refused_one_dead_lettered():
     from common.handling import Handled
-    from common.service import deliver
 
     class Record:
         topic, partition, key, value = "t_sec_command", 0, b"k", b"{}"
@@ -233,7 +232,7 @@ def test_a_batch_kafka_refuses_for_good_is_delivered_record_by_record_and_the_re
     d, made = delivery(TooLarge(), TooLarge(), TooLarge())
     handled = [Handled(Record(0), [("t_out", b"a", b"k")]), Handled(Record(1), [("t_out", b"huge", b"k")]),
                Handled(Record(2), [("t_out", b"c", b"k")])]
-    done, own = deliver(d, FakeConsumer(), [], handled)
+    done, own = d.deliver(FakeConsumer(), [], handled)
     assert [item.record.offset for item in done] == [0, 1, 2] and own
     assert done[0] is handled[0] and done[2] is handled[2]
     assert [out.topic for out in done[1].outputs] == ["dead_letter.svc"]

@@ -31,7 +31,7 @@ SERVICES = {MESSAGE_STREAM: "orchestrator.py", SEC_COMMAND: "security_service.py
 
 
 def unit_command(status="offline"):
-    return route(unit_event(status), example=3)[0][1]
+    return route(unit_event(status), stage=3)[0][1]
 
 
 def with_field(message, field: str, raw_value: bytes) -> bytes:
@@ -105,7 +105,7 @@ def test_an_overlong_id_has_its_effect_once_and_is_never_rejected_after_acting(s
 
 
 def report(workflow_status="offline"):
-    return route(unit_event(workflow_status), example=3)[1][1]
+    return route(unit_event(workflow_status), stage=3)[1][1]
 
 
 def test_a_locked_store_is_waited_for_then_used_and_nothing_is_dead_lettered(env, scripts, topics, producer):

@@ -14,7 +14,8 @@ from rich.console import Console
 
 from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Envelope, Settings, caused_by, new_event
 from monitor import Flow, groups, render
-from orchestrator import WORKFLOWS, Step, Workflow, owns, route
+from common import Step, Workflow, owns
+from orchestrator import WORKFLOWS, route
 
 
 def flow_of(*messages, sla: float = 5.0) -> Flow:
@@ -109,7 +110,7 @@ def test_a_workflow_added_to_the_orchestrators_definition_alone_is_followed_by_t
     screen.print(render(flow, None))
     assert "reported 0.00 → routed 1.00 → repaired 3.00" in screen.export_text()
     # And an orchestrator split off for it owns its events, and its step's report ends the step (no dead letter)
-    assert owns("repair_done", {"repair"}) and not owns("repair_done", {"security"})
+    assert owns(WORKFLOWS, "repair_done", {"repair"}) and not owns(WORKFLOWS, "repair_done", {"security"})
     assert route(envelope("repair_done", "r1", 0, ".done")) == []
 
 
@@ -127,7 +128,7 @@ def test_once_shows_completed_failed_and_stuck_workflows(scripts, producer):
     done, failed, stuck = detection(), detection(), detection()
     for event, age in ((done, 10), (failed, 10), (stuck, 60)):
         producer(MESSAGE_STREAM, at(event, age))
-        for name, command in route(event, example=1):
+        for name, command in route(event, stage=1):
             producer(name, at(command, age - 0.5))
     producer(MESSAGE_STREAM, at(outcome(route(done, 1)[0][1], "security_action_completed"), 9))
     producer(THIRD_PARTY, at(caused_by(route(done, 1)[1][1], "delivered", "notification_delivered",
@@ -152,7 +153,7 @@ def test_sla_report_gives_percentiles_and_breaches_of_known_latencies(scripts, p
     # Given ten unit workflows that took 1, 2, ... 10 s end to end
     for latency in range(1, 11):
         event = at(unit_event("offline"), 100)
-        command = route(event, example=3)[0][1]
+        command = route(event, stage=3)[0][1]
         applied = caused_by(command, "applied", "unit_command_applied",
                             {"unit_id": "unit-1", "command": "reboot", "state": "rebooting"}, "t")
         producer(MESSAGE_STREAM, event)

@@ -7,7 +7,7 @@ from orchestrator import route
 
 
 def notification_command(severity=5):
-    return route(detection(severity), example=1)[1][1]
+    return route(detection(severity), stage=1)[1][1]
 
 
 def test_a_notification_is_delivered_and_published_to_third_party(scripts, topics, producer):

@@ -9,7 +9,8 @@ from helpers import ROOT, detection, unit_event
 
 import acls
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
-from orchestrator import WORKFLOWS, owns, route, senders
+from common import owns, senders
+from orchestrator import WORKFLOWS, route
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 
@@ -19,13 +20,13 @@ def topics_of(commands):
 
 
 def test_example_1_sends_a_detection_to_security_and_notification():
-    commands = route(detection(), example=1)
+    commands = route(detection(), stage=1)
     assert topics_of(commands) == [SEC_COMMAND, NOTIFICATION_COMMAND]
 
 
-@pytest.mark.parametrize("example", [2, 3])
-def test_from_example_2_the_security_workflow_also_reports(example):
-    commands = route(detection(), example=example)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_from_example_2_the_security_workflow_also_reports(stage):
+    commands = route(detection(), stage=stage)
     assert topics_of(commands) == [SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA]
     report = commands[2][1]
     assert report.payload == {"workflow": "security", "category": "motion", "entity": "sensor-1", "zone": "zone-1"}
@@ -33,7 +34,7 @@ def test_from_example_2_the_security_workflow_also_reports(example):
 
 def test_commands_carry_the_workflow_id_of_the_detection_and_are_typed():
     event = detection()
-    commands = route(event, example=3)
+    commands = route(event, stage=3)
     assert {m.workflow_id for _, m in commands} == {event.id}
     assert [m.type for _, m in commands] == ["security_command", "notification_command", "report_data"]
 
@@ -48,20 +49,20 @@ def test_routing_the_same_event_twice_gives_the_same_command_ids():
 @pytest.mark.parametrize("severity,action,channel", [(1, "inspect", "sms"), (3, "lock_zone", "sms"),
                                                      (5, "dispatch_guard", "pager")])
 def test_severity_picks_the_security_action_and_the_channel(severity, action, channel):
-    sec, note = route(detection(severity), example=1)
+    sec, note = route(detection(severity), stage=1)
     assert sec[1].payload["action"] == action and note[1].payload["channel"] == channel
 
 
-@pytest.mark.parametrize("example", [1, 2])
-def test_a_unit_event_before_example_3_has_no_route(example):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_unit_event_before_example_3_has_no_route(stage):
     with pytest.raises(DeadLetter, match="no route for 'unit_event' at example"):
-        route(unit_event(), example=example)
+        route(unit_event(), stage=stage)
 
 
 @pytest.mark.parametrize("status,command", [("heartbeat", "acknowledge"), ("battery_low", "power_save"),
                                             ("offline", "reboot"), ("tamper", "lockdown")])
 def test_example_3_routes_a_unit_event_to_the_unit_and_to_reporting(status, command):
-    commands = route(unit_event(status), example=3)
+    commands = route(unit_event(status), stage=3)
     assert topics_of(commands) == [UNIT_COMMAND, REPORT_DATA]
     assert commands[0][1].payload == {"unit_id": "unit-1", "command": command}
     assert commands[1][1].payload["workflow"] == "unit" and commands[1][1].payload["category"] == status
@@ -70,7 +71,7 @@ def test_example_3_routes_a_unit_event_to_the_unit_and_to_reporting(status, comm
 def test_a_failed_security_action_is_escalated_by_notification():
     failed = caused_by(detection(), "done", "security_action_failed",
                        {"action": "lock_zone", "zone": "zone-1", "detail": "door jammed"}, "test")
-    commands = route(failed, example=1)
+    commands = route(failed, stage=1)
     assert topics_of(commands) == [NOTIFICATION_COMMAND]
     assert commands[0][1].payload["recipient"] == "security-supervisor"
     assert "door jammed" in commands[0][1].payload["text"]
@@ -91,12 +92,14 @@ def test_an_unknown_type_has_no_route():
 
 
 def test_split_orchestrators_own_disjoint_workflows_and_an_unknown_type_is_never_skipped():
-    assert owns("security_detection", {"security"}) and not owns("security_detection", {"unit"})
-    assert owns("unit_event", {"unit"}) and not owns("unit_event", {"security"})
-    assert owns("unit_command_applied", {"unit"}) and owns("security_action_failed", {"security"})
-    assert owns("weather_report", {"security"}) and owns("weather_report", {"unit"})  # (route() says "no route")
-    assert all(owns(t, {"security", "unit"}) for t in ["security_detection", "unit_event", "weather_report"])
-    assert not any("weather_report" in types for types in senders({"security", "unit"}).values())  # (dead-lettered first)
+    assert owns(WORKFLOWS, "security_detection", {"security"}) and not owns(WORKFLOWS, "security_detection", {"unit"})
+    assert owns(WORKFLOWS, "unit_event", {"unit"}) and not owns(WORKFLOWS, "unit_event", {"security"})
+    assert owns(WORKFLOWS, "unit_command_applied", {"unit"}) and owns(WORKFLOWS, "security_action_failed", {"security"})
+    # (route() says "no route")
+    assert owns(WORKFLOWS, "weather_report", {"security"}) and owns(WORKFLOWS, "weather_report", {"unit"})
+    assert all(owns(WORKFLOWS, t, {"security", "unit"}) for t in ["security_detection", "unit_event", "weather_report"])
+    # (dead-lettered first)
+    assert not any("weather_report" in types for types in senders(WORKFLOWS, {"security", "unit"}).values())
 
 
 def test_the_longest_failure_detail_still_makes_a_valid_escalation():
@@ -106,44 +109,46 @@ def test_the_longest_failure_detail_still_makes_a_valid_escalation():
     assert len(escalation.payload["text"]) <= 500
 
 
-@pytest.mark.parametrize("example", [1, 2, 3])
-def test_the_longest_fields_of_every_starting_event_still_make_valid_commands(example):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_longest_fields_of_every_starting_event_still_make_valid_commands(stage):
     # (an event its schema accepts must never fail in route(): its commands are built from its fields)
     longest = {"security_detection": {"sensor_id": "s" * 64, "zone": "z" * 64, "kind": "glass_break", "severity": 5},
                "unit_event": {"unit_id": "u" * 64, "status": "battery_low", "battery": 0}}
-    for type_, payload in longest.items():
-        assert route(new_event(type_, payload, "t"), 3) and (example < 3 or route(new_event(type_, payload, "t"), example))
+    active = [w.starts_with for w in WORKFLOWS.values() if w.from_stage <= stage]
+    assert active and set(active) <= set(longest)
+    for type_ in active:
+        assert route(new_event(type_, longest[type_], "t"), stage)
 
 
 START_EVENTS = {"security_detection": detection, "unit_event": unit_event}
 
 
-@pytest.mark.parametrize("example", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("name", list(WORKFLOWS))
-def test_route_sends_the_commands_of_exactly_the_steps_the_definition_has_at_each_stage(name, example):
+def test_route_sends_the_commands_of_exactly_the_steps_the_definition_has_at_each_stage(name, stage):
     workflow = WORKFLOWS[name]
     event = START_EVENTS[workflow.starts_with]()
-    if example < workflow.from_example:
+    if stage < workflow.from_stage:
         with pytest.raises(DeadLetter, match="no route"):
-            route(event, example)
+            route(event, stage)
         return
-    sent = [(topic, command.type) for topic, command in route(event, example)]
-    assert sent == [(step.topic, step.command) for step in workflow.steps if step.from_example <= example]
+    sent = [(topic, command.type) for topic, command in route(event, stage)]
+    assert sent == [(step.topic, step.command) for step in workflow.steps if step.from_stage <= stage]
 
 
 def test_each_step_report_is_owned_by_its_workflow_and_each_service_may_read_its_step_topic():
     for name, workflow in WORKFLOWS.items():
         for step in workflow.steps:
-            assert all(owns(t, {name}) for t in step.done + step.failed + (workflow.starts_with,))
+            assert all(owns(WORKFLOWS, t, {name}) for t in step.done + step.failed + (workflow.starts_with,))
             assert step.topic in acls.ACCESS[step.service].reads, f"acls.py: {step.service} cannot read {step.topic}"
             assert step.topic in acls.ACCESS["orchestrator"].writes
 
 
 def test_each_writer_to_the_orchestrator_serves_one_workflow_and_may_write_its_own_member():
     # (so split orchestrators read disjoint topics, and each bad record is dead-lettered by exactly one of them)
-    members = [set(senders({name})) for name in WORKFLOWS]
+    members = [set(senders(WORKFLOWS, {name})) for name in WORKFLOWS]
     assert sum(map(len, members)) == len(set().union(*members))
-    for member in senders(set(WORKFLOWS)):
+    for member in senders(WORKFLOWS, set(WORKFLOWS)):
         writer = member.removeprefix(MESSAGE_STREAM + ".")
         assert MESSAGE_STREAM in acls.ACCESS[writer].writes, f"acls.py: {writer} may not write {member}"
 

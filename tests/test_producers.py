@@ -30,7 +30,7 @@ def test_the_unit_producer_emits_events_and_applies_commands(scripts, topics, pr
     stream = topics(MESSAGE_STREAM)
     assert len(stream.read_count(3, type_="unit_event")) == 3
     # When a command for one of its units arrives
-    command = route(unit_event("offline"), example=3)[0][1]
+    command = route(unit_event("offline"), stage=3)[0][1]
     producer(UNIT_COMMAND, command)
     # Then it applies it and says so on message_stream, for the same workflow
     [applied] = stream.read_count(1, type_="unit_command_applied")

@@ -16,11 +16,11 @@ from reporting_service import SCHEMA
 
 
 def security_report():
-    return route(detection(), example=2)[2][1]
+    return route(detection(), stage=2)[2][1]
 
 
 def unit_report(status):
-    return route(unit_event(status), example=3)[1][1]
+    return route(unit_event(status), stage=3)[1][1]
 
 
 def test_a_report_delivered_twice_is_stored_once(scripts, producer):

@@ -294,7 +294,7 @@ def test_a_producer_can_cause_only_what_its_role_allows(secure_scripts, secure_t
 def test_a_service_cannot_have_commands_replayed_in_its_name(secure_scripts, secure_topics):
     # Given the reporting service's credentials in the wrong hands, writing a forged dead letter naming sec_command
     prefix, forger = secure_scripts.env["TOPIC_PREFIX"], as_user(secure_scripts, "reporting_service")
-    command = route(detection(5), example=1)[0][1].model_copy(update={"workflow_id": "forged-4"})
+    command = route(detection(5), stage=1)[0][1].model_copy(update={"workflow_id": "forged-4"})
 
     class Original:
         topic, partition, offset, key = prefix + SEC_COMMAND, 0, 0, b"sensor-1"

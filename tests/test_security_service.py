@@ -7,7 +7,7 @@ from orchestrator import route
 
 
 def security_command(severity=3):
-    return route(detection(severity), example=1)[0][1]
+    return route(detection(severity), stage=1)[0][1]
 
 
 def test_a_command_is_carried_out_and_reported_with_its_workflow_id(scripts, topics, producer):

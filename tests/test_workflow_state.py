@@ -6,11 +6,10 @@ from dataclasses import replace
 import pytest
 from helpers import detection, unit_event
 
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by
-from common.settings import Settings
-from common.state import Store
+from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, WORKFLOW, DeadLetter,
+                    Limits, Orchestration, Settings, Store, caused_by)
 from common.handling import serialised
-from orchestrator import WORKFLOW, WORKFLOWS, Limits, decide, route, timed_out
+from orchestrator import WORKFLOWS, route
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 T0 = 1_000_000.0
@@ -27,7 +26,7 @@ def store():
 def handled(store, event, now, stage=3):
     """The event routed as the orchestrator's handler does it, its state change committed."""
     state = store.view(0, b"sensor-1")
-    outputs = decide(event, state, stage, LIMITS, now)
+    outputs = Orchestration(WORKFLOWS, route, stage, LIMITS).decide(event, state, now)
     store.commit(state.changes)
     return outputs
 
@@ -37,7 +36,7 @@ def fire(store, now):
     sent = []
     for partition, key in store.due(now):
         state = store.view(partition)
-        sent += timed_out(state, key, 3, LIMITS, now)
+        sent += Orchestration(WORKFLOWS, route, 3, LIMITS).timer(state, key, now)
         store.commit(state.changes)
     return sent
 
@@ -114,7 +113,7 @@ def test_the_unit_workflow_waits_for_its_command_to_be_applied(store):
 def test_a_timer_sends_to_the_workflows_own_key_even_one_that_is_not_text(store):
     event = detection()
     state = store.view(0, b"\xffsensor")
-    decide(event, state, 3, LIMITS, T0)
+    Orchestration(WORKFLOWS, route, 3, LIMITS).decide(event, state, T0)
     store.commit(state.changes)
     [(topic, message, key), *_] = fire(store, T0 + 2)
     assert serialised(topic, message, key).key == b"\xffsensor"
@@ -141,7 +140,7 @@ def test_a_split_orchestrator_leaves_the_timers_of_another_ones_workflows_alone(
     # When the unit orchestrator's timer fires for it
     [(partition, key)] = store.due(T0 + 2)
     # Then it sends nothing: the security orchestrator's own copy of the state acts on it
-    assert timed_out(store.view(partition), key, 3, LIMITS, T0 + 2, owned={"unit"}) == []
+    assert Orchestration(WORKFLOWS, route, 3, LIMITS, owned={"unit"}).timer(store.view(partition), key, T0 + 2) == []
 
 
 def test_an_event_handled_before_is_not_routed_again_and_its_id_saying_something_else_is_a_dead_letter(store):

@@ -1,0 +1,147 @@
+"""The Kafka side of a group's state: its compacted changelog topic (state.<group>), how it is made, and how its
+committed entries are read back, partition by partition (common/state.py keeps them in memory and writes them)."""
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from kafka import KafkaAdminClient, KafkaConsumer
+from kafka.admin import NewTopic
+from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError
+from kafka.structs import TopicPartition
+from pydantic_core import from_json
+
+from common.clients import read_all, refused
+from common.settings import SETTINGS, Settings
+from common.workarounds import Stuck, in_background
+
+log = logging.getLogger("common")
+RESTORE_STALL_S = 30.0  # a restore that makes no progress this long has failed (the batch waits, then tries again)
+
+
+def changelog(group: str) -> str:
+    """The project topic that holds a consumer group's state."""
+    return f"state.{group}"
+
+
+def read(raw: bytes) -> dict:
+    """A stored entry, read back."""
+    try:
+        return from_json(raw)
+    except ValueError:  # (the surrogate escapes of a key that is not UTF-8)
+        return json.loads(raw)
+
+
+class Reader:
+    """Reads a state topic back, joining no group: one consumer reads the committed entries of the partitions it is
+    told to, the other only tells where all written entries end (committed or not). Made in the background as soon
+    as asked for (while the service joins its group): a restart reads its state back sooner."""
+
+    def __init__(self, topic: str, settings: Settings = SETTINGS):
+        self.real, self.settings = settings.topic(topic), settings
+        self.starting, self.readers = in_background(self._new), None
+
+    def entries(self, partitions: set[int]) -> tuple[dict[int, OrderedDict[str, bytes]], int]:
+        """The committed entries of `partitions`, each partition's in order of their last write; and how many
+        records were read."""
+        committed, _ = readers = self._readers()
+        tps = [TopicPartition(self.real, partition) for partition in sorted(self._known(partitions))]
+        committed.assign(tps)
+        committed.seek_to_beginning()
+        end = settled_end(readers, tps)
+        restored = {partition: OrderedDict() for partition in partitions}
+        stalled_at, count = time.monotonic() + RESTORE_STALL_S, 0
+        while any(committed.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > stalled_at:
+                raise KafkaError(f"restoring state from {self.real} made no progress for {RESTORE_STALL_S:.0f} s")
+            for tp, records in committed.poll(timeout_ms=200, max_records=100_000).items():
+                entries = restored[tp.partition]
+                for record in records:
+                    key = record.key.decode()
+                    entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
+                    if record.value is not None:
+                        entries[key] = record.value
+                count += len(records)
+                stalled_at = time.monotonic() + RESTORE_STALL_S
+        return restored, count
+
+    def _known(self, partitions: set[int]) -> set[int]:
+        """`partitions`, once the cluster says the topic has them (a topic just created can be missing from its
+        first answers); a topic with fewer partitions than the inputs ends the script."""
+        committed = self._readers()[0]
+        known_by = time.monotonic() + 10
+        while not partitions <= (have := committed.partitions_for_topic(self.real) or set()) and \
+                time.monotonic() < known_by:
+            committed.topics()  # (asks the cluster again)
+            time.sleep(0.1)
+        if not partitions <= have:
+            raise SystemExit(f"the state topic {self.real} has partitions {sorted(have)}, but this copy was assigned "
+                             f"input partitions {sorted(partitions)}: give it as many partitions as its inputs")
+        return partitions
+
+    def close(self) -> None:
+        for reader in self.readers or ():
+            reader.close(autocommit=False)
+
+    def _readers(self) -> tuple[KafkaConsumer, KafkaConsumer]:
+        if self.readers is None:
+            starting, self.starting = self.starting, None
+            try:
+                self.readers = starting(30) if starting else self._new()
+            except Stuck as error:
+                raise KafkaError(f"the state reader did not start: {error}") from None
+        return self.readers
+
+    def _new(self) -> tuple[KafkaConsumer, KafkaConsumer]:
+        readers = tuple(KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False, isolation_level=level,
+                                      max_partition_fetch_bytes=8 * 1024 * 1024, client_id=f"{self.real}-restore")
+                        for level in ("read_committed", "read_uncommitted"))
+        for reader in readers:
+            reader.partitions_for_topic(self.real)
+        return readers
+
+
+def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPartition]) -> dict:
+    """Where the committed entries end, once no transaction is open there (the committed end then is the written
+    end): the previous owner's last commit is acknowledged before its markers are written, and an open transaction
+    of a copy that died is aborted within its timeout (10 s). Waits up to 15 s for that, then takes what is there."""
+    committed_reader, any_reader = readers
+    deadline = time.monotonic() + 15
+    while True:
+        committed = committed_reader.end_offsets(tps)
+        if committed == any_reader.end_offsets(tps) or time.monotonic() > deadline:
+            return committed
+        time.sleep(0.05)
+
+
+def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict[tuple[int, bytes], tuple]:
+    """The last entry written for each (partition, key) in these groups' state topics (read whole, joining no
+    group): (when it was written, by which group, the entry). On a tie the group named later wins."""
+    latest: dict[tuple[int, bytes], tuple[float, str, bytes]] = {}
+    for group in groups:
+        for record in read_all(changelog(group), settings=settings):
+            if record.value is not None:
+                at, slot = read(record.value)["at"], (record.partition, record.key)
+                if slot not in latest or at >= latest[slot][0]:
+                    latest[slot] = (at, group, record.value)
+    return latest
+
+
+def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:
+    """Create a group's state topic if it is missing: compacted (the last entry per key is kept) and deleted after
+    the retention (so entries not written for that long go)."""
+    real = settings.topic(changelog(group))
+    if real in admin.list_topics():
+        return
+    retention_ms = int(settings.state_retention_s * 1000)
+    config = {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms),
+              "segment.ms": str(min(retention_ms, 24 * 3600 * 1000))}  # (a segment is deleted whole, once all expired)
+    try:
+        admin.create_topics([NewTopic(real, settings.partitions, settings.replication_factor, topic_configs=config)])
+        log.info("created state topic %s", real)
+    except TopicAlreadyExistsError:
+        pass
+    except AuthorizationError as error:
+        raise refused(f"creating {real}", error, settings) from None

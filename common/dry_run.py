@@ -1,0 +1,65 @@
+"""The orchestrator's dry run: the recorded message_stream routed through the table at a stage (and a second one, to
+compare), counted per event type and output topic. Produces and commits nothing; joins no group."""
+
+import json
+from collections import Counter, defaultdict
+from datetime import datetime
+
+from common.clients import read_all
+from common.messages import DeadLetter, parse
+from common.settings import DEAD_LETTER, MESSAGE_STREAM, SETTINGS, written_by
+from common.workflow import Table, owns, senders
+
+SOURCE = "orchestrator"
+
+
+def preview(records, table: Table, route, stage: int, workflows: set[str]) -> dict[str, Counter]:
+    """What route() would emit for recorded events: event type -> Counter of output topics (nothing is sent)."""
+    emitted: dict[str, Counter] = defaultdict(Counter)
+    accepts = senders(table, workflows)
+    for record in records:
+        allowed = accepts.get(record.topic.removeprefix(SETTINGS.topic_prefix))
+        if record.topic == SETTINGS.topic(written_by(MESSAGE_STREAM, SOURCE)):  # its own timeouts and finished workflows
+            continue
+        if allowed is None:  # a writer of another orchestrator's workflows
+            emitted["(another orchestrator)"]["-"] += 1
+            continue
+        try:
+            event = parse(record.value)
+        except DeadLetter:
+            emitted["(invalid)"][DEAD_LETTER] += 1
+            continue
+        if event.type not in allowed or not owns(table, event.type, workflows):
+            emitted[event.type][DEAD_LETTER if event.type not in allowed else "(another orchestrator)"] += 1
+            continue
+        try:
+            outputs = [name for name, *_ in route(event, stage)]
+        except DeadLetter:
+            outputs = [DEAD_LETTER]
+        emitted[event.type].update(outputs or ["(nothing: step done)"])
+    return emitted
+
+
+def dry_run(table: Table, route, args, workflows: set[str]) -> None:
+    """Route the recorded message_stream through the table (and a second stage, to compare) and print the counts."""
+    since = datetime.fromisoformat(args.since).timestamp() * 1000 if args.since else 0
+    records = [r for r in read_all(MESSAGE_STREAM) if r.timestamp >= since]
+    stages = {f"example {args.example}": preview(records, table, route, args.example, workflows)}
+    if args.compare:
+        stages[f"example {args.compare}"] = preview(records, table, route, args.compare, workflows)
+    if args.json:
+        print(json.dumps({stage: {t: dict(c) for t, c in counts.items()} for stage, counts in stages.items()},
+                         sort_keys=True))
+    else:
+        print_counts(stages, len(records), compared=bool(args.compare))
+
+
+def print_counts(stages: dict[str, dict[str, Counter]], recorded: int, compared: bool) -> None:
+    """The counts of each stage, an event type a line, and which change between the two stages compared."""
+    print(f"dry run over {recorded} recorded messages on message_stream: nothing is produced or committed")
+    for event_type in sorted({t for counts in stages.values() for t in counts}):
+        for stage, counts in stages.items():
+            outputs = ", ".join(f"{n} {name}" for name, n in sorted(counts[event_type].items())) or "-"
+            print(f"  {event_type:<28} {stage}: {outputs}")
+        if compared and len({str(sorted(c[event_type].items())) for c in stages.values()}) > 1:
+            print(f"  {'':<28} ^ changes between the two stages")

@@ -1,0 +1,212 @@
+"""One consuming service's loop, a batch at a time: poll -> handle -> deliver -> commit. Everything that can go wrong on
+the way is behind those names: bad input becomes a dead letter in handle_batch (common/handling.py); a failed
+delivery is recovered by the Delivery (common/delivery.py), which says which records were committed; whatever was
+not is handled again (the loop rewinds to it) after a pause that says why. A service that keeps state reads a
+partition's state back before its first record (common/state.py) and fires the timers that come due."""
+
+import logging
+import time
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.errors import FencedInstanceIdError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from common import metrics, tracing
+from common.clients import join
+from common.copies import Copies
+from common.delivery import Delivery
+from common.handling import Handled, Serialised, handle_batch, serialise_own
+from common.settings import FAMILIES, Settings
+from common.state import Store
+from common.waiting import Pause, Poller
+from common.workarounds import heartbeat_silence_s
+
+log = logging.getLogger("common")
+EXPIRE_EVERY_S = 60  # how often entries past the state's retention are dropped from memory
+
+
+class Loop:
+    """One consuming service's loop: its consumer, its Delivery, what it remembers, and what it waits out."""
+
+    def __init__(self, service, stop, settings: Settings, store: Store | None, writes: list[str]):
+        self.service, self.name, self.stop, self.store = service, service.name, stop, store
+        self.handle = service.handle if service.keeps_state else lambda message, _: service.handle(message)
+        self.accepts = {settings.topic(topic): types for topic, types in (service.accepts or {}).items()}
+        group = service.group or service.name
+        self.delivery = Delivery(self.name, stop, settings.transactional_id(group) if service.exactly_once else None,
+                                 settings, warm=warm(writes, store))
+        self.copies = Copies(self.name, group, settings)
+        listener = None
+        if store is not None:
+            store.open()  # (its reader starts meanwhile, too)
+            listener = Forget(store, self.copies)
+        self.consumer = join(stop, group, service.inputs, settings, listener)  # (meanwhile the producer starts)
+        self.poller, self.pause = Poller(self.consumer, self.name, stop, settings), Pause(self.name, settings.group(group), stop)
+        self.unsent: list[Serialised] = []  # a tick's messages, until Kafka takes them
+        self.spans: list = []  # the timers' spans of this batch (tracing on)
+        self.count, self.expired_at = 0, time.monotonic()
+        log.info("%s: started; consuming %s as group %s%s from %s", self.name, ", ".join(map(settings.topic, service.inputs)),
+                 group, f", exactly once as transactional id {self.delivery.transactional_id}"
+                 if self.delivery.transactional else ", at least once", settings.bootstrap_servers)
+
+    def once(self) -> None:
+        """One batch: poll, handle, deliver, commit. What was not committed is handled again after a pause."""
+        batch = self.poll()
+        if batch is None:
+            return
+        handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
+        own, changes, offsets = self.own_messages(batch, holdup)
+        done, sent = self.deliver(own, handled, offsets)
+        self.commit(done, changes if sent else [], sent)
+        tracing.end_batch(handled, done, self.spans, sent, self.delivery.trouble)
+        self.spans = []
+        metrics.batch_committed(self.name, self.consumer, done or [], self.store, self.service.open_count)
+        if holdup or done is None or len(done) < len(handled):
+            rewind(self.consumer, batch, done or [])
+            self.pause.until_better(holdup or self.delivery.trouble)
+        else:
+            self.pause.over()
+
+    def poll(self) -> dict | None:
+        """The next batch ({} if none), its partitions' state read back; None (having paused) while the broker is
+        away, the group coordinator is not heard, or the state cannot be read."""
+        batch = self.poller.poll(timeout_ms=100 if self.service.tick else 500)
+        if batch is None:  # the broker is away: nothing new is made until it is back
+            self.pause.until_better(self.poller.trouble)
+            return None
+        if self.poller.unheard:  # (said, not waited on: polling is what rejoins the group)
+            self.pause.until_better(self.poller.trouble, wait=False)
+            return None
+        if self.store is not None and not self.restore_state(batch):
+            return None
+        return batch
+
+    def own_messages(self, batch: dict, holdup: str | None) -> tuple[list[Serialised], list, dict]:
+        """What the loop sends of its own this batch: a tick's events (none once stopped; each starts its
+        workflow's trace) and what the timers due now send, with their state changes and offsets."""
+        if self.service.tick and not self.stop:
+            self.unsent += serialise_own(self.name, self.service.tick(), new_traces=True)
+        timed, changes, offsets = self.fire_timers(batch, holdup)
+        return self.unsent + timed, changes, offsets
+
+    def deliver(self, own: list[Serialised], handled: list[Handled], offsets: dict) -> tuple[list | None, bool]:
+        """The batch to Kafka: (the records committed, or None; whether the loop's own messages went out)."""
+        began = time.perf_counter()
+        try:
+            done, sent = self.delivery.deliver(self.consumer, own, handled, offsets)
+        except FencedInstanceIdError:  # (another copy runs as this one: the script stops, the batch is not committed)
+            tracing.end_batch(handled, None, self.spans, False, "fenced: another copy runs with this INSTANCE_ID")
+            raise
+        metrics.observe("commit", time.perf_counter() - began, service=self.name)
+        return done, sent
+
+    def commit(self, done: list[Handled] | None, changes: list, sent: bool) -> None:
+        """Apply what Kafka committed to what the loop remembers (a timer whose messages Kafka refused fires again)."""
+        if sent:
+            self.unsent = []
+        if done is not None:
+            self.count += len(done)
+        if self.store is None:
+            return
+        if done is None:
+            self.store.abandon()
+        else:
+            self.store.commit([*changes, *(change for item in done for change in item.changes)], fired=sent)
+
+    def restore_state(self, batch: dict) -> bool:
+        """Read back the state of every partition assigned since the last batch, before any of its records is
+        handled; False (the batch waits in Kafka) if that could not be done now."""
+        missing = {tp.partition for tp in self.consumer.assignment()} - self.store.loaded
+        if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
+            self.expired_at = time.monotonic()
+            self.store.expire(time.time())
+        rebalanced, self.copies.rebalanced = self.copies.rebalanced and self.delivery.transactional, False
+        if rebalanced and not missing:  # (another copy joined, say: who is in the group now)
+            self.copies.learn()
+        if not missing:
+            return True
+        began = time.monotonic()
+        try:
+            if rebalanced:
+                self.copies.end_departed()
+            count = self.store.restore(missing)
+        except KafkaError as error:
+            rewind(self.consumer, batch, [])
+            self.pause.until_better(f"its state could not be read back ({type(error).__name__}: {error})")
+            return False
+        if self.store.topic:
+            log.info("%s: state of partition%s %s read back (%d entries in %.2f s)", self.name, "s" * (len(missing) > 1),
+                     ", ".join(map(str, sorted(missing))), count, time.monotonic() - began)
+        return True
+
+    def fire_timers(self, batch: dict, holdup: str | None) -> tuple[list[Serialised], list, dict]:
+        """What the timers due now send, the state changes they make, and the offsets that fence them (a copy that
+        lost the partition meanwhile cannot commit them). A partition still catching up waits: the answer a timer
+        waits for may be further on."""
+        if self.service.timer is None:
+            return [], [], {}
+        behind = {tp.partition for tp in batch if holdup or self.consumer.position(tp) < (self.consumer.highwater(tp) or 0)}
+        outs, changes, fired = [], [], set()
+        for partition, key in self.store.due(time.time(), skip=behind):
+            span = tracing.resumed(self.store.trace_of(partition, key), f"timer {key}")  # (in the entry's trace)
+            self.spans.append(span)
+            carried = tracing.headers(span)
+            state = self.store.view(partition, trace=tracing.traceparent(carried))
+            try:
+                outputs = self.service.timer(state, key)
+                tracing.about(span, outputs[0][1] if outputs else None)
+                outs += serialise_own(self.name, outputs, carried)
+            except Exception as error:  # noqa: BLE001 -- a bug in one timer (say, a step renamed) must not stop the loop
+                log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
+                tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")
+                state.undo()
+                continue
+            outs += self.store.outs(state.changes)
+            changes += state.changes
+            fired.add(partition)
+        offsets = {tp: OffsetAndMetadata(self.consumer.position(tp), "", -1) for tp in self.consumer.assignment()
+                   if tp.partition in fired and tp not in batch}
+        return outs, changes, offsets
+
+    def close(self, fenced: bool = False) -> None:
+        """Stop; fenced: another copy runs with this one's INSTANCE_ID, and must keep its place in the group."""
+        log.info("%s: stopping after %d messages", self.name, self.count)
+        # (A coordinator that answers no heartbeat would not answer who else is there either: no wait for it.)
+        others = set() if fenced or heartbeat_silence_s(self.consumer) > 3 else self.copies.others()
+        self.consumer.close(autocommit=False)
+        if others:
+            self.copies.leave(len(others))
+        self.delivery.close()
+        if self.store is not None:
+            self.store.close()
+        self.copies.close()
+
+
+class Forget(ConsumerRebalanceListener):
+    """Partitions taken away by a rebalance: their state is forgotten, and read back if they come back."""
+
+    def __init__(self, store: Store, copies: Copies):
+        self.store, self.copies = store, copies
+
+    def on_partitions_revoked(self, revoked):
+        self.store.forget({tp.partition for tp in revoked})
+        for tp in revoked:  # (another copy reports their lag now)
+            metrics.dropped("lag", service=self.copies.name, topic=tp.topic, partition=str(tp.partition))
+
+    def on_partitions_assigned(self, assigned):
+        self.copies.rebalanced = True  # (the loop reads new partitions back before their first record is handled)
+
+
+def warm(writes: list[str], store: Store | None) -> tuple[str, ...]:
+    """The topics a service writes whose partitions its producer learns as it starts (a family's members are many)."""
+    return tuple(t for t in dict.fromkeys(writes) if t not in FAMILIES) + ((store.topic,) if store and store.topic else ())
+
+
+def rewind(consumer: KafkaConsumer, batch: dict, done: list[Handled]) -> None:
+    """Seek back to the first record of the batch not committed, partition by partition, so it is handled again
+    (a partition taken away meanwhile goes to its new owner, which starts from the committed offset)."""
+    last_done = {(item.record.topic, item.record.partition): item.record.offset for item in done}
+    for partition, records in batch.items():
+        following = last_done.get((partition.topic, partition.partition), records[0].offset - 1) + 1
+        if partition in consumer.assignment() and following <= records[-1].offset:
+            consumer.seek(partition, following)

@@ -1,0 +1,190 @@
+"""A workflow's life in the orchestrator: each event is routed by the table's `route()`, and its workflow's entry
+(its steps, their attempts and deadlines, how it ended) is kept in the orchestrator's state, committed with the
+commands. A step is pending until its report, a time limit or a failure; a deadline passing becomes a
+step_timed_out event, routed like any other; an answer that comes too late changes nothing. Handed the table
+(WORKFLOWS) and `route`; it never imports orchestrator.py."""
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common import metrics
+from common.handling import is_repeat, remember
+from common.messages import Envelope, Output, caused_by
+from common.settings import MESSAGE_STREAM
+from common.state import State
+from common.workflow import FINISHED, Step, Table, command_topics, step_for, workflow_of
+
+log = logging.getLogger("orchestrator")
+SOURCE = "orchestrator"
+ATTEMPTS = 3  # tries of a step that reports back, before a person is asked to take over (--attempts)
+WORKFLOW = "workflow/"  # state key of a workflow, by its id
+LOADED = time.monotonic()
+Route = Callable[[Envelope, int], list[Output]]  # route(event, stage): orchestrator.py's routing table
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a step that reports back may take, and how often it is tried (the table's, or the flags')."""
+    step_timeout: float | None = None  # overrides every step's own time_limit
+    attempts: int = ATTEMPTS
+
+    def of(self, step: Step) -> float | None:
+        return self.step_timeout if self.step_timeout is not None else step.time_limit
+
+
+class Orchestration:
+    """The orchestrator's handler and timer: routes events with the table at a stage of the walkthrough, and keeps
+    each workflow's state. `owned`: the workflows this orchestrator runs (the rest belong to a split one)."""
+
+    def __init__(self, table: Table, route: Route, stage: int, limits: Limits = Limits(),
+                 owned: set[str] | None = None):
+        self.table, self.route, self.stage, self.limits = table, route, stage, limits
+        self.owned = set(table) if owned is None else owned
+        self.routed_any = False
+
+    def handle(self, event: Envelope, state: State) -> list[Output]:
+        """The loop's handler: an event of this orchestrator's workflows, routed and its workflow kept."""
+        if workflow_of(self.table, event.type) not in {*self.owned, None}:
+            return []  # (another orchestrator's: it routes it)
+        outputs = self.decide(event, state)
+        self.count_routed(outputs, workflow_of(self.table, event.type))
+        log.info("%s %s -> %s", event.type, event.workflow_id[:8],
+                 ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or "done")
+        if not self.routed_any:  # (the restart gap, to read off by hand)
+            self.routed_any = True
+            log.info("first message routed %.2f s after this process started", process_age())
+        return outputs
+
+    def decide(self, event: Envelope, state: State, now: float | None = None) -> list[Output]:
+        """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends."""
+        now, key = now or time.time(), WORKFLOW + event.workflow_id
+        workflow = state.get(key)
+        if is_repeat(SOURCE, event, state, kept=None if workflow is None else workflow.get("handled", {})):
+            metrics.count("repeats", service=SOURCE)
+            return []
+        why = self.late(event, workflow)
+        if why:
+            log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
+            return []
+        commands = self.route(event, self.stage)
+        if workflow is None and any(event.type == w.starts_with for w in self.table.values()):
+            workflow = self.started(event, commands, None if state.key is None else
+                                    state.key.decode(errors="surrogateescape"), now)
+        news = self.track(workflow, event, now) if workflow is not None else []
+        # (a workflow's entry keeps the ids of its events; an event of no workflow, say an outcome after its
+        # workflow expired, is kept on its own)
+        remember(event, state, kept=None if workflow is None else workflow.setdefault("handled", {}))
+        if workflow is not None:
+            state.put(key, workflow, due=next_deadline(workflow))
+        return commands + news
+
+    def started(self, event: Envelope, commands: list[Output], key: str | None, now: float) -> dict:
+        """A new workflow's state: each step it sent that reports back is pending, with its deadline."""
+        steps = {}
+        for topic, command, *_ in commands:
+            found = step_for(self.table, command.type)
+            if found and found[1].tracked:
+                limit = self.limits.of(found[1])
+                steps[found[1].name] = {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None,
+                                        "deadline": now + limit if limit else None, "topic": topic,
+                                        "command": command.model_dump(mode="json")}
+        return {"workflow_id": event.workflow_id, "type": workflow_of(self.table, event.type), "stage": self.stage,
+                "key": key, "started_at": now, "state": "running", "finished_at": None, "steps": steps,
+                "handled": {}}
+
+    def late(self, event: Envelope, workflow: dict | None) -> str | None:
+        """Why an event no longer changes its workflow (a timeout after the step's report, an outcome after the
+        workflow finished), or None. Late events are recorded, never routed: no resend, no second escalation."""
+        if workflow is None or event.type in FINISHED:
+            return None
+        if event.type == "step_timed_out":
+            step = workflow["steps"].get(event.payload["step"], {})
+            if step.get("state") != "pending" or step.get("attempts") != event.payload["attempt"]:
+                return f"the step is {step.get('state', 'unknown')} (attempt {step.get('attempts')})"
+            return None
+        if workflow["state"] != "running" and event.type != self.table[workflow["type"]].starts_with:
+            return f"the workflow had already {workflow['state']}"
+        return None
+
+    def track(self, workflow: dict, event: Envelope, now: float) -> list[Output]:
+        """Update a workflow with an event routed for it; the workflow_completed/workflow_failed it causes, if any."""
+        steps, definitions = workflow["steps"], {step.name: step for step in self.table[workflow["type"]].steps}
+        for name, step in steps.items():
+            self.advance(step, definitions.get(name), name, event, now)
+        if workflow["state"] != "running" or any(step["state"] == "pending" for step in steps.values()):
+            return []
+        bad = [f"{name} {step['state']}" for name, step in steps.items() if step["state"] not in ("done", "removed")]
+        workflow.update(state="failed" if bad else "completed", finished_at=now)
+        return [(MESSAGE_STREAM, caused_by(event, workflow["state"], f"workflow_{workflow['state']}", {
+            "workflow": workflow["type"], "detail": ", ".join(bad)}, SOURCE))]
+
+    def advance(self, step: dict, definition: Step | None, name: str, event: Envelope, now: float) -> None:
+        """One step of a workflow after an event: done or failed on its report, tried again or timed out."""
+        if definition is None:  # (a step since renamed or removed from the table: nothing reports on it any more)
+            step.update(state="removed" if step["state"] == "pending" else step["state"], deadline=None)
+        elif event.type in definition.done + definition.failed and step["state"] == "pending":
+            step.update(state="done" if event.type in definition.done else "failed", finished_at=now, deadline=None)
+        elif event.type == "step_timed_out" and event.payload["step"] == name:
+            if event.payload["attempt"] < event.payload["attempts"]:
+                limit = self.limits.of(definition)
+                step.update(attempts=step["attempts"] + 1, deadline=now + limit if limit else None)
+            else:
+                step.update(state="timed_out", finished_at=now, deadline=None)
+
+    def timer(self, state: State, key: str, now: float | None = None) -> list[Output]:
+        """The loop's timer: each pending step whose deadline passed gets a step_timed_out event, published and
+        routed at once (tried again, or escalated). Firing, the state change and what it sends commit in one
+        transaction: once each. Workflows not owned (taken over, but another split orchestrator's) are left alone."""
+        workflow, now, outputs = state.get(key), now or time.time(), []
+        if workflow is None or workflow["type"] not in self.owned:
+            return []
+        steps = {step.name for step in self.table[workflow["type"]].steps}
+        for name, step in workflow["steps"].items():
+            if step["state"] == "pending" and (step["deadline"] or now + 1) <= now and name in steps:
+                outputs += self.time_out(state, workflow, name, step, now)
+        return [Output(topic, message, workflow["key"]) for topic, message, *_ in outputs]
+
+    def time_out(self, state: State, workflow: dict, name: str, step: dict, now: float) -> list[Output]:
+        """A step's step_timed_out event, and what routing it sends."""
+        log.warning("%s %s: no answer to %s within its limit (attempt %d of %d)", workflow["type"],
+                    workflow["workflow_id"][:8], name, step["attempts"], self.limits.attempts)
+        event = caused_by(Envelope.model_validate(step["command"]), f"timeout-{step['attempts']}", "step_timed_out", {
+            "workflow": workflow["type"], "step": name, "attempt": step["attempts"], "attempts": self.limits.attempts,
+            "topic": step["topic"], "command": step["command"]}, SOURCE)
+        routed = self.decide(event, state, now)
+        metrics.count("timeouts", workflow=workflow["type"])
+        self.count_routed(routed, workflow["type"])
+        log.info("step_timed_out %s -> %s", workflow["workflow_id"][:8],
+                 ", ".join(m.type if t in (MESSAGE_STREAM, m.type) else f"{t} ({m.type})" for t, m, *_ in routed))
+        return [(MESSAGE_STREAM, event), *routed]
+
+    def count_routed(self, outputs: list[Output], workflow: str | None) -> None:
+        """The commands among a workflow's outputs, counted per topic (metrics on)."""
+        if not metrics.ON:
+            return
+        commands = command_topics(self.table)
+        for topic, *_ in outputs:
+            if topic in commands:
+                metrics.count("routed", topic=topic, workflow=workflow or "none")
+
+    @staticmethod
+    def open_workflows(store) -> int:
+        """How many workflows run now (a quick scan of the stored entries, parsing none)."""
+        return store.count(WORKFLOW, b'"state":"running"')
+
+
+def next_deadline(workflow: dict) -> float | None:
+    return min((s["deadline"] for s in workflow["steps"].values() if s["deadline"] is not None), default=None)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux's /proc; elsewhere, since this module was loaded)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return float(uptime.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - LOADED

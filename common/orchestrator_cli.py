@@ -1,0 +1,96 @@
+"""The orchestrator's command line: its flags, the checks that end it in one line before anything starts, and what it
+runs (the dry run, or the service that routes with the table). Handed the table and `route` by orchestrator.py."""
+
+import argparse
+import logging
+from datetime import datetime
+
+from common import metrics
+from common.dry_run import dry_run
+from common.orchestration import ATTEMPTS, Limits, Orchestration, Route
+from common.service import Service, serve
+from common.settings import MESSAGE_STREAM, setup_logging
+from common.takeover import take_over
+from common.workflow import Table, command_topics, group_for, senders
+
+log = logging.getLogger("orchestrator")
+
+
+def parse_flags(description: str, table: Table) -> argparse.Namespace:
+    """The orchestrator's flags, checked: a flag that means nothing here, or cannot be read, ends it in one line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--example", type=int, choices=[1, 2, 3], default=3, help="walkthrough stage (default 3)")
+    parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(table)} (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="preview routing of the recorded message_stream")
+    parser.add_argument("--since", help="with --dry-run: only messages from this ISO time on (e.g. 2026-11-27T18:00)")
+    parser.add_argument("--compare", type=int, choices=[1, 2, 3], help="with --dry-run: a second stage to compare")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    parser.add_argument("--step-timeout", type=float, metavar="SECONDS",
+                        help="time limit of every step that reports back (default: each step's own, 5 s)")
+    parser.add_argument("--attempts", type=int,
+                        help=f"tries of such a step before escalating to a person (default {ATTEMPTS})")
+    metrics.flag(parser)
+    parser.add_argument("--no-transactions", action="store_true",
+                        help="at least once instead of exactly once (for comparison in the benchmark)")
+    args = parser.parse_args()
+    args.workflows = check_flags(args, table)
+    return args
+
+
+def check_flags(args: argparse.Namespace, table: Table) -> set[str]:
+    """The workflows this orchestrator runs; a flag that means nothing here, or cannot be read, ends it in one line."""
+    workflows = set(args.workflows.split(",")) if args.workflows is not None else set(table)
+    if not workflows or not workflows <= set(table):
+        refuse(f"--workflows takes a comma-separated subset of {','.join(table)}, not {args.workflows!r}")
+    refuse_meaningless(args)
+    refuse_unreadable(args)
+    later = {w: table[w].from_stage for w in sorted(workflows) if table[w].from_stage > args.example}
+    if not args.dry_run and len(later) == len(workflows):
+        refuse(f"no workflow of {','.join(sorted(workflows))} runs at example {args.example} ("
+               f"{', '.join(f'{w} starts at {n}' for w, n in later.items())}); give --example "
+               f"{min(later.values())} or more")
+    return workflows
+
+
+def refuse_meaningless(args: argparse.Namespace) -> None:
+    """End the orchestrator in one line if given flags of the other mode (the dry run's, or routing's)."""
+    flags = {"--since": args.since, "--compare": args.compare, "--json": args.json} if not args.dry_run else {
+        "--step-timeout": args.step_timeout, "--attempts": args.attempts, "--no-transactions": args.no_transactions}
+    if meaningless := [flag for flag, value in flags.items() if value]:
+        refuse(f"{', '.join(meaningless)} {'is' if len(meaningless) == 1 else 'are'} "
+               f"{'not ' if args.dry_run else ''}for --dry-run{'' if args.dry_run else ' only'}; nothing was started")
+
+
+def refuse_unreadable(args: argparse.Namespace) -> None:
+    """End the orchestrator in one line if a value cannot be what its flag means."""
+    if (args.attempts is not None and args.attempts < 1) or (args.step_timeout is not None and args.step_timeout <= 0):
+        refuse("--attempts must be at least 1 and --step-timeout above 0")
+    try:
+        datetime.fromisoformat(args.since or "2000-01-01")
+    except ValueError:
+        refuse(f"--since takes a date and time, e.g. 2026-11-27T18:00 (local time), not {args.since!r}")
+
+
+def refuse(why: str):
+    raise SystemExit(f"orchestrator: {why}")
+
+
+def run_orchestrator(description: str, table: Table, route: Route) -> None:
+    """Parse the flags, then preview (--dry-run) or route: exactly once, the commands routed from a batch and its
+    offsets and workflow state in one Kafka transaction. It reads only the writers of its workflows, each allowed
+    only its own message types, and refuses to start beside an orchestrator of other but overlapping workflows."""
+    args = parse_flags(description, table)
+    setup_logging()
+    if args.dry_run:
+        return dry_run(table, route, args, args.workflows)
+    active = sorted(w for w in args.workflows if table[w].from_stage <= args.example)
+    log.info("routing table: example %d, workflows %s", args.example, ", ".join(active))
+    orchestration = Orchestration(table, route, args.example, Limits(args.step_timeout, args.attempts or ATTEMPTS),
+                                  args.workflows)
+    accepts = senders(table, args.workflows)
+    exactly_once = not args.no_transactions
+    serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM),
+                  exactly_once=exactly_once, keeps_state=True, group=group_for(table, args.workflows), accepts=accepts,
+                  timer=orchestration.timer, open_count=orchestration.open_workflows, metrics_port=args.metrics_port,
+                  before_start=lambda admin, stop: take_over(admin, stop, table, args.workflows, list(accepts),
+                                                             exactly_once)))

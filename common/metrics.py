@@ -23,7 +23,7 @@ import time
 from kafka.structs import TopicPartition
 
 log = logging.getLogger("common")
-# The ports the README, the Prometheus scrape config and the Docker setup give each script (METRICS_PORT=...).
+# The ports docs/observability.md, the Prometheus scrape config and the Docker setup give each script (METRICS_PORT=...).
 PORTS = {"orchestrator": 9101, "security_service": 9102, "notification_service": 9103, "reporting_service": 9104,
          "unit_event_producer": 9105, "security_detector": 9106}
 ON = False

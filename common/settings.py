@@ -113,7 +113,7 @@ def setup_logging() -> None:
                         format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         logging.getLogger("kafka").setLevel(logging.WARNING)  # the client's own chatter hides the flow
-        logging.getLogger("kafka.net.sasl").setLevel(logging.ERROR)  # "credentials in the clear": README says so
+        logging.getLogger("kafka.net.sasl").setLevel(logging.ERROR)  # "credentials in the clear": docs/operations.md says so
     for handler in logging.getLogger().handlers:
         handler.addFilter(HideClientRefusals())
         handler.addFilter(QuietClientChatter())

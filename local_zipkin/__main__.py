@@ -4,7 +4,7 @@
   stop     the one started from --dir
   status   whether it runs (exit 0) or not (exit 1)
 
-Then run the scripts with OTEL_TRACES_EXPORTER=zipkin (see the README's "Traces and metrics").
+Then run the scripts with OTEL_TRACES_EXPORTER=zipkin (see docs/observability.md).
 """
 
 import argparse

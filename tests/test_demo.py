@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 from helpers import NO_RESENDS, ROOT, wait_for_reports
 from kafka import KafkaAdminClient
 
@@ -34,7 +33,7 @@ def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
         admin.close()
 
 
-@pytest.mark.no_broker
+# (needs no broker, but opens tmux and five shells: it runs in `make test`, keeping `make check` within seconds)
 def test_make_walkthrough_opens_a_tmux_session_with_a_window_per_script(tmp_path):
     env = dict(os.environ, TMUX_TMPDIR=str(tmp_path), KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")  # (a tmux of its own)
     try:

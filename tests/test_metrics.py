@@ -109,7 +109,7 @@ def test_a_port_that_is_taken_is_a_one_line_error():
 
 @pytest.mark.no_broker
 def test_the_scrape_config_and_the_dashboard_fit_the_metrics_the_scripts_serve():
-    # The scrape config has a target per script, on the port the README gives it
+    # The scrape config has a target per script, on the port docs/observability.md gives it
     config = yaml.safe_load((ROOT / "observability" / "prometheus.yml").read_text())
     [job] = config["scrape_configs"]
     targets = {group["labels"]["script"]: group["targets"] for group in job["static_configs"]}

@@ -8,6 +8,7 @@ import pytest
 from helpers import ROOT, detection, unit_event
 
 import acls
+import orchestrator
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
 from common import owns, senders
 from orchestrator import WORKFLOWS, route
@@ -163,7 +164,18 @@ def test_each_writer_to_the_orchestrator_serves_one_workflow_and_may_write_its_o
     (["--workflows", "unit", "--example", "2"], "no workflow of unit runs at example 2 (unit starts at 3); give "
                                                 "--example 3 or more"),
 ])
-def test_a_flag_that_means_nothing_or_cannot_be_read_ends_the_orchestrator_in_one_line_before_it_starts(args, error):
-    result = subprocess.run([sys.executable, "orchestrator.py", *args], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"), timeout=30)
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"orchestrator: {error}\n")
+def test_a_flag_that_means_nothing_or_cannot_be_read_ends_the_orchestrator_in_one_line_before_it_starts(
+        args, error, monkeypatch, capsys):
+    # (in this process, for speed: a SystemExit with a text is what Python prints as one line, exiting 1)
+    monkeypatch.setattr(sys, "argv", ["orchestrator.py", *args])
+    with pytest.raises(SystemExit) as ended:
+        orchestrator.main()
+    assert (ended.value.code, capsys.readouterr().out) == (f"orchestrator: {error}", "")
+
+
+def test_the_orchestrators_one_line_refusal_is_all_a_user_sees():
+    result = subprocess.run([sys.executable, "orchestrator.py", "--since", "2026-11-27T18:00"], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"),
+                            timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", "orchestrator: --since is for --dry-run only; nothing was started\n")

@@ -86,7 +86,7 @@ def report(event: Envelope, workflow: str, category: str, entity: str) -> Envelo
 
 # Each workflow once: route() above sends these steps' commands; the engine keeps each workflow's state from them (a
 # step is pending until its report, tried again past its time limit), and --workflows ownership, the monitor, the
-# dry run and the ACLs read them too. tests/test_orchestrator.py checks route() agrees with this table.
+# dry run and the ACLs read them too. tests/test_routing_table.py checks route() agrees with this table.
 WORKFLOWS = {
     "security": Workflow("security_detection", "security_detector", started="detected", steps=(
         Step("acted", "security_command", SEC_COMMAND, "security_service", time_limit=5.0,

@@ -30,7 +30,7 @@ from rich.live import Live
 from rich.table import Table
 
 from common import (ALL_TOPICS, DEAD_LETTER, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of,
-                    group_for, read_all, refused, replaced, setup_logging, wait_for_kafka)
+                    group_for, read_all, refused, replaced, services, setup_logging, wait_for_kafka)
 from orchestrator import WORKFLOWS
 
 
@@ -57,9 +57,8 @@ def milestones(kind: str) -> list[tuple[str, set[str], str, bool]]:
 
 def groups() -> list[str]:
     """The consumer groups whose lag the monitor shows: the orchestrator's (whole and split) and each service's."""
-    services = dict.fromkeys(step.service for workflow in WORKFLOWS.values() for step in workflow.steps)
     return [group_for(WORKFLOWS, set(WORKFLOWS)), *(group_for(WORKFLOWS, {name}) for name in WORKFLOWS),
-            *services]
+            *services(WORKFLOWS)]
 
 
 class Folded:

@@ -1,5 +1,5 @@
-"""kafka-python clients built the project's way, topic creation, reading a topic whole, and telling a user in one
-line why Kafka will not talk to them."""
+"""kafka-python clients built the project's way (a consuming service joins its group through join()), topic
+creation, reading a topic whole, and telling a user in one line why Kafka will not talk to them."""
 
 import logging
 import re

@@ -8,9 +8,8 @@ from datetime import datetime
 from common.clients import read_all
 from common.messages import DeadLetter, parse
 from common.settings import DEAD_LETTER, MESSAGE_STREAM, SETTINGS, written_by
+from common.orchestration import SOURCE
 from common.workflow import Table, owns, senders
-
-SOURCE = "orchestrator"
 
 
 def preview(records, table: Table, route, stage: int, workflows: set[str]) -> dict[str, Counter]:

@@ -1,7 +1,8 @@
 """Handling one poll batch: check and parse each record, skip repeats, call the service's handler, and turn whatever
 cannot be handled or written out into that record's dead letter. Nothing here produces to Kafka: each record's
-outputs come back serialised, ready to deliver. A handler whose resource is unavailable holds the batch up there:
-the records before it are delivered, the rest wait in Kafka."""
+outputs come back serialised, ready to deliver (and so do the loop's own messages: a tick's, a timer's). A handler
+whose resource is unavailable holds the batch up there: the records before it are delivered, the rest wait in Kafka.
+Dedupe is here, once: a handled id is kept in the service's state (seen/<id>, or in the entry of a workflow)."""
 
 import logging
 import sqlite3
@@ -86,8 +87,10 @@ def handle_record(name: str, record, handle: Handler, store, stop,
     carried = tracing.headers(span)  # (what its outputs carry: its context, when tracing is on)
     state = store.view(record.partition, record.key, tracing.traceparent(carried)) if store is not None else None
     try:
-        message = accepted_message(record, accepts)
+        check_key(record.key)
+        message = parse(record.value)
         tracing.about(span, message)
+        refuse_if_not_theirs(record, message, accepts)
         kind = message.type if message.type in SCHEMAS else "(other)"  # (a label per known type only)
         if store is not None and store.dedupe:
             if is_repeat(name, message, state):
@@ -113,14 +116,11 @@ def handle_record(name: str, record, handle: Handler, store, stop,
         raise
 
 
-def accepted_message(record, accepts: dict[str, frozenset] | None) -> Envelope:
-    """The record's message; DeadLetter if its key, its value, or its type from that writer is not acceptable."""
-    check_key(record.key)
-    message = parse(record.value)
+def refuse_if_not_theirs(record, message: Envelope, accepts: dict[str, frozenset] | None) -> None:
+    """DeadLetter if the record's writer may not send a message of this type (`accepts`: topic -> its types)."""
     if accepts and message.type not in accepts.get(record.topic, frozenset({message.type})):
         raise DeadLetter(f"{record.topic.rsplit('.', 1)[-1]} may not send {message.type!r}; {record.topic} "
                          f"carries {', '.join(sorted(accepts[record.topic]))} only")
-    return message
 
 
 def undo(store, state) -> None:
@@ -184,7 +184,8 @@ def serialise_own(name: str, outputs: list[Output], headers: list | None = None,
     """A tick's or a timer's messages, serialised; one that cannot be is a bug of the script's own: logged and left
     out. `headers`: the trace context they carry (a timer's); new_traces: each starts a trace of its own (a tick's)."""
     outs = []
-    for topic, message, key in outputs:
+    for topic, message, *key in outputs:  # (a pair keeps no key)
+        key = key[0] if key else None
         span = tracing.produced(written_by(topic, name), message) if new_traces else None
         try:
             outs.append(serialised(written_by(topic, name), message, key, tracing.headers(span) or headers))

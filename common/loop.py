@@ -2,7 +2,8 @@
 the way is behind those names: bad input becomes a dead letter in handle_batch (common/handling.py); a failed
 delivery is recovered by the Delivery (common/delivery.py), which says which records were committed; whatever was
 not is handled again (the loop rewinds to it) after a pause that says why. A service that keeps state reads a
-partition's state back before its first record (common/state.py) and fires the timers that come due."""
+partition's state back before its first record (common/state.py, from common/changelog.py) and fires the timers that
+come due."""
 
 import logging
 import time
@@ -54,10 +55,11 @@ class Loop:
         batch = self.poll()
         if batch is None:
             return
+        self.take_tick()
         handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
-        own, changes, offsets = self.own_messages(batch, holdup)
-        done, sent = self.deliver(own, handled, offsets)
-        self.commit(done, changes if sent else [], sent)
+        timed, changes, offsets = self.fire_timers(batch, holdup)
+        done, sent = self.deliver(self.unsent + timed, handled, offsets)
+        self.remember_committed(done, changes if sent else [], sent)
         tracing.end_batch(handled, done, self.spans, sent, self.delivery.trouble)
         self.spans = []
         metrics.batch_committed(self.name, self.consumer, done or [], self.store, self.service.open_count)
@@ -81,13 +83,11 @@ class Loop:
             return None
         return batch
 
-    def own_messages(self, batch: dict, holdup: str | None) -> tuple[list[Serialised], list, dict]:
-        """What the loop sends of its own this batch: a tick's events (none once stopped; each starts its
-        workflow's trace) and what the timers due now send, with their state changes and offsets."""
+    def take_tick(self) -> None:
+        """Add a tick's events to what the loop sends of its own (none once stopped; each starts its workflow's
+        trace); they are kept until Kafka takes them."""
         if self.service.tick and not self.stop:
             self.unsent += serialise_own(self.name, self.service.tick(), new_traces=True)
-        timed, changes, offsets = self.fire_timers(batch, holdup)
-        return self.unsent + timed, changes, offsets
 
     def deliver(self, own: list[Serialised], handled: list[Handled], offsets: dict) -> tuple[list | None, bool]:
         """The batch to Kafka: (the records committed, or None; whether the loop's own messages went out)."""
@@ -95,13 +95,15 @@ class Loop:
         try:
             done, sent = self.delivery.deliver(self.consumer, own, handled, offsets)
         except FencedInstanceIdError:  # (another copy runs as this one: the script stops, the batch is not committed)
-            tracing.end_batch(handled, None, self.spans, False, "fenced: another copy runs with this INSTANCE_ID")
+            self.delivery.trouble = "fenced: another copy runs with this INSTANCE_ID"
+            tracing.end_batch(handled, None, self.spans, False, self.delivery.trouble)
             raise
         metrics.observe("commit", time.perf_counter() - began, service=self.name)
         return done, sent
 
-    def commit(self, done: list[Handled] | None, changes: list, sent: bool) -> None:
-        """Apply what Kafka committed to what the loop remembers (a timer whose messages Kafka refused fires again)."""
+    def remember_committed(self, done: list[Handled] | None, changes: list, sent: bool) -> None:
+        """The commit's other half: apply what Kafka committed to what the loop remembers (its state; a timer whose
+        messages Kafka refused fires again)."""
         if sent:
             self.unsent = []
         if done is not None:

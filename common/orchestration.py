@@ -15,7 +15,7 @@ from common.handling import is_repeat, remember
 from common.messages import Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
-from common.workflow import FINISHED, Step, Table, command_topics, step_for, workflow_of
+from common.workflow import FINISHED, Step, Table, command_topics, owns, step_for, workflow_of
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -47,7 +47,7 @@ class Orchestration:
 
     def handle(self, event: Envelope, state: State) -> list[Output]:
         """The loop's handler: an event of this orchestrator's workflows, routed and its workflow kept."""
-        if workflow_of(self.table, event.type) not in {*self.owned, None}:
+        if not owns(self.table, event.type, self.owned):
             return []  # (another orchestrator's: it routes it)
         outputs = self.decide(event, state)
         self.count_routed(outputs, workflow_of(self.table, event.type))

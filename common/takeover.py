@@ -18,7 +18,7 @@ log = logging.getLogger("orchestrator")
 
 
 def take_over(admin: KafkaAdminClient, stop, table: Table, workflows: set[str], inputs: list[str],
-              keeps_state: bool, settings: Settings = SETTINGS) -> None:
+              state_in_kafka: bool, settings: Settings = SETTINGS) -> None:
     """Before an orchestrator of `workflows` starts: refuse to run beside an overlapping one, then start where
     those left off (their state first: the offsets say it is done)."""
     refuse_if_overlapping(admin, table, workflows, stop, settings)
@@ -26,7 +26,7 @@ def take_over(admin: KafkaAdminClient, stop, table: Table, workflows: set[str], 
     furthest = furthest_offsets(admin, group, others, inputs, settings) if not stop else {}
     if not furthest:
         return
-    if keeps_state:
+    if state_in_kafka:
         ensure_changelog(admin, group, settings)
         copied = adopt(group, others, settings)
         log.info("%s: took over %d state entr%s of %s", group, copied, "y" if copied == 1 else "ies", ", ".join(others))

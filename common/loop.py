@@ -145,30 +145,47 @@ class Loop:
         """What the timers due now send, the state changes they make, and the offsets that fence them (a copy that
         lost the partition meanwhile cannot commit them). A partition still catching up waits: the answer a timer
         waits for may be further on."""
-        if self.service.timer is None:
+        positions = self.positions() if self.service.timer is not None else None
+        if positions is None:
             return [], [], {}
-        behind = {tp.partition for tp in batch if holdup or self.consumer.position(tp) < (self.consumer.highwater(tp) or 0)}
+        behind = {tp.partition for tp in batch if holdup or positions.get(tp, 0) < (self.consumer.highwater(tp) or 0)}
         outs, changes, fired = [], [], set()
         for partition, key in self.store.due(time.time(), skip=behind):
-            span = tracing.resumed(self.store.trace_of(partition, key), f"timer {key}")  # (in the entry's trace)
-            self.spans.append(span)
-            carried = tracing.headers(span)
-            state = self.store.view(partition, trace=tracing.traceparent(carried))
-            try:
-                outputs = self.service.timer(state, key)
-                tracing.about(span, outputs[0][1] if outputs else None)
-                outs += serialise_own(self.name, outputs, carried)
-            except Exception as error:  # noqa: BLE001 -- a bug in one timer (say, a step renamed) must not stop the loop
-                log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
-                tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")
-                state.undo()
-                continue
-            outs += self.store.outs(state.changes)
-            changes += state.changes
-            fired.add(partition)
-        offsets = {tp: OffsetAndMetadata(self.consumer.position(tp), "", -1) for tp in self.consumer.assignment()
+            state = self.fire(partition, key, outs)
+            if state is not None:
+                outs += self.store.outs(state.changes)
+                changes += state.changes
+                fired.add(partition)
+        offsets = {tp: OffsetAndMetadata(position, "", -1) for tp, position in positions.items()
                    if tp.partition in fired and tp not in batch}
         return outs, changes, offsets
+
+    def fire(self, partition: int, key: str, outs: list[Serialised]):
+        """Call the timer of one entry, in the entry's trace, adding what it sends to `outs`: its state view, or None
+        if it failed (a bug in one timer, say a step renamed, must not stop the loop: it is dropped)."""
+        span = tracing.resumed(self.store.trace_of(partition, key), f"timer {key}")
+        self.spans.append(span)
+        carried = tracing.headers(span)
+        state = self.store.view(partition, trace=tracing.traceparent(carried))
+        try:
+            outputs = self.service.timer(state, key)
+            tracing.about(span, outputs[0][1] if outputs else None)
+            outs += serialise_own(self.name, outputs, carried)
+            return state
+        except Exception as error:  # noqa: BLE001 -- see the docstring
+            log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
+            tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")
+            state.undo()
+            return None
+
+    def positions(self) -> dict | None:
+        """Where each assigned partition stands; None while the broker cannot say (a position kafka-python must
+        validate first, during an outage): no timer fires until it can."""
+        try:
+            return {tp: self.consumer.position(tp) for tp in self.consumer.assignment()}
+        except KafkaError as error:
+            log.info("%s: timers wait: the positions of its partitions are not known now (%s)", self.name, error)
+            return None
 
     def close(self, fenced: bool = False) -> None:
         """Stop; fenced: another copy runs with this one's INSTANCE_ID, and must keep its place in the group."""

@@ -183,7 +183,25 @@ class Bench:
             process.wait(timeout=60)
         console.print(f"state restore: {workflows} open workflows read back in {seconds:.2f} s "
                       f"({line.split('(')[1].split(' in ')[0]}); orchestrator RSS then {rss:.0f} MB")
-        return {"seconds": seconds, "rss_mb": round(rss, 1)}
+        stop_s = self.stop_during_restore(prefix)
+        return {"seconds": seconds, "rss_mb": round(rss, 1), "stop_s": stop_s}
+
+    def stop_during_restore(self, prefix: str) -> float:
+        """Seconds from SIGTERM to exit for an orchestrator in the middle of reading its state back."""
+        log_path = Path(tempfile.gettempdir()) / f"{prefix}orchestrator-stopped.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "orchestrator.py", "--example", "2"], cwd=HERE, stdout=log,
+                                       stderr=subprocess.STDOUT, env=self.env(prefix, LOG_LEVEL="INFO"))
+        while "reading the state" not in log_path.read_text() and process.poll() is None:
+            time.sleep(0.01)  # sampling a log for a measurement, not synchronising a test
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        seconds = time.monotonic() - began
+        finished = "read back (" in log_path.read_text()
+        console.print(f"state restore: SIGTERM during the read-back: exited {seconds:.2f} s later "
+                      f"({'after' if finished else 'before'} the read-back ended)")
+        return round(seconds, 2)
 
     def latency(self, rate: float, seconds: float, system: bool) -> dict:
         """p50/p95/p99 ms at `rate`/s: detection -> notification delivered (system) or produce -> consume (direct).
@@ -666,7 +684,8 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             f"orchestrator_eos_2_instances_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[2]),
             "two_instances_speedup": round(speedup, 2),
             f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
-            "state_restore_s": restore["seconds"], "orchestrator_rss_100k_open_workflows_mb": restore["rss_mb"],
+            "state_restore_s": restore["seconds"], "stop_during_restore_s": restore["stop_s"],
+            "orchestrator_rss_100k_open_workflows_mb": restore["rss_mb"],
             "lost": gap["lost"] + kill["lost"] + stop["lost"],
             "duplicates": gap["duplicates"] + kill["duplicates"] + stop["duplicates"],
             "ratios": {"alo_over_raw": ratio(alo, raw), "eos_over_alo": ratio(eos, alo),

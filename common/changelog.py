@@ -39,24 +39,26 @@ class Reader:
     told to, the other only tells where all written entries end (committed or not). Made in the background as soon
     as asked for (while the service joins its group): a restart reads its state back sooner."""
 
-    def __init__(self, topic: str, settings: Settings = SETTINGS):
-        self.real, self.settings = settings.topic(topic), settings
+    def __init__(self, topic: str, settings: Settings = SETTINGS, stop=None):
+        self.real, self.settings, self.stop = settings.topic(topic), settings, stop  # (a Stopper: true once signalled)
         self.starting, self.readers = in_background(self._new), None
 
-    def entries(self, partitions: set[int]) -> tuple[dict[int, OrderedDict[str, bytes]], int]:
-        """The committed entries of `partitions`, each partition's in order of their last write; and how many
-        records were read."""
+    def entries(self, partitions: set[int]) -> tuple[dict[int, OrderedDict[str, bytes]] | None, int]:
+        """The committed entries of `partitions`, each partition's in order of their last write (None if a stop
+        signal came meanwhile: it is honoured within a poll); and how many records were read."""
         committed, _ = readers = self._readers()
         tps = [TopicPartition(self.real, partition) for partition in sorted(self._known(partitions))]
         committed.assign(tps)
         committed.seek_to_beginning()
-        end = settled_end(readers, tps)
+        end = settled_end(readers, tps, self.stop)
         restored = {partition: OrderedDict() for partition in partitions}
         stalled_at, count = time.monotonic() + RESTORE_STALL_S, 0
         while any(committed.position(tp) < end[tp] for tp in tps):
+            if self.stop:
+                return None, count
             if time.monotonic() > stalled_at:
                 raise KafkaError(f"restoring state from {self.real} made no progress for {RESTORE_STALL_S:.0f} s")
-            for tp, records in committed.poll(timeout_ms=200, max_records=100_000).items():
+            for tp, records in committed.poll(timeout_ms=200, max_records=10_000).items():
                 entries = restored[tp.partition]
                 for record in records:
                     key = record.key.decode()
@@ -103,7 +105,7 @@ class Reader:
         return readers
 
 
-def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPartition]) -> dict:
+def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPartition], stop=None) -> dict:
     """Where the committed entries end, once no transaction is open there (the committed end then is the written
     end): the previous owner's last commit is acknowledged before its markers are written, and an open transaction
     of a copy that died is aborted within its timeout (10 s). Waits up to 15 s for that, then takes what is there."""
@@ -111,7 +113,7 @@ def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPar
     deadline = time.monotonic() + 15
     while True:
         committed = committed_reader.end_offsets(tps)
-        if committed == any_reader.end_offsets(tps) or time.monotonic() > deadline:
+        if committed == any_reader.end_offsets(tps) or time.monotonic() > deadline or stop:
             return committed
         time.sleep(0.05)
 

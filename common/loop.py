@@ -128,10 +128,16 @@ class Loop:
         if not missing:
             return True
         began = time.monotonic()
+        if self.store.topic:
+            log.info("%s: reading the state of partition%s %s back from %s", self.name, "s" * (len(missing) > 1),
+                     ", ".join(map(str, sorted(missing))), self.store.topic)
         try:
             if rebalanced:
                 self.copies.end_departed()
             count = self.store.restore(missing)
+            if count is None:  # (stopped meanwhile: the batch waits in Kafka)
+                rewind(self.consumer, batch, [])
+                return False
         except KafkaError as error:
             rewind(self.consumer, batch, [])
             self.pause.until_better(f"its state could not be read back ({type(error).__name__}: {error})")

@@ -57,7 +57,7 @@ def serve(service: Service, settings: Settings = SETTINGS) -> None:
     tracing.start(service.name)
     metrics.start(service.name, service.metrics_port)
     own = [written_by(topic, service.name) for topic in (*service.writes, DEAD_LETTER)]
-    store = Store(group, settings, durable=service.exactly_once, dedupe=service.dedupe) \
+    store = Store(group, settings, durable=service.exactly_once, dedupe=service.dedupe, stop=stop) \
         if service.dedupe or service.keeps_state else None
     if not prepare(stop, service, settings, [*service.inputs, *own], store):
         return

@@ -76,8 +76,10 @@ class State:
 class Store:
     """The state of every partition this copy is assigned, restored from and written to its changelog."""
 
-    def __init__(self, group: str, settings: Settings = SETTINGS, durable: bool = True, dedupe: bool = False):
+    def __init__(self, group: str, settings: Settings = SETTINGS, durable: bool = True, dedupe: bool = False,
+                 stop=None):
         self.topic, self.settings, self.dedupe = changelog(group) if durable else None, settings, dedupe
+        self.stop = stop  # (a Stopper: a read-back ends early once it is signalled)
         self.entries: dict[int, OrderedDict[str, bytes]] = {}  # partition -> key -> stored entry, oldest write first
         self.pending: dict[tuple[int, str], bytes | None] = {}  # this batch's changes, not yet committed
         self.timers: list[tuple[float, int, str]] = []          # (due, partition, key), a heap; stale ones skipped
@@ -150,13 +152,16 @@ class Store:
         for partition in partitions:
             self.entries.pop(partition, None)
 
-    def restore(self, partitions: set[int]) -> int:
-        """Read the state of `partitions` back from the changelog (committed entries only); returns how many."""
+    def restore(self, partitions: set[int]) -> int | None:
+        """Read the state of `partitions` back from the changelog (committed entries only); returns how many, or
+        None if the service was stopped meanwhile."""
         if self.topic is None:
             self.entries.update({partition: OrderedDict() for partition in partitions})
             return 0
         self.open()
         restored, count = self.reader.entries(partitions)
+        if restored is None:  # (stopped meanwhile)
+            return None
         self.entries.update(restored)
         cutoff = time.time() - self.retention_s
         for partition, entries in restored.items():
@@ -195,4 +200,4 @@ class Store:
         """Start making the changelog's reader now (while the service joins its group): a restart reads its state
         back sooner. Kept in memory only, it has none."""
         if self.topic is not None and self.reader is None:
-            self.reader = Reader(self.topic, self.settings)
+            self.reader = Reader(self.topic, self.settings, self.stop)

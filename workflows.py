@@ -15,7 +15,8 @@ import sys
 import time
 from datetime import datetime
 
-from common import (SETTINGS, WORKFLOW, Stopper, latest_entries, orchestrator_groups, setup_logging, wait_for_kafka)
+from common import (SETTINGS, WORKFLOW, Orchestration, Stopper, latest_entries, orchestrator_groups, setup_logging,
+                    wait_for_kafka)
 from orchestrator import WORKFLOWS
 
 log = logging.getLogger("workflows")
@@ -26,9 +27,15 @@ def workflows(settings=SETTINGS) -> dict[str, dict]:
     """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
     written for it (a later one wins); those past the retention are gone."""
     cutoff = time.time() - settings.state_retention_s
-    return {key.decode(errors="replace").removeprefix(WORKFLOW): json.loads(entry)["value"]
-            for (_, key), (at, _, entry) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
-            if key.startswith(WORKFLOW.encode()) and at >= cutoff}
+    found = {key.decode(errors="replace").removeprefix(WORKFLOW): json.loads(entry)["value"]
+             for (_, key), (at, _, entry) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
+             if key.startswith(WORKFLOW.encode()) and at >= cutoff}
+    orchestration = Orchestration(WORKFLOWS, None, 3)
+    if unreadable := [id_ for id_, value in found.items() if not orchestration.is_workflow(value)]:
+        print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
+              f"unreadable (the orchestrator dead-lettered each; see dead_letters.py list), e.g. {unreadable[0]}",
+              file=sys.stderr)
+    return {id_: value for id_, value in found.items() if id_ not in unreadable}
 
 
 def summary(workflow: dict) -> dict:

@@ -1,11 +1,14 @@
 """The Kafka side of a group's state: its compacted changelog topic (state.<group>), how it is made, and how its
-committed entries are read back, partition by partition (common/state.py keeps them in memory and writes them)."""
+committed entries are read back, partition by partition (common/state.py keeps them in memory and writes them).
+A record that is not a state entry (not JSON, another shape, a key that is not UTF-8) is never obeyed: it is set
+aside, with the reason, for the service to say and dead-letter."""
 
 import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
@@ -26,12 +29,42 @@ def changelog(group: str) -> str:
     return f"state.{group}"
 
 
+UNREADABLE = "unreadable"  # what an entry set aside holds instead: {"unreadable": why}
+
+
+class Record(NamedTuple):
+    """A changelog record, as a dead letter names it."""
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list | None = None
+
+
 def read(raw: bytes) -> dict:
     """A stored entry, read back."""
     try:
         return from_json(raw)
     except ValueError:  # (the surrogate escapes of a key that is not UTF-8)
         return json.loads(raw)
+
+
+def checked(raw: bytes) -> tuple[dict | None, str | None]:
+    """A stored entry read back, or (None, why it is not one)."""
+    try:
+        entry = read(raw)
+    except ValueError as error:
+        return None, f"its value is not JSON ({str(error)[:100]})"
+    if not isinstance(entry, dict) or "value" not in entry or not isinstance(entry.get("at"), int | float) \
+            or not isinstance(entry.get("due"), int | float | None) or set(entry) - {"at", "due", "value", "trace"}:
+        return None, "its value is not a state entry (an object of at, due and value)"
+    return entry, None
+
+
+def unreadable(value) -> str | None:
+    """Why an entry was set aside, if `value` is what it holds since."""
+    return value[UNREADABLE] if isinstance(value, dict) and set(value) == {UNREADABLE} else None
 
 
 class Reader:
@@ -42,10 +75,15 @@ class Reader:
     def __init__(self, topic: str, settings: Settings = SETTINGS, stop=None):
         self.real, self.settings, self.stop = settings.topic(topic), settings, stop  # (a Stopper: true once signalled)
         self.starting, self.readers = in_background(self._new), None
+        self.offsets: dict[int, dict[str, int]] = {}  # partition -> key -> where its entry was read (last read-back)
+        self.untext: dict[tuple[int, bytes | None], Record] = {}
 
     def entries(self, partitions: set[int]) -> tuple[dict[int, OrderedDict[str, bytes]] | None, int]:
         """The committed entries of `partitions`, each partition's in order of their last write (None if a stop
-        signal came meanwhile: it is honoured within a poll); and how many records were read."""
+        signal came meanwhile: it is honoured within a poll); and how many records were read. Where each entry was
+        read from is in `offsets`; a record whose key is not UTF-8 is in `set_aside`."""
+        self.offsets: dict[int, dict[str, int]] = {partition: {} for partition in partitions}
+        self.untext = {}  # (partition, key) -> the last record of each key that is not text
         committed, _ = readers = self._readers()
         tps = [TopicPartition(self.real, partition) for partition in sorted(self._known(partitions))]
         committed.assign(tps)
@@ -59,15 +97,30 @@ class Reader:
             if time.monotonic() > stalled_at:
                 raise KafkaError(f"restoring state from {self.real} made no progress for {RESTORE_STALL_S:.0f} s")
             for tp, records in committed.poll(timeout_ms=200, max_records=10_000).items():
-                entries = restored[tp.partition]
-                for record in records:
-                    key = record.key.decode()
-                    entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
-                    if record.value is not None:
-                        entries[key] = record.value
+                self._take(restored[tp.partition], self.offsets[tp.partition], records)
                 count += len(records)
                 stalled_at = time.monotonic() + RESTORE_STALL_S
         return restored, count
+
+    def _take(self, entries: OrderedDict, offsets: dict, records: list) -> None:
+        """Records read back, applied in order: the last record of a key wins; a tombstone removes it."""
+        for record in records:
+            try:
+                key = record.key.decode()
+            except (AttributeError, UnicodeDecodeError):  # (no key, or one that is not UTF-8: set aside unless removed)
+                self.untext[(record.partition, record.key)] = Record(record.topic, record.partition, record.offset,
+                                                                     record.key, record.value)
+                if record.value is None:
+                    del self.untext[(record.partition, record.key)]
+                continue
+            entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
+            if record.value is not None:
+                entries[key], offsets[key] = record.value, record.offset
+
+    @property
+    def set_aside(self) -> list[tuple[Record, str]]:
+        """The records of the last read-back whose key is not UTF-8 text (and not removed since), with why."""
+        return [(record, "its key is not UTF-8 text") for record in self.untext.values()]
 
     def _known(self, partitions: set[int]) -> set[int]:
         """`partitions`, once the cluster says the topic has them (a topic just created can be missing from its
@@ -123,12 +176,24 @@ def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict
     group): (when it was written, by which group, the entry). On a tie the group named later wins."""
     latest: dict[tuple[int, bytes], tuple[float, str, bytes]] = {}
     for group in groups:
-        for record in read_all(changelog(group), settings=settings):
-            if record.value is not None:
-                at, slot = read(record.value)["at"], (record.partition, record.key)
-                if slot not in latest or at >= latest[slot][0]:
-                    latest[slot] = (at, group, record.value)
+        for slot, (at, raw) in last_of_each_key(read_all(changelog(group), settings=settings)).items():
+            if slot not in latest or at >= latest[slot][0]:
+                latest[slot] = (at, group, raw)
     return latest
+
+
+def last_of_each_key(records: list) -> dict[tuple[int, bytes], tuple[float, bytes]]:
+    """(partition, key) -> (when, the entry) of the last record of each key of one state topic: a tombstone removes
+    the key; a record that is not a state entry is left out (the service sets it aside when it reads it back)."""
+    last: dict[tuple[int, bytes], tuple[float, bytes]] = {}
+    for record in records:
+        slot = (record.partition, record.key)
+        entry, _ = checked(record.value) if record.value is not None else (None, None)
+        if entry is None:
+            last.pop(slot, None)
+        else:
+            last[slot] = (entry["at"], record.value)
+    return last
 
 
 def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from common import metrics, tracing
+from common.changelog import unreadable
 from common.messages import SCHEMAS, DeadLetter, Envelope, Output, check_key, dead_letter, digest, parse
 from common.settings import DEAD_LETTER, written_by
 
@@ -133,6 +134,9 @@ def is_repeat(name: str, message: Envelope, state, kept: dict | None = None) -> 
     """True for a message handled before: its id is under seen/<id> in the service's state, or in `kept` (the ids a
     workflow's entry keeps of its events). The same id saying something else is a dead letter."""
     known = (kept or {}).get(message.id) or state.get(SEEN + message.id)
+    if unreadable(known):
+        raise DeadLetter(f"its id's state entry was set aside as unreadable ({unreadable(known)}); not handled, in "
+                         "case it was before")
     if known is None:
         return False
     if known != digest(message).hex():
@@ -196,10 +200,11 @@ def serialise_own(name: str, outputs: list[Output], headers: list | None = None,
     return outs
 
 
-def rejected(name: str, record, reason: str, span=None) -> Serialised:
+def rejected(name: str, record, reason: str, span=None, say: bool = True) -> Serialised:
     """The record's dead letter, ready to send: keyed like the record unless its key is what was wrong. It carries
     the record's trace context (a replay of it stays in the same trace); its span is marked as an error."""
-    log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
+    if say:
+        log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
     tracing.failed(span, f"dead letter: {reason}")
     letter = dead_letter(record.value, reason, name, record)
     try:

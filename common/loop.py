@@ -16,7 +16,7 @@ from common import metrics, tracing
 from common.clients import join
 from common.copies import Copies
 from common.delivery import Delivery
-from common.handling import Handled, Serialised, handle_batch, serialise_own
+from common.handling import Handled, Serialised, handle_batch, rejected, serialise_own
 from common.settings import FAMILIES, Settings
 from common.state import Store
 from common.waiting import Pause, Poller
@@ -145,7 +145,23 @@ class Loop:
         if self.store.topic:
             log.info("%s: state of partition%s %s read back (%d entries in %.2f s)", self.name, "s" * (len(missing) > 1),
                      ", ".join(map(str, sorted(missing))), count, time.monotonic() - began)
+        self.dead_letter_set_aside()
         return True
+
+    def dead_letter_set_aside(self) -> None:
+        """Each state record the read-back set aside becomes a dead letter, and what stands for it (a marker, or a
+        tombstone for a key that is not text) is written with it: sent with the next batch, said once a partition."""
+        set_aside = self.store.take_set_aside()
+        for partition in sorted({record.partition for record, _, _ in set_aside}):
+            (record, why, _), *more = [item for item in set_aside if item[0].partition == partition]
+            log.warning("%s: %s:%d:%d key %r: %s; set aside%s: each is a dead letter of %s, and what it held is lost",
+                        self.name, record.topic, partition, record.offset,
+                        (record.key or b"").decode(errors="backslashreplace"), why,
+                        f" (and {len(more)} more of this partition)" if more else "", self.name)
+        for record, why, change in set_aside:
+            self.unsent.append(rejected(self.name, record, f"state record set aside: {why}", say=False))
+            self.unsent += self.store.outs([change])
+            metrics.count("set_aside", service=self.name)
 
     def fire_timers(self, batch: dict, holdup: str | None) -> tuple[list[Serialised], list, dict]:
         """What the timers due now send, the state changes they make, and the offsets that fence them (a copy that

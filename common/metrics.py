@@ -11,6 +11,7 @@ service does, and the orchestrator what only it does (commands routed, open work
     commands_routed_total{topic,workflow}       the orchestrator's commands, per topic and workflow
     open_workflows                              workflows the orchestrator has running
     timeouts_fired_total{workflow}              steps whose time limit passed
+    state_entries_set_aside_total{service}      state records read back that are not entries (dead-lettered)
     messages_produced_total{service}            events an event source (the detector) sent, acknowledged
 """
 
@@ -58,6 +59,8 @@ def start(name: str, port: int | None) -> None:
         routed=Counter("commands_routed", "The orchestrator's commands", ["topic", "workflow"]),
         open=Gauge("open_workflows", "Workflows the orchestrator has running"),
         timeouts=Counter("timeouts_fired", "Steps whose time limit passed", ["workflow"]),
+        set_aside=Counter("state_entries_set_aside", "State records read back that are not entries, dead-lettered",
+                          ["service"]),
         produced=Counter("messages_produced", "Events an event source sent (acknowledged)", ["service"]))
     try:
         start_http_server(port)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from common import metrics
 from common.handling import is_repeat, remember
-from common.messages import Envelope, Output, caused_by
+from common.changelog import unreadable
+from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
 from common.workflow import FINISHED, Step, Table, command_topics, owns, step_for, workflow_of
@@ -21,6 +22,7 @@ log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
 ATTEMPTS = 3  # tries of a step that reports back, before a person is asked to take over (--attempts)
 WORKFLOW = "workflow/"  # state key of a workflow, by its id
+STATES = ("running", "completed", "failed")
 LOADED = time.monotonic()
 Route = Callable[[Envelope, int], list[Output]]  # route(event, stage): orchestrator.py's routing table
 
@@ -61,13 +63,8 @@ class Orchestration:
     def decide(self, event: Envelope, state: State, now: float | None = None) -> list[Output]:
         """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends."""
         now, key = now or time.time(), WORKFLOW + event.workflow_id
-        workflow = state.get(key)
-        if is_repeat(SOURCE, event, state, kept=None if workflow is None else workflow.get("handled", {})):
-            metrics.count("repeats", service=SOURCE)
-            return []
-        why = self.late(event, workflow)
-        if why:
-            log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
+        workflow = self.state_of_workflow(event, state)
+        if self.skipped(event, state, workflow):
             return []
         commands = self.route(event, self.stage)
         if workflow is None and any(event.type == w.starts_with for w in self.table.values()):
@@ -80,6 +77,30 @@ class Orchestration:
         if workflow is not None:
             state.put(key, workflow, due=next_deadline(workflow))
         return commands + news
+
+    def state_of_workflow(self, event: Envelope, state: State) -> dict | None:
+        """The state of an event's workflow (None: none kept); a dead letter if it was set aside as unreadable."""
+        workflow = state.get(WORKFLOW + event.workflow_id)
+        if workflow is not None and not self.is_workflow(workflow):
+            raise DeadLetter(f"the state of workflow {event.workflow_id} was unreadable "
+                             f"({unreadable(workflow) or 'not a workflow entry'}) and set aside: what it held is lost, "
+                             "so nothing is routed for it")
+        return workflow
+
+    def skipped(self, event: Envelope, state: State, workflow: dict | None) -> bool:
+        """Whether an event changes nothing: handled before, or too late for its workflow (each said)."""
+        if is_repeat(SOURCE, event, state, kept=None if workflow is None else workflow.get("handled", {})):
+            metrics.count("repeats", service=SOURCE)
+            return True
+        why = self.late(event, workflow)
+        if why:
+            log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
+        return bool(why)
+
+    def is_workflow(self, value) -> bool:
+        """Whether a state entry's value is a workflow as this orchestrator writes them (not one set aside, or junk)."""
+        return isinstance(value, dict) and value.get("type") in self.table and value.get("state") in STATES and \
+            isinstance(value.get("steps"), dict) and all(isinstance(s, dict) and "state" in s for s in value["steps"].values())
 
     def started(self, event: Envelope, commands: list[Output], key: str | None, now: float) -> dict:
         """A new workflow's state: each step it sent that reports back is pending, with its deadline."""
@@ -139,7 +160,7 @@ class Orchestration:
         routed at once (tried again, or escalated). Firing, the state change and what it sends commit in one
         transaction: once each. Workflows not owned (taken over, but another split orchestrator's) are left alone."""
         workflow, now, outputs = state.get(key), now or time.time(), []
-        if workflow is None or workflow["type"] not in self.owned:
+        if not self.is_workflow(workflow) or workflow["type"] not in self.owned:
             return []
         steps = {step.name for step in self.table[workflow["type"]].steps}
         for name, step in workflow["steps"].items():

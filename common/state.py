@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
 
-from common.changelog import Reader, changelog, read
+from common.changelog import UNREADABLE, Reader, Record, changelog, checked, read
 from common.handling import Serialised
 from common.settings import SETTINGS, Settings
 
@@ -85,6 +85,7 @@ class Store:
         self.timers: list[tuple[float, int, str]] = []          # (due, partition, key), a heap; stale ones skipped
         self.firing: list[tuple[float, int, str]] = []          # timers handed out, put back if not committed
         self.reader: Reader | None = None
+        self.set_aside: list[tuple] = []  # (record, why, change): records read back that are not state entries
         self.retention_s = settings.state_retention_s
 
     def view(self, partition: int, key: bytes | None = None, trace: str | None = None) -> State:
@@ -107,7 +108,8 @@ class Store:
 
     def outs(self, changes: list[Change]) -> list[Serialised]:
         """The changelog records of these changes, ready to send with the batch (none if kept in memory only)."""
-        return [Serialised(self.topic, c.stored, c.key.encode(), c.partition) for c in changes] if self.topic else []
+        return [Serialised(self.topic, c.stored, c.key.encode(errors="surrogateescape"), c.partition)
+                for c in changes] if self.topic else []
 
     def commit(self, changes: list[Change], fired: bool = True) -> None:
         """Apply changes Kafka has committed (fired=False: the timers handed out did not go out, and are due again)."""
@@ -163,15 +165,32 @@ class Store:
         if restored is None:  # (stopped meanwhile)
             return None
         self.entries.update(restored)
-        cutoff = time.time() - self.retention_s
+        self.set_aside += [(record, why, Change(record.partition, record.key.decode(errors="surrogateescape"), None))
+                           for record, why in self.reader.set_aside if record.key is not None]
         for partition, entries in restored.items():
-            for key, raw in list(entries.items()):
-                entry = read(raw)
-                if entry["at"] < cutoff:
-                    del entries[key]
-                elif entry["due"] is not None:
-                    heapq.heappush(self.timers, (entry["due"], partition, key))
+            self._index(partition, entries, time.time() - self.retention_s)
         return count
+
+    def _index(self, partition: int, entries: OrderedDict, cutoff: float) -> None:
+        """A partition read back: expired entries dropped, timers set; an entry that is not one is set aside, and
+        holds {"unreadable": why} from now on (so what it held is said lost, not guessed)."""
+        for key, raw in list(entries.items()):
+            entry, why = checked(raw)
+            if why is not None:
+                record = Record(self.settings.topic(self.topic), partition, self.reader.offsets[partition][key],
+                                key.encode(), raw)
+                entries[key] = stored({UNREADABLE: why}, None, time.time())
+                entries.move_to_end(key)
+                self.set_aside.append((record, why, Change(partition, key, entries[key])))
+            elif entry["at"] < cutoff:
+                del entries[key]
+            elif entry["due"] is not None:
+                heapq.heappush(self.timers, (entry["due"], partition, key))
+
+    def take_set_aside(self) -> list[tuple]:
+        """The records the read-back set aside since last asked: (the record, why, the change that stands for it)."""
+        taken, self.set_aside = self.set_aside, []
+        return taken
 
     def expire(self, now: float) -> int:
         """Drop entries not written for STATE_RETENTION_S (the changelog's retention drops them from Kafka)."""

@@ -1,0 +1,74 @@
+"""State that is damaged, against a real broker: a record in a state topic that is not a state entry is set aside,
+dead-lettered and said, never obeyed and never fatal; what it held is said lost, not guessed."""
+
+import json
+
+from helpers import detection, ids_of
+from kafka import KafkaAdminClient, KafkaProducer
+
+from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, Settings, changelog, ensure_changelog
+
+JUNK = [  # (key, value): what a careless client can write to a state topic
+    (b"not-json", b"{not json"),
+    (b"other-shape", json.dumps({"foo": 1}).encode()),
+    (b"bad-time", json.dumps({"at": "yesterday", "due": None, "value": {}}).encode()),
+    (b"workflow/\xff\xfe", json.dumps({"at": 1.0, "due": None, "value": {}}).encode()),
+]
+
+
+def write_raw(env, group: str, records: list[tuple[bytes, bytes]]) -> None:
+    """Write records straight to a group's state topic, partition 0, as any client on an unsecured cluster can."""
+    settings = Settings(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"], topic_prefix=env["TOPIC_PREFIX"])
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    ensure_changelog(admin, group, settings)
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    for key, value in records:
+        producer.send(settings.topic(changelog(group)), key=key, value=value, partition=0)
+    producer.flush()
+    producer.close()
+
+
+def set_aside(letters) -> list:
+    return [m for m in letters if m.payload["reason"].startswith("state record set aside")]
+
+
+def test_junk_in_the_orchestrators_state_is_set_aside_and_a_workflow_it_hid_is_said_lost(env, scripts, topics,
+                                                                                          producer):
+    # Given a detection routed while no security service runs (its workflow is running), then the orchestrator stopped
+    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600")
+    hidden = detection()
+    producer(MESSAGE_STREAM, hidden)
+    topics(SEC_COMMAND).read_count(1)
+    scripts.stop(orchestrator)
+    # And junk written over its state: the running workflow's entry, and records of no entry's shape at all
+    write_raw(env, "orchestrator", [(f"workflow/{hidden.workflow_id}".encode(), b"\x00garbage"), *JUNK])
+    write_raw(env, "security_service", [(b"seen/abc", b"[1, 2")])
+    # When both start, the hidden workflow's outcome comes, and a new detection is routed
+    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600")
+    security = scripts.start("security_service.py")
+    fresh = detection()
+    producer(MESSAGE_STREAM, fresh)
+    stream = topics(MESSAGE_STREAM)
+    stream.read_until(lambda ms: fresh.workflow_id in ids_of(ms, "workflow_completed"), timeout=90)
+    # Then each junk record is a dead letter of its service, said once a partition, and both services run on
+    letters = topics(DEAD_LETTER).read_until(lambda ms: len(set_aside(ms)) >= 6 and len(ms) >= 7, timeout=60)
+    assert sorted(m.source for m in set_aside(letters)) == ["orchestrator"] * 5 + ["security_service"]
+    assert "set aside (and 4 more of this partition)" in scripts.output(orchestrator)
+    assert "set aside:" in scripts.output(security) and orchestrator.poll() is None and security.poll() is None
+    # And the hidden workflow's outcome is a dead letter saying its state was unreadable, never "-> done"
+    [lost] = [m for m in letters if m not in set_aside(letters)]
+    assert lost.payload["reason"].startswith(f"the state of workflow {hidden.workflow_id} was unreadable")
+    assert hidden.workflow_id not in ids_of(stream.messages(), "workflow_completed")
+    # And started again, nothing is set aside twice (what stands for each record was written with its dead letter)
+    orchestrator = scripts.restart(orchestrator)
+    scripts.wait_for_output(orchestrator, "read back (")
+    again = detection()
+    producer(MESSAGE_STREAM, again)
+    stream.read_until(lambda ms: again.workflow_id in ids_of(ms, "workflow_completed"), timeout=90)
+    assert "set aside" not in scripts.output(orchestrator)
+    # And the tool that reads the state shows the workflows it can read, and says how many it cannot
+    listing = scripts.run("workflows.py", "list", "--json")
+    assert {json.loads(line)["workflow_id"] for line in listing.stdout.splitlines()} == {fresh.workflow_id,
+                                                                                          again.workflow_id}
+    assert "1 entry of the state set aside as unreadable" in listing.stderr

@@ -12,6 +12,7 @@ service does, and the orchestrator what only it does (commands routed, open work
     open_workflows                              workflows the orchestrator has running
     timeouts_fired_total{workflow}              steps whose time limit passed
     state_entries_set_aside_total{service}      state records read back that are not entries (dead-lettered)
+    outcomes_of_unknown_workflows_total{type}   outcomes of workflows the orchestrator has no state of
     messages_produced_total{service}            events an event source (the detector) sent, acknowledged
 """
 
@@ -59,6 +60,8 @@ def start(name: str, port: int | None) -> None:
         routed=Counter("commands_routed", "The orchestrator's commands", ["topic", "workflow"]),
         open=Gauge("open_workflows", "Workflows the orchestrator has running"),
         timeouts=Counter("timeouts_fired", "Steps whose time limit passed", ["workflow"]),
+        unknown=Counter("outcomes_of_unknown_workflows", "Outcomes of workflows with no state here, changing nothing",
+                        ["type"]),
         set_aside=Counter("state_entries_set_aside", "State records read back that are not entries, dead-lettered",
                           ["service"]),
         produced=Counter("messages_produced", "Events an event source sent (acknowledged)", ["service"]))

@@ -16,7 +16,7 @@ from common.changelog import unreadable
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
-from common.workflow import FINISHED, Step, Table, command_topics, owns, step_for, workflow_of
+from common.workflow import FINISHED, Step, Table, command_topics, owns, reports_on_step, step_for, workflow_of
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -54,7 +54,7 @@ class Orchestration:
         outputs = self.decide(event, state)
         self.count_routed(outputs, workflow_of(self.table, event.type))
         log.info("%s %s -> %s", event.type, event.workflow_id[:8],
-                 ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or "done")
+                 ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or "nothing follows")
         if not self.routed_any:  # (the restart gap, to read off by hand)
             self.routed_any = True
             log.info("first message routed %.2f s after this process started", process_age())
@@ -67,6 +67,8 @@ class Orchestration:
         if self.skipped(event, state, workflow):
             return []
         commands = self.route(event, self.stage)
+        if workflow is None and reports_on_step(self.table, event.type):
+            self.say_unknown(event)
         if workflow is None and any(event.type == w.starts_with for w in self.table.values()):
             workflow = self.started(event, commands, None if state.key is None else
                                     state.key.decode(errors="surrogateescape"), now)
@@ -96,6 +98,14 @@ class Orchestration:
         if why:
             log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
         return bool(why)
+
+    @staticmethod
+    def say_unknown(event: Envelope) -> None:
+        """An outcome of a workflow with no state here (never started here, expired, or its entry removed): it
+        changes no workflow, and that is said and counted, never taken for a step done."""
+        log.warning("%s %s: its workflow is unknown here (never started here, expired, or its state removed); it "
+                    "changes no workflow", event.type, event.workflow_id[:8])
+        metrics.count("unknown", type=event.type)
 
     def is_workflow(self, value) -> bool:
         """Whether a state entry's value is a workflow as this orchestrator writes them (not one set aside, or junk)."""

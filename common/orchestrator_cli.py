@@ -9,7 +9,7 @@ from common import metrics
 from common.dry_run import dry_run
 from common.orchestration import ATTEMPTS, Limits, Orchestration, Route
 from common.service import Service, serve
-from common.settings import MESSAGE_STREAM, setup_logging
+from common.settings import MESSAGE_STREAM, SETTINGS, setup_logging
 from common.takeover import take_over
 from common.workflow import Table, command_topics, group_for, senders
 
@@ -44,6 +44,8 @@ def check_flags(args: argparse.Namespace, table: Table) -> set[str]:
         refuse(f"--workflows takes a comma-separated subset of {','.join(table)}, not {args.workflows!r}")
     refuse_meaningless(args)
     refuse_unreadable(args)
+    if not args.dry_run:
+        refuse_short_retention(table, args, SETTINGS.state_retention_s)
     later = {w: table[w].from_stage for w in sorted(workflows) if table[w].from_stage > args.example}
     if not args.dry_run and len(later) == len(workflows):
         refuse(f"no workflow of {','.join(sorted(workflows))} runs at example {args.example} ("
@@ -69,6 +71,18 @@ def refuse_unreadable(args: argparse.Namespace) -> None:
         datetime.fromisoformat(args.since or "2000-01-01")
     except ValueError:
         refuse(f"--since takes a date and time, e.g. 2026-11-27T18:00 (local time), not {args.since!r}")
+
+
+def refuse_short_retention(table: Table, args: argparse.Namespace, retention_s: float) -> None:
+    """End the orchestrator in one line if its state would expire while a workflow still runs: a step's time limit
+    times its attempts, plus a minute for the last timer to fire and be committed."""
+    limits = Limits(args.step_timeout, args.attempts or ATTEMPTS)
+    longest = max((limits.of(step) or 0 for workflow in table.values() for step in workflow.steps if step.tracked),
+                  default=0) * limits.attempts
+    if longest and retention_s < longest + 60:
+        refuse(f"STATE_RETENTION_S={retention_s:g} is shorter than a workflow may run here ({longest:g} s: each step's "
+               f"time limit times {limits.attempts} attempts), plus a minute: its state would expire while it runs. "
+               f"Give STATE_RETENTION_S={longest + 60:g} or more (the default is a week), or shorter time limits")
 
 
 def refuse(why: str):

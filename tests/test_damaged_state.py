@@ -72,3 +72,26 @@ def test_junk_in_the_orchestrators_state_is_set_aside_and_a_workflow_it_hid_is_s
     assert {json.loads(line)["workflow_id"] for line in listing.stdout.splitlines()} == {fresh.workflow_id,
                                                                                           again.workflow_id}
     assert "1 entry of the state set aside as unreadable" in listing.stderr
+
+
+def test_a_removed_workflow_is_gone_for_the_orchestrator_and_for_workflows_py_alike(env, scripts, topics, producer):
+    # Given a running workflow (no security service), then the orchestrator stopped and its entry removed (a tombstone)
+    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600")
+    removed = detection()
+    producer(MESSAGE_STREAM, removed)
+    topics(SEC_COMMAND).read_count(1)
+    scripts.stop(orchestrator)
+    write_raw(env, "orchestrator", [(f"workflow/{removed.workflow_id}".encode(), None)])
+    # When the orchestrator starts again and the workflow's outcome comes
+    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600")
+    scripts.start("security_service.py")
+    scripts.wait_for_output(orchestrator, "security_action_completed")
+    later = detection()
+    producer(MESSAGE_STREAM, later)
+    stream = topics(MESSAGE_STREAM)
+    stream.read_until(lambda ms: later.workflow_id in ids_of(ms, "workflow_completed"), timeout=90)
+    # Then it says the workflow is unknown, calls nothing done, and workflows.py does not show it running either
+    assert "its workflow is unknown here" in scripts.output(orchestrator)
+    assert removed.workflow_id not in ids_of(stream.messages(), "workflow_completed")
+    listed = [json.loads(line)["workflow_id"] for line in scripts.run("workflows.py", "list", "--json").stdout.splitlines()]
+    assert listed == [later.workflow_id]

@@ -163,3 +163,13 @@ def test_a_repeat_of_an_event_of_no_known_workflow_is_skipped_too(store):
     assert [topic for topic, _ in handled(store, failed, T0)] == [NOTIFICATION_COMMAND]
     # Then the same event again escalates nothing more
     assert handled(store, failed, T0 + 1) == []
+
+
+def test_an_outcome_of_a_workflow_with_no_state_changes_nothing_and_says_so(store, caplog):
+    # Given no state of a workflow (never started here, expired, or its entry removed)
+    event = detection()
+    # When its step's outcome comes
+    outputs = handled(store, outcome(event), T0)
+    # Then nothing follows, no workflow is made up for it, and the orchestrator says why
+    assert outputs == [] and workflow(store, event) is None
+    assert "its workflow is unknown here" in caplog.text

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, defaultdict, namedtuple
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 
 import kafka
@@ -40,7 +40,7 @@ import acls
 import common
 import local_kafka
 import local_zipkin
-from common import Limits, Orchestration, Store, changelog, ensure_changelog, handle_record
+from common import Limits, Orchestration, Record, Store, changelog, ensure_changelog, handle_record
 from monitor import percentile
 from orchestrator import WORKFLOWS, route
 
@@ -79,10 +79,12 @@ class Bench:
                     TOPIC_PARTITIONS=str(self.partitions[prefix]),
                     REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1") | extra
 
-    def start(self, prefix: str, *args: str, **extra: str) -> subprocess.Popen:
-        """A script on this prefix's topics; `extra`: environment variables of its own (e.g. INSTANCE_ID)."""
-        return subprocess.Popen([sys.executable, *args], cwd=HERE, env=self.env(prefix, **extra), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    def start(self, prefix: str, *args: str, log: Path | None = None, **extra: str) -> subprocess.Popen:
+        """A script on this prefix's topics; `log`: a file for what it prints (else nothing is kept); `extra`:
+        environment variables of its own (e.g. INSTANCE_ID)."""
+        with open(log or os.devnull, "w") as out:
+            return subprocess.Popen([sys.executable, *args], cwd=HERE, env=self.env(prefix, **extra), stdout=out,
+                                    stderr=subprocess.STDOUT)
 
     def backlog(self, prefix: str, n: int) -> list[int]:
         """n detections waiting in message_stream; returns how many landed in each partition."""
@@ -166,9 +168,7 @@ class Bench:
             producer.flush()
             producer.close()
         log_path = Path(tempfile.gettempdir()) / f"{prefix}orchestrator.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "orchestrator.py", "--example", "2"], cwd=HERE, stdout=log,
-                                       stderr=subprocess.STDOUT, env=self.env(prefix, LOG_LEVEL="INFO"))
+        process = self.start(prefix, "orchestrator.py", "--example", "2", log=log_path, LOG_LEVEL="INFO")
         try:
             with console.status(f"state restore: an orchestrator reading back {workflows} workflows"):
                 while "read back" not in log_path.read_text():
@@ -189,9 +189,7 @@ class Bench:
     def stop_during_restore(self, prefix: str) -> float:
         """Seconds from SIGTERM to exit for an orchestrator in the middle of reading its state back."""
         log_path = Path(tempfile.gettempdir()) / f"{prefix}orchestrator-stopped.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "orchestrator.py", "--example", "2"], cwd=HERE, stdout=log,
-                                       stderr=subprocess.STDOUT, env=self.env(prefix, LOG_LEVEL="INFO"))
+        process = self.start(prefix, "orchestrator.py", "--example", "2", log=log_path, LOG_LEVEL="INFO")
         while "reading the state" not in log_path.read_text() and process.poll() is None:
             time.sleep(0.01)  # sampling a log for a measurement, not synchronising a test
         began = time.monotonic()
@@ -547,7 +545,6 @@ def confluent_router() -> None:
     consumer.close()
 
 
-Record = namedtuple("Record", "topic partition offset key value")
 
 
 def profile(count: int = 20_000) -> dict:

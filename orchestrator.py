@@ -12,8 +12,8 @@ A workflow changes by editing route() and WORKFLOWS here, then restarting this s
 Messages that arrive while it is down wait in message_stream and are routed once it is back.
 """
 
-from common import (NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND,
-                    DeadLetter, Envelope, Output, Step, Workflow, caused_by, reports_done, run_orchestrator)
+from common import (FINISHED, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, DeadLetter,
+                    Envelope, Output, Step, Workflow, caused_by, reports_done, run_orchestrator)
 
 SOURCE = "orchestrator"
 
@@ -34,7 +34,7 @@ def route(event: Envelope, stage: int = 3) -> list[Output]:
         return [(event.payload["topic"], Envelope.model_validate(event.payload["command"]))]  # again, same id
     elif event.type == "step_timed_out":  # no answer after every try: a person takes over
         return [(NOTIFICATION_COMMAND, escalate_timeout(event))]
-    elif reports_done(WORKFLOWS, event.type) or event.type in ("workflow_completed", "workflow_failed"):
+    elif reports_done(WORKFLOWS, event.type) or event.type in FINISHED:  # (workflow_completed, workflow_failed)
         return []  # a step reported done (security_action_completed, ...): nothing follows
     else:
         raise DeadLetter(f"no route for {event.type!r} at example {stage}")

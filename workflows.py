@@ -15,23 +15,21 @@ import sys
 import time
 from datetime import datetime
 
-from common import (SETTINGS, WORKFLOW, Orchestration, Stopper, latest_entries, orchestrator_groups, setup_logging,
+from common import (SETTINGS, STATES, WORKFLOW, Stopper, is_workflow, latest_entries, orchestrator_groups, setup_logging,
                     wait_for_kafka)
 from orchestrator import WORKFLOWS
 
 log = logging.getLogger("workflows")
-STATES = ("running", "completed", "failed")
 
 
 def workflows(settings=SETTINGS) -> dict[str, dict]:
     """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
     written for it (a later one wins); those past the retention are gone."""
     cutoff = time.time() - settings.state_retention_s
-    found = {key.decode(errors="replace").removeprefix(WORKFLOW): json.loads(entry)["value"]
-             for (_, key), (at, _, entry) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
+    found = {key.decode(errors="replace").removeprefix(WORKFLOW): value
+             for (_, key), (at, _, _, value) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
              if key.startswith(WORKFLOW.encode()) and at >= cutoff}
-    orchestration = Orchestration(WORKFLOWS, None, 3)
-    if unreadable := [id_ for id_, value in found.items() if not orchestration.is_workflow(value)]:
+    if unreadable := [id_ for id_, value in found.items() if not is_workflow(WORKFLOWS, value)]:
         print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
               f"unreadable (the orchestrator dead-lettered each; see dead_letters.py list), e.g. {unreadable[0]}",
               file=sys.stderr)

@@ -30,13 +30,13 @@ except ModuleNotFoundError as missing:
     raise SystemExit(f"{missing.name} is not installed here: run the scripts in the project's virtual environment "
                      f"(`make check` makes it in .venv; then `. .venv/bin/activate`)") from None
 
-from common.changelog import changelog, ensure_changelog, latest_entries
+from common.changelog import Record, changelog, ensure_changelog, latest_entries
 from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,
                             refused, send, wait_for_acks, wait_for_kafka)
 from common.handling import Handler, Unavailable, handle_batch, handle_record
 from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, caused_by,
                              dead_letter, expect, new_event, parse)
-from common.orchestration import WORKFLOW, Limits, Orchestration
+from common.orchestration import STATES, WORKFLOW, Limits, Orchestration, is_workflow
 from common.orchestrator_cli import run_orchestrator
 from common.producing import Pacer, run_producer
 from common.service import Service, run_service, serve
@@ -47,16 +47,16 @@ from common.state import State, Store
 from common.takeover import replaced
 from common.waiting import Stopper
 from common.workarounds import discard
-from common.workflow import (Step, Workflow, command_topics, group_for, orchestrator_groups, owns, reports_done, senders,
-                             services)
+from common.workflow import (FINISHED, Step, Workflow, command_topics, group_for, orchestrator_groups, owns, reports_done,
+                             senders, services)
 
-__all__ = ["changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka", "ensure_topics",
-           "make_consumer", "make_producer", "read_all", "refused", "send", "wait_for_acks", "wait_for_kafka", "Handler",
-           "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES", "SCHEMAS", "DeadLetter",
-           "DeadLetterPayload", "Envelope", "Output", "caused_by", "dead_letter", "expect", "new_event", "parse",
-           "WORKFLOW", "Limits", "Orchestration", "run_orchestrator", "Pacer", "run_producer", "Service", "run_service",
-           "serve", "ALL_TOPICS", "DEAD_LETTER", "FAMILIES", "MESSAGE_STREAM", "NOTIFICATION_COMMAND", "REPORT_DATA",
-           "SEC_COMMAND", "SETTINGS", "SINGLE_WRITER_TOPICS", "THIRD_PARTY", "UNIT_COMMAND", "Settings", "family_of",
-           "setup_logging", "topic", "written_by", "State", "Store", "replaced", "Stopper", "discard", "Step",
-           "Workflow", "command_topics", "group_for", "orchestrator_groups", "owns", "reports_done", "senders",
-           "services"]
+__all__ = ["Record", "changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
+           "ensure_topics", "make_consumer", "make_producer", "read_all", "refused", "send", "wait_for_acks",
+           "wait_for_kafka", "Handler", "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES",
+           "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "caused_by", "dead_letter", "expect",
+           "new_event", "parse", "STATES", "WORKFLOW", "Limits", "Orchestration", "is_workflow", "run_orchestrator",
+           "Pacer", "run_producer", "Service", "run_service", "serve", "ALL_TOPICS", "DEAD_LETTER", "FAMILIES",
+           "MESSAGE_STREAM", "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "SINGLE_WRITER_TOPICS",
+           "THIRD_PARTY", "UNIT_COMMAND", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
+           "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "group_for",
+           "orchestrator_groups", "owns", "reports_done", "senders", "services", "FINISHED"]

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
@@ -33,7 +33,7 @@ UNREADABLE = "unreadable"  # what an entry set aside holds instead: {"unreadable
 
 
 class Record(NamedTuple):
-    """A changelog record, as a dead letter names it."""
+    """A record as read from Kafka, made by hand: a changelog record set aside, a record bench.py profiles."""
     topic: str
     partition: int
     offset: int
@@ -173,26 +173,24 @@ def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPar
 
 def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict[tuple[int, bytes], tuple]:
     """The last entry written for each (partition, key) in these groups' state topics (read whole, joining no
-    group): (when it was written, by which group, the entry). On a tie the group named later wins."""
-    latest: dict[tuple[int, bytes], tuple[float, str, bytes]] = {}
+    group): (when it was written, by which group, the entry as stored, its value). On a tie the group named later
+    wins. A record that is not a state entry is left out (the service sets it aside when it reads it back)."""
+    latest: dict[tuple[int, bytes], tuple[float, str, bytes, Any]] = {}
     for group in groups:
-        for slot, (at, raw) in last_of_each_key(read_all(changelog(group), settings=settings)).items():
-            if slot not in latest or at >= latest[slot][0]:
-                latest[slot] = (at, group, raw)
+        for slot, raw in last_of_each_key(read_all(changelog(group), settings=settings)).items():
+            entry, _ = checked(raw)
+            if entry is not None and (slot not in latest or entry["at"] >= latest[slot][0]):
+                latest[slot] = (entry["at"], group, raw, entry["value"])
     return latest
 
 
-def last_of_each_key(records: list) -> dict[tuple[int, bytes], tuple[float, bytes]]:
-    """(partition, key) -> (when, the entry) of the last record of each key of one state topic: a tombstone removes
-    the key; a record that is not a state entry is left out (the service sets it aside when it reads it back)."""
-    last: dict[tuple[int, bytes], tuple[float, bytes]] = {}
+def last_of_each_key(records: list) -> dict[tuple[int, bytes], bytes]:
+    """(partition, key) -> the last record's value of each key of one state topic (a tombstone removes the key)."""
+    last: dict[tuple[int, bytes], bytes] = {}
     for record in records:
-        slot = (record.partition, record.key)
-        entry, _ = checked(record.value) if record.value is not None else (None, None)
-        if entry is None:
-            last.pop(slot, None)
-        else:
-            last[slot] = (entry["at"], record.value)
+        last[(record.partition, record.key)] = record.value
+        if record.value is None:
+            del last[(record.partition, record.key)]
     return last
 
 

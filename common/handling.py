@@ -94,9 +94,9 @@ def handle_record(name: str, record, handle: Handler, store, stop,
         refuse_if_not_theirs(record, message, accepts)
         kind = message.type if message.type in SCHEMAS else "(other)"  # (a label per known type only)
         if store is not None and store.dedupe:
-            if is_repeat(name, message, state):
+            if is_repeat(name, message, state.get(SEEN + message.id)):
                 return Handled(record, span=span, counted=("repeats", kind))
-            remember(message, state)  # (committed with the outputs, or not at all)
+            state.put(SEEN + message.id, mark(message))  # (committed with the outputs, or not at all)
         outputs = call_handler(name, message, lambda m: handle(m, state), stop)
         outs = [serialised(written_by(t, name), m, record.key, carried) for t, m, *_ in outputs]
         if state is None:
@@ -130,28 +130,22 @@ def undo(store, state) -> None:
         state.undo()
 
 
-def is_repeat(name: str, message: Envelope, state, kept: dict | None = None) -> bool:
-    """True for a message handled before: its id is under seen/<id> in the service's state, or in `kept` (the ids a
-    workflow's entry keeps of its events). The same id saying something else is a dead letter."""
-    known = (kept or {}).get(message.id) or state.get(SEEN + message.id)
-    if unreadable(known):
-        raise DeadLetter(f"its id's state entry was set aside as unreadable ({unreadable(known)}); not handled, in "
-                         "case it was before")
+def is_repeat(name: str, message: Envelope, known) -> bool:
+    """True for a message handled before: `known` is what its id's entry says (mark(), where the service keeps it:
+    seen/<id>, or a workflow's entry), or None. The same id saying something else is a dead letter."""
+    if why := unreadable(known):
+        raise DeadLetter(f"its id's state entry was set aside as unreadable ({why}); not handled, in case it was before")
     if known is None:
         return False
-    if known != digest(message).hex():
+    if known != mark(message):
         raise DeadLetter(f"id {message.id!r} was handled before with different content; not handled again")
     log.info("%s: %s %s already handled; ignoring the redelivery", name, message.type, message.id[:8])
     return True
 
 
-def remember(message: Envelope, state, kept: dict | None = None) -> None:
-    """Keep a handled message's id and what it said, committed with its outputs: in `kept` (the caller stores it
-    with its entry) or under seen/<id>."""
-    if kept is not None:
-        kept[message.id] = digest(message).hex()
-    else:
-        state.put(SEEN + message.id, digest(message).hex())
+def mark(message: Envelope) -> str:
+    """What is kept of a handled message under its id: a digest of what it said."""
+    return digest(message).hex()
 
 
 def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Output]:
@@ -200,12 +194,16 @@ def serialise_own(name: str, outputs: list[Output], headers: list | None = None,
     return outs
 
 
-def rejected(name: str, record, reason: str, span=None, say: bool = True) -> Serialised:
-    """The record's dead letter, ready to send: keyed like the record unless its key is what was wrong. It carries
-    the record's trace context (a replay of it stays in the same trace); its span is marked as an error."""
-    if say:
-        log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
+def rejected(name: str, record, reason: str, span=None) -> Serialised:
+    """The record's dead letter, said and ready to send; its span is marked as an error."""
+    log.warning("%s: dead letter from %s:%s:%s: %s", name, record.topic, record.partition, record.offset, reason[:300])
     tracing.failed(span, f"dead letter: {reason}")
+    return dead_letter_of(name, record, reason)
+
+
+def dead_letter_of(name: str, record, reason: str) -> Serialised:
+    """The record's dead letter, ready to send: keyed like the record unless its key is what was wrong. It carries
+    the record's trace context (a replay of it stays in the same trace)."""
     letter = dead_letter(record.value, reason, name, record)
     try:
         check_key(record.key)

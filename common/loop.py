@@ -16,7 +16,7 @@ from common import metrics, tracing
 from common.clients import join
 from common.copies import Copies
 from common.delivery import Delivery
-from common.handling import Handled, Serialised, handle_batch, rejected, serialise_own
+from common.handling import Handled, Serialised, dead_letter_of, handle_batch, serialise_own
 from common.settings import FAMILIES, Settings
 from common.state import Store
 from common.waiting import Pause, Poller
@@ -159,7 +159,7 @@ class Loop:
                         (record.key or b"").decode(errors="backslashreplace"), why,
                         f" (and {len(more)} more of this partition)" if more else "", self.name)
         for record, why, change in set_aside:
-            self.unsent.append(rejected(self.name, record, f"state record set aside: {why}", say=False))
+            self.unsent.append(dead_letter_of(self.name, record, f"state record set aside: {why}"))
             self.unsent += self.store.outs([change])
             metrics.count("set_aside", service=self.name)
 
@@ -167,11 +167,13 @@ class Loop:
         """What the timers due now send, the state changes they make, and the offsets that fence them (a copy that
         lost the partition meanwhile cannot commit them). A partition still catching up waits: the answer a timer
         waits for may be further on."""
-        positions = self.positions() if self.service.timer is not None else None
+        if self.service.timer is None or not self.store.any_due(time.time()):
+            return [], [], {}  # (the usual batch: nothing more to ask the consumer)
+        positions = self.positions()
         if positions is None:
             return [], [], {}
-        behind = {tp.partition for tp in batch if holdup or positions.get(tp, 0) < (self.consumer.highwater(tp) or 0)}
         outs, changes, fired = [], [], set()
+        behind = {tp.partition for tp in batch if holdup or self.catching_up(tp, positions)}
         for partition, key in self.store.due(time.time(), skip=behind):
             state = self.fire(partition, key, outs)
             if state is not None:
@@ -199,6 +201,10 @@ class Loop:
             tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")
             state.undo()
             return None
+
+    def catching_up(self, tp, positions: dict) -> bool:
+        """Whether a partition of the batch has records after it (a partition taken away counts as catching up)."""
+        return positions.get(tp, 0) < (self.consumer.highwater(tp) or 0)
 
     def positions(self) -> dict | None:
         """Where each assigned partition stands; None while the broker cannot say (a position kafka-python must

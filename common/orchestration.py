@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common import metrics
-from common.handling import is_repeat, remember
+from common.handling import SEEN, is_repeat, mark
 from common.changelog import unreadable
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
-from common.workflow import FINISHED, Step, Table, command_topics, owns, reports_on_step, step_for, workflow_of
+from common.workflow import FINISHED, Step, Table, command_topics
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -46,13 +46,24 @@ class Orchestration:
         self.table, self.route, self.stage, self.limits = table, route, stage, limits
         self.owned = set(table) if owned is None else owned
         self.routed_any = False
+        # (the table asked once, not per event: which workflow each event type belongs to, and each command's step)
+        self.commands, self.kind = command_topics(table), {}
+        for name, workflow in table.items():
+            for event_type in (workflow.starts_with, *(t for step in workflow.steps for t in step.done + step.failed)):
+                self.kind.setdefault(event_type, name)
+        self.starts = {workflow.starts_with for workflow in table.values()}
+        self.handles = {*self.owned, None}  # (a type no workflow knows: route() dead-letters it)
+        self.steps = {}
+        for workflow in table.values():
+            for step in workflow.steps:
+                self.steps.setdefault(step.command, step)
 
     def handle(self, event: Envelope, state: State) -> list[Output]:
         """The loop's handler: an event of this orchestrator's workflows, routed and its workflow kept."""
-        if not owns(self.table, event.type, self.owned):
+        if self.kind.get(event.type) not in self.handles:
             return []  # (another orchestrator's: it routes it)
         outputs = self.decide(event, state)
-        self.count_routed(outputs, workflow_of(self.table, event.type))
+        self.count_routed(outputs, self.kind.get(event.type))
         log.info("%s %s -> %s", event.type, event.workflow_id[:8],
                  ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or "nothing follows")
         if not self.routed_any:  # (the restart gap, to read off by hand)
@@ -67,23 +78,25 @@ class Orchestration:
         if self.skipped(event, state, workflow):
             return []
         commands = self.route(event, self.stage)
-        if workflow is None and reports_on_step(self.table, event.type):
+        if workflow is None and event.type in self.kind and event.type not in self.starts:  # (a step's outcome)
             self.say_unknown(event)
-        if workflow is None and any(event.type == w.starts_with for w in self.table.values()):
+        if workflow is None and event.type in self.starts:
             workflow = self.started(event, commands, None if state.key is None else
                                     state.key.decode(errors="surrogateescape"), now)
         news = self.track(workflow, event, now) if workflow is not None else []
         # (a workflow's entry keeps the ids of its events; an event of no workflow, say an outcome after its
         # workflow expired, is kept on its own)
-        remember(event, state, kept=None if workflow is None else workflow.setdefault("handled", {}))
         if workflow is not None:
+            workflow.setdefault("handled", {})[event.id] = mark(event)
             state.put(key, workflow, due=next_deadline(workflow))
+        else:
+            state.put(SEEN + event.id, mark(event))
         return commands + news
 
     def state_of_workflow(self, event: Envelope, state: State) -> dict | None:
         """The state of an event's workflow (None: none kept); a dead letter if it was set aside as unreadable."""
         workflow = state.get(WORKFLOW + event.workflow_id)
-        if workflow is not None and not self.is_workflow(workflow):
+        if workflow is not None and not is_workflow(self.table, workflow):
             raise DeadLetter(f"the state of workflow {event.workflow_id} was unreadable "
                              f"({unreadable(workflow) or 'not a workflow entry'}) and set aside: what it held is lost, "
                              "so nothing is routed for it")
@@ -91,7 +104,8 @@ class Orchestration:
 
     def skipped(self, event: Envelope, state: State, workflow: dict | None) -> bool:
         """Whether an event changes nothing: handled before, or too late for its workflow (each said)."""
-        if is_repeat(SOURCE, event, state, kept=None if workflow is None else workflow.get("handled", {})):
+        known = (workflow or {}).get("handled", {}).get(event.id) or state.get(SEEN + event.id)
+        if is_repeat(SOURCE, event, known):
             metrics.count("repeats", service=SOURCE)
             return True
         why = self.late(event, workflow)
@@ -107,22 +121,17 @@ class Orchestration:
                     "changes no workflow", event.type, event.workflow_id[:8])
         metrics.count("unknown", type=event.type)
 
-    def is_workflow(self, value) -> bool:
-        """Whether a state entry's value is a workflow as this orchestrator writes them (not one set aside, or junk)."""
-        return isinstance(value, dict) and value.get("type") in self.table and value.get("state") in STATES and \
-            isinstance(value.get("steps"), dict) and all(isinstance(s, dict) and "state" in s for s in value["steps"].values())
-
     def started(self, event: Envelope, commands: list[Output], key: str | None, now: float) -> dict:
         """A new workflow's state: each step it sent that reports back is pending, with its deadline."""
         steps = {}
         for topic, command, *_ in commands:
-            found = step_for(self.table, command.type)
-            if found and found[1].tracked:
-                limit = self.limits.of(found[1])
-                steps[found[1].name] = {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None,
+            step = self.steps.get(command.type)
+            if step is not None and step.tracked:
+                limit = self.limits.of(step)
+                steps[step.name] = {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None,
                                         "deadline": now + limit if limit else None, "topic": topic,
                                         "command": command.model_dump(mode="json")}
-        return {"workflow_id": event.workflow_id, "type": workflow_of(self.table, event.type), "stage": self.stage,
+        return {"workflow_id": event.workflow_id, "type": self.kind[event.type], "stage": self.stage,
                 "key": key, "started_at": now, "state": "running", "finished_at": None, "steps": steps,
                 "handled": {}}
 
@@ -170,7 +179,7 @@ class Orchestration:
         routed at once (tried again, or escalated). Firing, the state change and what it sends commit in one
         transaction: once each. Workflows not owned (taken over, but another split orchestrator's) are left alone."""
         workflow, now, outputs = state.get(key), now or time.time(), []
-        if not self.is_workflow(workflow) or workflow["type"] not in self.owned:
+        if not is_workflow(self.table, workflow) or workflow["type"] not in self.owned:
             return []
         steps = {step.name for step in self.table[workflow["type"]].steps}
         for name, step in workflow["steps"].items():
@@ -196,15 +205,20 @@ class Orchestration:
         """The commands among a workflow's outputs, counted per topic (metrics on)."""
         if not metrics.ON:
             return
-        commands = command_topics(self.table)
         for topic, *_ in outputs:
-            if topic in commands:
+            if topic in self.commands:
                 metrics.count("routed", topic=topic, workflow=workflow or "none")
 
     @staticmethod
     def open_workflows(store) -> int:
         """How many workflows run now (a quick scan of the stored entries, parsing none)."""
         return store.count(WORKFLOW, b'"state":"running"')
+
+
+def is_workflow(table: Table, value) -> bool:
+    """Whether a state entry's value is a workflow as the orchestrator writes them (not one set aside, or junk)."""
+    return isinstance(value, dict) and value.get("type") in table and value.get("state") in STATES and \
+        isinstance(value.get("steps"), dict) and all(isinstance(s, dict) and "state" in s for s in value["steps"].values())
 
 
 def next_deadline(workflow: dict) -> float | None:

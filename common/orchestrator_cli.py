@@ -33,6 +33,7 @@ def parse_flags(description: str, table: Table) -> argparse.Namespace:
     parser.add_argument("--no-transactions", action="store_true",
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
+    args.limits = Limits(args.step_timeout, args.attempts or ATTEMPTS)
     args.workflows = check_flags(args, table)
     return args
 
@@ -76,7 +77,7 @@ def refuse_unreadable(args: argparse.Namespace) -> None:
 def refuse_short_retention(table: Table, args: argparse.Namespace, retention_s: float) -> None:
     """End the orchestrator in one line if its state would expire while a workflow still runs: a step's time limit
     times its attempts, plus a minute for the last timer to fire and be committed."""
-    limits = Limits(args.step_timeout, args.attempts or ATTEMPTS)
+    limits = args.limits
     longest = max((limits.of(step) or 0 for workflow in table.values() for step in workflow.steps if step.tracked),
                   default=0) * limits.attempts
     if longest and retention_s < longest + 60:
@@ -99,8 +100,7 @@ def run_orchestrator(description: str, table: Table, route: Route) -> None:
         return dry_run(table, route, args, args.workflows)
     active = sorted(w for w in args.workflows if table[w].from_stage <= args.example)
     log.info("routing table: example %d, workflows %s", args.example, ", ".join(active))
-    orchestration = Orchestration(table, route, args.example, Limits(args.step_timeout, args.attempts or ATTEMPTS),
-                                  args.workflows)
+    orchestration = Orchestration(table, route, args.example, args.limits, args.workflows)
     accepts = senders(table, args.workflows)
     exactly_once = not args.no_transactions
     serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM),

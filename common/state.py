@@ -127,6 +127,10 @@ class Store:
             heapq.heappush(self.timers, timer)
         self.firing.clear()
 
+    def any_due(self, now: float) -> bool:
+        """Whether some timer may be due (a stale one too: due() skips those)."""
+        return bool(self.timers) and self.timers[0][0] <= now
+
     def due(self, now: float, skip: set[int] = frozenset(), limit: int = TIMERS_PER_BATCH) -> list[tuple[int, str]]:
         """The (partition, key) of each entry whose timer is due, handed out once (until abandon()); at most `limit`
         (the rest next time, so one transaction stays small), none of the partitions in `skip`."""

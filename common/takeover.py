@@ -119,7 +119,7 @@ def move_offsets(admin: KafkaAdminClient, group: str, offsets: dict, others: tup
 def adopt(group: str, others: tuple[str, ...], settings: Settings = SETTINGS) -> int:
     """Copy into a group's state topic every entry that one of `others` wrote later than it did, to the same
     partition: the group takes over what they knew too. Returns how many entries were copied."""
-    newer = [(slot, entry) for slot, (_, writer, entry) in  # (its own last: on a tie its own stands, so copying
+    newer = [(slot, entry) for slot, (_, writer, entry, _) in  # (its own last: on a tie its own stands, so copying
              latest_entries((*others, group), settings).items() if writer != group]  # twice copies nothing)
     if newer:
         producer = KafkaProducer(**settings.kafka_config(), acks="all", linger_ms=20, batch_size=256 * 1024)

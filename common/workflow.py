@@ -56,11 +56,6 @@ def reports_done(table: Table, event_type: str) -> bool:
     return any(event_type in step.done for workflow in table.values() for step in workflow.steps)
 
 
-def reports_on_step(table: Table, event_type: str) -> bool:
-    """Whether an event reports a step of some workflow done or failed (a service's outcome)."""
-    return any(event_type in step.done + step.failed for workflow in table.values() for step in workflow.steps)
-
-
 def workflow_of(table: Table, event_type: str) -> str | None:
     """The workflow an event type belongs to: the one it starts, or whose step it reports on."""
     for name, workflow in table.items():

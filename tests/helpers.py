@@ -10,12 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from pydantic import ValidationError
 
-from common import MESSAGE_STREAM, Envelope, Settings, new_event, written_by
-from common.settings import FAMILIES
-from common import senders
+from common import (FAMILIES, MESSAGE_STREAM, Envelope, Settings, changelog, ensure_changelog, new_event, senders,
+                    written_by)
 from orchestrator import WORKFLOWS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,3 +218,17 @@ def writer_of(name: str, value) -> str:
 
 def envelope_of(record) -> Envelope:
     return Envelope.model_validate_json(record.value)
+
+
+def write_raw(env, group: str, records) -> None:
+    """Write (key, value) records straight to a group's state topic, partition 0, as any client on an unsecured
+    cluster can."""
+    settings = Settings(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"], topic_prefix=env["TOPIC_PREFIX"])
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    ensure_changelog(admin, group, settings)
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=50, batch_size=1024 * 1024)
+    for key, value in records:
+        producer.send(settings.topic(changelog(group)), key=key, value=value, partition=0)
+    producer.flush()
+    producer.close()

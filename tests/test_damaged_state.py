@@ -3,10 +3,9 @@ dead-lettered and said, never obeyed and never fatal; what it held is said lost,
 
 import json
 
-from helpers import detection, ids_of
-from kafka import KafkaAdminClient, KafkaProducer
+from helpers import detection, ids_of, write_raw
 
-from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, Settings, changelog, ensure_changelog
+from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND
 
 JUNK = [  # (key, value): what a careless client can write to a state topic
     (b"not-json", b"{not json"),
@@ -14,19 +13,6 @@ JUNK = [  # (key, value): what a careless client can write to a state topic
     (b"bad-time", json.dumps({"at": "yesterday", "due": None, "value": {}}).encode()),
     (b"workflow/\xff\xfe", json.dumps({"at": 1.0, "due": None, "value": {}}).encode()),
 ]
-
-
-def write_raw(env, group: str, records: list[tuple[bytes, bytes]]) -> None:
-    """Write records straight to a group's state topic, partition 0, as any client on an unsecured cluster can."""
-    settings = Settings(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"], topic_prefix=env["TOPIC_PREFIX"])
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    ensure_changelog(admin, group, settings)
-    admin.close()
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
-    for key, value in records:
-        producer.send(settings.topic(changelog(group)), key=key, value=value, partition=0)
-    producer.flush()
-    producer.close()
 
 
 def set_aside(letters) -> list:

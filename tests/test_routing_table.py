@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from helpers import ROOT, detection, unit_event
 
 import acls
 import orchestrator
+from common import orchestrator_cli
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
 from common import owns, senders
 from orchestrator import WORKFLOWS, route
@@ -181,11 +183,11 @@ def test_the_orchestrators_one_line_refusal_is_all_a_user_sees():
         1, "", "orchestrator: --since is for --dry-run only; nothing was started\n")
 
 
-def test_a_state_retention_shorter_than_a_workflow_may_run_is_refused_in_one_line_before_it_starts():
+def test_a_state_retention_shorter_than_a_workflow_may_run_is_refused_in_one_line_before_it_starts(monkeypatch):
     # (a workflow's state would expire while it still waits: no retry, no escalation, no word)
-    result = subprocess.run([sys.executable, "orchestrator.py", "--step-timeout", "30", "--attempts", "3"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30,
-                            env=dict(os.environ, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", STATE_RETENTION_S="60"))
-    assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr.startswith("orchestrator: STATE_RETENTION_S=60 is shorter than a workflow may run here (90 s")
-    assert "Give STATE_RETENTION_S=150 or more" in result.stderr
+    monkeypatch.setattr(orchestrator_cli, "SETTINGS", replace(orchestrator_cli.SETTINGS, state_retention_s=60))
+    monkeypatch.setattr(sys, "argv", ["orchestrator.py", "--step-timeout", "30", "--attempts", "3"])
+    with pytest.raises(SystemExit) as ended:
+        orchestrator.main()
+    assert ended.value.code.startswith("orchestrator: STATE_RETENTION_S=60 is shorter than a workflow may run here (90 s")
+    assert "Give STATE_RETENTION_S=150 or more" in ended.value.code

@@ -7,11 +7,9 @@ import signal
 import time
 
 import pytest
-from helpers import detection, ids_of, unit_event
-from kafka import KafkaAdminClient, KafkaProducer
+from helpers import detection, ids_of, unit_event, write_raw
 
-from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Settings, changelog,
-                    ensure_changelog)
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 from orchestrator import route
 
 SERVICES = {  # script -> (its command topic, a new command, where its effect shows, the effect's type)
@@ -147,16 +145,8 @@ def test_a_surviving_orchestrator_restores_a_killed_ones_partitions_and_fires_th
 
 def test_a_stop_signal_during_a_long_read_back_is_honoured_before_it_ends(env, scripts):
     # Given an orchestrator's state topic holding 200 000 entries (written straight to it, as the orchestrator would)
-    settings = Settings(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"], topic_prefix=env["TOPIC_PREFIX"])
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    ensure_changelog(admin, "orchestrator", settings)
-    admin.close()
-    raw = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=50, batch_size=1024 * 1024)
     entry = json.dumps({"at": time.time(), "due": None, "value": "0" * 64}).encode()
-    for i in range(200_000):
-        raw.send(settings.topic(changelog("orchestrator")), key=f"seen/{i}".encode(), value=entry, partition=0)
-    raw.flush()
-    raw.close()
+    write_raw(env, "orchestrator", ((f"seen/{i}".encode(), entry) for i in range(200_000)))
     # When the orchestrator starts reading it back and is sent SIGTERM meanwhile
     orchestrator = scripts.start("orchestrator.py", "--example", "1")
     scripts.wait_for_output(orchestrator, "reading the state of partition 0 back")

@@ -194,6 +194,21 @@ def last_of_each_key(records: list) -> dict[tuple[int, bytes], bytes]:
     return last
 
 
+def refuse_if_state_lost(admin: KafkaAdminClient, name: str, group: str, settings: Settings = SETTINGS) -> None:
+    """End a service in one line if its group has done work (committed offsets) but its state topic is gone: made
+    anew, it would start on empty state in silence. ACCEPT_STATE_LOSS=1 starts it so, once, and says so."""
+    real = settings.topic(changelog(group))
+    if real in admin.list_topics() or not admin.list_group_offsets(settings.group(group)).get(settings.group(group)):
+        return
+    why = (f"{name}: group {settings.group(group)} has committed offsets, but its state topic {real} is gone (deleted?): "
+           "what it knew (workflows in flight, ids handled) is lost")
+    if not settings.accept_state_loss:
+        raise SystemExit(f"{why}. Nothing was started. To go on with empty state (outcomes of workflows it knew "
+                         "are then said unknown; a command handled before may be carried out again), start it once "
+                         "with ACCEPT_STATE_LOSS=1")
+    log.warning("%s; starting with empty state, as ACCEPT_STATE_LOSS asks", why)
+
+
 def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:
     """Create a group's state topic if it is missing: compacted (the last entry per key is kept) and deleted after
     the retention (so entries not written for that long go)."""

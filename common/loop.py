@@ -60,6 +60,7 @@ class Loop:
         timed, changes, offsets = self.fire_timers(batch, holdup)
         done, sent = self.deliver(self.unsent + timed, handled, offsets)
         self.remember_committed(done, changes if sent else [], sent)
+        self.stop_if_state_gone(done)
         tracing.end_batch(handled, done, self.spans, sent, self.delivery.trouble)
         self.spans = []
         metrics.batch_committed(self.name, self.consumer, done or [], self.store, self.service.open_count)
@@ -115,6 +116,23 @@ class Loop:
         else:
             self.store.commit([*changes, *(change for item in done for change in item.changes)], fired=sent)
 
+    def stop_if_state_gone(self, done: list[Handled] | None) -> None:
+        """After a batch that could not be delivered: if the state topic is gone (deleted), say what is lost and end
+        the script (exit 1) instead of retrying writes to a topic that is no more."""
+        if done is not None or self.store is None or not self.store.topic:
+            return
+        real = self.store.settings.topic(self.store.topic)
+        try:
+            gone = real not in self.consumer.topics()
+        except KafkaError:  # (the broker is away: that is waited out, not a lost topic)
+            return
+        if gone:
+            entries = sum(map(len, self.store.entries.values()))
+            log.error("%s: its state topic %s is gone (deleted?): %d entries of %d partitions it held are lost there. "
+                      "Stopping; the batch was not committed and waits in Kafka. Start it again with "
+                      "ACCEPT_STATE_LOSS=1 to go on with empty state", self.name, real, entries, len(self.store.entries))
+            raise SystemExit(1)
+
     def restore_state(self, batch: dict) -> bool:
         """Read back the state of every partition assigned since the last batch, before any of its records is
         handled; False (the batch waits in Kafka) if that could not be done now."""
@@ -154,7 +172,7 @@ class Loop:
         set_aside = self.store.take_set_aside()
         for partition in sorted({record.partition for record, _, _ in set_aside}):
             (record, why, _), *more = [item for item in set_aside if item[0].partition == partition]
-            log.warning("%s: %s:%d:%d key %r: %s; set aside%s: each is a dead letter of %s, and what it held is lost",
+            log.warning("%s: %s:%d:%d key '%s': %s; set aside%s: each is a dead letter of %s, and what it held is lost",
                         self.name, record.topic, partition, record.offset,
                         (record.key or b"").decode(errors="backslashreplace"), why,
                         f" (and {len(more)} more of this partition)" if more else "", self.name)

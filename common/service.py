@@ -10,7 +10,7 @@ from kafka import KafkaAdminClient
 from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 
 from common import metrics, tracing
-from common.changelog import ensure_changelog
+from common.changelog import ensure_changelog, refuse_if_state_lost
 from common.clients import refused, wait_for_kafka
 from common.handling import Handler
 from common.loop import Loop
@@ -77,24 +77,33 @@ def serve(service: Service, settings: Settings = SETTINGS) -> None:
 
 
 def prepare(stop: Stopper, service: Service, settings: Settings, topics: list[str], store: Store | None) -> bool:
-    """Wait for Kafka, create missing topics (and the state topic), and run `before_start(admin, stop)` (it may end
-    the script); False if stopped meanwhile."""
+    """Wait for Kafka, create missing topics, refuse to start on a state topic that is gone, run
+    `before_start(admin, stop)` (it may end the script), make the state topic; False if stopped meanwhile."""
     admin = wait_for_kafka(stop, service.name, settings, topics=topics)
     if admin is None:
         return False
+    group, keeps_state = service.group or service.name, store is not None and store.topic is not None
     try:
-        while service.before_start and not stop:
-            try:
-                service.before_start(admin, stop)
-                break
-            except AuthorizationError as error:
-                raise refused(service.name, error, settings) from None
-            except KafkaError as error:  # e.g. the group coordinator is still loading on a fresh or failing-over cluster
-                if not error.retriable:
-                    raise
-                stop.wait(0.5)
-        if store is not None and store.topic and not stop:
-            ensure_changelog(admin, service.group or service.name, settings)
+        if keeps_state:
+            retrying(stop, service.name, settings, lambda: refuse_if_state_lost(admin, service.name, group, settings))
+        if service.before_start:
+            retrying(stop, service.name, settings, lambda: service.before_start(admin, stop))
+        if keeps_state and not stop:
+            ensure_changelog(admin, group, settings)
     finally:
         admin.close()
     return not stop
+
+
+def retrying(stop: Stopper, name: str, settings: Settings, step: Callable[[], None]) -> None:
+    """Run a start-up step, again while the cluster says it is not ready; a refusal of this user ends the script."""
+    while not stop:
+        try:
+            step()
+            return
+        except AuthorizationError as error:
+            raise refused(name, error, settings) from None
+        except KafkaError as error:  # e.g. the group coordinator is still loading on a fresh or failing-over cluster
+            if not error.retriable:
+                raise
+            stop.wait(0.5)

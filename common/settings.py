@@ -53,6 +53,7 @@ class Settings:
     replication_factor: int = -1  # -1: the cluster's default
     instance_id: str = "1"        # this copy's static member id and transactional id; one per running copy
     state_retention_s: float = 7 * 24 * 3600  # state entries (handled ids, workflows) not written for this long go
+    accept_state_loss: bool = False  # start once on empty state where a group's state topic is gone (said, not silent)
     security: Mapping[str, str] = field(default_factory=dict)  # kafka-python SASL/TLS arguments
 
     @classmethod
@@ -64,6 +65,7 @@ class Settings:
                    replication_factor=int(environ.get("TOPIC_REPLICATION_FACTOR", "-1")),
                    instance_id=environ.get("INSTANCE_ID", "1"),
                    state_retention_s=float(environ.get("STATE_RETENTION_S", 7 * 24 * 3600)),
+                   accept_state_loss=environ.get("ACCEPT_STATE_LOSS", "") not in ("", "0"),
                    security=MappingProxyType({arg: environ[env] for arg, env in SECURITY_SETTINGS.items()
                                               if environ.get(env)}))
 

@@ -4,8 +4,9 @@ dead-lettered and said, never obeyed and never fatal; what it held is said lost,
 import json
 
 from helpers import detection, ids_of, write_raw
+from kafka import KafkaAdminClient
 
-from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND
+from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, changelog
 
 JUNK = [  # (key, value): what a careless client can write to a state topic
     (b"not-json", b"{not json"),
@@ -81,3 +82,28 @@ def test_a_removed_workflow_is_gone_for_the_orchestrator_and_for_workflows_py_al
     assert removed.workflow_id not in ids_of(stream.messages(), "workflow_completed")
     listed = [json.loads(line)["workflow_id"] for line in scripts.run("workflows.py", "list", "--json").stdout.splitlines()]
     assert listed == [later.workflow_id]
+
+
+def test_a_state_topic_deleted_under_a_running_orchestrator_stops_it_and_is_never_made_anew_in_silence(
+        env, scripts, topics, producer):
+    # Given an orchestrator that routed a detection (its state topic holds the workflow)
+    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600")
+    producer(MESSAGE_STREAM, detection())
+    commands = topics(SEC_COMMAND)
+    commands.read_count(1)
+    # When its state topic is deleted while it runs, and the next detection comes
+    admin = KafkaAdminClient(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    admin.delete_topics([env["TOPIC_PREFIX"] + changelog("orchestrator")])
+    admin.close()
+    waiting = detection()
+    producer(MESSAGE_STREAM, waiting)
+    # Then it says what is lost and stops (exit 1), without routing the detection
+    assert orchestrator.wait(timeout=90) == 1
+    assert "its state topic" in scripts.output(orchestrator) and "is gone" in scripts.output(orchestrator)
+    # And started again, it refuses in one line rather than make the topic anew on empty state
+    refused = scripts.run("orchestrator.py", "--example", "1", check=False)
+    assert refused.returncode == 1 and "ACCEPT_STATE_LOSS=1" in refused.stderr.strip().splitlines()[-1]
+    # And told to accept the loss, it starts, says so, and routes the detection that waited
+    accepting = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600", ACCEPT_STATE_LOSS="1")
+    commands.read_until(lambda ms: waiting.workflow_id in {m.workflow_id for m in ms}, timeout=90)
+    assert "starting with empty state, as ACCEPT_STATE_LOSS asks" in scripts.output(accepting)

@@ -150,7 +150,9 @@ def test_local_zipkin_starts_once_says_where_it_runs_and_keeps_a_log(zipkin):
 
 @pytest.mark.no_broker
 def test_local_zipkin_without_java_is_a_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "local_zipkin", "start", "--dir", str(tmp_path)], cwd=ROOT,
+    # (on a free port: a user may run the tests beside their own Zipkin on 9411)
+    result = subprocess.run([sys.executable, "-m", "local_zipkin", "start", "--port", str(local_kafka.free_port()),
+                             "--dir", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, JAVA_HOME=str(tmp_path / "no-java"), PATH="/nonexistent"))
     assert result.returncode == 2

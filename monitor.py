@@ -299,9 +299,13 @@ class Tail:
                 return True
         return condition()
 
-    def lag(self, admin: KafkaAdminClient) -> dict[str, int]:
-        """Messages each known group still has to read, summed over its partitions."""
-        end = self.consumer.end_offsets(list(self.consumer.assignment()))
+    def lag(self, admin: KafkaAdminClient) -> dict[str, int] | str:
+        """Messages each known group still has to read, summed over its partitions; or why that is not known now
+        (the broker away: the view goes on with what it read)."""
+        try:
+            end = self.consumer.end_offsets(list(self.consumer.assignment()), timeout_ms=2000)
+        except KafkaError as error:
+            return f"not known now: Kafka does not answer ({type(error).__name__})"
         names = {group: self.flow.settings.group(group) for group in groups()}
         try:
             offsets = admin.list_group_offsets({real: None for real in names.values()})
@@ -315,7 +319,7 @@ class Tail:
         self.consumer.close(autocommit=False)
 
 
-def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
+def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15) -> Group:
     """The view: a row per recent workflow, then traffic, consumer lag (if given), dead letters and totals."""
     now = time.time()
     workflows = sorted(flow.kind, key=lambda w: flow.step_times(w)[0][1] or 0, reverse=True)[:rows]
@@ -334,8 +338,11 @@ def render(flow: Flow, lag: dict[str, int] | None, rows: int = 15) -> Group:
         table.add_row(workflow[:8], flow.kind[workflow], path, f"{latency:.2f} s" if latency is not None else "",
                       f"[{colour}]{state}[/]{timeouts}")
     traffic = "  ".join(f"{name} {rate:.1f}/s" for name, rate in flow.rates().items())
-    lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
-    lags += "  (a transaction's commit marker also counts as one)" if lag else ""
+    if isinstance(lag, str):
+        lags = lag
+    else:
+        lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
+        lags += "  (a transaction's commit marker also counts as one)" if lag else ""
     last = flow.last_reason
     figures = flow.figures()
     counts = ", ".join(f"{n} {state}" for state, n in figures["workflows"].items())

@@ -10,10 +10,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import TopicReader, detection, unit_event
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 from rich.console import Console
 
 from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Envelope, Settings, caused_by, new_event
-from monitor import Flow, groups, render
+from monitor import Flow, Tail, groups, render
 from common import Step, Workflow, owns
 from orchestrator import WORKFLOWS, route
 
@@ -251,3 +252,20 @@ def test_once_counts_every_workflow_when_most_have_left_the_monitors_window(scri
     # Then its totals count all of them, and it says none left the window unfinished
     assert "workflows: 300 started, 300 completed, 0 failed, 0 stuck, 0 running" in screen
     assert "left the monitor's window" not in screen
+
+
+@pytest.mark.no_broker
+def test_the_live_view_goes_on_when_the_broker_does_not_answer_and_says_the_lag_is_not_known():
+    # (found by hand: the broker stopped under `python monitor.py` ended it with a traceback from end_offsets)
+    class Unanswered:
+        def assignment(self):
+            return set()
+
+        def end_offsets(self, partitions, timeout_ms=None):
+            raise KafkaTimeoutError("Failed to get offsets by timestamps in 2000 ms")
+    tail = Tail.__new__(Tail)
+    tail.flow, tail.consumer = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 10))), Unanswered()
+    lag = tail.lag(admin=None)
+    screen = Console(width=200, record=True)
+    screen.print(render(tail.flow, lag))
+    assert "consumer lag: not known now: Kafka does not answer (KafkaTimeoutError)" in screen.export_text()

@@ -7,7 +7,10 @@ Run:   python monitor.py                    # live view, refreshed every second;
        python monitor.py --sla-report       # per workflow type: count, failed, p50/p95/p99 latency, SLA breaches
        python monitor.py --workflow ID      # one workflow's messages in order: time, topic, type, service, repeats
 A workflow is STUCK when it is still running past its SLA (--sla seconds): the view names the missing step and the
-service that should have done it. The steps come from the orchestrator's WORKFLOWS table.
+service that should have done it. The steps come from the orchestrator's WORKFLOWS table; a workflow ends when the
+orchestrator says so (workflow_completed, workflow_failed). Times are Kafka's record times, not the writers' clocks: a
+message whose created_at is over a minute from its record time is counted as clock skew, and its workflow is left out
+of the latency percentiles.
 """
 
 import argparse
@@ -29,9 +32,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from common import (ALL_TOPICS, DEAD_LETTER, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of,
+from common import (ALL_TOPICS, DEAD_LETTER, FINISHED, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of,
                     group_for, read_all, refused, replaced, services, setup_logging, wait_for_kafka)
 from orchestrator import WORKFLOWS
+
+
+SKEW_S = 60.0  # a message's created_at this far from its record time says its writer's clock is off
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -52,7 +58,7 @@ def milestones(kind: str) -> list[tuple[str, set[str], str, bool]]:
     marks = [(workflow.started, {workflow.starts_with}, workflow.source, True),
              ("routed", {workflow.steps[0].command}, "orchestrator", True)]
     return marks + [(step.name, set(step.done + step.failed) or {step.command}, step.service, bool(step.done))
-                    for step in workflow.steps]
+                    for step in workflow.steps] + [("ended", set(FINISHED), "orchestrator", True)]
 
 
 def groups() -> list[str]:
@@ -62,33 +68,36 @@ def groups() -> list[str]:
 
 
 class Folded:
-    """Workflows of one type that left the window: exact counts, and (start, latency, failed) of each, or of a
-    uniform random sample of `cap` of them once there are more (so memory stays bounded)."""
+    """Workflows of one type that left the window: exact counts, and (start, latency, state) of each, or of a uniform
+    random sample of `cap` of them once there are more (so memory stays bounded)."""
+
+    STATES = ("unknown", "completed", "failed")  # (stored as their index; unknown: not known to have finished)
 
     def __init__(self, cap: int = 200_000):
         self.cap, self.count, self.completed, self.failed = cap, 0, 0, 0
-        self.starts, self.latencies, self.failures = array("d"), array("d"), array("b")
+        self.starts, self.latencies, self.states = array("d"), array("d"), array("b")
 
-    def add(self, start: float, latency: float | None, failed: bool) -> None:
+    def add(self, start: float, latency: float | None, state: str) -> None:
+        """One workflow; latency None if not known (unfinished, or its times skewed)."""
         self.count += 1
-        self.completed += latency is not None and not failed
-        self.failed += failed
-        row = (start, math.nan if latency is None else latency, failed)
+        self.completed += state == "completed"
+        self.failed += state == "failed"
+        row = (start, math.nan if latency is None else latency, self.STATES.index(state) if state in self.STATES else 0)
         if len(self.starts) < self.cap:
-            for column, value in zip((self.starts, self.latencies, self.failures), row, strict=True):
+            for column, value in zip((self.starts, self.latencies, self.states), row, strict=True):
                 column.append(value)
         elif (slot := random.randrange(self.count)) < self.cap:
-            self.starts[slot], self.latencies[slot], self.failures[slot] = row
+            self.starts[slot], self.latencies[slot], self.states[slot] = row
 
-    def rows(self, since: float) -> tuple[list[tuple[float | None, bool]], float]:
-        """(latency or None, failed) of the kept workflows started since `since`, and how many each row stands for."""
-        rows = [(None if math.isnan(latency) else latency, bool(failed))
-                for start, latency, failed in zip(self.starts, self.latencies, self.failures, strict=True) if start >= since]
+    def rows(self, since: float) -> tuple[list[tuple[float | None, str]], float]:
+        """(latency or None, state) of the kept workflows started since `since`, and how many each row stands for."""
+        rows = [(None if math.isnan(latency) else latency, self.STATES[state])
+                for start, latency, state in zip(self.starts, self.latencies, self.states, strict=True) if start >= since]
         return rows, max(1.0, self.count / max(1, len(self.starts)))
 
 
 class Flow:
-    """What the topics say about each workflow: when each message type of it appeared (created_at, epoch seconds).
+    """What the topics say about each workflow: when each message type of it appeared (Kafka's record time, epoch s).
     Pure bookkeeping: add() what was read, then ask; Tail below does the reading. Memory is bounded: the newest
     `window` workflows are kept message by message, older finished ones only as counts (Folded)."""
 
@@ -108,8 +117,11 @@ class Flow:
         self.unknown_fate = 0                                 # left the window before they finished
         self.next_fold = int(window * 1.2)
         self.starts = {workflow.starts_with: name for name, workflow in WORKFLOWS.items()}
+        self.skewed: set[str] = set()                         # workflows with a message whose created_at is skewed
+        self.skew = 0                                         # messages whose created_at is over SKEW_S from Kafka's
 
-    def add(self, topic_name: str, message: Envelope) -> None:
+    def add(self, topic_name: str, message: Envelope, at: float | None = None) -> None:
+        """A message read, with its record time (`at`, epoch seconds; without it, its created_at is trusted)."""
         family = family_of(topic_name.removeprefix(self.settings.topic_prefix))
         if family == DEAD_LETTER:
             self.dead_letters += 1
@@ -128,7 +140,11 @@ class Flow:
             self.seen.popitem(last=False)
         if message.type in self.starts:
             self.kind[message.workflow_id] = self.starts[message.type]
-        self.times[message.workflow_id].setdefault(message.type, message.created_at.timestamp())
+        written = message.created_at.timestamp()
+        if at is not None and abs(written - at) > SKEW_S:
+            self.skew += 1
+            self.skewed.add(message.workflow_id)
+        self.times[message.workflow_id].setdefault(message.type, written if at is None else at)
         if len(self.times) > self.next_fold:
             self.fold()
             self.next_fold = len(self.times) + self.window // 5  # (a scan every window/5 adds at most)
@@ -142,12 +158,13 @@ class Flow:
             gone += [w for w in list(self.times)[:excess] if w not in gone]
         for workflow in gone:
             if workflow in self.kind:
-                state, latency = self.state(workflow, now), self.latency(workflow)
+                state, latency = self.state(workflow, now), self.timed(workflow)
                 kind = self.kind.pop(workflow)
-                self.folded[kind].add(self.times[workflow][WORKFLOWS[kind].starts_with], latency, state == "failed")
+                self.folded[kind].add(self.times[workflow][WORKFLOWS[kind].starts_with], latency, state)
                 self.unknown_fate += state not in ("completed", "failed")
             del self.times[workflow]
             self.timeouts.pop(workflow, None)
+            self.skewed.discard(workflow)
 
     def step_times(self, workflow: str) -> list[tuple[str, float | None, str, bool]]:
         times = self.times[workflow]
@@ -181,6 +198,10 @@ class Flow:
             return None
         return max(needed) - needed[0]
 
+    def timed(self, workflow: str) -> float | None:
+        """A workflow's latency for the percentiles: None while unknown, or if a writer's clock was off."""
+        return None if workflow in self.skewed else self.latency(workflow)
+
     def counts(self) -> tuple[int, int]:
         """(workflows started, workflows completed), those out of the window included."""
         return (len(self.kind) + sum(f.count for f in self.folded.values()),
@@ -196,7 +217,7 @@ class Flow:
                      "failed": states["failed"] + sum(f.failed for f in folded),
                      "stuck": states["stuck"], "running": states["running"] + self.unknown_fate}
         return {"workflows": workflows, "duplicate_effects": self.duplicates, "resent_ignored": self.resent,
-                "steps_timed_out": self.timeouts_total, "dead_letters": self.dead_letters}
+                "steps_timed_out": self.timeouts_total, "dead_letters": self.dead_letters, "clock_skew": self.skew}
 
     def sla_report(self, window: float | None = None) -> dict:
         """Per workflow type: completed and failed counts, p50/p95/p99 latency (s) of the completed ones and breaches
@@ -206,19 +227,18 @@ class Flow:
         since = float("-inf") if window is None else now - window
         report = {}
         for kind, definition in WORKFLOWS.items():
-            rows = [(self.latency(w), self.state(w, now), 1.0) for w, k in self.kind.items()
+            rows = [(self.timed(w), self.state(w, now), 1.0) for w, k in self.kind.items()
                     if k == kind and self.times[w][definition.starts_with] >= since]
             sample, weight = self.folded[kind].rows(since)
-            rows += [(lat, "failed" if failed else "completed" if lat is not None else "unknown", weight)
-                     for lat, failed in sample]
-            latencies = [lat for lat, state, _ in rows if state == "completed"]
+            rows += [(lat, state, weight) for lat, state in sample]
+            latencies = [lat for lat, state, _ in rows if state == "completed" and lat is not None]
             report[kind] = {"count": weighted(rows, lambda lat, state: True),
                             "completed": weighted(rows, lambda lat, state: state == "completed"),
                             "failed": weighted(rows, lambda lat, state: state == "failed"),
                             **{f"p{p}": round(percentile(latencies, p), 3) if latencies else None for p in (50, 95, 99)},
                             "sla_s": self.sla,
                             "breaches": weighted(rows, lambda lat, state: state not in ("completed", "running") or
-                                                 (state == "completed" and lat > self.sla))}
+                                                 (state == "completed" and lat is not None and lat > self.sla))}
         return report
 
     def rates(self, seconds: float = 10.0) -> dict[str, float]:
@@ -261,7 +281,7 @@ class Tail:
                     message = Envelope.model_validate_json(record.value)
                 except ValidationError:  # junk on an input topic: the service reading it dead-letters it
                     continue
-                self.flow.add(record.topic, message)
+                self.flow.add(record.topic, message, record.timestamp / 1000)
             while arrivals and arrivals[0] < arrivals[-1] - 10:  # only the last 10 s count for rates
                 arrivals.popleft()
 
@@ -335,6 +355,7 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15) -> Grou
         state = flow.state(workflow, now)
         colour = {"completed": "green", "running": "yellow", "failed": "red"}.get(state, "bold red")
         timeouts = f" ({flow.timeouts[workflow]} timed out)" if workflow in flow.timeouts else ""
+        timeouts += " (clock skew)" if workflow in flow.skewed else ""
         table.add_row(workflow[:8], flow.kind[workflow], path, f"{latency:.2f} s" if latency is not None else "",
                       f"[{colour}]{state}[/]{timeouts}")
     traffic = "  ".join(f"{name} {rate:.1f}/s" for name, rate in flow.rates().items())
@@ -349,6 +370,9 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15) -> Grou
     if flow.unknown_fate:
         counts += f" ({flow.unknown_fate} left the monitor's window of {flow.window} before they finished)"
     lines = [f"messages per second (last 10 s): {traffic}"] + ([f"consumer lag: {lags}"] if lag is not None else [])
+    if flow.skew:
+        lines.append(f"clock skew: {flow.skew} messages with a created_at over {SKEW_S:.0f} s from Kafka's record time "
+                     f"(their writers' clocks are off: their workflows are left out of the latency percentiles)")
     return Group(table, *lines, f"dead letters: {flow.dead_letters} (last: {last})",
                  f"workflows: {counts}",
                  f"duplicate effects {flow.duplicates}; commands re-sent {flow.resent} (same id: a service that acted "

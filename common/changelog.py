@@ -77,13 +77,15 @@ class Reader:
         self.starting, self.readers = in_background(self._new), None
         self.offsets: dict[int, dict[str, int]] = {}  # partition -> key -> where its entry was read (last read-back)
         self.untext: dict[tuple[int, bytes | None], Record] = {}
+        self.removed: list[Record] = []  # tombstones that removed a text key's entry (this project writes none)
 
     def entries(self, partitions: set[int]) -> tuple[dict[int, OrderedDict[str, bytes]] | None, int]:
         """The committed entries of `partitions`, each partition's in order of their last write (None if a stop
         signal came meanwhile: it is honoured within a poll); and how many records were read. Where each entry was
-        read from is in `offsets`; a record whose key is not UTF-8 is in `set_aside`."""
+        read from is in `offsets`; a record whose key is not UTF-8 is in `set_aside`; a tombstone that removed an
+        entry is in `removed`."""
         self.offsets: dict[int, dict[str, int]] = {partition: {} for partition in partitions}
-        self.untext = {}  # (partition, key) -> the last record of each key that is not text
+        self.untext, self.removed = {}, []  # (partition, key) -> the last record of each key that is not text
         committed, _ = readers = self._readers()
         tps = [TopicPartition(self.real, partition) for partition in sorted(self._known(partitions))]
         committed.assign(tps)
@@ -113,7 +115,9 @@ class Reader:
                 if record.value is None:
                     del self.untext[(record.partition, record.key)]
                 continue
-            entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
+            removed = entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
+            if record.value is None and removed is not None:  # (a project script writes no tombstone for a text key)
+                self.removed.append(Record(record.topic, record.partition, record.offset, record.key, None))
             if record.value is not None:
                 entries[key], offsets[key] = record.value, record.offset
 

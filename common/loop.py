@@ -164,6 +164,7 @@ class Loop:
             log.info("%s: state of partition%s %s read back (%d entries in %.2f s)", self.name, "s" * (len(missing) > 1),
                      ", ".join(map(str, sorted(missing))), count, time.monotonic() - began)
         self.dead_letter_set_aside()
+        self.say_removed()
         return True
 
     def dead_letter_set_aside(self) -> None:
@@ -180,6 +181,19 @@ class Loop:
             self.unsent.append(dead_letter_of(self.name, record, f"state record set aside: {why}"))
             self.unsent += self.store.outs([change])
             metrics.count("set_aside", service=self.name)
+
+    def say_removed(self) -> None:
+        """Entries a tombstone removed (no project script writes one for them: an operator or a stray client did):
+        said once a partition and counted, for what they held is forgotten."""
+        removed = self.store.take_removed()
+        for partition in sorted({record.partition for record in removed}):
+            record, *more = [record for record in removed if record.partition == partition]
+            log.warning("%s: %s:%d:%d key '%s' was removed by a tombstone%s, written by none of this project's scripts: "
+                        "what it held is forgotten (a workflow's later outcomes are said unknown; a message handled "
+                        "before is handled again if it comes again)", self.name, record.topic, partition, record.offset,
+                        record.key.decode(), f" (and {len(more)} more of this partition)" if more else "")
+        for _ in removed:
+            metrics.count("removed", service=self.name)
 
     def fire_timers(self, batch: dict, holdup: str | None) -> tuple[list[Serialised], list, dict]:
         """What the timers due now send, the state changes they make, and the offsets that fence them (a copy that

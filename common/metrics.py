@@ -12,6 +12,7 @@ service does, and the orchestrator what only it does (commands routed, open work
     open_workflows                              workflows the orchestrator has running
     timeouts_fired_total{workflow}              steps whose time limit passed
     state_entries_set_aside_total{service}      state records read back that are not entries (dead-lettered)
+    state_entries_removed_total{service}        state entries a tombstone removed (written by someone else)
     outcomes_of_unknown_workflows_total{type}   outcomes of workflows the orchestrator has no state of
     messages_produced_total{service}            events an event source (the detector) sent, acknowledged
 """
@@ -64,6 +65,8 @@ def start(name: str, port: int | None) -> None:
                         ["type"]),
         set_aside=Counter("state_entries_set_aside", "State records read back that are not entries, dead-lettered",
                           ["service"]),
+        removed=Counter("state_entries_removed", "State entries a tombstone removed, written by someone else",
+                        ["service"]),
         produced=Counter("messages_produced", "Events an event source sent (acknowledged)", ["service"]))
     try:
         start_http_server(port)

@@ -216,9 +216,20 @@ class Orchestration:
 
 
 def is_workflow(table: Table, value) -> bool:
-    """Whether a state entry's value is a workflow as the orchestrator writes them (not one set aside, or junk)."""
+    """Whether a state entry's value is a workflow as the orchestrator writes them (not one set aside, or junk):
+    each field the orchestrator and workflows.py read there is present and of its kind."""
     return isinstance(value, dict) and value.get("type") in table and value.get("state") in STATES and \
-        isinstance(value.get("steps"), dict) and all(isinstance(s, dict) and "state" in s for s in value["steps"].values())
+        isinstance(value.get("workflow_id"), str) and isinstance(value.get("stage"), int) and \
+        isinstance(value.get("started_at"), int | float) and isinstance(value.get("finished_at"), int | float | None) \
+        and isinstance(value.get("steps"), dict) and all(map(is_step, value["steps"].values()))
+
+
+def is_step(step) -> bool:
+    """Whether a workflow's step holds each field the orchestrator reads, of its kind."""
+    return isinstance(step, dict) and isinstance(step.get("state"), str) and isinstance(step.get("attempts"), int) \
+        and isinstance(step.get("sent_at"), int | float) and isinstance(step.get("finished_at"), int | float | None) \
+        and isinstance(step.get("deadline"), int | float | None) and isinstance(step.get("topic"), str) \
+        and isinstance(step.get("command"), dict)
 
 
 def next_deadline(workflow: dict) -> float | None:

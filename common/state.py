@@ -86,6 +86,7 @@ class Store:
         self.firing: list[tuple[float, int, str]] = []          # timers handed out, put back if not committed
         self.reader: Reader | None = None
         self.set_aside: list[tuple] = []  # (record, why, change): records read back that are not state entries
+        self.removed: list = []  # tombstones read back that removed an entry (Records): written by someone else
         self.retention_s = settings.state_retention_s
 
     def view(self, partition: int, key: bytes | None = None, trace: str | None = None) -> State:
@@ -171,6 +172,7 @@ class Store:
         self.entries.update(restored)
         self.set_aside += [(record, why, Change(record.partition, record.key.decode(errors="surrogateescape"), None))
                            for record, why in self.reader.set_aside if record.key is not None]
+        self.removed += self.reader.removed
         for partition, entries in restored.items():
             self._index(partition, entries, time.time() - self.retention_s)
         return count
@@ -194,6 +196,11 @@ class Store:
     def take_set_aside(self) -> list[tuple]:
         """The records the read-back set aside since last asked: (the record, why, the change that stands for it)."""
         taken, self.set_aside = self.set_aside, []
+        return taken
+
+    def take_removed(self) -> list:
+        """The tombstones the read-back found removing an entry, since last asked."""
+        taken, self.removed = self.removed, []
         return taken
 
     def expire(self, now: float) -> int:

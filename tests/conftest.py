@@ -104,10 +104,12 @@ def producer(env):
     admin.close()
     p = KafkaProducer(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
 
-    def send(name: str, value: bytes | Envelope | None, key: bytes | None = None):
-        """Write to topic `name` (in a family: the member of the script that would send `value`)."""
+    def send(name: str, value: bytes | Envelope | None, key: bytes | None = None, at: float | None = None):
+        """Write to topic `name` (in a family: the member of the script that would send `value`); `at`: the record's
+        time (epoch seconds; default now)."""
         real = env["TOPIC_PREFIX"] + writer_of(name, value)
-        return p.send(real, value=value.to_bytes() if isinstance(value, Envelope) else value, key=key).get(timeout=30)
+        return p.send(real, value=value.to_bytes() if isinstance(value, Envelope) else value, key=key,
+                      timestamp_ms=None if at is None else int(at * 1000)).get(timeout=30)
     yield send
     p.close()
 

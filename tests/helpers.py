@@ -227,7 +227,8 @@ def write_raw(env, group: str, records) -> None:
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     ensure_changelog(admin, group, settings)
     admin.close()
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=50, batch_size=1024 * 1024)
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=50, batch_size=1024 * 1024,
+                             max_request_size=1024 * 1024)
     for key, value in records:
         producer.send(settings.topic(changelog(group)), key=key, value=value, partition=0)
     producer.flush()

@@ -2,6 +2,7 @@
 dead-lettered and said, never obeyed and never fatal; what it held is said lost, not guessed."""
 
 import json
+import time
 
 from helpers import detection, ids_of, write_raw
 from kafka import KafkaAdminClient
@@ -59,6 +60,18 @@ def test_junk_in_the_orchestrators_state_is_set_aside_and_a_workflow_it_hid_is_s
     assert {json.loads(line)["workflow_id"] for line in listing.stdout.splitlines()} == {fresh.workflow_id,
                                                                                           again.workflow_id}
     assert "1 entry of the state set aside as unreadable" in listing.stderr
+    # And an entry of a workflow's shape that lacks its fields is counted with them, and a 900 KB one is listed
+    now = time.time()
+    step = {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None, "deadline": None,
+            "topic": SEC_COMMAND, "command": {"note": "x" * 900_000}}
+    big = {"workflow_id": "big", "type": "security", "stage": 1, "key": None, "started_at": now, "state": "running",
+           "finished_at": None, "steps": {"security": step}, "handled": {}}
+    write_raw(env, "orchestrator", [(b"workflow/big", json.dumps({"at": now, "due": None, "value": big}).encode()),
+                                    (b"workflow/odd", json.dumps({"at": now, "due": None, "value": {
+                                        "type": "security", "state": "running", "steps": {"a": {}}}}).encode())])
+    listing = scripts.run("workflows.py", "list", "--json")
+    assert "big" in {json.loads(line)["workflow_id"] for line in listing.stdout.splitlines()}
+    assert "2 entries of the state set aside as unreadable" in listing.stderr
 
 
 def test_a_removed_workflow_is_gone_for_the_orchestrator_and_for_workflows_py_alike(env, scripts, topics, producer):
@@ -66,22 +79,29 @@ def test_a_removed_workflow_is_gone_for_the_orchestrator_and_for_workflows_py_al
     orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600")
     removed = detection()
     producer(MESSAGE_STREAM, removed)
-    topics(SEC_COMMAND).read_count(1)
+    command = topics(SEC_COMMAND).read_count(1)[0]
     scripts.stop(orchestrator)
     write_raw(env, "orchestrator", [(f"workflow/{removed.workflow_id}".encode(), None)])
     # When the orchestrator starts again and the workflow's outcome comes
     orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3600")
-    scripts.start("security_service.py")
+    security = scripts.start("security_service.py")
     scripts.wait_for_output(orchestrator, "security_action_completed")
     later = detection()
     producer(MESSAGE_STREAM, later)
     stream = topics(MESSAGE_STREAM)
     stream.read_until(lambda ms: later.workflow_id in ids_of(ms, "workflow_completed"), timeout=90)
     # Then it says the workflow is unknown, calls nothing done, and workflows.py does not show it running either
+    assert f"key 'workflow/{removed.workflow_id}' was removed by a tombstone" in scripts.output(orchestrator)
     assert "its workflow is unknown here" in scripts.output(orchestrator)
     assert removed.workflow_id not in ids_of(stream.messages(), "workflow_completed")
     listed = [json.loads(line)["workflow_id"] for line in scripts.run("workflows.py", "list", "--json").stdout.splitlines()]
     assert listed == [later.workflow_id]
+    # And a service whose memory of a handled command is removed says, when it starts, what that may cause
+    scripts.stop(security)
+    write_raw(env, "security_service", [(f"seen/{command.id}".encode(), None)])
+    security = scripts.start("security_service.py")
+    scripts.wait_for_output(security, f"key 'seen/{command.id}' was removed by a tombstone")
+    assert "a message handled before is handled again if it comes again" in scripts.output(security)
 
 
 def test_a_state_topic_deleted_under_a_running_orchestrator_stops_it_and_is_never_made_anew_in_silence(

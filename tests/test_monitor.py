@@ -52,8 +52,30 @@ def test_a_workflow_is_running_then_stuck_naming_the_missing_step_then_completed
     assert flow.state("w1", time.time()) == "STUCK: no 'acted' from security_service"
     flow.add(MESSAGE_STREAM, envelope("security_action_completed", "w1", 9, ".done"))
     flow.add(THIRD_PARTY, envelope("notification_delivered", "w1", 8, ".delivered"))
-    assert flow.state("w1", time.time()) == "completed" and flow.latency("w1") == pytest.approx(2.0, abs=0.001)
+    assert flow.state("w1", time.time()) == "STUCK: no 'ended' from orchestrator"  # (its steps done, but not said so)
+    flow.add(MESSAGE_STREAM, envelope("workflow_completed", "w1", 7.9, ".completed"))
+    assert flow.state("w1", time.time()) == "completed" and flow.latency("w1") == pytest.approx(2.1, abs=0.001)
     assert flow.counts() == (1, 1) and flow.duplicates == 0
+
+
+@pytest.mark.no_broker
+def test_a_writers_clock_is_not_trusted_for_latency_and_a_skewed_workflow_is_left_out_of_the_percentiles():
+    # Given a workflow whose writer's clock is decades off, read with Kafka's record times 1.5 s apart
+    flow = Flow(settings=Settings())
+    now = time.time()
+    flow.add(MESSAGE_STREAM, envelope("unit_event", "w1", 2e9), at=now - 2)
+    for type_, step, at in (("unit_command", ".unit", now - 1.9), ("unit_command_applied", ".applied", now - 0.6),
+                            ("workflow_completed", ".completed", now - 0.5)):
+        flow.add(MESSAGE_STREAM, envelope(type_, "w1", 0, step), at=at)
+    # Then its latency is Kafka's, it is completed, the skew is counted and shown, and no percentile counts it
+    assert flow.latency("w1") == pytest.approx(1.5) and flow.state("w1", time.time()) == "completed"
+    assert flow.skew == 1 and flow.figures()["clock_skew"] == 1
+    assert flow.sla_report()["unit"] == {"count": 1, "completed": 1, "failed": 0, "p50": None, "p95": None,
+                                         "p99": None, "sla_s": 5.0, "breaches": 0}
+    screen = Console(width=300, record=True)
+    screen.print(render(flow, None))
+    text = screen.export_text()
+    assert "completed (clock skew)" in text and "clock skew: 1 messages" in text
 
 
 @pytest.mark.no_broker
@@ -86,7 +108,8 @@ def test_a_command_sent_again_after_a_timeout_is_a_resend_and_a_failed_workflow_
     text = screen.export_text()
     assert "failed (1 timed out)" in text and "commands re-sent 1" in text and "steps timed out 1" in text
     assert flow.figures() == {"workflows": {"started": 1, "completed": 0, "failed": 1, "stuck": 0, "running": 0},
-                              "duplicate_effects": 0, "resent_ignored": 1, "steps_timed_out": 1, "dead_letters": 0}
+                              "duplicate_effects": 0, "resent_ignored": 1, "steps_timed_out": 1, "dead_letters": 0,
+                              "clock_skew": 0}
 
 
 @pytest.mark.no_broker
@@ -99,7 +122,8 @@ def test_a_workflow_added_to_the_orchestrators_definition_alone_is_followed_by_t
                    (MESSAGE_STREAM, envelope("fault_reported", "r2", 30)),
                    ("repair_command", envelope("repair_command", "r1", 29, ".repair")),
                    ("repair_command", envelope("repair_command", "r2", 29, ".repair")),
-                   (MESSAGE_STREAM, envelope("repair_done", "r1", 27, ".done")))
+                   (MESSAGE_STREAM, envelope("repair_done", "r1", 27, ".done")),
+                   (MESSAGE_STREAM, envelope("workflow_completed", "r1", 27, ".completed")))
     # Then the monitor knows its type, its steps, who should act, its latency and its SLA figures
     now = time.time()
     assert flow.kind == {"r1": "repair", "r2": "repair"}
@@ -125,16 +149,20 @@ def outcome(command, type_, **payload):
 
 
 def test_once_shows_completed_failed_and_stuck_workflows(scripts, producer):
+    def aged(name, message, seconds_ago):  # (on the topic, and by its own clock, `seconds_ago` s ago)
+        producer(name, at(message, seconds_ago), at=time.time() - seconds_ago)
     # Given three security workflows on the topics: one completed, one whose action failed, one stuck after routing
     done, failed, stuck = detection(), detection(), detection()
     for event, age in ((done, 10), (failed, 10), (stuck, 60)):
-        producer(MESSAGE_STREAM, at(event, age))
+        aged(MESSAGE_STREAM, event, age)
         for name, command in route(event, stage=1):
-            producer(name, at(command, age - 0.5))
-    producer(MESSAGE_STREAM, at(outcome(route(done, 1)[0][1], "security_action_completed"), 9))
-    producer(THIRD_PARTY, at(caused_by(route(done, 1)[1][1], "delivered", "notification_delivered",
-                                       route(done, 1)[1][1].payload, "t"), 9))
-    producer(MESSAGE_STREAM, at(outcome(route(failed, 1)[0][1], "security_action_failed", detail="jammed"), 9))
+            aged(name, command, age - 0.5)
+    aged(MESSAGE_STREAM, outcome(route(done, 1)[0][1], "security_action_completed"), 9)
+    aged(THIRD_PARTY, caused_by(route(done, 1)[1][1], "delivered", "notification_delivered",
+                                route(done, 1)[1][1].payload, "t"), 9)
+    aged(MESSAGE_STREAM, caused_by(done, "completed", "workflow_completed", {"workflow": "security", "detail": ""},
+                                   "orchestrator"), 8.9)
+    aged(MESSAGE_STREAM, outcome(route(failed, 1)[0][1], "security_action_failed", detail="jammed"), 9)
     # When the monitor takes one snapshot with a 5 s SLA
     screen = scripts.run("monitor.py", "--once", "--sla", "5").stdout
     rows = {line.split("│")[1].strip(): line for line in screen.splitlines() if line.count("│") > 4}
@@ -150,22 +178,39 @@ def test_once_shows_completed_failed_and_stuck_workflows(scripts, producer):
     assert (figures["duplicate_effects"], figures["resent_ignored"]) == (0, 0)
 
 
-def test_sla_report_gives_percentiles_and_breaches_of_known_latencies(scripts, producer):
-    # Given ten unit workflows that took 1, 2, ... 10 s end to end
-    for latency in range(1, 11):
-        event = at(unit_event("offline"), 100)
+def test_sla_report_gives_percentiles_and_breaches_of_known_latencies_by_kafkas_clock(scripts, producer):
+    def sent(name, message, when, written=None):
+        """`message` on the topic at record time `when`, its created_at saying `written` (default: the same)."""
+        stamp = datetime.fromtimestamp(when if written is None else written, timezone.utc)
+        producer(name, message.model_copy(update={"created_at": stamp}), at=when)
+
+    def unit_workflow(latency, written=None):
+        event = unit_event("offline")
         command = route(event, stage=3)[0][1]
         applied = caused_by(command, "applied", "unit_command_applied",
                             {"unit_id": "unit-1", "command": "reboot", "state": "rebooting"}, "t")
-        producer(MESSAGE_STREAM, event)
-        producer(UNIT_COMMAND, at(command, 99.5))
-        producer(MESSAGE_STREAM, applied.model_copy(update={"created_at": event.created_at + timedelta(seconds=latency)}))
+        sent(MESSAGE_STREAM, event, began, written)
+        sent(UNIT_COMMAND, command, began + 0.5)
+        sent(MESSAGE_STREAM, applied, began + latency - 0.1)
+        sent(MESSAGE_STREAM, caused_by(applied, "completed", "workflow_completed", {"workflow": "unit", "detail": ""},
+                                       "orchestrator"), began + latency)
+    # Given ten unit workflows that took 1, 2, ... 10 s end to end by Kafka's record times
+    began = time.time() - 100
+    for latency in range(1, 11):
+        unit_workflow(latency)
+    # And two whose writer's clock said 1970 and 9999 (they took 0.7 s by Kafka's)
+    unit_workflow(0.7, written=0.0)
+    unit_workflow(0.7, written=datetime(9999, 1, 1, tzinfo=timezone.utc).timestamp())
     # When the SLA report is asked for with a 5 s SLA
     report = json.loads(scripts.run("monitor.py", "--sla-report", "--json", "--sla", "5").stdout)
-    # Then the nearest-rank percentiles and the five late workflows are reported
-    assert report["unit"] == {"count": 10, "completed": 10, "failed": 0, "p50": 5.0, "p95": 10.0, "p99": 10.0,
+    # Then the nearest-rank percentiles and the five late workflows are reported; the skewed ones are counted
+    # completed and left out of the percentiles
+    assert report["unit"] == {"count": 12, "completed": 12, "failed": 0, "p50": 5.0, "p95": 10.0, "p99": 10.0,
                               "sla_s": 5.0, "breaches": 5}
     assert report["security"]["count"] == 0 and report["security"]["p50"] is None
+    # And the snapshot shows the skew
+    assert json.loads(scripts.run("monitor.py", "--once", "--json").stdout)["clock_skew"] == 2
+    assert "clock skew: 2 messages" in scripts.run("monitor.py", "--once").stdout
     # And a window that excludes them counts none
     recent = json.loads(scripts.run("monitor.py", "--sla-report", "--json", "--window", "30").stdout)
     assert recent["unit"]["count"] == 0
@@ -224,6 +269,7 @@ def test_memory_is_a_window_of_recent_workflows_and_the_rest_are_counted_not_kep
         flow.add(MESSAGE_STREAM, envelope("unit_event", f"w{i}", 20))
         flow.add(UNIT_COMMAND, envelope("unit_command", f"w{i}", 19.5, ".unit"))
         flow.add(MESSAGE_STREAM, envelope("unit_command_applied", f"w{i}", 19, ".applied"))
+        flow.add(MESSAGE_STREAM, envelope("workflow_completed", f"w{i}", 19, ".completed"))
     # Then it holds about a window of them, yet every figure counts all 1,000
     assert len(flow.times) <= 120 and len(flow.kind) <= 120 and len(flow.seen) <= 800
     assert flow.counts() == (1000, 1000) and flow.unknown_fate == 0
@@ -245,7 +291,7 @@ def test_once_counts_every_workflow_when_most_have_left_the_monitors_window(scri
     scripts.start("orchestrator.py")
     scripts.start("unit_event_producer.py", "--count", "300", "--rate", "60", "--units", "50")
     reader = TopicReader(scripts.env, MESSAGE_STREAM)
-    reader.read_count(300, type_="unit_command_applied", timeout=120)
+    reader.read_count(300, type_="workflow_completed", timeout=120)
     reader.close()
     # When it takes one snapshot
     screen = scripts.run("monitor.py", "--once", "--keep", "50", timeout=120).stdout

@@ -134,7 +134,8 @@ def passwords_file(path: str) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--show", action="store_true", help="print who may do what, change nothing")
     parser.add_argument("--users", metavar="FILE", help="also create the users, with the passwords in FILE")
     args = parser.parse_args()

@@ -586,7 +586,8 @@ def broker() -> tuple[str, Path | None]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="a smaller run")
     parser.add_argument("--messages", type=int, help="backlog size (default 100 000, --quick 20 000)")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")

@@ -162,7 +162,8 @@ def replay(originals: list[tuple[str, bytes | None, bytes | None, list | None]])
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("command", choices=["list", "replay"])
     parser.add_argument("--reason", help="only letters whose reason contains this text")
     parser.add_argument("--service", help="only letters from this service")

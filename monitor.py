@@ -415,7 +415,8 @@ def timeline(wanted: str, settings: Settings = SETTINGS) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--sla-report", action="store_true", help="print latency percentiles and SLA breaches, exit")
     parser.add_argument("--json", action="store_true", help="with --once or --sla-report: one JSON object")

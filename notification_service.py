@@ -22,7 +22,8 @@ def notify(command: Envelope) -> list[Output]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     metrics.flag(parser)
     args = parser.parse_args()
     setup_logging()

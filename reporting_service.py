@@ -114,7 +114,8 @@ def summary(db: sqlite3.Connection) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--example", type=int, choices=[2, 3], default=3, help="walkthrough stage (default 3)")
     parser.add_argument("--db", default=os.environ.get("REPORT_DB", "reports.db"), help="SQLite file")
     parser.add_argument("--summary", action="store_true", help="print the stored counts and exit")

@@ -31,7 +31,8 @@ def detection(rng: random.Random, sensors: int = len(SENSORS)):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--count", type=int, help="detections to produce, then exit (default: forever)")
     parser.add_argument("--rate", type=float, default=1.0, help="detections per second (default 1)")
     parser.add_argument("--seed", type=int, help="random seed, for repeatable runs")

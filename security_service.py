@@ -34,7 +34,8 @@ def carry_out(command: Envelope, fail_zones: frozenset = frozenset()) -> list[Ou
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--fail-zones", default="", help="comma-separated zones whose actions fail (a simulated fault)")
     metrics.flag(parser)
     args = parser.parse_args()

@@ -66,7 +66,8 @@ def apply(command: Envelope) -> list[Output]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--count", type=int, help="unit events to produce (default: forever); commands are obeyed after")
     parser.add_argument("--rate", type=float, default=1.0, help="unit events per second (default 1)")
     parser.add_argument("--units", type=int, default=5, help="number of simulated units (default 5)")

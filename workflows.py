@@ -78,12 +78,13 @@ def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="every workflow the orchestrator remembers")
+    listing = commands.add_parser("list", allow_abbrev=False, help="every workflow the orchestrator remembers")
     listing.add_argument("--state", choices=STATES, help="only workflows in this state")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    showing = commands.add_parser("show", help="one workflow, step by step")
+    showing = commands.add_parser("show", allow_abbrev=False, help="one workflow, step by step")
     showing.add_argument("workflow_id")
     showing.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args()

@@ -12,31 +12,41 @@ from common.orchestration import SOURCE
 from common.workflow import Table, owns, senders
 
 
+WAITS = "(waits in Kafka: read from a later example)"
+
+
 def preview(records, table: Table, route, stage: int, workflows: set[str]) -> dict[str, Counter]:
-    """What route() would emit for recorded events: event type -> Counter of output topics (nothing is sent)."""
+    """What route() would emit for recorded events: event type -> Counter of output topics (nothing is sent). A
+    writer of a workflow that starts at a later stage is not read at this one: its events wait in Kafka."""
     emitted: dict[str, Counter] = defaultdict(Counter)
     accepts = senders(table, workflows)
+    read = senders(table, {name for name in workflows if table[name].from_stage <= stage})
     for record in records:
-        allowed = accepts.get(record.topic.removeprefix(SETTINGS.topic_prefix))
-        if record.topic == SETTINGS.topic(written_by(MESSAGE_STREAM, SOURCE)):  # its own timeouts and finished workflows
+        member = record.topic.removeprefix(SETTINGS.topic_prefix)
+        if member == written_by(MESSAGE_STREAM, SOURCE):  # its own timeouts and finished workflows
             continue
-        if allowed is None:  # a writer of another orchestrator's workflows
+        if member not in accepts:  # a writer of another orchestrator's workflows
             emitted["(another orchestrator)"]["-"] += 1
             continue
         try:
             event = parse(record.value)
         except DeadLetter:
-            emitted["(invalid)"][DEAD_LETTER] += 1
+            emitted["(invalid)"][DEAD_LETTER if member in read else WAITS] += 1
             continue
-        if event.type not in allowed or not owns(table, event.type, workflows):
-            emitted[event.type][DEAD_LETTER if event.type not in allowed else "(another orchestrator)"] += 1
-            continue
-        try:
-            outputs = [name for name, *_ in route(event, stage)]
-        except DeadLetter:
-            outputs = [DEAD_LETTER]
-        emitted[event.type].update(outputs or ["(nothing: step done)"])
+        emitted[event.type].update(outputs(event, route, stage, table, workflows, read.get(member)))
     return emitted
+
+
+def outputs(event, route, stage: int, table: Table, workflows: set[str], allowed: frozenset | None) -> list[str]:
+    """Where one event would go: the topics route() sends to, or why nothing is sent."""
+    if allowed is None:
+        return [WAITS]
+    if event.type not in allowed or not owns(table, event.type, workflows):
+        return [DEAD_LETTER if event.type not in allowed else "(another orchestrator)"]
+    try:
+        return [name for name, *_ in route(event, stage)] or ["(nothing: step done)"]
+    except DeadLetter:
+        return [DEAD_LETTER]
 
 
 def dry_run(table: Table, route, args, workflows: set[str]) -> None:

@@ -90,7 +90,7 @@ def handle_record(name: str, record, handle: Handler, store, stop,
     try:
         check_key(record.key)
         message = parse(record.value)
-        tracing.about(span, message)
+        tracing.about(span, message, "route" if name == "orchestrator" else "act on")
         refuse_if_not_theirs(record, message, accepts)
         kind = message.type if message.type in SCHEMAS else "(other)"  # (a label per known type only)
         if store is not None and store.dedupe:

@@ -225,7 +225,7 @@ class Loop:
         state = self.store.view(partition, trace=tracing.traceparent(carried))
         try:
             outputs = self.service.timer(state, key)
-            tracing.about(span, outputs[0][1] if outputs else None)
+            tracing.about(span, outputs[0][1] if outputs else None, "fire")
             outs += serialise_own(self.name, outputs, carried)
             return state
         except Exception as error:  # noqa: BLE001 -- see the docstring

@@ -18,7 +18,8 @@ log = logging.getLogger("orchestrator")
 
 def parse_flags(description: str, table: Table) -> argparse.Namespace:
     """The orchestrator's flags, checked: a flag that means nothing here, or cannot be read, ends it in one line."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--example", type=int, choices=[1, 2, 3], default=3, help="walkthrough stage (default 3)")
     parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(table)} (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="preview routing of the recorded message_stream")
@@ -101,7 +102,7 @@ def run_orchestrator(description: str, table: Table, route: Route) -> None:
     active = sorted(w for w in args.workflows if table[w].from_stage <= args.example)
     log.info("routing table: example %d, workflows %s", args.example, ", ".join(active))
     orchestration = Orchestration(table, route, args.example, args.limits, args.workflows)
-    accepts = senders(table, args.workflows)
+    accepts = senders(table, set(active))  # (a later stage's events wait in Kafka until a stage that routes them)
     exactly_once = not args.no_transactions
     serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM),
                   exactly_once=exactly_once, keeps_state=True, group=group_for(table, args.workflows), accepts=accepts,

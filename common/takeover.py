@@ -7,10 +7,11 @@ import logging
 import time
 
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import AuthorizationError, NoError
+from kafka.errors import AuthorizationError, KafkaError, NoError
 
 from common.changelog import changelog, ensure_changelog, latest_entries
 from common.clients import SESSION_TIMEOUT_MS, wait_for_acks
+from common.copies import leave
 from common.settings import SETTINGS, Settings
 from common.workflow import Table, group_for, orchestrator_groups, overlapping
 
@@ -23,6 +24,7 @@ def take_over(admin: KafkaAdminClient, stop, table: Table, workflows: set[str], 
     those left off (their state first: the offsets say it is done)."""
     refuse_if_overlapping(admin, table, workflows, stop, settings)
     group, others = group_for(table, workflows), tuple(overlapping(table, workflows))
+    rejoin_if_inputs_changed(admin, group, inputs, settings)
     furthest = furthest_offsets(admin, group, others, inputs, settings) if not stop else {}
     if not furthest:
         return
@@ -41,19 +43,46 @@ def refuse_if_overlapping(admin: KafkaAdminClient, table: Table, workflows: set[
     others, until = overlapping(table, workflows), time.monotonic() + SESSION_TIMEOUT_MS / 1000 + 2
     running = running_groups(admin, others, settings)
     if running:
-        log.info("group %s has a member; waiting up to %d s in case it was stopped just now", ", ".join(running),
-                 until - time.monotonic())
+        log.info("group%s %s ha%s a member; waiting up to %d s in case it was stopped just now",
+                 "s" * (len(running) > 1), " and ".join(running), "ve" if len(running) > 1 else "s", until - time.monotonic())
     while running and time.monotonic() < until and not stop.wait(1.0):
         running = running_groups(admin, others, settings)
     if stop:
         return
-    for group, members in running.items():
-        theirs, rest = others[group], sorted(workflows - others[group])
-        raise SystemExit(
-            f"orchestrator: group {group} (workflows {','.join(sorted(theirs))}) is running ({len(members)} "
-            f"cop{'y' if len(members) == 1 else 'ies'}), and both would route {','.join(sorted(workflows & theirs))}. "
-            f"Stop it first (Ctrl-C in its terminal), then start this one: it starts where that one left off"
-            + (f"; or run this one with --workflows {','.join(rest)}" if rest else ""))
+    if running:
+        raise SystemExit(overlap_refusal(workflows, others, running))
+
+
+def overlap_refusal(workflows: set[str], others: dict[str, set[str]], running: dict) -> str:
+    """What an orchestrator of `workflows` says when overlapping groups run: which, and what would start cleanly now
+    (the workflows none of them runs, if any)."""
+    busy = set().union(*(others[group] for group in running))
+    rest, one, copies = sorted(workflows - busy), len(running) == 1, sum(map(len, running.values()))
+    names = " and ".join(f"{group} (workflows {','.join(sorted(others[group]))})" for group in running)
+    return (f"orchestrator: group{'' if one else 's'} {names} {'is' if one else 'are'} running ({copies} "
+            f"cop{'y' if copies == 1 else 'ies'}), and {'both' if one else 'each'} would route "
+            f"{','.join(sorted(workflows & busy))}. Stop {'it' if one else 'them'} first (Ctrl-C in "
+            f"{'its terminal' if one else 'their terminals'}), then start this one: it starts where "
+            f"{'that one' if one else 'they'} left off" + (f"; or run this one with --workflows {','.join(rest)}"
+                                                           if rest else ""))
+
+
+def rejoin_if_inputs_changed(admin: KafkaAdminClient, group: str, inputs: list[str], settings: Settings = SETTINGS):
+    """A static member restarted within its session gets its old partitions back, even when it now reads more
+    topics (an orchestrator moved from example 2 to 3 reads the unit producer's events too): the new topics' events
+    would wait for the next rebalance. So when its last subscription differs, its old place is given up first."""
+    described = admin.describe_groups([settings.group(group)]).get(settings.group(group)) or {}
+    mine = [m for m in described.get("members") or () if m.get("group_instance_id") == settings.member(group)]
+    wanted = {settings.topic(name) for name in inputs}
+    if mine and set((mine[0].get("member_metadata") or {}).get("topics") or ()) != wanted:
+        try:
+            leave(admin, group, settings)
+        except KafkaError as error:
+            log.warning("%s: its inputs changed, but its old place in the group could not be given up (%s): the new "
+                        "ones are read after the next rebalance", group, error)
+            return
+        log.info("%s: its inputs changed since it last ran; it joins its group afresh, so it reads them all at once",
+                 group)
 
 
 def running_groups(admin: KafkaAdminClient, groups: dict[str, set[str]], settings: Settings = SETTINGS) -> dict:
@@ -112,8 +141,8 @@ def move_offsets(admin: KafkaAdminClient, group: str, offsets: dict, others: tup
         log.warning("could not start group %s where %s left off (%s): it routes again what they routed; the commands "
                     "have the same ids, so services ignore them", group, ", ".join(others), failed)
     else:
-        log.info("group %s starts where %s left off (%d partitions moved forward)", group, " and ".join(others),
-                 len(offsets))
+        log.info("group %s starts where %s left off (%d partition%s moved forward)", group, " and ".join(others),
+                 len(offsets), "" if len(offsets) == 1 else "s")
 
 
 def adopt(group: str, others: tuple[str, ...], settings: Settings = SETTINGS) -> int:

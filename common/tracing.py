@@ -78,7 +78,7 @@ def produced(topic: str, message) -> Any:
 
     span = _tracer.start_span(f"send {topic}", kind=SpanKind.PRODUCER, attributes={
         "messaging.system": "kafka", "messaging.operation.type": "send", "messaging.destination.name": topic})
-    about(span, message)
+    about(span, message, "send")
     return span
 
 
@@ -91,11 +91,14 @@ def resumed(context: str | None, name: str) -> Any:
     return _tracer.start_span(name, context=extract({"traceparent": context}))
 
 
-def about(span, message) -> None:
-    """Name the message a span handled or sent: its id, type and workflow."""
+def about(span, message, doing: str | None = None) -> None:
+    """Name the message a span handled or sent: its id, type and workflow; and the span for what happened (`doing`
+    its message type: "route security_detection", "act security_command"), the topic staying an attribute."""
     if span is not None and message is not None:
         span.set_attributes({"messaging.message.id": message.id, "message.type": message.type,
                              "workflow.id": message.workflow_id})
+        if doing:
+            span.update_name(f"{doing} {message.type}")
 
 
 def failed(span, reason: str) -> None:

@@ -18,7 +18,7 @@ import local_kafka
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_kafka", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m local_kafka", allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
     parser.add_argument("user", nargs="?", help="with env: the user to connect as (one per script, or admin)")

@@ -16,7 +16,7 @@ import local_zipkin
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_zipkin", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m local_zipkin", allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--port", type=int, default=9411, help="the UI and API port (default 9411)")

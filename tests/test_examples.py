@@ -1,5 +1,6 @@
 """Examples 1-3 end to end, run as a user runs them: each script its own process, against the real broker."""
 
+import json
 import re
 import time
 
@@ -55,33 +56,36 @@ def test_example_2_reporting_joins_with_only_the_orchestrator_restarted(scripts,
     assert all(service.poll() is None for service in services)
 
 
-def test_example_3_unit_workflow_joins_while_security_keeps_flowing(scripts, topics):
+def test_example_3_unit_events_wait_in_kafka_until_the_orchestrator_looks_for_them(scripts, topics):
     # Given the Example 2 system running, with detections streaming in
     for service in SERVICES:
         scripts.start(service)
     reporting = scripts.start("reporting_service.py", "--example", "2")
     orchestrator = scripts.start("orchestrator.py", "--example", "2")
     scripts.start("security_detector.py", "--rate", "5")
-    stream, third_party, dead = topics(MESSAGE_STREAM), topics(THIRD_PARTY), topics("dead_letter")
-    # When the unit producer starts (step 1), its first events reach the stage-2 orchestrator: no route yet
+    stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)
+    # When the unit producer starts (step 1) and all its events are on message_stream
     scripts.start("unit_event_producer.py", "--count", "8", "--rate", "4", "--seed", "3")
-    dead.read_count(1)
-    # And the reporting service and the orchestrator restart at Example 3 (steps 2-5)
+    units = ids_of(stream.read_count(8, type_="unit_event"), "unit_event")
+    # Then the stage-2 orchestrator does not read them at all: no dead letter, no offset on the unit producer's topic
+    assert json.loads(scripts.run("monitor.py", "--once", "--json").stdout)["dead_letters"] == 0
+    admin = KafkaAdminClient(bootstrap_servers=scripts.env["KAFKA_BOOTSTRAP_SERVERS"])
+    group = scripts.env["TOPIC_PREFIX"] + "orchestrator"
+    assert {tp.topic.removeprefix(scripts.env["TOPIC_PREFIX"]) for tp in admin.list_group_offsets({group: None})[group]} == \
+        {"message_stream.security_detector", "message_stream.security_service"}
+    admin.close()
+    # When the reporting service and the orchestrator restart at Example 3 (steps 2-5), with no replay
     scripts.stop(reporting)
     scripts.start("reporting_service.py", "--example", "3")
     scripts.stop(orchestrator)
     restarted_at = time.time()
     scripts.start("orchestrator.py", "--example", "3")
-    units = ids_of(stream.read_count(8, type_="unit_event"), "unit_event")
-    # And the unit events the old table had no route for are replayed
-    replay = scripts.run("dead_letters.py", "replay", "--reason", "no route for 'unit_event'")
-    replayed = re.fullmatch(r"replayed (\d+) of (\d+) dead letters\n", replay.stdout)
-    assert replayed and replayed[1] == replayed[2] and int(replayed[1]) >= 1
-    # Then every unit event gets its unit command, is applied, and lands in the report's unit section once
+    # Then the waiting unit events are routed at once: each gets its unit command, is applied, and is reported once
     commands = topics(UNIT_COMMAND).read_until(lambda ms: units <= {m.workflow_id for m in ms})
     assert len(commands) == 8
     stream.read_until(lambda ms: units <= ids_of(ms, "unit_command_applied"))
     assert wait_for_reports(scripts, 8, workflow="unit")["workflows"]["unit"] == 8
+    assert json.loads(scripts.run("monitor.py", "--once", "--json").stdout)["dead_letters"] == 0
     # And security workflows started after the restart complete too
     stream.read_until(lambda ms: any(m.created_at.timestamp() > restarted_at for m in ms
                                      if m.type == "security_detection"))

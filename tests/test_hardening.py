@@ -197,10 +197,11 @@ def test_junk_on_dead_letter_is_shown_as_unreadable_and_disables_no_tool(scripts
 
 
 def test_replay_all_replays_each_original_once_and_a_null_as_null(scripts, topics, producer):
-    # Given three letters with no route (a stage-2 orchestrator, unit events) and one null value
+    # Given three unit reports a reporting service at Example 2 has no section for, and one null value
     scripts.start("orchestrator.py", "--example", "2")
+    scripts.start("reporting_service.py", "--example", "2")
     for _ in range(3):
-        producer(MESSAGE_STREAM, unit_event())
+        producer(REPORT_DATA, route(unit_event(), stage=3)[1][1])
     producer(MESSAGE_STREAM, None, key=b"sensor-1")  # (a null needs a key: kafka-python sends no record without both)
     dead = topics(DEAD_LETTER)
     dead.read_count(4)

@@ -9,6 +9,8 @@ from helpers import detection, unit_event
 from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, WORKFLOW, DeadLetter,
                     Limits, Orchestration, Settings, Store, caused_by)
 from common.handling import serialised
+from common.takeover import overlap_refusal
+from common.workflow import overlapping
 from orchestrator import WORKFLOWS, route
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
@@ -173,3 +175,18 @@ def test_an_outcome_of_a_workflow_with_no_state_changes_nothing_and_says_so(stor
     # Then nothing follows, no workflow is made up for it, and the orchestrator says why
     assert outputs == [] and workflow(store, event) is None
     assert "its workflow is unknown here" in caplog.text
+
+
+@pytest.mark.no_broker
+def test_the_overlap_refusal_advises_only_what_would_start_cleanly_now():
+    others = overlapping(WORKFLOWS, set(WORKFLOWS))
+    # While only the split security orchestrator runs, the single one may be run for the unit workflow instead
+    one = overlap_refusal(set(WORKFLOWS), others, {"orchestrator-security": ["a"]})
+    assert one == ("orchestrator: group orchestrator-security (workflows security) is running (1 copy), and both would "
+                   "route security. Stop it first (Ctrl-C in its terminal), then start this one: it starts where that "
+                   "one left off; or run this one with --workflows unit")
+    # While both split ones run, nothing but stopping them would start cleanly
+    both = overlap_refusal(set(WORKFLOWS), others, {"orchestrator-security": ["a"], "orchestrator-unit": ["b"]})
+    assert both == ("orchestrator: groups orchestrator-security (workflows security) and orchestrator-unit (workflows "
+                    "unit) are running (2 copies), and each would route security,unit. Stop them first (Ctrl-C in "
+                    "their terminals), then start this one: it starts where they left off")

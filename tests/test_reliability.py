@@ -5,10 +5,11 @@ import re
 import signal
 import time
 
-from helpers import NO_RESENDS, detections, exactly_one_each, ids_of, unit_event, wait_completed, wait_for_reports
+from helpers import (NO_RESENDS, detections, exactly_one_each, report_summary, unit_event, wait_completed,
+                     wait_for_reports)
 
 import local_kafka
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
+from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
 
 SERVICES = ("security_service.py", "notification_service.py", "reporting_service.py")
 
@@ -95,26 +96,26 @@ def test_a_broker_outage_is_ridden_out_without_restarting_any_service(tmp_path, 
         local_kafka.stop(tmp_path / "kafka")
 
 
-def test_a_fixed_and_replayed_dead_letter_completes_its_workflow(scripts, topics, producer):
-    # Given a stage-2 orchestrator that has no unit workflow, and the unit producer
-    orchestrator = scripts.start("orchestrator.py", "--example", "2")
+def test_a_fixed_and_replayed_dead_letter_has_its_effect_once(scripts, topics, producer):
+    # Given a reporting service left at Example 2 (no unit section) under an Example 3 orchestrator
+    reporting = scripts.start("reporting_service.py", "--example", "2")
+    scripts.start("orchestrator.py", "--example", "3")
     scripts.start("unit_event_producer.py", "--count", "0")
     event = unit_event("tamper")
     producer(MESSAGE_STREAM, event, key=b"unit-1")
     [letter] = topics("dead_letter").read_count(1)
-    assert letter.payload["reason"] == "no route for 'unit_event' at example 2"
-    # When the cause is fixed (the orchestrator restarted at Example 3) and the dead letter replayed
-    scripts.stop(orchestrator)
-    orchestrator = scripts.start("orchestrator.py", "--example", "3")
-    assert scripts.run("dead_letters.py", "replay", "--letter", "orchestrator:0:0").stdout == "replayed 1 of 1 dead letters\n"
-    # Then the workflow completes: the unit got its command and applied it
-    stream = topics(MESSAGE_STREAM)
-    stream.read_until(lambda ms: event.id in ids_of(ms, "workflow_completed"))
-    # And when the orchestrator is killed (SIGKILL), started again and the letter replayed once more
-    orchestrator = scripts.restart(orchestrator, signal.SIGKILL)
-    assert scripts.run("dead_letters.py", "replay", "--letter", "orchestrator:0:0").stdout == "replayed 1 of 1 dead letters\n"
-    scripts.wait_for_output(orchestrator, "already handled; ignoring the redelivery")
-    # Then it had no second effect: one command, applied once, one completed workflow
-    assert len(topics(UNIT_COMMAND).read_count(1)) == 1
-    assert [m.type for m in stream.read_count(1, type_="workflow_completed")] == ["workflow_completed"]
-    assert [m.type for m in stream.messages()].count("unit_command_applied") == 1
+    assert letter.payload["reason"] == "no report section for 'unit' reports at example 2"
+    # When the cause is fixed (the reporting service restarted at Example 3) and the dead letter replayed
+    scripts.stop(reporting)
+    reporting = scripts.start("reporting_service.py", "--example", "3")
+    assert scripts.run("dead_letters.py", "replay", "--reason", "no report section").stdout == \
+        "replayed 1 of 1 dead letters\n"
+    # Then the report is stored
+    assert wait_for_reports(scripts, 1, workflow="unit")["workflows"] == {"unit": 1}
+    # And when the reporting service is killed (SIGKILL), started again and the letter replayed once more
+    reporting = scripts.restart(reporting, signal.SIGKILL)
+    assert scripts.run("dead_letters.py", "replay", "--letter", "reporting_service:0:0").stdout == \
+        "replayed 1 of 1 dead letters\n"
+    scripts.wait_for_output(reporting, "already stored; ignoring the redelivery")
+    # Then it had no second effect: one report
+    assert report_summary(scripts)["workflows"] == {"unit": 1}

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import NO_RESENDS, ROOT, detections, ids_of, wait_completed
+from helpers import NO_RESENDS, ROOT, detections, unit_event, wait_completed, wait_for_reports
 
 import local_kafka
 import local_zipkin
@@ -83,12 +83,15 @@ def test_a_detection_is_one_trace_from_the_detector_through_every_service(script
     # and the security service's outcome goes back to the orchestrator
     edges = {(parent_service(spans, s), s["localEndpoint"]["serviceName"], s["name"]) for s in spans}
     prefix = scripts.env["TOPIC_PREFIX"]
-    assert {(None, "security_detector", f"send {prefix}message_stream.security_detector"),
-            ("security_detector", "orchestrator", f"process {prefix}message_stream.security_detector"),
-            ("orchestrator", "security_service", f"process {prefix}sec_command"),
-            ("orchestrator", "notification_service", f"process {prefix}notification_command"),
-            ("orchestrator", "reporting_service", f"process {prefix}report_data"),
-            ("security_service", "orchestrator", f"process {prefix}message_stream.security_service")} <= edges
+    # (each span named for what happened; its topic an attribute)
+    assert {(None, "security_detector", "send security_detection"),
+            ("security_detector", "orchestrator", "route security_detection"),
+            ("orchestrator", "security_service", "act on security_command"),
+            ("orchestrator", "notification_service", "act on notification_command"),
+            ("orchestrator", "reporting_service", "act on report_data"),
+            ("security_service", "orchestrator", "route security_action_completed")} <= edges
+    routed = next(s for s in spans if s["name"] == "route security_detection")
+    assert routed["tags"]["messaging.destination.name"] == f"{prefix}message_stream.security_detector"
     # And every span is of this workflow, in one trace, and none is an error
     assert {s["tags"].get("workflow.id") for s in spans} == {workflow}
     assert len({s["traceId"] for s in spans}) == 1 and not any("error" in s["tags"] for s in spans)
@@ -99,29 +102,30 @@ def test_a_detection_is_one_trace_from_the_detector_through_every_service(script
         assert f"{service}: " in page, f"{service} is not on the trace's page"
 
 
-def test_a_dead_letter_is_an_error_its_replay_and_a_timeout_stay_in_the_workflows_trace(scripts, topics, traced):
-    # Given an orchestrator at Example 2 (no unit workflow yet) and a unit event it has no route for
-    orchestrator = scripts.start("orchestrator.py", "--example", "2", "--step-timeout", "1", "--attempts", "1")
-    units = scripts.start("unit_event_producer.py", "--count", "1", "--seed", "4")
-    stream = topics(MESSAGE_STREAM)
-    [unit] = ids_of(stream.read_count(1, type_="unit_event"), "unit_event")
-    topics("dead_letter").read_count(1)
-    # When the orchestrator comes back at Example 3 and the dead letter is replayed (no unit producer applies it)
-    scripts.stop(units)
-    scripts.stop(orchestrator)
+def test_a_dead_letter_is_an_error_its_replay_and_a_timeout_stay_in_the_workflows_trace(scripts, topics, producer,
+                                                                                       traced):
+    # Given a unit event, an Example 3 orchestrator (nobody applies unit commands: the step times out) and a
+    # reporting service left at Example 2 (no unit section: it dead-letters the unit report)
+    unit = unit_event("offline")
+    producer(MESSAGE_STREAM, unit, key=b"unit-1")
+    reporting = scripts.start("reporting_service.py", "--example", "2")
     scripts.start("orchestrator.py", "--example", "3", "--step-timeout", "1", "--attempts", "1")
+    topics("dead_letter").read_count(1)
+    # When the reporting service comes back at Example 3 and the dead letter is replayed
+    scripts.stop(reporting)
+    scripts.start("reporting_service.py", "--example", "3")
     scripts.run("dead_letters.py", "replay", "--all")
-    # Then its unit command times out and is escalated (nobody applies it)
-    stream.read_until(lambda ms: any(m.type == "workflow_failed" and m.workflow_id == unit for m in ms))
-    # And all of it is one trace: the first handling an error (dead-lettered), the replayed one routing the
-    # command, and the timer's step_timed_out within it
-    spans = trace_of(traced, unit, {"unit_event_producer", "orchestrator"}, spans=4)
-    names = sorted((s["name"], "error" in s["tags"]) for s in spans if s["localEndpoint"]["serviceName"] == "orchestrator")
-    prefix = scripts.env["TOPIC_PREFIX"]
-    assert names == [(f"process {prefix}message_stream.unit_event_producer", False),
-                     (f"process {prefix}message_stream.unit_event_producer", True),
-                     (f"timer workflow/{unit}", False)]
-    assert len({s["traceId"] for s in spans}) == 1 and {s["tags"].get("workflow.id") for s in spans} == {unit}
+    wait_for_reports(scripts, 1, workflow="unit")
+    # Then its unit command times out and the workflow fails (escalated)
+    stream = topics(MESSAGE_STREAM)
+    stream.read_until(lambda ms: any(m.type == "workflow_failed" and m.workflow_id == unit.workflow_id for m in ms))
+    # And all of it is one trace: the routing, the timer firing, the report first dead-lettered (an error), then stored
+    spans = trace_of(traced, unit.workflow_id, {"orchestrator", "reporting_service"}, spans=4)
+    names = sorted((s["localEndpoint"]["serviceName"], s["name"], "error" in s["tags"]) for s in spans
+                   if s["localEndpoint"]["serviceName"] in ("orchestrator", "reporting_service"))
+    assert names == [("orchestrator", "fire step_timed_out", False), ("orchestrator", "route unit_event", False),
+                     ("reporting_service", "act on report_data", False), ("reporting_service", "act on report_data", True)]
+    assert len({s["traceId"] for s in spans}) == 1 and {s["tags"].get("workflow.id") for s in spans} == {unit.workflow_id}
 
 
 @pytest.mark.no_broker

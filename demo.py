@@ -180,6 +180,9 @@ def walkthrough(attach: bool) -> int:
         print(f"tmux session {SESSION!r}: Example 1 runs in windows {', '.join(n for n, _, run in WINDOWS if run)}; "
               f"{', '.join(n for n, _, run in WINDOWS if not run)} are typed, ready for Examples 2 and 3 "
               f"(Ctrl-b n: next window; Ctrl-b d: leave it running; `tmux kill-session -t {SESSION}`: end it)")
+    else:
+        print(f"tmux session {SESSION!r} is open already, its scripts as you left them (`tmux kill-session -t "
+              f"{SESSION}` ends it, for a fresh one)")
     if not attach:
         print(f"attach with: tmux attach -t {SESSION}")
         return 0

@@ -266,6 +266,7 @@ class Tail:
                                       max_partition_fetch_bytes=16 * 1024)
         self.consumer.subscribe(pattern=settings.pattern(ALL_TOPICS))
         self.last_read: dict[TopicPartition, int] = {}  # partition -> timestamp (ms) of the last record read
+        self.last_offset: dict[TopicPartition, int] = {}  # partition -> offset of the last record read
 
     def poll(self, timeout_ms: int = 200) -> None:
         try:
@@ -273,7 +274,7 @@ class Tail:
         except AuthorizationError as error:  # a user who may not read every topic: one line, not a traceback
             raise refused("monitor", error, self.flow.settings) from None
         for partition, records in batches.items():
-            self.last_read[partition] = records[-1].timestamp
+            self.last_read[partition], self.last_offset[partition] = records[-1].timestamp, records[-1].offset
             arrivals = self.flow.arrivals[records[0].topic]
             for record in records:
                 arrivals.append(record.timestamp / 1000)  # when Kafka got it
@@ -332,8 +333,19 @@ class Tail:
             gone = replaced(admin, WORKFLOWS, self.flow.settings)  # (split off or joined back: its lag only grows)
         except KafkaError:  # no group coordinator yet (a brand-new cluster): no lag to show
             return {}
-        return {group: sum(max(0, end.get(tp, 0) - meta.offset) for tp, meta in offsets[real].items())
-                for group, real in names.items() if offsets.get(real) and group not in gone}
+        try:
+            return {group: sum(self.behind(tp, meta.offset, end) for tp, meta in offsets[real].items())
+                    for group, real in names.items() if offsets.get(real) and group not in gone}
+        except KafkaError as error:
+            return f"not known now: Kafka does not answer ({type(error).__name__})"
+
+    def behind(self, tp: TopicPartition, committed: int, end: dict) -> int:
+        """Records a group has still to read on a partition: none once it is past the last record there (what
+        follows is a transaction's commit marker, which takes an offset but is no message); else up to the end."""
+        if committed > self.last_offset.get(tp, -1) and tp in self.consumer.assignment() and \
+                self.consumer.position(tp) >= end.get(tp, 0):
+            return 0
+        return max(0, end.get(tp, 0) - committed)
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -363,7 +375,6 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15) -> Grou
         lags = lag
     else:
         lags = "  ".join(f"{group} {n}" for group, n in (lag or {}).items()) or "(no groups yet)"
-        lags += "  (a transaction's commit marker also counts as one)" if lag else ""
     last = flow.last_reason
     figures = flow.figures()
     counts = ", ".join(f"{n} {state}" for state, n in figures["workflows"].items())
@@ -384,8 +395,9 @@ def print_sla_report(report: dict, as_json: bool) -> None:
         print(json.dumps(report, sort_keys=True))
         return
     for kind, r in report.items():
-        print(f"{kind:<9} count {r['count']:>5}  completed {r['completed']:>5}  failed {r['failed']:>4}  p50 {r['p50']} s  "
-              f"p95 {r['p95']} s  p99 {r['p99']} s  SLA {r['sla_s']:g} s breaches {r['breaches']}")
+        p50, p95, p99 = ("-" if r[p] is None else f"{r[p]:.3f}" for p in ("p50", "p95", "p99"))
+        print(f"{kind:<9} count {r['count']:>5}  completed {r['completed']:>5}  failed {r['failed']:>4}  p50 {p50} s  "
+              f"p95 {p95} s  p99 {p99} s  SLA {r['sla_s']:g} s breaches {r['breaches']}")
 
 
 def timeline(wanted: str, settings: Settings = SETTINGS) -> int:

@@ -69,7 +69,7 @@ def escalate_timeout(event: Envelope) -> Envelope:
     return caused_by(event, "escalate", "notification_command", {
         "channel": "pager", "recipient": f"{timeout['workflow']}-supervisor",
         "text": f"ESCALATION: {command.get('action') or command.get('command')} at {where} got no answer after "
-                f"{timeout['attempts']} attempts (workflow {event.workflow_id[:8]})"}, SOURCE)
+                f"{timeout['attempts']} attempts"}, SOURCE)
 
 
 def unit_command(event: Envelope) -> Envelope:

@@ -25,6 +25,13 @@ def members(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) 
     return {member["group_instance_id"] for member in found.get("members") or () if member.get("group_instance_id")}
 
 
+def holds_our_place(admin: KafkaAdminClient, group: str, member_id: str, settings: Settings = SETTINGS) -> bool:
+    """Whether another process holds this copy's place (its INSTANCE_ID) in its group now."""
+    found = admin.describe_groups([settings.group(group)]).get(settings.group(group)) or {}
+    return any(member.get("group_instance_id") == settings.member(group) and member.get("member_id") != member_id
+               for member in found.get("members") or ())
+
+
 def leave(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:
     """Take this copy out of its group at once. A static member's close() does not leave (so that a restart finds
     its partitions waiting); a copy stopped for good while others run hands its partitions over this way instead of
@@ -90,6 +97,19 @@ class Copies:
                 return
             except KafkaError:
                 time.sleep(0.5 * (attempt + 1))
+
+    def replaced(self, member_id: str, stop, within: float = 3.0) -> bool:
+        """Whether another process took this copy's place (started with its INSTANCE_ID): asked for up to `within`
+        seconds, since it may join its group a moment after its producer fenced ours."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                if in_background(lambda: holds_our_place(self._admin(), self.group, member_id, self.settings))(3):
+                    return True
+            except (KafkaError, Stuck):
+                pass
+            if time.monotonic() > deadline or stop.wait(0.5):
+                return False
 
     def others(self) -> set[str]:
         """The other copies in the group now (none if Kafka does not answer within 3 s)."""

@@ -34,8 +34,10 @@ class Delivery:
     INSTANCE_ID raises FencedInstanceIdError, since retrying helps neither."""
 
     def __init__(self, name: str, stop, transactional_id: str | None, settings: Settings = SETTINGS,
-                 new_producer: Callable[..., KafkaProducer] = make_producer, warm: tuple[str, ...] = ()):
+                 new_producer: Callable[..., KafkaProducer] = make_producer, warm: tuple[str, ...] = (),
+                 replaced: Callable[[], bool] = lambda: False):
         self.name, self.stop, self.transactional_id, self.settings = name, stop, transactional_id, settings
+        self.replaced = replaced  # whether another process took this copy's place in its group
         self.new_producer = lambda: new_producer(transactional_id=transactional_id, settings=settings)
         # Made (and its transactional id fenced) while the consumer joins its group, and told where the topics it
         # writes (`warm`, all existing) are: a restart's first batch then waits for neither (about 0.25 s).
@@ -124,8 +126,9 @@ class Delivery:
         return False
 
     def _fenced(self, cause: ProducerFencedError) -> None:
-        """Fenced once can be our own transaction that timed out; twice soon after is another copy of us."""
-        if time.monotonic() - self.fenced_at < FENCED_AGAIN_S:
+        """Fenced once can be our own transaction that timed out; twice soon after, or with another process in our
+        place in the group, is another copy of us (trying again would fence it in turn)."""
+        if time.monotonic() - self.fenced_at < FENCED_AGAIN_S or self.replaced():
             raise FencedInstanceIdError(str(cause)) from None
         self.fenced_at = time.monotonic()
 

@@ -20,7 +20,7 @@ from common.handling import Handled, Serialised, dead_letter_of, handle_batch, s
 from common.settings import FAMILIES, Settings
 from common.state import Store
 from common.waiting import Pause, Poller
-from common.workarounds import heartbeat_silence_s
+from common.workarounds import member_id, heartbeat_silence_s
 
 log = logging.getLogger("common")
 EXPIRE_EVERY_S = 60  # how often entries past the state's retention are dropped from memory
@@ -34,9 +34,10 @@ class Loop:
         self.handle = service.handle if service.keeps_state else lambda message, _: service.handle(message)
         self.accepts = {settings.topic(topic): types for topic, types in (service.accepts or {}).items()}
         group = service.group or service.name
-        self.delivery = Delivery(self.name, stop, settings.transactional_id(group) if service.exactly_once else None,
-                                 settings, warm=warm(writes, store))
         self.copies = Copies(self.name, group, settings)
+        self.delivery = Delivery(self.name, stop, settings.transactional_id(group) if service.exactly_once else None,
+                                 settings, warm=warm(writes, store),
+                                 replaced=lambda: self.copies.replaced(member_id(self.consumer), stop))
         listener = None
         if store is not None:
             store.open()  # (its reader starts meanwhile, too)

@@ -57,26 +57,31 @@ class Orchestration:
         for workflow in table.values():
             for step in workflow.steps:
                 self.steps.setdefault(step.command, step)
+        self.steps_done = {t for workflow in table.values() for step in workflow.steps for t in step.done}
 
     def handle(self, event: Envelope, state: State) -> list[Output]:
         """The loop's handler: an event of this orchestrator's workflows, routed and its workflow kept."""
         if self.kind.get(event.type) not in self.handles:
             return []  # (another orchestrator's: it routes it)
         outputs = self.decide(event, state)
+        if outputs is None:  # (handled before, or too late: said where it was found)
+            return []
         self.count_routed(outputs, self.kind.get(event.type))
         log.info("%s %s -> %s", event.type, event.workflow_id[:8],
-                 ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or "nothing follows")
-        if not self.routed_any:  # (the restart gap, to read off by hand)
+                 ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or
+                 ("its step is done; nothing follows" if event.type in self.steps_done else "nothing follows"))
+        if outputs and not self.routed_any:  # (the restart gap, to read off by hand)
             self.routed_any = True
             log.info("first message routed %.2f s after this process started", process_age())
         return outputs
 
-    def decide(self, event: Envelope, state: State, now: float | None = None) -> list[Output]:
-        """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends."""
+    def decide(self, event: Envelope, state: State, now: float | None = None) -> list[Output] | None:
+        """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends;
+        None if it changes nothing (handled before, or too late)."""
         now, key = now or time.time(), WORKFLOW + event.workflow_id
         workflow = self.state_of_workflow(event, state)
         if self.skipped(event, state, workflow):
-            return []
+            return None
         commands = self.route(event, self.stage)
         if workflow is None and event.type in self.kind and event.type not in self.starts:  # (a step's outcome)
             self.say_unknown(event)
@@ -194,7 +199,7 @@ class Orchestration:
         event = caused_by(Envelope.model_validate(step["command"]), f"timeout-{step['attempts']}", "step_timed_out", {
             "workflow": workflow["type"], "step": name, "attempt": step["attempts"], "attempts": self.limits.attempts,
             "topic": step["topic"], "command": step["command"]}, SOURCE)
-        routed = self.decide(event, state, now)
+        routed = self.decide(event, state, now) or []
         metrics.count("timeouts", workflow=workflow["type"])
         self.count_routed(routed, workflow["type"])
         log.info("step_timed_out %s -> %s", workflow["workflow_id"][:8],

@@ -20,7 +20,7 @@ def parse_flags(description: str, table: Table) -> argparse.Namespace:
     """The orchestrator's flags, checked: a flag that means nothing here, or cannot be read, ends it in one line."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--example", type=int, choices=[1, 2, 3], default=3, help="walkthrough stage (default 3)")
+    parser.add_argument("--example", type=int, choices=[1, 2, 3], help="walkthrough stage (default 3)")
     parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(table)} (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="preview routing of the recorded message_stream")
     parser.add_argument("--since", help="with --dry-run: only messages from this ISO time on (e.g. 2026-11-27T18:00)")
@@ -34,6 +34,7 @@ def parse_flags(description: str, table: Table) -> argparse.Namespace:
     parser.add_argument("--no-transactions", action="store_true",
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
+    args.defaulted, args.example = args.example is None, args.example or 3
     args.limits = Limits(args.step_timeout, args.attempts or ATTEMPTS)
     args.workflows = check_flags(args, table)
     return args
@@ -100,7 +101,8 @@ def run_orchestrator(description: str, table: Table, route: Route) -> None:
     if args.dry_run:
         return dry_run(table, route, args, args.workflows)
     active = sorted(w for w in args.workflows if table[w].from_stage <= args.example)
-    log.info("routing table: example %d, workflows %s", args.example, ", ".join(active))
+    log.info("routing table: example %d%s, workflows %s", args.example,
+             " (the default; --example 1 or 2 for an earlier stage)" if args.defaulted else "", ", ".join(active))
     orchestration = Orchestration(table, route, args.example, args.limits, args.workflows)
     accepts = senders(table, set(active))  # (a later stage's events wait in Kafka until a stage that routes them)
     exactly_once = not args.no_transactions

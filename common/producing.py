@@ -48,7 +48,7 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
             stop.wait(pacer.pause())
     finally:
         discard(producer, timeout=10)
-        log.info("%s: produced %d messages", name, delivered)
+        log.info("%s: produced %d message%s", name, delivered, "" if delivered == 1 else "s")
     return delivered
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from common.workarounds import ClientWarningsOncePer, HideClientRefusals, HidePassword, QuietClientChatter
+from common.workarounds import (ClientWarningsOncePer, HideClientRefusals, HidePassword, QuietClientChatter,
+                                QuietOnceStopping)
 
 # Topics: each has a single writer, so that what a topic carries is bound to who may write it (acls.py).
 MESSAGE_STREAM = "message_stream"        # events in: detections, unit events, service outcomes (a family, below)
@@ -119,5 +120,6 @@ def setup_logging() -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(HideClientRefusals())
         handler.addFilter(QuietClientChatter())
+        handler.addFilter(QuietOnceStopping())
         handler.addFilter(ClientWarningsOncePer(30.0))
         handler.addFilter(HidePassword(SETTINGS.security.get("sasl_plain_password")))

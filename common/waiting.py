@@ -8,11 +8,11 @@ import threading
 import time
 
 from kafka import KafkaConsumer
-from kafka.errors import AuthorizationError, KafkaError
+from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 
 from common.clients import SESSION_TIMEOUT_MS, refused
 from common.settings import Settings
-from common.workarounds import LastWords, heartbeat_silence_s
+from common.workarounds import STOPPING, LastWords, heartbeat_silence_s
 
 log = logging.getLogger("common")
 
@@ -29,6 +29,7 @@ class Stopper:
         if self.event.is_set():
             os.write(2, b"second stop signal: exiting at once, without finishing the batch (it is handled again)\n")
             os._exit(128 + signum)
+        STOPPING.set()  # (kafka-python's lines while its clients close are hidden from now on)
         self.event.set()  # (no logging here: a log call inside a signal handler can collide with one in progress)
 
     def __bool__(self):
@@ -52,6 +53,8 @@ class Poller:
         no heartbeat for longer than the session (a rejoin needs polls, so the caller goes on polling)."""
         try:
             batch = self.consumer.poll(timeout_ms=timeout_ms)
+            if self.client.fenced:
+                raise FencedInstanceIdError(self.client.text)
             silence = heartbeat_silence_s(self.consumer)
             self.unheard = not batch and silence > SESSION_TIMEOUT_MS / 1000
             if self.unheard:

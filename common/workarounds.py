@@ -152,16 +152,24 @@ def heartbeat_silence_s(consumer) -> float:
     return time.monotonic() - max(heartbeat.last_receive, heartbeat.last_reset)
 
 
+def member_id(consumer) -> str:
+    """This consumer's member id in its group now (a private attribute of kafka-python 3.0.12's coordinator)."""
+    return consumer._coordinator._generation.member_id
+
+
 class LastWords(logging.Handler):
     """The client's last warning or error (kafka-python logs what the broker answered rather than raising it)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.text = ""
+        self.text, self.fenced = "", False
         logging.getLogger("kafka").addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.text = record.getMessage()[:300]
+        # (a heartbeat answered FencedInstanceIdError: another process joined as this one; kafka-python 3.0.12 logs
+        # it, stops the heartbeat and raises nothing, so the member would wait for ever)
+        self.fenced = self.fenced or (record.name.startswith("kafka.coordinator") and "fenced" in self.text.lower())
 
 
 class HidePassword(logging.Filter):
@@ -178,12 +186,16 @@ class HidePassword(logging.Filter):
 
 
 class HideClientRefusals(logging.Filter):
-    """Hides kafka-python's own lines about a refused right (kafka-python 3.0.12 logs "Fatal Error handling request
-    FindCoordinatorRequest: [Error 53] TransactionalIdAuthorizationFailedError" at ERROR, then raises): the script
-    says it in one line of its own and stops (common.clients.refused)."""
+    """Hides kafka-python's own lines about a refused right or a fenced producer (kafka-python 3.0.12 logs "Fatal
+    Error handling request FindCoordinatorRequest: [Error 53] TransactionalIdAuthorizationFailedError", or "...
+    [Error 90] ProducerFencedError", at ERROR, then raises): the script says what it means in a line of its own
+    (common.clients.refused; another copy with its INSTANCE_ID; a transaction of its own that timed out). So is
+    the heartbeat's "fenced id error" (another process joined the group as this one: the script stops, saying so)."""
+    SAID = ("AuthorizationFailedError", "ProducerFencedError", "fenced id error", "fenced group_instance_id")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("kafka.") and "AuthorizationFailedError" in record.getMessage()) \
+        message = record.getMessage()
+        return not (record.name.startswith("kafka.") and any(said in message for said in self.SAID)) \
             or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
@@ -205,6 +217,18 @@ class QuietClientChatter(logging.Filter):
         if not record.name.startswith("kafka") or logging.getLogger().isEnabledFor(logging.DEBUG):
             return True
         return not any(chatter in record.getMessage() for chatter in self.CHATTER)
+
+
+STOPPING = threading.Event()  # set by the first stop signal (common.waiting.Stopper)
+
+
+class QuietOnceStopping(logging.Filter):
+    """Hides kafka-python's lines once a stop signal came: closing its clients, kafka-python 3.0.12 logs the
+    heartbeat it could not send and the connections it closed (ERROR), none of which is trouble on a clean stop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (STOPPING.is_set() and record.name.startswith("kafka")) or \
+            logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 class ClientWarningsOncePer(logging.Filter):

@@ -45,7 +45,9 @@ def test_make_walkthrough_opens_a_tmux_session_with_a_window_per_script(tmp_path
         assert windows == ["security", "notification", "orchestrator", "detector", "monitor", "reporting", "units"]
         again = subprocess.run([sys.executable, "demo.py", "--tmux"], cwd=ROOT, env=env, capture_output=True, text=True,
                                timeout=60)
-        assert again.stdout == "attach with: tmux attach -t walkthrough\n"  # (the open one is kept, not doubled)
+        assert again.stdout == ("tmux session 'walkthrough' is open already, its scripts as you left them (`tmux "
+                                "kill-session -t walkthrough` ends it, for a fresh one)\n"
+                                "attach with: tmux attach -t walkthrough\n")  # (the open one is kept, not doubled)
     finally:
         subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
 

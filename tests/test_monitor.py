@@ -299,6 +299,9 @@ def test_once_counts_every_workflow_when_most_have_left_the_monitors_window(scri
     # Then its totals count all of them, and it says none left the window unfinished
     assert "workflows: 300 started, 300 completed, 0 failed, 0 stuck, 0 running" in screen
     assert "left the monitor's window" not in screen
+    # And with nothing pending, no group has a lag (a transaction's commit marker is no message)
+    lag = next(line for line in screen.splitlines() if line.startswith("consumer lag: "))
+    assert re.fullmatch(r"consumer lag: (\S+ 0\s*)+", lag) and "orchestrator 0" in lag, lag
 
 
 @pytest.mark.no_broker

@@ -28,7 +28,7 @@ def store():
 def handled(store, event, now, stage=3):
     """The event routed as the orchestrator's handler does it, its state change committed."""
     state = store.view(0, b"sensor-1")
-    outputs = Orchestration(WORKFLOWS, route, stage, LIMITS).decide(event, state, now)
+    outputs = Orchestration(WORKFLOWS, route, stage, LIMITS).decide(event, state, now) or []  # (None: changes nothing)
     store.commit(state.changes)
     return outputs
 

@@ -3,6 +3,7 @@ others: nothing lost, nothing doubled (read committed), and each key's messages 
 them over at once; the copy that takes over a killed one's partitions ends the transaction it left open."""
 
 import signal
+import re
 import time
 from collections import defaultdict
 
@@ -104,6 +105,9 @@ def test_a_second_copy_with_the_same_instance_id_is_stopped_with_a_clear_error(s
     stream, commands = topics(MESSAGE_STREAM), topics(SEC_COMMAND)
     workflows = detections(stream.read_count(150, type_="security_detection", timeout=60))
     exactly_one_each(workflows, commands)
+    # And the copy that runs on says nothing of the other (it is not fenced in turn)
+    kept = second if stopped is first else first
+    assert not re.findall(r".* (?:WARNING|ERROR) .*", scripts.output(kept))
 
 
 def group_members(env: dict, group: str) -> set[str]:

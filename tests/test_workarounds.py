@@ -144,3 +144,24 @@ def test_the_clients_chatter_on_a_healthy_broker_is_hidden_and_nothing_else():
         assert not quiet.filter(line)
     assert quiet.filter(record("kafka.cluster", "Metadata refresh: failed %s", "KafkaConnectionError"))
     assert quiet.filter(record("orchestrator", "(>0.100s threshold)"))  # (the scripts' own lines always pass)
+
+
+@pytest.mark.no_broker
+def test_the_clients_lines_while_closing_after_a_stop_signal_are_hidden_and_the_scripts_own_are_not(monkeypatch):
+    # (found by hand: a clean Ctrl-C printed "kafka.coordinator ERROR Error sending HeartbeatRequest ...")
+    from common import workarounds
+    monkeypatch.setattr(workarounds, "STOPPING", threading.Event())
+    quiet, heartbeat = workarounds.QuietOnceStopping(), record("kafka.coordinator", "Error sending HeartbeatRequest")
+    assert quiet.filter(heartbeat)  # (before a stop: trouble worth a line)
+    workarounds.STOPPING.set()
+    assert not quiet.filter(heartbeat) and quiet.filter(record("orchestrator", "stopping after 3 messages"))
+
+
+@pytest.mark.no_broker
+def test_the_clients_lines_about_a_fenced_copy_are_hidden_since_the_script_says_it():
+    from common.workarounds import HideClientRefusals
+    for line in (record("kafka.producer.transaction_manager", "Fatal Error handling request %s: %s",
+                        "AddOffsetsToTxnRequest", "[Error 90] ProducerFencedError"),
+                 record("kafka.coordinator.heartbeat", "Heartbeat failed for group %s due to fenced id error: %s", "g",
+                        "g-1")):
+        assert not HideClientRefusals().filter(line)

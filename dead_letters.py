@@ -30,6 +30,7 @@ from common import (DEAD_LETTER, SETTINGS, DeadLetterPayload, Envelope, Stopper,
                     refused, setup_logging, tracing, wait_for_acks, wait_for_kafka)
 
 log = logging.getLogger("dead_letters")
+REPLAYED = "replayed-from"  # the header a replayed original carries: the letter it was replayed from
 
 
 def load(records) -> tuple[list[tuple[str, DeadLetterPayload, datetime]], list[str]]:
@@ -56,15 +57,44 @@ def workflow_of(letter: DeadLetterPayload) -> str:
         return "-"
 
 
-def listing(letters) -> list[str]:
+def listing(letters, replays: dict | None = None) -> list[str]:
     """`list`'s lines: when each letter was written, by which service, the original's workflow, where the original
-    is, and why."""
-    lines = [f"{'time':<12} {'letter':<34} {'workflow':<9} {'from topic:partition:offset':<44} reason"]
+    is, whether and when it was replayed (`replays`: original -> the times it was sent again), and why."""
+    lines = [f"{'time':<12} {'letter':<34} {'workflow':<9} {'from topic:partition:offset':<44} {'replayed':<17} reason"]
     for which, letter, made in letters:
         when = made.astimezone().strftime("%H:%M:%S.%f")[:12]
+        times = (replays or {}).get(original_of(letter), [])
+        again = f"{len(times)}x, last {clock(max(times))}" if times else "-"
         lines.append(f"{when:<12} {which:<34} {workflow_of(letter):<9} "
-                     f"{f'{letter.topic}:{letter.partition}:{letter.offset}':<44} {letter.reason}")
+                     f"{f'{letter.topic}:{letter.partition}:{letter.offset}':<44} {again:<17} {letter.reason}")
     return lines
+
+
+def clock(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).strftime("%H:%M:%S")
+
+
+def original_of(letter: DeadLetterPayload) -> tuple | None:
+    """What a letter holds, as a replay of it is found again: (topic, key, value); None if it cannot be replayed."""
+    try:
+        return (letter.topic, *decoded(letter))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def replays(letters) -> dict[tuple, list[float]]:
+    """When each letter's original was replayed: the records marked REPLAYED on its topic after the original."""
+    starts: dict[TopicPartition, int] = {}
+    for _, letter, _ in letters:
+        if letter.topic and letter.partition is not None and letter.offset is not None:
+            where = TopicPartition(letter.topic, letter.partition)
+            starts[where] = min(starts.get(where, letter.offset), letter.offset)
+    found: dict[tuple, list[float]] = {}
+    with Source() as source:
+        for record in source.since(starts):
+            if any(name == REPLAYED for name, _ in record.headers or ()):
+                found.setdefault((record.topic, record.key, record.value), []).append(record.timestamp / 1000)
+    return found
 
 
 def chosen(letters, reason: str | None, service: str | None, which: list[str] | None):
@@ -96,7 +126,7 @@ def originals(letters, every_copy: bool = False) -> list[tuple[str, bytes | None
             if reason:
                 log.warning("dead letter %s is not replayed: %s", which, reason)
             elif every_copy or (letter.topic, key, value) not in seen:
-                kept.append((letter.topic, key, value, tracing.kept(record.headers)))
+                kept.append((letter.topic, key, value, [*(tracing.kept(record.headers) or []), (REPLAYED, which.encode())]))
                 seen.add((letter.topic, key, value))
     return kept
 
@@ -143,6 +173,19 @@ class Source:
                 return None
         return None
 
+    def since(self, starts: dict[TopicPartition, int]) -> list:
+        """Every record from each partition's start offset to its end now."""
+        if not starts:
+            return []
+        self.consumer.assign(list(starts))
+        for where, offset in starts.items():
+            self.consumer.seek(where, offset)
+        end, records, deadline = self.consumer.end_offsets(list(starts)), [], time.monotonic() + 30
+        while any(self.consumer.position(where) < end[where] for where in starts) and time.monotonic() < deadline:
+            for batch in self.consumer.poll(timeout_ms=200).values():
+                records += batch
+        return records
+
     def __exit__(self, *exc):
         self.consumer.close(autocommit=False)
 
@@ -179,7 +222,7 @@ def main() -> int:
     letters, unreadable = load(read_all(DEAD_LETTER))
     letters = chosen(letters, args.reason, args.service, args.letter)
     if args.command == "list":
-        print("\n".join(listing(letters)))
+        print("\n".join(listing(letters, replays(letters))))
         print(f"{len(letters)} dead letters (a letter is SERVICE:PARTITION:OFFSET, the service that wrote it first)")
     else:
         todo = originals(letters, args.every_copy)

@@ -215,6 +215,9 @@ def test_replay_all_replays_each_original_once_and_a_null_as_null(scripts, topic
                      "as logged above)\n"
     letters = dead.read_count(12)
     assert sum(m.payload["reason"] == "empty message (null value)" for m in letters) == 3
+    # And the list says of each letter that its original was replayed twice, and when last
+    listed = scripts.run("dead_letters.py", "list").stdout
+    assert len(re.findall(r" 2x, last \d\d:\d\d:\d\d ", listed)) == 12, listed
 
 
 def test_the_one_shot_tools_say_in_one_line_that_no_broker_answers(scripts, env):

@@ -351,8 +351,9 @@ class Tail:
         self.consumer.close(autocommit=False)
 
 
-def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15) -> Group:
-    """The view: a row per recent workflow, then traffic, consumer lag (if given), dead letters and totals."""
+def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15, figures_first: bool = False) -> Group:
+    """The view: a row per recent workflow, then traffic, consumer lag (if given), dead letters and totals (those
+    first, for the live view: a terminal too short for the table still shows them)."""
     now = time.time()
     workflows = sorted(flow.kind, key=lambda w: flow.step_times(w)[0][1] or 0, reverse=True)[:rows]
     table = Table(title=f"Workflows (newest {len(workflows)} of {len(flow.kind)}; SLA {flow.sla:g} s)", expand=False)
@@ -384,10 +385,17 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15) -> Grou
     if flow.skew:
         lines.append(f"clock skew: {flow.skew} messages with a created_at over {SKEW_S:.0f} s from Kafka's record time "
                      f"(their writers' clocks are off: their workflows are left out of the latency percentiles)")
-    return Group(table, *lines, f"dead letters: {flow.dead_letters} (last: {last})",
-                 f"workflows: {counts}",
-                 f"duplicate effects {flow.duplicates}; commands re-sent {flow.resent} (same id: a service that acted "
-                 f"ignores it); steps timed out {flow.timeouts_total}")
+    lines += [f"dead letters: {flow.dead_letters} (last: {last})", f"workflows: {counts}",
+              f"duplicate effects {flow.duplicates}; commands re-sent {flow.resent} (same id: a service that acted "
+              f"ignores it); steps timed out {flow.timeouts_total}"]
+    return Group(*lines, table) if figures_first else Group(table, *lines)
+
+
+def fitting(console: Console, rows: int) -> int:
+    """The workflows the live view can show in this terminal without cutting the table (a narrow one wraps each row
+    onto about four lines), at most `rows`."""
+    per_row = 1 if console.width >= 140 else 4
+    return max(1, min(rows, (console.height - 16) // per_row))
 
 
 def print_sla_report(report: dict, as_json: bool) -> None:
@@ -463,12 +471,12 @@ def main() -> None:
         elif args.once:
             console.print(render(flow, tail.lag(admin), args.rows))
         else:
-            with Live(render(flow, None, args.rows), console=console, refresh_per_second=2) as live:
+            with Live(render(flow, None, args.rows, True), console=console, refresh_per_second=2) as live:
                 while not stop:
                     deadline = time.monotonic() + 1.0
                     while time.monotonic() < deadline and not stop:
                         tail.poll()
-                    live.update(render(flow, tail.lag(admin), args.rows))
+                    live.update(render(flow, tail.lag(admin), fitting(console, args.rows), True))
     finally:
         tail.close()
         admin.close()

@@ -319,3 +319,15 @@ def test_the_live_view_goes_on_when_the_broker_does_not_answer_and_says_the_lag_
     screen = Console(width=200, record=True)
     screen.print(render(tail.flow, lag))
     assert "consumer lag: not known now: Kafka does not answer (KafkaTimeoutError)" in screen.export_text()
+
+
+@pytest.mark.no_broker
+def test_the_live_view_in_a_small_terminal_shows_its_figures_and_as_many_workflows_as_fit():
+    # (found by hand: in an 80x24 tmux window the table's wrapped rows pushed every figure off the screen)
+    from monitor import fitting
+    small = Console(width=80, height=24, record=True)
+    flow = flow_of(*[(MESSAGE_STREAM, envelope("security_detection", f"w{i}", 1)) for i in range(15)])
+    small.print(render(flow, None, fitting(small, 15), figures_first=True))
+    shown = small.export_text().splitlines()
+    assert len(shown) <= 24 and shown[0].startswith("messages per second") and any(
+        line.startswith("workflows: 15 started") for line in shown)

@@ -1,7 +1,8 @@
 """Dead letters: list what could not be handled and why; replay chosen ones to their source topic once fixed.
 
 Consumes: dead_letter.* (reads them from the beginning; joins no group)   Produces: the dead letters' source topics
-Run:      python dead_letters.py list                          # one line per dead letter: which, where from, reason
+Run:      python dead_letters.py list                          # one line per dead letter: which, where from,
+                                                               # whether it was replayed, reason
           python dead_letters.py replay --reason "no route"    # re-send those whose reason contains the text
           python dead_letters.py replay --letter orchestrator:0:3   # re-send chosen ones (as `list` names them)
           python dead_letters.py replay --all                  # re-send every dead letter
@@ -181,9 +182,13 @@ class Source:
         for where, offset in starts.items():
             self.consumer.seek(where, offset)
         end, records, deadline = self.consumer.end_offsets(list(starts)), [], time.monotonic() + 30
-        while any(self.consumer.position(where) < end[where] for where in starts) and time.monotonic() < deadline:
+        while any(self.consumer.position(where) < end[where] for where in starts):
+            if time.monotonic() > deadline:
+                raise SystemExit("dead_letters: reading the originals' topics made no progress for 30 s; is the broker "
+                                 "healthy?")
             for batch in self.consumer.poll(timeout_ms=200).values():
                 records += batch
+                deadline = time.monotonic() + 30  # (a long topic may take long; a stuck read may not)
         return records
 
     def __exit__(self, *exc):

@@ -127,7 +127,8 @@ class Flow:
             self.dead_letters += 1
             self.last_reason = str(message.payload.get("reason", "(no reason given)"))[:200]
             return
-        if (topic_name, message.id) in self.seen and message.type not in self.starts:  # (a replayed event: no effect)
+        first = (topic_name, message.id) not in self.seen
+        if not first and message.type not in self.starts:  # (a replayed event: no effect)
             if topic_name.removeprefix(self.settings.topic_prefix) in self.commands:
                 self.resent += 1  # (same id: a service that acted on it ignores it)
             else:
@@ -141,7 +142,7 @@ class Flow:
         if message.type in self.starts:
             self.kind[message.workflow_id] = self.starts[message.type]
         written = message.created_at.timestamp()
-        if at is not None and abs(written - at) > SKEW_S:
+        if at is not None and first and abs(written - at) > SKEW_S:  # (a replay or a re-sent command is sent later)
             self.skew += 1
             self.skewed.add(message.workflow_id)
         self.times[message.workflow_id].setdefault(message.type, written if at is None else at)
@@ -383,7 +384,8 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15, figures
         counts += f" ({flow.unknown_fate} left the monitor's window of {flow.window} before they finished)"
     lines = [f"messages per second (last 10 s): {traffic}"] + ([f"consumer lag: {lags}"] if lag is not None else [])
     if flow.skew:
-        lines.append(f"clock skew: {flow.skew} messages with a created_at over {SKEW_S:.0f} s from Kafka's record time "
+        lines.append(f"clock skew: {flow.skew} message{'s' * (flow.skew != 1)} with a created_at over {SKEW_S:.0f} s "
+                     f"from its record time "
                      f"(their writers' clocks are off: their workflows are left out of the latency percentiles)")
     lines += [f"dead letters: {flow.dead_letters} (last: {last})", f"workflows: {counts}",
               f"duplicate effects {flow.duplicates}; commands re-sent {flow.resent} (same id: a service that acted "
@@ -394,7 +396,7 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15, figures
 def fitting(console: Console, rows: int) -> int:
     """The workflows the live view can show in this terminal without cutting the table (a narrow one wraps each row
     onto about four lines), at most `rows`."""
-    per_row = 1 if console.width >= 140 else 4
+    per_row = 1 if console.width >= 170 else 2 if console.width >= 120 else 4
     return max(1, min(rows, (console.height - 16) // per_row))
 
 
@@ -443,7 +445,7 @@ def main() -> None:
     parser.add_argument("--workflow", metavar="ID", help="print one workflow's timeline (a unique beginning of its id)")
     parser.add_argument("--sla", type=float, default=5.0, help="seconds a workflow may take (default 5)")
     parser.add_argument("--window", type=float, help="with --sla-report: only workflows started in the last N s")
-    parser.add_argument("--rows", type=int, default=15, help="workflows shown (default 15)")
+    parser.add_argument("--rows", type=int, default=15, help="workflows shown (default 15; live, no more than fit the terminal)")
     parser.add_argument("--keep", type=int, default=50_000, help="workflows kept in full; older finished ones are "
                                                                  "only counted, so memory stays bounded (default 50 000)")
     args = parser.parse_args()

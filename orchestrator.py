@@ -1,6 +1,7 @@
 """Orchestrator: owns the workflows. Reads message_stream; route() below decides which commands each event causes.
 
-Consumes: message_stream.<writer> of its workflows' writers (each may send only its own types)
+Consumes: message_stream.<writer> of the writers of the workflows active at --example (each may send only its own
+          types; a later stage's events wait in Kafka until an orchestrator at that stage reads them)
 Produces: sec_command, notification_command, report_data, unit_command, dead_letter.orchestrator,
           message_stream.orchestrator (step_timed_out, workflow_completed, workflow_failed)
 Run:      python orchestrator.py --example 1         # the walkthrough's stage: 1, 2 or 3 (default 3)

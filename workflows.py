@@ -31,8 +31,8 @@ def workflows(settings=SETTINGS) -> dict[str, dict]:
              if key.startswith(WORKFLOW.encode()) and at >= cutoff}
     if unreadable := [id_ for id_, value in found.items() if not is_workflow(WORKFLOWS, value)]:
         print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
-              f"unreadable (the orchestrator dead-letters each, or the next event of its workflow: see dead_letters.py "
-              f"list), e.g. {unreadable[0]}",
+              f"unreadable, e.g. {unreadable[0]}: what each held is lost (the orchestrator dead-letters it, or else the next "
+              f"event of its workflow; see dead_letters.py list)",
               file=sys.stderr)
     return {id_: value for id_, value in found.items() if id_ not in unreadable}
 

@@ -85,7 +85,8 @@ class Reader:
         read from is in `offsets`; a record whose key is not UTF-8 is in `set_aside`; a tombstone that removed an
         entry is in `removed`."""
         self.offsets: dict[int, dict[str, int]] = {partition: {} for partition in partitions}
-        self.untext, self.removed = {}, []  # (partition, key) -> the last record of each key that is not text
+        self.untext = {}  # (partition, key) -> the last record of each key that is not text
+        self.removed = []
         committed, _ = readers = self._readers()
         tps = [TopicPartition(self.real, partition) for partition in sorted(self._known(partitions))]
         committed.assign(tps)

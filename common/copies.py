@@ -26,7 +26,10 @@ def members(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) 
 
 
 def holds_our_place(admin: KafkaAdminClient, group: str, member_id: str, settings: Settings = SETTINGS) -> bool:
-    """Whether another process holds this copy's place (its INSTANCE_ID) in its group now."""
+    """Whether another process holds this copy's place (its INSTANCE_ID) in its group now (not known while this copy
+    has no member id: then False)."""
+    if not member_id:
+        return False
     found = admin.describe_groups([settings.group(group)]).get(settings.group(group)) or {}
     return any(member.get("group_instance_id") == settings.member(group) and member.get("member_id") != member_id
                for member in found.get("members") or ())

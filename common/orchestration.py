@@ -225,6 +225,7 @@ def is_workflow(table: Table, value) -> bool:
     each field the orchestrator and workflows.py read there is present and of its kind."""
     return isinstance(value, dict) and value.get("type") in table and value.get("state") in STATES and \
         isinstance(value.get("workflow_id"), str) and isinstance(value.get("stage"), int) and \
+        isinstance(value.get("key"), str | None) and isinstance(value.get("handled", {}), dict) and \
         isinstance(value.get("started_at"), int | float) and isinstance(value.get("finished_at"), int | float | None) \
         and isinstance(value.get("steps"), dict) and all(map(is_step, value["steps"].values()))
 

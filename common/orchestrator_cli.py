@@ -94,8 +94,10 @@ def refuse(why: str):
 
 def run_orchestrator(description: str, table: Table, route: Route) -> None:
     """Parse the flags, then preview (--dry-run) or route: exactly once, the commands routed from a batch and its
-    offsets and workflow state in one Kafka transaction. It reads only the writers of its workflows, each allowed
-    only its own message types, and refuses to start beside an orchestrator of other but overlapping workflows."""
+    offsets and workflow state in one Kafka transaction. It reads only the writers of the workflows active at its
+    stage (--example), each allowed only its own message types, and fires only their time limits (a later stage's
+    events, and a workflow of a later stage still in flight, wait for a stage that runs them). It refuses to start
+    beside an orchestrator of other but overlapping workflows."""
     args = parse_flags(description, table)
     setup_logging()
     if args.dry_run:
@@ -103,7 +105,7 @@ def run_orchestrator(description: str, table: Table, route: Route) -> None:
     active = sorted(w for w in args.workflows if table[w].from_stage <= args.example)
     log.info("routing table: example %d%s, workflows %s", args.example,
              " (the default; --example 1 or 2 for an earlier stage)" if args.defaulted else "", ", ".join(active))
-    orchestration = Orchestration(table, route, args.example, args.limits, args.workflows)
+    orchestration = Orchestration(table, route, args.example, args.limits, set(active))
     accepts = senders(table, set(active))  # (a later stage's events wait in Kafka until a stage that routes them)
     exactly_once = not args.no_transactions
     serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM),

@@ -54,7 +54,7 @@ class Poller:
         try:
             batch = self.consumer.poll(timeout_ms=timeout_ms)
             if self.client.fenced:
-                raise FencedInstanceIdError(self.client.text)
+                raise FencedInstanceIdError("the group coordinator fenced this member: another process joined as it")
             silence = heartbeat_silence_s(self.consumer)
             self.unheard = not batch and silence > SESSION_TIMEOUT_MS / 1000
             if self.unheard:

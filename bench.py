@@ -1,23 +1,28 @@
-"""Benchmark: what the orchestrator costs, side by side with a raw kafka-python pipe, confluent-kafka doing the same
-Kafka work and the broker's own ceiling (Kafka's ProducerPerformance); latency end to end and per hop at 100 and
-1 000/s against a direct hop; how soon the partitions of a killed or stopped copy are routed again; the restart gap;
-what a second instance adds on a 4-partition message_stream; reading the state of 100 000 workflows back; the
-orchestrator with tracing on, every span exported to a real Zipkin (python -m local_zipkin).
+"""Benchmark: what the orchestrator costs, side by side with the peers a user would pick instead for the same job
+(Quix Streams and Kafka Streams, exactly once: peers/), a raw kafka-python pipe (at least once, and exactly once),
+confluent-kafka doing the same Kafka work and the broker's own ceiling (Kafka's ProducerPerformance); latency end
+to end and per hop at 100 and 1 000/s against a direct hop; how soon the partitions of a killed or stopped copy are
+routed again; the restart gap; what a second instance adds on a 4-partition message_stream; reading the state of
+100 000 workflows back; the orchestrator with tracing on, every span exported to a real Zipkin (local_zipkin).
 
 Runs against KAFKA_BOOTSTRAP_SERVERS if it answers, else starts local_kafka on a free port (stopped at the end).
-Every run uses topic prefixes of its own. Needs requirements-bench.txt (confluent-kafka; matplotlib for --plot).
+Every run uses topic prefixes of its own. Needs requirements-bench.txt (confluent-kafka, quixstreams; matplotlib for
+--plot) and, for Kafka Streams, Java and Maven (its jars come from Maven Central once, as the broker's do).
 Run:   python bench.py                      # default: a 100 000-detection backlog, 10 s latency runs
        python bench.py --quick              # a smaller run (20 000 messages, shorter latency runs)
        python bench.py --json bench.json    # also write the figures as JSON
        python bench.py --sweep --plot latency.png   # latency against rate, 100 -> 5 000 msg/s, drawn
        python bench.py --profile            # the orchestrator's own handling per detection, profiled (no Kafka)
-Internal roles (run by the benchmark itself): --role raw-pipe | confluent-router.
+       python bench.py --peers --quick      # only the comparison with Quix Streams, Kafka Streams, a raw EOS pipe
+Internal roles (run by the benchmark itself): --role raw-pipe | raw-eos-pipe | confluent-router.
 """
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -27,13 +32,14 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
+from typing import NamedTuple
 from pathlib import Path
 
 import kafka
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
 from rich.console import Console
 
 import acls
@@ -66,6 +72,7 @@ class Bench:
         self.address = address
         self.admin = KafkaAdminClient(bootstrap_servers=address)
         self.partitions: dict[str, int] = {}  # prefix -> partitions of its topics
+        self.reader: KafkaConsumer | None = None  # (asks where topics end)
 
     def prefix(self, name: str, partitions: int = common.SETTINGS.partitions) -> str:
         """A fresh topic prefix, its topics created with `partitions` partitions each."""
@@ -79,12 +86,13 @@ class Bench:
                     TOPIC_PARTITIONS=str(self.partitions[prefix]),
                     REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1") | extra
 
-    def start(self, prefix: str, *args: str, log: Path | None = None, **extra: str) -> subprocess.Popen:
-        """A script on this prefix's topics; `log`: a file for what it prints (else nothing is kept); `extra`:
-        environment variables of its own (e.g. INSTANCE_ID)."""
+    def start(self, prefix: str, *args: str, log: Path | None = None, argv: list[str] | None = None,
+              **extra: str) -> subprocess.Popen:
+        """A script on this prefix's topics (or any command: `argv`); `log`: a file for what it prints (else nothing
+        is kept); `extra`: environment variables of its own (e.g. INSTANCE_ID)."""
         with open(log or os.devnull, "w") as out:
-            return subprocess.Popen([sys.executable, *args], cwd=HERE, env=self.env(prefix, **extra), stdout=out,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(argv or [sys.executable, *args], cwd=HERE, env=self.env(prefix, **extra),
+                                    stdout=out, stderr=subprocess.STDOUT)
 
     def backlog(self, prefix: str, n: int) -> list[int]:
         """n detections waiting in message_stream; returns how many landed in each partition."""
@@ -98,6 +106,14 @@ class Bench:
         landed = Counter(future.get().partition for future in futures)
         return [landed[p] for p in range(self.partitions[prefix])]
 
+    def written(self, topic: str) -> int:
+        """Records written to a topic so far, committed or not (a router that commits seldom has begun once its
+        first command is there)."""
+        if self.reader is None:
+            self.reader = KafkaConsumer(bootstrap_servers=self.address)
+        partitions = [TopicPartition(topic, p) for p in self.reader.partitions_for_topic(topic) or ()]
+        return sum(self.reader.end_offsets(partitions).values()) if partitions else 0
+
     def committed(self, group: str) -> int:
         """The group's committed offsets on message_stream, summed over partitions (0 while its coordinator is not
         ready: a fresh broker creates __consumer_offsets on first use)."""
@@ -107,28 +123,30 @@ class Bench:
             return 0
         return sum(meta.offset for tp, meta in offsets.items() if tp.topic.endswith(DETECTIONS))
 
-    def drain(self, label: str, n: int, group: str, prefix: str, *args: str, envs: tuple[dict, ...] = ({},)) \
-            -> tuple[float, float]:
-        """Start a router on a backlog of n, one process per entry of `envs` (its own environment variables), all at
-        once in `group`; returns (input messages per second once they run, the largest peak RSS of one, in MB)."""
-        processes = [self.start(prefix, *args, **env) for env in envs]
-        first = None
+    def drain(self, label: str, n: int, group: str, prefix: str, *args: str, envs: tuple[dict, ...] = ({},),
+              argv: list[str] | None = None) -> "Drained":
+        """Start a router on a backlog of n (a script and its `args`, or any command: `argv`), one process per entry
+        of `envs` (its own environment variables), all at once in `group`; returns input messages per second once
+        they run, the largest peak RSS of one (MB), and their CPU time per message (µs, start-up excluded)."""
+        processes = [self.start(prefix, *args, argv=argv, **env) for env in envs]
+        first, cpu_first = None, 0.0
         try:
             with console.status(f"{label}: routing {n} detections"):
                 while True:
                     done = self.committed(group)
-                    if done and first is None:
-                        first = (time.monotonic(), done)
+                    if first is None and (done or self.written(prefix + common.SEC_COMMAND)):  # (begun: from here)
+                        first, cpu_first = (time.monotonic(), done), sum(map(cpu_seconds, processes))
                     if done >= n:
                         break
                     if any(process.poll() is not None for process in processes):
                         raise SystemExit(f"bench: {label} exited with code {[p.returncode for p in processes]}")
                     time.sleep(0.05)  # sampling progress for a measurement, not synchronising a test
-            elapsed = time.monotonic() - first[0]
+            elapsed, cpu = time.monotonic() - first[0], sum(map(cpu_seconds, processes)) - cpu_first
             rate = (n - first[1]) / elapsed if elapsed > 0 else float("inf")
             hwm = max(peak_rss_mb(process.pid) for process in processes)
-            console.print(f"{label}: {rate:,.0f} msg/s (peak RSS {hwm:.0f} MB)")
-            return rate, hwm
+            cpu_us = cpu / max(1, n - first[1]) * 1e6
+            console.print(f"{label}: {rate:,.0f} msg/s, {cpu_us:,.0f} µs CPU per message (peak RSS {hwm:.0f} MB)")
+            return Drained(rate, hwm, cpu_us)
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
@@ -259,6 +277,60 @@ class Bench:
         figures["received"], figures["sent"] = len(done), count
         if system:
             figures["hops"] = hops(prefix, path, sent, seen, done)
+        return figures
+
+    def hop(self, label: str, key: str, command: list[str], rate: float, seconds: float) -> dict:
+        """One system (a peer_systems() command) routing `rate` detections/s for `seconds`, after a warm-up one:
+        p50/p95/p99 ms from a detection produced to its security command visible to a read_committed reader, and the
+        share of a core the system used meanwhile (`cpu_share`)."""
+        prefix, scratch = self.prefix(key.replace("_", "")[:12] + "hop"), tempfile.mkdtemp(prefix="bench-peer-")
+        process = self.start(prefix, argv=filled(command, prefix, prefix + GROUPS[key], scratch))
+        consumer = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address, fetch_max_wait_ms=5,
+                                 auto_offset_reset="earliest", isolation_level="read_committed")
+        seen, stop, sent = {}, threading.Event(), {}
+
+        def receive():
+            while not stop.is_set():
+                for records in consumer.poll(timeout_ms=20).values():
+                    now = time.time()
+                    for record in records:
+                        seen.setdefault(json.loads(record.value)["workflow_id"], now)
+
+        receiver = threading.Thread(target=receive, daemon=True)
+        receiver.start()
+        producer = KafkaProducer(bootstrap_servers=self.address, linger_ms=0, acks="all")
+        try:
+            warm_id, value, key_ = detection_bytes(0)
+            producer.send(prefix + DETECTIONS, value=value, key=key_)
+            deadline = time.monotonic() + 120  # (a JVM, a Quix app: start-up is not timed)
+            while warm_id not in seen and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.05)
+            cpu_before, began = cpu_seconds(process), time.monotonic()
+            pacer, count = common.Pacer(rate, int(rate * seconds)), 0
+            while not pacer.finished:
+                for _ in range(pacer.due()):
+                    event_id, value, key_ = detection_bytes(count + 1)
+                    sent[event_id] = time.time()
+                    producer.send(prefix + DETECTIONS, value=value, key=key_)
+                    count += 1
+                time.sleep(pacer.pause())
+            share = (cpu_seconds(process) - cpu_before) / (time.monotonic() - began)
+            producer.flush()
+            deadline = time.monotonic() + 30
+            while any(i not in seen for i in sent) and time.monotonic() < deadline:
+                time.sleep(0.05)  # waiting for a measurement's last answers, not synchronising a test
+        finally:
+            stop.set()
+            receiver.join()
+            consumer.close()
+            producer.close()
+            process.terminate()
+            process.wait(timeout=60)
+            shutil.rmtree(scratch, ignore_errors=True)
+        done = [i for i in sent if i in seen]
+        figures = spread([(seen[i] - sent[i]) * 1000 for i in done])
+        figures.update(cpu_share=round(share, 3), received=len(done), sent=len(sent))
+        console.print(f"{label} at {rate:g}/s: hop {without(figures, 'cpu_share')} ms, {share:.0%} of a core")
         return figures
 
     def failover(self, kill: bool, instances: int = 3, partitions: int = 6, rate: float = 100) -> dict:
@@ -471,6 +543,19 @@ def hops(prefix: str, path: list[str], sent: dict, seen: dict, done: list[str]) 
     return {part: spread(values) for part, values in parts.items()}
 
 
+class Drained(NamedTuple):
+    rate: float      # messages per second
+    rss_mb: float    # the largest peak RSS of one process
+    cpu_us: float    # CPU time per message, all processes together
+
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """The CPU time (user and system, every thread) a process has used so far."""
+    with open(f"/proc/{process.pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     """VmRSS: a process's resident memory now."""
     with open(f"/proc/{pid}/status") as status:
@@ -547,6 +632,124 @@ def confluent_router() -> None:
 
 
 
+PEER_DIR = HERE / "peers"
+GROUPS = {"orchestrator": "orchestrator", "raw_eos": "raweos", "quix": "quix", "quix_defaults": "quix",
+          "kafka_streams": "streams", "kafka_streams_defaults": "streams"}  # system -> its group, under the prefix
+
+
+def raw_eos_pipe() -> None:
+    """No logic, exactly once: each detection copied as it is to the three command topics of the Example 2 table,
+    and a record of a workflow entry's size (740 bytes) to a state topic, in one transaction per poll batch with the
+    batch's offsets. The Kafka work of the exactly-once orchestrator with nothing else: the floor kafka-python
+    allows for this job."""
+    stop, settings = common.Stopper(), common.SETTINGS
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    ensure_changelog(admin, "raweos", settings)
+    admin.close()
+    consumer = common.make_consumer("raweos", [DETECTIONS])
+    producer = common.make_producer(transactional_id=common.topic("raweos"))
+    entry, state = b"x" * 740, common.topic(changelog("raweos"))
+    while not stop:
+        batch = consumer.poll(timeout_ms=500)
+        if not batch:
+            continue
+        producer.begin_transaction()
+        for records in batch.values():
+            for r in records:
+                for name in (common.SEC_COMMAND, common.NOTIFICATION_COMMAND, common.REPORT_DATA):
+                    producer.send(common.topic(name), value=r.value, key=r.key)
+                producer.send(state, value=entry, key=b"workflow/" + r.key + str(r.offset).encode(), partition=r.partition)
+        producer.send_offsets_to_transaction({tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in batch.items()},
+                                             consumer.group_metadata())
+        producer.commit_transaction()
+    consumer.close(autocommit=False)
+    producer.close()
+
+
+def streams_classpath() -> str:
+    """The Kafka Streams peer's classpath: its jars (peers/pom.xml, resolved by Maven once) and peers/Router.java
+    compiled against them (once per version of the source)."""
+    jars = local_kafka.resolve_classpath(PEER_DIR / "pom.xml")
+    source = PEER_DIR / "Router.java"
+    build = local_kafka.CACHE_DIR / f"streams-router-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+    if not (build / "Router.class").exists():
+        build.mkdir(parents=True, exist_ok=True)
+        javac = Path(local_kafka.find_java()).with_name("javac")
+        subprocess.run([str(javac) if javac.exists() else "javac", "-cp", jars, "-d", str(build), str(source)],
+                       check=True, capture_output=True)
+    return f"{build}{os.pathsep}{jars}"
+
+
+def peer_systems(address: str) -> list[tuple[str, str, list[str] | None]]:
+    """(key, label, command) of each system the peer comparison runs, in turn; a command's PREFIX, GROUP and
+    SCRATCH are filled in per run (the orchestrator and the raw pipe take theirs from the environment)."""
+    python, java, streams = sys.executable, local_kafka.find_java(), streams_classpath()
+    quix = [python, str(PEER_DIR / "quix_router.py"), address, "PREFIX", "GROUP", "SCRATCH"]
+    kafka_streams = [java, "-Xmx512m", "-cp", streams, "Router", address, "PREFIX", "GROUP", "SCRATCH"]
+    return [("orchestrator", "this orchestrator, exactly once, --example 2",
+             [python, "orchestrator.py", "--example", "2", *NO_ANSWER]),
+            ("raw_eos", "raw exactly-once kafka-python pipe", [python, "bench.py", "--role", "raw-eos-pipe"]),
+            ("quix_defaults", f"Quix Streams {quixstreams_version()}, exactly once, defaults (commit every 5 s)",
+             [*quix, "0"]),
+            ("quix", "Quix Streams, exactly once, commit_interval=0.05", [*quix, "0.05"]),
+            ("kafka_streams_defaults", f"Kafka Streams {local_kafka.KAFKA_VERSION}, exactly_once_v2, defaults "
+                                       "(commit every 100 ms)", [*kafka_streams, "0"]),
+            ("kafka_streams", "Kafka Streams, exactly_once_v2, commit.interval.ms=10", [*kafka_streams, "10"])]
+
+
+def quixstreams_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("quixstreams")
+    except ImportError:
+        return "(not installed)"
+
+
+def filled(command: list[str], prefix: str, group: str, scratch: str) -> list[str]:
+    return [{"PREFIX": prefix, "GROUP": group, "SCRATCH": scratch}.get(part, part) for part in command]
+
+
+def peers(bench: "Bench", n: int, seconds: float, rounds: int = ROUNDS) -> dict:
+    """Each system drains the same backlog of n detections and then routes 100 detections/s for `seconds`, the
+    systems taking turns, `rounds` times each: per system the medians of its drain rate, CPU per detection, hop
+    latency at 100/s (p50/p95/p99) and share of a core at 100/s."""
+    systems = peer_systems(bench.address)
+    drains: dict[str, list[Drained]] = defaultdict(list)
+    hop_runs: dict[str, list[dict]] = defaultdict(list)
+    for _, (key, label, command) in itertools.product(range(rounds), systems):
+        prefix, scratch = bench.prefix(key.replace("_", "")[:12]), tempfile.mkdtemp(prefix="bench-peer-")
+        with console.status(f"{label}: producing a backlog of {n}"):
+            bench.backlog(prefix, n)
+        drains[key].append(bench.drain(label, n, prefix + GROUPS[key], prefix,
+                                       argv=filled(command, prefix, prefix + GROUPS[key], scratch)))
+        hop_runs[key].append(bench.hop(label, key, command, 100, seconds))
+        shutil.rmtree(scratch, ignore_errors=True)
+    median = statistics.median
+    return {key: {"label": label, "msgs_per_s": round(median(d.rate for d in drains[key])),
+                  "cpu_us_per_detection": round(median(d.cpu_us for d in drains[key])),
+                  "latency_100_ms": {p: round(median(h[p] for h in hop_runs[key]), 1) for p in ("p50", "p95", "p99")},
+                  "cpu_share_100": round(median(h["cpu_share"] for h in hop_runs[key]), 3)}
+            for key, label, _ in systems}
+
+
+def peer_figures(found: dict) -> dict:
+    """bench.py --json's keys for the peer comparison, and the ratios the performance goals are stated in."""
+    orchestrator, raw, quix, streams = found["orchestrator"], found["raw_eos"], found["quix"], found["kafka_streams"]
+    ratio = lambda a, b: round(a / b, 2) if a and b else None  # noqa: E731
+    best_p99 = min(quix["latency_100_ms"]["p99"], streams["latency_100_ms"]["p99"])
+    return {"peers": found,  # (quix, quix_defaults, kafka_streams, kafka_streams_defaults; orchestrator, raw_eos)
+            "raw_eos_msgs_per_s": raw["msgs_per_s"], "raw_eos_hop_100_ms": raw["latency_100_ms"],
+            "orchestrator_cpu_us_per_detection": orchestrator["cpu_us_per_detection"],
+            "orchestrator_hop_100_ms": orchestrator["latency_100_ms"],
+            "orchestrator_cpu_share_100": orchestrator["cpu_share_100"],
+            "ratios": {
+                "cpu_per_detection_over_quix": ratio(orchestrator["cpu_us_per_detection"], quix["cpu_us_per_detection"]),
+                "drain_over_quix": ratio(orchestrator["msgs_per_s"], quix["msgs_per_s"]),
+                "hop_p99_over_better_peer_p99": ratio(orchestrator["latency_100_ms"]["p99"], best_p99),
+                "hop_p50_over_raw_eos_p50": ratio(orchestrator["latency_100_ms"]["p50"], raw["latency_100_ms"]["p50"]),
+                "cpu_share_100_over_quix": ratio(orchestrator["cpu_share_100"], quix["cpu_share_100"])}}
+
+
 def profile(count: int = 20_000) -> dict:
     """The orchestrator's own handling of `count` detections, without Kafka: what the loop does between poll and
     send for each (check, parse, route, build and serialise the envelopes, keep the workflow's state), under
@@ -594,11 +797,13 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="latency against rate, 100 -> 5 000 msg/s")
     parser.add_argument("--plot", metavar="FILE.png", help="with --sweep: draw latency against rate")
     parser.add_argument("--profile", action="store_true", help="only the orchestrator's own handling, profiled (no Kafka)")
-    parser.add_argument("--role", choices=["raw-pipe", "confluent-router"], help=argparse.SUPPRESS)
+    parser.add_argument("--peers", action="store_true", help="only the comparison with Quix Streams, Kafka Streams "
+                                                             "and a raw exactly-once pipe")
+    parser.add_argument("--role", choices=["raw-pipe", "raw-eos-pipe", "confluent-router"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         common.setup_logging()
-        return raw_pipe() if args.role == "raw-pipe" else confluent_router()
+        return {"raw-pipe": raw_pipe, "raw-eos-pipe": raw_eos_pipe, "confluent-router": confluent_router}[args.role]()
     if args.profile:
         return not profile()
     n = args.messages or (20_000 if args.quick else 100_000)
@@ -607,7 +812,9 @@ def main() -> int:
     console.print(f"bench: Kafka {local_kafka.KAFKA_VERSION} at {address}, kafka-python {kafka.__version__}, "
                   f"{n} messages, {os.cpu_count()} cores")
     try:
-        figures = measure(bench, n, seconds=5 if args.quick else 10, restarts=3 if args.quick else 5)
+        seconds = 5 if args.quick else 10
+        figures = peer_figures(peers(bench, n, seconds)) if args.peers else \
+            measure(bench, n, seconds, restarts=3 if args.quick else 5)
         if args.sweep:
             figures["sweep"] = sweep(bench, seconds=5 if args.quick else 10)
             if args.plot:
@@ -617,6 +824,8 @@ def main() -> int:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     finally:
         bench.admin.close()
+        if bench.reader is not None:
+            bench.reader.close()
         if data_dir:
             local_kafka.stop(data_dir)
     return 0
@@ -637,13 +846,14 @@ def throughputs(bench: Bench, n: int, rounds: int = ROUNDS) -> dict[str, tuple[f
         with console.status(f"{label}: producing a backlog of {n}"):
             bench.backlog(prefix, n)
         runs.setdefault(label, []).append(bench.drain(label, n, prefix + role, prefix, *args_))
-    return {label: (statistics.median(rate for rate, _ in results), max(rss for _, rss in results))
+    return {label: (statistics.median(r.rate for r in results), max(r.rss_mb for r in results))
             for label, results in runs.items()}
 
 
 def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
     """Every figure of one run, side by side: throughput, scale-out, latency, restart gap, memory."""
     rates = throughputs(bench, n)
+    compared = peer_figures(peers(bench, n, seconds))
     scale, spread = bench.scale_out(n, SCALE_PARTITIONS)
     speedup = scale[2] / scale[1]
     console.print(f"{SCALE_PARTITIONS} partitions (detections per partition {spread}): exactly-once "
@@ -686,7 +896,8 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             "orchestrator_rss_100k_open_workflows_mb": restore["rss_mb"],
             "lost": gap["lost"] + kill["lost"] + stop["lost"],
             "duplicates": gap["duplicates"] + kill["duplicates"] + stop["duplicates"],
-            "ratios": {"alo_over_raw": ratio(alo, raw), "eos_over_alo": ratio(eos, alo),
+            **{key: value for key, value in compared.items() if key != "ratios"},
+            "ratios": {**compared["ratios"], "alo_over_raw": ratio(alo, raw), "eos_over_alo": ratio(eos, alo),
                        "eos_over_confluent": ratio(eos, ck), "eos_over_broker_ceiling": ratio(eos, ceiling),
                        "traced_over_untraced": ratio(traced, eos),
                        "e2e_p99_over_direct_p99": ratio(e2e.get("p99"), direct.get("p99")),

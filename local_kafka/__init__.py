@@ -285,9 +285,8 @@ def find_java() -> str:
     return java
 
 
-def resolve_classpath() -> str:
-    """The broker's classpath, resolved from pom.xml by Maven once and cached."""
-    pom = HERE / "pom.xml"
+def resolve_classpath(pom: Path = HERE / "pom.xml") -> str:
+    """The broker's classpath (or another pom's: bench.py's Kafka Streams peer), resolved by Maven once and cached."""
     cached = CACHE_DIR / f"classpath-{hashlib.sha256(pom.read_bytes()).hexdigest()[:12]}.txt"
     if cached.exists():
         classpath = cached.read_text().strip()

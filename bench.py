@@ -279,12 +279,12 @@ class Bench:
             figures["hops"] = hops(prefix, path, sent, seen, done)
         return figures
 
-    def hop(self, label: str, key: str, command: list[str], rate: float, seconds: float) -> dict:
+    def hop(self, label: str, key: str, command: list[str], rate: float, seconds: float, **env: str) -> dict:
         """One system (a peer_systems() command) routing `rate` detections/s for `seconds`, after a warm-up one:
         p50/p95/p99 ms from a detection produced to its security command visible to a read_committed reader, and the
         share of a core the system used meanwhile (`cpu_share`)."""
         prefix, scratch = self.prefix(key.replace("_", "")[:12] + "hop"), tempfile.mkdtemp(prefix="bench-peer-")
-        process = self.start(prefix, argv=filled(command, prefix, prefix + GROUPS[key], scratch))
+        process = self.start(prefix, argv=filled(command, prefix, prefix + GROUPS[key], scratch), **env)
         consumer = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address, fetch_max_wait_ms=5,
                                  auto_offset_reset="earliest", isolation_level="read_committed")
         seen, stop, sent = {}, threading.Event(), {}

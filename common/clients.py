@@ -16,7 +16,8 @@ from kafka.structs import TopicPartition
 
 from common.messages import Envelope
 from common.settings import FAMILIES, SETTINGS, SINGLE_WRITER_TOPICS, Settings
-from common.workarounds import ConnectionWatch, discard, in_background, quick_transaction_retries
+from common.workarounds import (ConnectionWatch, RememberingPartitioner, discard, in_background,
+                                quick_transaction_retries)
 
 log = logging.getLogger("common")
 SESSION_TIMEOUT_MS = 6_000  # a member silent this long (a killed copy) loses its partitions to the others (the
@@ -37,7 +38,9 @@ def make_producer(transactional_id: str | None = None, settings: Settings = SETT
                   retry_backoff_ms=20,  # 100 ms by default: the first transaction after a restart waits on it
                   # A batch's transaction takes well under a second. If its process dies, the broker aborts it after
                   # this long (default 60 s), and until then readers (read_committed) wait behind it.
-                  transaction_timeout_ms=10_000)
+                  transaction_timeout_ms=10_000,
+                  metrics_enabled=False,  # (kafka-python's own sensors: nobody reads them, and they cost CPU a record)
+                  partitioner=RememberingPartitioner())
     config.update(overrides)
     producer = quick_transaction_retries(KafkaProducer(**config))
     if transactional_id:
@@ -57,7 +60,7 @@ def make_consumer(group: str, topics: list[str], static: bool = False, settings:
     config = dict(settings.kafka_config(), group_id=settings.group(group), enable_auto_commit=False,
                   auto_offset_reset="earliest", isolation_level="read_committed", session_timeout_ms=SESSION_TIMEOUT_MS,
                   heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-                  max_poll_records=500, client_id=settings.group(group), fetch_max_wait_ms=50)
+                  max_poll_records=500, client_id=settings.group(group), fetch_max_wait_ms=50, metrics_enabled=False)
     if static:
         config["group_instance_id"] = settings.member(group)
     config.update(overrides)

@@ -47,6 +47,7 @@ class Loop:
         self.unsent: list[Serialised] = []  # a tick's messages, until Kafka takes them
         self.spans: list = []  # the timers' spans of this batch (tracing on)
         self.count, self.expired_at = 0, time.monotonic()
+        self.window_s = settings.commit_window_s if self.delivery.transactional else 0.0
         log.info("%s: started; consuming %s as group %s%s from %s", self.name, ", ".join(map(settings.topic, service.inputs)),
                  group, f", exactly once as transactional id {self.delivery.transactional_id}"
                  if self.delivery.transactional else ", at least once", settings.bootstrap_servers)
@@ -74,7 +75,7 @@ class Loop:
     def poll(self) -> dict | None:
         """The next batch ({} if none), its partitions' state read back; None (having paused) while the broker is
         away, the group coordinator is not heard, or the state cannot be read."""
-        batch = self.poller.poll(timeout_ms=100 if self.service.tick else 500)
+        batch = self.poller.gathered(100 if self.service.tick else 500, self.window_s)
         if batch is None:  # the broker is away: nothing new is made until it is back
             self.pause.until_better(self.poller.trouble)
             return None

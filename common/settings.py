@@ -55,6 +55,7 @@ class Settings:
     instance_id: str = "1"        # this copy's static member id and transactional id; one per running copy
     state_retention_s: float = 7 * 24 * 3600  # state entries (handled ids, workflows) not written for this long go
     accept_state_loss: bool = False  # start once on empty state where a group's state topic is gone (said, not silent)
+    commit_window_s: float = 0.0  # a batch keeps gathering records this long before its one transaction commits
     security: Mapping[str, str] = field(default_factory=dict)  # kafka-python SASL/TLS arguments
 
     @classmethod
@@ -67,6 +68,7 @@ class Settings:
                    instance_id=environ.get("INSTANCE_ID", "1"),
                    state_retention_s=float(environ.get("STATE_RETENTION_S", 7 * 24 * 3600)),
                    accept_state_loss=environ.get("ACCEPT_STATE_LOSS", "") not in ("", "0"),
+                   commit_window_s=float(environ.get("COMMIT_WINDOW_MS", "0")) / 1000,
                    security=MappingProxyType({arg: environ[env] for arg, env in SECURITY_SETTINGS.items()
                                               if environ.get(env)}))
 

@@ -48,6 +48,23 @@ class Poller:
         self.consumer, self.name, self.stop, self.settings, self.trouble = consumer, name, stop, settings, ""
         self.client, self.unheard = LastWords(), False
 
+    def gathered(self, timeout_ms: int, window_s: float) -> dict | None:
+        """poll(), then, once records came, more polls for up to `window_s` (the commit window), gathered into one
+        batch, so that at moderate rates a transaction carries more than one record. Records of a partition taken
+        away meanwhile are left out (its new owner reads them). None while the broker is away."""
+        batch = self.poll(timeout_ms)
+        if not batch or window_s <= 0:
+            return batch
+        until = time.monotonic() + window_s
+        while (left := until - time.monotonic()) > 0 and not self.stop:
+            more = self.poll(max(1, int(left * 1000)))
+            if more is None:
+                break
+            for tp, records in more.items():
+                batch.setdefault(tp, []).extend(records)
+        assigned = self.consumer.assignment()
+        return {tp: records for tp, records in batch.items() if tp in assigned}
+
     def poll(self, timeout_ms: int) -> dict | None:
         """The batch ({} if none), or None while the broker is away. `unheard`: the group coordinator has answered
         no heartbeat for longer than the session (a rejoin needs polls, so the caller goes on polling)."""

@@ -165,3 +165,24 @@ def test_the_clients_lines_about_a_fenced_copy_are_hidden_since_the_script_says_
                  record("kafka.coordinator.heartbeat", "Heartbeat failed for group %s due to fenced id error: %s", "g",
                         "g-1")):
         assert not HideClientRefusals().filter(line)
+
+
+@pytest.mark.no_broker
+def test_the_remembering_partitioner_places_every_key_as_kafkas_default_partitioner_does():
+    from kafka.partitioner.default import DefaultPartitioner
+
+    from common.workarounds import RememberingPartitioner
+
+    class Cluster:
+        def topics(self):
+            return {"t"}
+
+        def partitions_for_topic(self, topic):
+            return set(range(7))
+
+        def available_partitions_for_topic(self, topic):
+            return set(range(7))
+    keys = [f"sensor-{i}".encode() for i in range(500)] + [b"", b"\xff\xfe", b"workflow/" + b"x" * 300]
+    for key in keys * 2:  # (the second time from what it remembered)
+        assert RememberingPartitioner().partition("t", key, key, None, None, Cluster()) == \
+            DefaultPartitioner().partition("t", key, key, None, None, Cluster())

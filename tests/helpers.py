@@ -50,7 +50,7 @@ class Scripts:
         log = open(self.logs / f"{script}-{len(self.running)}.log", "w")
         process = subprocess.Popen([sys.executable, str(ROOT / script), *args], env=self.env_for(script, **extra_env),
                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        process.log_path = log.name
+        process.log_path, process.extra_env = log.name, extra_env
         self.running.append(process)
         return process
 
@@ -64,9 +64,10 @@ class Scripts:
         return result
 
     def restart(self, process: subprocess.Popen, sig: int = signal.SIGTERM) -> subprocess.Popen:
-        """Stop a script (SIGKILL for a crash) and start it again with the same arguments."""
+        """Stop a script (SIGKILL for a crash) and start it again with the same arguments and environment."""
         self.stop(process, sig)
-        return self.start(*[Path(arg).name if i == 0 else arg for i, arg in enumerate(process.args[1:])])
+        return self.start(*[Path(arg).name if i == 0 else arg for i, arg in enumerate(process.args[1:])],
+                          **process.extra_env)
 
     def stop(self, process: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
         """Signal a script and wait for it to exit; returns its exit code."""

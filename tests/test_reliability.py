@@ -5,6 +5,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from helpers import (NO_RESENDS, detections, exactly_one_each, report_summary, unit_event, wait_completed,
                      wait_for_reports)
 
@@ -14,11 +16,12 @@ from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PART
 SERVICES = ("security_service.py", "notification_service.py", "reporting_service.py")
 
 
-def test_killing_the_orchestrator_repeatedly_loses_and_doubles_no_command(scripts, topics):
+@pytest.mark.parametrize("window_ms", ["0", "40"])  # (a commit window gathers several polls into one transaction)
+def test_killing_the_orchestrator_repeatedly_loses_and_doubles_no_command(scripts, topics, window_ms):
     # Given the Example 2 system and 200 detections streaming in
     for service in SERVICES:
         scripts.start(service)
-    orchestrator = scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS)
+    orchestrator = scripts.start("orchestrator.py", "--example", "2", *NO_RESENDS, COMMIT_WINDOW_MS=window_ms)
     scripts.start("security_detector.py", "--count", "200", "--rate", "40", "--seed", "11")
     commands, notifications = topics(SEC_COMMAND), topics(NOTIFICATION_COMMAND)
     stream, third_party = topics(MESSAGE_STREAM), topics(THIRD_PARTY)

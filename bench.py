@@ -869,7 +869,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             console.print(f"  {part}: {figures}")
     gap = bench.restarts(restarts, 100)
     kill, stop = bench.failover(kill=True), bench.failover(kill=False)
-    restore = bench.restore(100_000)
+    restore, restore_200k = bench.restore(100_000), bench.restore(200_000)
     ceiling = bench.ceiling(n * 10)
     traced = bench.traced(n)
     eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
@@ -894,6 +894,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
             "state_restore_s": restore["seconds"], "stop_during_restore_s": restore["stop_s"],
             "orchestrator_rss_100k_open_workflows_mb": restore["rss_mb"],
+            "state_200k_rss_mb": restore_200k["rss_mb"], "state_200k_restore_s": restore_200k["seconds"],
             "lost": gap["lost"] + kill["lost"] + stop["lost"],
             "duplicates": gap["duplicates"] + kill["duplicates"] + stop["duplicates"],
             **{key: value for key, value in compared.items() if key != "ratios"},

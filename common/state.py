@@ -175,6 +175,7 @@ class Store:
         self.removed += self.reader.removed
         for partition, entries in restored.items():
             self._index(partition, entries, time.time() - self.retention_s)
+        self.reader.offsets = {}  # (needed only to name a record set aside: not kept beside every entry)
         return count
 
     def _index(self, partition: int, entries: OrderedDict, cutoff: float) -> None:

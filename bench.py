@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -83,6 +84,7 @@ class Bench:
 
     def env(self, prefix: str, **extra: str) -> dict:
         return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.address, TOPIC_PREFIX=prefix, LOG_LEVEL="WARNING",
+                    COMMIT_WINDOW_MS="0",  # (the default, whatever the shell says: a run asks for another itself)
                     TOPIC_PARTITIONS=str(self.partitions[prefix]),
                     REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1") | extra
 
@@ -113,6 +115,22 @@ class Bench:
             self.reader = KafkaConsumer(bootstrap_servers=self.address)
         partitions = [TopicPartition(topic, p) for p in self.reader.partitions_for_topic(topic) or ()]
         return sum(self.reader.end_offsets(partitions).values()) if partitions else 0
+
+    def committed_records(self, topic: str) -> int:
+        """How many records a read_committed reader finds on a topic now (transaction markers and aborted records
+        not counted)."""
+        reader = KafkaConsumer(bootstrap_servers=self.address, isolation_level="read_committed",
+                               enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024)
+        try:
+            partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+            reader.assign(partitions)
+            reader.seek_to_beginning()
+            end, count = reader.end_offsets(partitions), 0
+            while any(reader.position(p) < end[p] for p in partitions):
+                count += sum(map(len, reader.poll(timeout_ms=500).values()))
+            return count
+        finally:
+            reader.close()
 
     def committed(self, group: str) -> int:
         """The group's committed offsets on message_stream, summed over partitions (0 while its coordinator is not
@@ -167,7 +185,7 @@ class Bench:
                                       envs=tuple({"INSTANCE_ID": str(i)} for i in range(1, count + 1)))[0]
         return rates, spread
 
-    def restore(self, workflows: int) -> dict:
+    def restore(self, workflows: int, stop: bool = True) -> dict:
         """An orchestrator starting on the state of `workflows` open workflows (each with its handled detection, as
         it writes them): how long it takes to read them back, and its resident memory then."""
         prefix = self.prefix("restore")
@@ -201,7 +219,7 @@ class Bench:
             process.wait(timeout=60)
         console.print(f"state restore: {workflows} open workflows read back in {seconds:.2f} s "
                       f"({line.split('(')[1].split(' in ')[0]}); orchestrator RSS then {rss:.0f} MB")
-        stop_s = self.stop_during_restore(prefix)
+        stop_s = self.stop_during_restore(prefix) if stop else None
         return {"seconds": seconds, "rss_mb": round(rss, 1), "stop_s": stop_s}
 
     def stop_during_restore(self, prefix: str) -> float:
@@ -305,6 +323,9 @@ class Bench:
             deadline = time.monotonic() + 120  # (a JVM, a Quix app: start-up is not timed)
             while warm_id not in seen and time.monotonic() < deadline and process.poll() is None:
                 time.sleep(0.05)
+            if warm_id not in seen:
+                raise SystemExit(f"bench: {label} routed nothing within 120 s (exit code {process.poll()}): "
+                                 f"run {' '.join(command)} by hand to see why")
             cpu_before, began = cpu_seconds(process), time.monotonic()
             pacer, count = common.Pacer(rate, int(rate * seconds)), 0
             while not pacer.finished:
@@ -328,6 +349,8 @@ class Bench:
             process.wait(timeout=60)
             shutil.rmtree(scratch, ignore_errors=True)
         done = [i for i in sent if i in seen]
+        if len(done) < len(sent):
+            raise SystemExit(f"bench: {label} routed {len(done)} of {len(sent)} detections at {rate:g}/s: no figure")
         figures = spread([(seen[i] - sent[i]) * 1000 for i in done])
         figures.update(cpu_share=round(share, 3), received=len(done), sent=len(sent))
         console.print(f"{label} at {rate:g}/s: hop {without(figures, 'cpu_share')} ms, {share:.0%} of a core")
@@ -633,6 +656,7 @@ def confluent_router() -> None:
 
 
 PEER_DIR = HERE / "peers"
+STREAMS_VERSION = re.search(r"<kafka.version>(.+)</kafka.version>", (PEER_DIR / "pom.xml").read_text()).group(1)
 GROUPS = {"orchestrator": "orchestrator", "raw_eos": "raweos", "quix": "quix", "quix_defaults": "quix",
           "kafka_streams": "streams", "kafka_streams_defaults": "streams"}  # system -> its group, under the prefix
 
@@ -671,12 +695,14 @@ def streams_classpath() -> str:
     compiled against them (once per version of the source)."""
     jars = local_kafka.resolve_classpath(PEER_DIR / "pom.xml")
     source = PEER_DIR / "Router.java"
-    build = local_kafka.CACHE_DIR / f"streams-router-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+    build = local_kafka.CACHE_DIR / f"streams-router-{hashlib.sha256(source.read_bytes() + jars.encode()).hexdigest()[:12]}"
     if not (build / "Router.class").exists():
         build.mkdir(parents=True, exist_ok=True)
         javac = Path(local_kafka.find_java()).with_name("javac")
-        subprocess.run([str(javac) if javac.exists() else "javac", "-cp", jars, "-d", str(build), str(source)],
-                       check=True, capture_output=True)
+        compiled = subprocess.run([str(javac) if javac.exists() else "javac", "-cp", jars, "-d", str(build),
+                                   str(source)], capture_output=True, text=True)
+        if compiled.returncode != 0:
+            raise SystemExit(f"bench: javac could not compile {source}: {compiled.stderr.strip()[-1000:]}")
     return f"{build}{os.pathsep}{jars}"
 
 
@@ -692,7 +718,7 @@ def peer_systems(address: str) -> list[tuple[str, str, list[str] | None]]:
             ("quix_defaults", f"Quix Streams {quixstreams_version()}, exactly once, defaults (commit every 5 s)",
              [*quix, "0"]),
             ("quix", "Quix Streams, exactly once, commit_interval=0.05", [*quix, "0.05"]),
-            ("kafka_streams_defaults", f"Kafka Streams {local_kafka.KAFKA_VERSION}, exactly_once_v2, defaults "
+            ("kafka_streams_defaults", f"Kafka Streams {STREAMS_VERSION}, exactly_once_v2, defaults "
                                        "(commit every 100 ms)", [*kafka_streams, "0"]),
             ("kafka_streams", "Kafka Streams, exactly_once_v2, commit.interval.ms=10", [*kafka_streams, "10"])]
 
@@ -722,6 +748,8 @@ def peers(bench: "Bench", n: int, seconds: float, rounds: int = ROUNDS) -> dict:
             bench.backlog(prefix, n)
         drains[key].append(bench.drain(label, n, prefix + GROUPS[key], prefix,
                                        argv=filled(command, prefix, prefix + GROUPS[key], scratch)))
+        if (commands := bench.committed_records(prefix + common.SEC_COMMAND)) != n:  # (exactly once, or no figure)
+            raise SystemExit(f"bench: {label} wrote {commands} security commands for {n} detections")
         hop_runs[key].append(bench.hop(label, key, command, 100, seconds))
         shutil.rmtree(scratch, ignore_errors=True)
     median = statistics.median
@@ -869,7 +897,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             console.print(f"  {part}: {figures}")
     gap = bench.restarts(restarts, 100)
     kill, stop = bench.failover(kill=True), bench.failover(kill=False)
-    restore, restore_200k = bench.restore(100_000), bench.restore(200_000)
+    restore, restore_200k = bench.restore(100_000, stop=False), bench.restore(200_000)
     ceiling = bench.ceiling(n * 10)
     traced = bench.traced(n)
     eos, alo = rates["orchestrator exactly-once"][0], rates["orchestrator at-least-once"][0]
@@ -892,7 +920,7 @@ def measure(bench: Bench, n: int, seconds: float, restarts: int) -> dict:
             f"orchestrator_eos_2_instances_{SCALE_PARTITIONS}_partitions_msgs_per_s": round(scale[2]),
             "two_instances_speedup": round(speedup, 2),
             f"detections_per_partition_{SCALE_PARTITIONS}_partitions": spread,
-            "state_restore_s": restore["seconds"], "stop_during_restore_s": restore["stop_s"],
+            "state_restore_s": restore["seconds"], "stop_during_restore_s": restore_200k["stop_s"],
             "orchestrator_rss_100k_open_workflows_mb": restore["rss_mb"],
             "state_200k_rss_mb": restore_200k["rss_mb"], "state_200k_restore_s": restore_200k["seconds"],
             "lost": gap["lost"] + kill["lost"] + stop["lost"],

@@ -48,20 +48,26 @@ class Poller:
         self.consumer, self.name, self.stop, self.settings, self.trouble = consumer, name, stop, settings, ""
         self.client, self.unheard = LastWords(), False
 
-    def gathered(self, timeout_ms: int, window_s: float) -> dict | None:
-        """poll(), then, once records came, more polls for up to `window_s` (the commit window), gathered into one
-        batch, so that at moderate rates a transaction carries more than one record. Records of a partition taken
-        away meanwhile are left out (its new owner reads them). None while the broker is away."""
+    def gathered(self, timeout_ms: int, window_s: float, most: int = 500) -> dict | None:
+        """poll(), then, once records came, more polls for up to `window_s` (the commit window) or until `most`
+        records, gathered into one batch, so that at moderate rates a transaction carries more than one record. A
+        partition read again from an earlier offset meanwhile (a rebalance sets it back to its committed offset)
+        keeps only what was read since; one taken away is left out, for its new owner. (What is handled twice so is
+        a repeat, skipped by the state.) None while the broker is away."""
         batch = self.poll(timeout_ms)
         if not batch or window_s <= 0:
             return batch
         until = time.monotonic() + window_s
-        while (left := until - time.monotonic()) > 0 and not self.stop:
+        while (left := until - time.monotonic()) > 0 and not self.stop and sum(map(len, batch.values())) < most:
             more = self.poll(max(1, int(left * 1000)))
             if more is None:
                 break
             for tp, records in more.items():
-                batch.setdefault(tp, []).extend(records)
+                if tp in batch and records[0].offset <= batch[tp][-1].offset:  # (read again from before)
+                    batch[tp] = list(records)
+                else:
+                    batch.setdefault(tp, []).extend(records)
+        self.unheard = False  # (records came, and are handled; a silent coordinator shows at the next empty poll)
         assigned = self.consumer.assignment()
         return {tp: records for tp, records in batch.items() if tp in assigned}
 

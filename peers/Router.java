@@ -24,6 +24,7 @@ import org.apache.kafka.streams.state.Stores;
 
 public class Router {
     static final ObjectMapper JSON = new ObjectMapper();
+    static final String PAD = "x".repeat(173);  // the entry is then the size of the orchestrator's, about 740 bytes
 
     static class Route implements Processor<String, String, String, String> {
         private ProcessorContext<String, String> context;
@@ -62,6 +63,7 @@ public class Router {
                 entry.putObject("steps").putObject("acted").put("state", "pending").put("attempts", 1)
                         .set("command", security);
                 entry.putObject("handled").put(id, 1);
+                entry.put("pad", PAD);
                 workflows.put("workflow/" + workflow, JSON.writeValueAsString(entry));
                 context.forward(record.withValue(JSON.writeValueAsString(security)), "security");
                 context.forward(record.withValue(JSON.writeValueAsString(notify)), "notify");
@@ -103,7 +105,7 @@ public class Router {
         KafkaStreams streams = new KafkaStreams(topology, config);
         CountDownLatch stopped = new CountDownLatch(1);
         Runtime.getRuntime().addShutdownHook(new Thread(() -> {
-            streams.close();
+            streams.close(java.time.Duration.ofSeconds(20));
             stopped.countDown();
         }));
         streams.start();

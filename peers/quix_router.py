@@ -13,6 +13,9 @@ from datetime import datetime, timezone
 from quixstreams import Application
 
 
+PAD = "x" * 173  # (the entry is then the size of the orchestrator's, about 740 bytes as compact JSON)
+
+
 def commands(detection: dict) -> dict:
     """The three commands of one detection, and the workflow entry kept for it (about 740 bytes as JSON)."""
     workflow, payload, now = detection["workflow_id"], detection["payload"], datetime.now(timezone.utc).isoformat()
@@ -30,7 +33,8 @@ def commands(detection: dict) -> dict:
     report = command("report", "report_data", {"workflow": "security", "category": payload["kind"], "entity": sensor,
                                                "zone": zone})
     entry = {"workflow_id": workflow, "type": "security", "stage": 2, "state": "running", "started_at": now,
-             "steps": {"acted": {"state": "pending", "attempts": 1, "command": security}}, "handled": {detection["id"]: 1}}
+             "steps": {"acted": {"state": "pending", "attempts": 1, "command": security}}, "handled": {detection["id"]: 1},
+             "pad": PAD}
     return {"security": security, "notify": notify, "report": report, "entry": entry}
 
 

@@ -186,3 +186,50 @@ def test_the_remembering_partitioner_places_every_key_as_kafkas_default_partitio
     for key in keys * 2:  # (the second time from what it remembered)
         assert RememberingPartitioner().partition("t", key, key, None, None, Cluster()) == \
             DefaultPartitioner().partition("t", key, key, None, None, Cluster())
+
+
+@pytest.mark.no_broker
+def test_a_commit_window_gathers_polls_in_order_and_keeps_only_what_is_still_read_and_still_assigned():
+    from types import SimpleNamespace
+
+    from kafka.structs import TopicPartition
+
+    from common import Settings
+    from common.waiting import Poller
+
+    p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
+
+    def records(tp, *offsets):
+        return [SimpleNamespace(topic="t", partition=tp.partition, offset=o) for o in offsets]
+
+    class Consumer:
+        """Polls as a rebalance would have them: p0 set back to its committed offset, p1 taken away."""
+        _coordinator = SimpleNamespace(heartbeat=SimpleNamespace(last_receive=time.monotonic(), last_reset=0))
+
+        def __init__(self, polls):
+            self.polls, self.assigned = list(polls), {p0, p1}
+
+        def poll(self, timeout_ms):
+            batch, revoke = self.polls.pop(0) if self.polls else ({}, False)
+            if revoke:
+                self.assigned = {p0}
+            return batch
+
+        def assignment(self):
+            return self.assigned
+    consumer = Consumer([({p0: records(p0, 10, 11), p1: records(p1, 5)}, False),
+                         ({p0: records(p0, 13)}, False),           # (12: a transaction's marker)
+                         ({p0: records(p0, 10, 11, 13, 14)}, True)])  # (a rebalance: p0 read again, p1 gone)
+    class Running:  # (a stop signal not given)
+        def __bool__(self):
+            return False
+    poller = Poller(consumer, "t", stop=Running(), settings=Settings())
+    batch = poller.gathered(100, window_s=0.3, most=7)
+    assert {tp: [r.offset for r in rs] for tp, rs in batch.items()} == {p0: [10, 11, 13, 14]}
+    # And a batch as large as a poll's is not made larger
+    busy = Consumer([({p0: records(p0, 1, 2), p1: records(p1, 3)}, False), ({p0: records(p0, 4)}, False)])
+    assert sum(map(len, Poller(busy, "t", Running(), Settings()).gathered(100, window_s=0.3, most=3).values())) == 3
+    assert len(busy.polls) == 1  # (the second poll was not asked for)
+    # And without a window, one poll is one batch
+    assert Poller(Consumer([({p1: records(p1, 1)}, False)]), "t", Running(), Settings()).gathered(
+        100, window_s=0)[p1][0].offset == 1

@@ -122,13 +122,8 @@ class Bench:
         reader = KafkaConsumer(bootstrap_servers=self.address, isolation_level="read_committed",
                                enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024)
         try:
-            partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
-            reader.assign(partitions)
-            reader.seek_to_beginning()
-            end, count = reader.end_offsets(partitions), 0
-            while any(reader.position(p) < end[p] for p in partitions):
-                count += sum(map(len, reader.poll(timeout_ms=500).values()))
-            return count
+            return len(common.read_from(reader, dict.fromkeys(TopicPartition(topic, p) for p in
+                                                              reader.partitions_for_topic(topic) or ()), topic))
         finally:
             reader.close()
 

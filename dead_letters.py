@@ -27,7 +27,7 @@ from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
 import acls
-from common import (DEAD_LETTER, SETTINGS, DeadLetterPayload, Envelope, Stopper, discard, make_producer, read_all,
+from common import (DEAD_LETTER, SETTINGS, DeadLetterPayload, Envelope, Stopper, discard, make_producer, read_all, read_from,
                     refused, setup_logging, tracing, wait_for_acks, wait_for_kafka)
 
 log = logging.getLogger("dead_letters")
@@ -176,20 +176,7 @@ class Source:
 
     def since(self, starts: dict[TopicPartition, int]) -> list:
         """Every record from each partition's start offset to its end now."""
-        if not starts:
-            return []
-        self.consumer.assign(list(starts))
-        for where, offset in starts.items():
-            self.consumer.seek(where, offset)
-        end, records, deadline = self.consumer.end_offsets(list(starts)), [], time.monotonic() + 30
-        while any(self.consumer.position(where) < end[where] for where in starts):
-            if time.monotonic() > deadline:
-                raise SystemExit("dead_letters: reading the originals' topics made no progress for 30 s; is the broker "
-                                 "healthy?")
-            for batch in self.consumer.poll(timeout_ms=200).values():
-                records += batch
-                deadline = time.monotonic() + 30  # (a long topic may take long; a stuck read may not)
-        return records
+        return read_from(self.consumer, starts, "the originals' topics")
 
     def __exit__(self, *exc):
         self.consumer.close(autocommit=False)

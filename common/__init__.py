@@ -32,7 +32,7 @@ except ModuleNotFoundError as missing:
 
 from common.changelog import Record, changelog, ensure_changelog, latest_entries
 from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,
-                            refused, send, wait_for_acks, wait_for_kafka)
+                            read_from, refused, send, wait_for_acks, wait_for_kafka)
 from common.handling import Handler, Unavailable, handle_batch, handle_record
 from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, caused_by,
                              dead_letter, expect, new_event, parse)
@@ -51,7 +51,7 @@ from common.workflow import (FINISHED, Step, Workflow, command_topics, group_for
                              senders, services)
 
 __all__ = ["Record", "changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
-           "ensure_topics", "make_consumer", "make_producer", "read_all", "refused", "send", "wait_for_acks",
+           "ensure_topics", "make_consumer", "make_producer", "read_all", "read_from", "refused", "send", "wait_for_acks",
            "wait_for_kafka", "Handler", "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES",
            "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "caused_by", "dead_letter", "expect",
            "new_event", "parse", "STATES", "WORKFLOW", "Limits", "Orchestration", "is_workflow", "run_orchestrator",

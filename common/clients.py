@@ -201,6 +201,28 @@ def refused(what: str, error: KafkaError, settings: Settings = SETTINGS) -> Syst
     return SystemExit(3)
 
 
+def read_from(consumer: KafkaConsumer, starts: dict[TopicPartition, int | None], what: str,
+              timeout: float = 30.0) -> list:
+    """Every record of these partitions from each one's start offset (None: its beginning) to its end now, read with
+    a consumer of no group. A read that makes no progress for `timeout` s ends the script in one line."""
+    if not starts:
+        return []
+    consumer.assign(list(starts))
+    for partition, offset in starts.items():
+        if offset is None:
+            consumer.seek_to_beginning(partition)
+        else:
+            consumer.seek(partition, offset)
+    end, records, deadline = consumer.end_offsets(list(starts)), [], time.monotonic() + timeout
+    while any(consumer.position(p) < end[p] for p in starts):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"reading {what} made no progress for {timeout:.0f} s; is the broker healthy?")
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+            deadline = time.monotonic() + timeout  # (a long topic may take long; a stuck read may not)
+    return records
+
+
 def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) -> list:
     """Every record now in a project topic, or in every member of a family (all partitions, committed only),
     without joining a group. For the one-shot tools: a read that stalls ends the script with one line."""
@@ -211,17 +233,7 @@ def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) ->
         partitions = [TopicPartition(t, p) for t in sorted(topics) for p in consumer.partitions_for_topic(t) or ()]
         if not partitions:  # no such topic (yet): nothing in it
             return []
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        end = consumer.end_offsets(partitions)
-        records, deadline = [], time.monotonic() + timeout
-        while any(consumer.position(p) < end[p] for p in partitions):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"reading {real} made no progress for {timeout:.0f} s; is the broker healthy?")
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-                deadline = time.monotonic() + timeout  # (a long topic may take long; a stuck read may not)
-        return records
+        return read_from(consumer, dict.fromkeys(partitions), real, timeout)
     except AuthorizationError as error:
         raise refused(f"reading {real}", error, settings) from None
     finally:

@@ -16,23 +16,32 @@ from common.workarounds import Stuck, in_background
 log = logging.getLogger("common")
 
 
-def members(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> set[str]:
-    """The static member ids of the copies in a consumer group now. KafkaError if the group's coordinator did not
-    say (kafka-python returns its error beside an empty member list, which must not read as "nobody")."""
+def described(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> list[dict]:
+    """The members of a consumer group now, as the coordinator describes them (member id, static member id, the
+    topics each subscribes to). KafkaError if the coordinator did not say (kafka-python returns its error beside an
+    empty member list, which must not read as "nobody")."""
     found = admin.describe_groups([settings.group(group)]).get(settings.group(group)) or {}
     if found.get("error"):
         raise KafkaError(f"describing group {settings.group(group)}: {found['error']}")
-    return {member["group_instance_id"] for member in found.get("members") or () if member.get("group_instance_id")}
+    return list(found.get("members") or ())
+
+
+def members(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> set[str]:
+    """The static member ids of the copies in a consumer group now."""
+    return {member["group_instance_id"] for member in described(admin, group, settings) if member.get("group_instance_id")}
+
+
+def ours(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> list[dict]:
+    """The member holding this copy's place (its INSTANCE_ID) in its group now: this process, an earlier run of it
+    within its session, or another process started with the same INSTANCE_ID."""
+    return [member for member in described(admin, group, settings)
+            if member.get("group_instance_id") == settings.member(group)]
 
 
 def holds_our_place(admin: KafkaAdminClient, group: str, member_id: str, settings: Settings = SETTINGS) -> bool:
-    """Whether another process holds this copy's place (its INSTANCE_ID) in its group now (not known while this copy
-    has no member id: then False)."""
-    if not member_id:
-        return False
-    found = admin.describe_groups([settings.group(group)]).get(settings.group(group)) or {}
-    return any(member.get("group_instance_id") == settings.member(group) and member.get("member_id") != member_id
-               for member in found.get("members") or ())
+    """Whether another process holds this copy's place in its group now (not known while this copy has no member
+    id: then False)."""
+    return bool(member_id) and any(member.get("member_id") != member_id for member in ours(admin, group, settings))
 
 
 def leave(admin: KafkaAdminClient, group: str, settings: Settings = SETTINGS) -> None:

@@ -59,12 +59,13 @@ class Handled:
     counted: tuple[str, str] = ("handled", "(unread)")  # (metric, label): counted once its batch is committed
 
 
-def handle_batch(name: str, batch: dict, handle: Handler, store, stop,
-                 accepts: dict[str, frozenset] | None = None) -> tuple[list[Handled], str | None]:
+def handle_batch(name: str, batch: dict, handle: Handler, store, stop, accepts: dict[str, frozenset] | None = None,
+                 doing: str = "act on") -> tuple[list[Handled], str | None]:
     """Handle the records of a poll in order: (the records handled, why handling stopped early or None). It stops
     early when the service is stopping or a handler's resource is unavailable; the rest is handled again later.
     `handle(message, state)`; `store`: the service's state (common/state.py), None if it keeps none.
-    `accepts`: real topic -> the message types its writer may send; any other type from there is a dead letter."""
+    `accepts`: real topic -> the message types its writer may send; any other type from there is a dead letter.
+    `doing`: what handling a message is, for its span's name ("act on security_command", "route ...")."""
     handled: list[Handled] = []
     until = time.monotonic() + BATCH_BUDGET_S
     for records in batch.values():
@@ -74,14 +75,14 @@ def handle_batch(name: str, batch: dict, handle: Handler, store, stop,
             if time.monotonic() > until:  # (slow handling: commit what is done, handle the rest next)
                 return handled, f"handling took over {BATCH_BUDGET_S:.0f} s; the rest of the batch comes next"
             try:
-                handled.append(handle_record(name, record, handle, store, stop, accepts))
+                handled.append(handle_record(name, record, handle, store, stop, accepts, doing))
             except Unavailable as reason:
                 return handled, str(reason)
     return handled, None
 
 
-def handle_record(name: str, record, handle: Handler, store, stop,
-                  accepts: dict[str, frozenset] | None = None) -> Handled:
+def handle_record(name: str, record, handle: Handler, store, stop, accepts: dict[str, frozenset] | None = None,
+                  doing: str = "act on") -> Handled:
     """Check, parse, skip a repeat, handle, serialise: one record's outputs (each to the topic `name` writes for
     it) and state changes, or its dead letter."""
     span = tracing.consumed(record)
@@ -90,7 +91,7 @@ def handle_record(name: str, record, handle: Handler, store, stop,
     try:
         check_key(record.key)
         message = parse(record.value)
-        tracing.about(span, message, "route" if name == "orchestrator" else "act on")
+        tracing.about(span, message, doing)
         refuse_if_not_theirs(record, message, accepts)
         kind = message.type if message.type in SCHEMAS else "(other)"  # (a label per known type only)
         if store is not None and store.dedupe:

@@ -58,7 +58,8 @@ class Loop:
         if batch is None:
             return
         self.take_tick()
-        handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts)
+        handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts,
+                                       self.service.doing)
         timed, changes, offsets = self.fire_timers(batch, holdup)
         done, sent = self.deliver(self.unsent + timed, handled, offsets)
         self.remember_committed(done, changes if sent else [], sent)
@@ -173,12 +174,10 @@ class Loop:
         """Each state record the read-back set aside becomes a dead letter, and what stands for it (a marker, or a
         tombstone for a key that is not text) is written with it: sent with the next batch, said once a partition."""
         set_aside = self.store.take_set_aside()
-        for partition in sorted({record.partition for record, _, _ in set_aside}):
-            (record, why, _), *more = [item for item in set_aside if item[0].partition == partition]
+        for (record, why, _), more in first_of_each_partition(set_aside, lambda item: item[0]):
             log.warning("%s: %s:%d:%d key '%s': %s; set aside%s: each is a dead letter of %s, and what it held is lost",
-                        self.name, record.topic, partition, record.offset,
-                        (record.key or b"").decode(errors="backslashreplace"), why,
-                        f" (and {len(more)} more of this partition)" if more else "", self.name)
+                        self.name, record.topic, record.partition, record.offset,
+                        (record.key or b"").decode(errors="backslashreplace"), why, more, self.name)
         for record, why, change in set_aside:
             self.unsent.append(dead_letter_of(self.name, record, f"state record set aside: {why}"))
             self.unsent += self.store.outs([change])
@@ -188,12 +187,11 @@ class Loop:
         """Entries a tombstone removed (no project script writes one for them: an operator or a stray client did):
         said once a partition and counted, for what they held is forgotten."""
         removed = self.store.take_removed()
-        for partition in sorted({record.partition for record in removed}):
-            record, *more = [record for record in removed if record.partition == partition]
+        for record, more in first_of_each_partition(removed, lambda record: record):
             log.warning("%s: %s:%d:%d key '%s' was removed by a tombstone%s, written by none of this project's scripts: "
                         "what it held is forgotten (a workflow's later outcomes are said unknown; a message handled "
-                        "before is handled again if it comes again)", self.name, record.topic, partition, record.offset,
-                        record.key.decode(), f" (and {len(more)} more of this partition)" if more else "")
+                        "before is handled again if it comes again)", self.name, record.topic, record.partition,
+                        record.offset, record.key.decode(), more)
         for _ in removed:
             metrics.count("removed", service=self.name)
 
@@ -276,6 +274,15 @@ class Forget(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned):
         self.copies.rebalanced = True  # (the loop reads new partitions back before their first record is handled)
+
+
+def first_of_each_partition(items: list, record_of) -> list[tuple]:
+    """(the first item of each partition, " (and N more of this partition)" or ""): what is said once a partition."""
+    by_partition: dict[int, list] = {}
+    for item in items:
+        by_partition.setdefault(record_of(item).partition, []).append(item)
+    return [(first, f" (and {len(more)} more of this partition)" if more else "")
+            for _, (first, *more) in sorted(by_partition.items())]
 
 
 def warm(writes: list[str], store: Store | None) -> tuple[str, ...]:

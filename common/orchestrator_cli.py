@@ -111,5 +111,6 @@ def run_orchestrator(description: str, table: Table, route: Route) -> None:
     serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM),
                   exactly_once=exactly_once, keeps_state=True, group=group_for(table, args.workflows), accepts=accepts,
                   timer=orchestration.timer, open_count=orchestration.open_workflows, metrics_port=args.metrics_port,
+                  doing="route",
                   before_start=lambda admin, stop: take_over(admin, stop, table, args.workflows, list(accepts),
                                                              exactly_once)))

@@ -11,7 +11,7 @@ from kafka.errors import AuthorizationError, KafkaError, NoError
 
 from common.changelog import changelog, ensure_changelog, latest_entries
 from common.clients import SESSION_TIMEOUT_MS, wait_for_acks
-from common.copies import leave
+from common.copies import leave, ours
 from common.settings import SETTINGS, Settings
 from common.workflow import Table, group_for, orchestrator_groups, overlapping
 
@@ -71,8 +71,10 @@ def rejoin_if_inputs_changed(admin: KafkaAdminClient, group: str, inputs: list[s
     """A static member restarted within its session gets its old partitions back, even when it now reads more
     topics (an orchestrator moved from example 2 to 3 reads the unit producer's events too): the new topics' events
     would wait for the next rebalance. So when its last subscription differs, its old place is given up first."""
-    described = admin.describe_groups([settings.group(group)]).get(settings.group(group)) or {}
-    mine = [m for m in described.get("members") or () if m.get("group_instance_id") == settings.member(group)]
+    try:
+        mine = ours(admin, group, settings)
+    except KafkaError:  # (the coordinator does not say: the new topics are read after the next rebalance)
+        return
     wanted = {settings.topic(name) for name in inputs}
     if mine and set((mine[0].get("member_metadata") or {}).get("topics") or ()) != wanted:
         try:

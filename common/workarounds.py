@@ -227,9 +227,10 @@ class RememberingPartitioner(DefaultPartitioner):
     (about 8 µs a record here). A record without a key is placed as by the default partitioner."""
 
     def partition(self, topic, key, serialized_key, value, serialized_value, cluster):
-        if serialized_key is None or topic not in cluster.topics():
+        known = cluster.partitions_for_topic(topic)  # (None for a topic not known: the default says so)
+        if serialized_key is None or not known:
             return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
-        partitions = sorted(cluster.partitions_for_topic(topic))
+        partitions = sorted(known)
         return partitions[hashed(bytes(serialized_key)) % len(partitions)]
 
 

@@ -9,7 +9,7 @@ from common.clients import read_all
 from common.messages import DeadLetter, parse
 from common.settings import DEAD_LETTER, MESSAGE_STREAM, SETTINGS, written_by
 from common.orchestration import SOURCE
-from common.workflow import Table, owns, senders
+from common.workflow import Table, active, owns, senders
 
 
 WAITS = "(waits in Kafka: read from a later example)"
@@ -20,7 +20,7 @@ def preview(records, table: Table, route, stage: int, workflows: set[str]) -> di
     writer of a workflow that starts at a later stage is not read at this one: its events wait in Kafka."""
     emitted: dict[str, Counter] = defaultdict(Counter)
     accepts = senders(table, workflows)
-    read = senders(table, {name for name in workflows if table[name].from_stage <= stage})
+    read = senders(table, active(table, workflows, stage))
     for record in records:
         member = record.topic.removeprefix(SETTINGS.topic_prefix)
         if member == written_by(MESSAGE_STREAM, SOURCE):  # its own timeouts and finished workflows

@@ -11,7 +11,7 @@ from common.orchestration import ATTEMPTS, Limits, Orchestration, Route
 from common.service import Service, serve
 from common.settings import MESSAGE_STREAM, SETTINGS, setup_logging
 from common.takeover import take_over
-from common.workflow import Table, command_topics, group_for, senders
+from common.workflow import Table, active, command_topics, group_for, senders
 
 log = logging.getLogger("orchestrator")
 
@@ -49,7 +49,7 @@ def check_flags(args: argparse.Namespace, table: Table) -> set[str]:
     refuse_unreadable(args)
     if not args.dry_run:
         refuse_short_retention(table, args, SETTINGS.state_retention_s)
-    later = {w: table[w].from_stage for w in sorted(workflows) if table[w].from_stage > args.example}
+    later = {w: table[w].from_stage for w in sorted(workflows - active(table, workflows, args.example))}
     if not args.dry_run and len(later) == len(workflows):
         refuse(f"no workflow of {','.join(sorted(workflows))} runs at example {args.example} ("
                f"{', '.join(f'{w} starts at {n}' for w, n in later.items())}); give --example "
@@ -102,11 +102,11 @@ def run_orchestrator(description: str, table: Table, route: Route) -> None:
     setup_logging()
     if args.dry_run:
         return dry_run(table, route, args, args.workflows)
-    active = sorted(w for w in args.workflows if table[w].from_stage <= args.example)
+    running = active(table, args.workflows, args.example)
     log.info("routing table: example %d%s, workflows %s", args.example,
-             " (the default; --example 1 or 2 for an earlier stage)" if args.defaulted else "", ", ".join(active))
-    orchestration = Orchestration(table, route, args.example, args.limits, set(active))
-    accepts = senders(table, set(active))  # (a later stage's events wait in Kafka until a stage that routes them)
+             " (the default; --example 1 or 2 for an earlier stage)" if args.defaulted else "", ", ".join(sorted(running)))
+    orchestration = Orchestration(table, route, args.example, args.limits, running)
+    accepts = senders(table, running)  # (a later stage's events wait in Kafka until a stage that routes them)
     exactly_once = not args.no_transactions
     serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM),
                   exactly_once=exactly_once, keeps_state=True, group=group_for(table, args.workflows), accepts=accepts,

@@ -70,6 +70,12 @@ def owns(table: Table, event_type: str, workflows: set[str]) -> bool:
     return workflow_of(table, event_type) in {*workflows, None}
 
 
+def active(table: Table, workflows: set[str], stage: int) -> set[str]:
+    """Those of `workflows` that run at a stage of the walkthrough (--example): an orchestrator reads only their
+    writers, so a later stage's events wait in Kafka."""
+    return {name for name in workflows if table[name].from_stage <= stage}
+
+
 def senders(table: Table, workflows: set[str]) -> dict[str, frozenset]:
     """Who writes to the orchestrator of `workflows`, and what each may send: the script that starts a workflow
     its starting event, a service its step's reports. Each writes its own member of message_stream, so a type

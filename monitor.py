@@ -473,7 +473,10 @@ def main() -> None:
         elif args.once:
             console.print(render(flow, tail.lag(admin), args.rows))
         else:
-            with Live(render(flow, None, args.rows, True), console=console, refresh_per_second=2) as live:
+            # (a screen of its own: a view taller than the terminal, say after an outage's longer lines, leaves no
+            # stale lines behind)
+            with Live(render(flow, None, args.rows, True), console=console, refresh_per_second=2, screen=True,
+                      vertical_overflow="crop") as live:
                 while not stop:
                     deadline = time.monotonic() + 1.0
                     while time.monotonic() < deadline and not stop:

@@ -230,3 +230,12 @@ def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = S
         pass
     except AuthorizationError as error:
         raise refused(f"creating {real}", error, settings) from None
+
+
+def first_of_each_partition(items: list, record_of) -> list[tuple]:
+    """(the first item of each partition, " (and N more of this partition)" or ""): what is said once a partition."""
+    by_partition: dict[int, list] = {}
+    for item in sorted(items, key=lambda item: record_of(item).offset):  # (the earliest is said)
+        by_partition.setdefault(record_of(item).partition, []).append(item)
+    return [(first, f" (and {len(more)} more of this partition)" if more else "")
+            for _, (first, *more) in sorted(by_partition.items())]

@@ -18,6 +18,7 @@ from common.copies import Copies
 from common.delivery import Delivery
 from common.handling import Handled, Serialised, dead_letter_of, handle_batch, serialise_own
 from common.settings import FAMILIES, Settings
+from common.changelog import first_of_each_partition
 from common.state import Store
 from common.waiting import Pause, Poller
 from common.workarounds import member_id, heartbeat_silence_s
@@ -131,9 +132,11 @@ class Loop:
             return
         if gone:
             entries = sum(map(len, self.store.entries.values()))
-            log.error("%s: its state topic %s is gone (deleted?): %d entries of %d partitions it held are lost there. "
+            partitions = len(self.store.entries)
+            log.error("%s: its state topic %s is gone (deleted?): %d entr%s of %d partition%s it held are lost there. "
                       "Stopping; the batch was not committed and waits in Kafka. Start it again with "
-                      "ACCEPT_STATE_LOSS=1 to go on with empty state", self.name, real, entries, len(self.store.entries))
+                      "ACCEPT_STATE_LOSS=1 to go on with empty state", self.name, real, entries,
+                      "y" if entries == 1 else "ies", partitions, "" if partitions == 1 else "s")
             raise SystemExit(1)
 
     def restore_state(self, batch: dict) -> bool:
@@ -151,7 +154,7 @@ class Loop:
         began = time.monotonic()
         if self.store.topic:
             log.info("%s: reading the state of partition%s %s back from %s", self.name, "s" * (len(missing) > 1),
-                     ", ".join(map(str, sorted(missing))), self.store.topic)
+                     ", ".join(map(str, sorted(missing))), self.store.settings.topic(self.store.topic))
         try:
             if rebalanced:
                 self.copies.end_departed()
@@ -249,7 +252,7 @@ class Loop:
 
     def close(self, fenced: bool = False) -> None:
         """Stop; fenced: another copy runs with this one's INSTANCE_ID, and must keep its place in the group."""
-        log.info("%s: stopping after %d messages", self.name, self.count)
+        log.info("%s: stopping after %d message%s", self.name, self.count, "" if self.count == 1 else "s")
         # (A coordinator that answers no heartbeat would not answer who else is there either: no wait for it.)
         others = set() if fenced or heartbeat_silence_s(self.consumer) > 3 else self.copies.others()
         self.consumer.close(autocommit=False)
@@ -274,15 +277,6 @@ class Forget(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned):
         self.copies.rebalanced = True  # (the loop reads new partitions back before their first record is handled)
-
-
-def first_of_each_partition(items: list, record_of) -> list[tuple]:
-    """(the first item of each partition, " (and N more of this partition)" or ""): what is said once a partition."""
-    by_partition: dict[int, list] = {}
-    for item in items:
-        by_partition.setdefault(record_of(item).partition, []).append(item)
-    return [(first, f" (and {len(more)} more of this partition)" if more else "")
-            for _, (first, *more) in sorted(by_partition.items())]
 
 
 def warm(writes: list[str], store: Store | None) -> tuple[str, ...]:

@@ -207,13 +207,14 @@ class QuietClientChatter(logging.Filter):
       NETWORK_EXCEPTION): Kafka 4's broker checks each new partition of a transaction with its coordinator
       (KIP-890) and, when that check's connection is not up yet, asks the producer to retry, which it does;
     - "Metadata refresh: failed Cancelled": a refresh still pending when a one-shot tool closes its client;
+    - "... for unknown reasons: Cancelled" (ERROR): a transaction step the script gave up on (it says so itself);
     - the event loop's "Task ... ran for 0.137s (>0.100s threshold)": a busy machine (two cores here) makes one
       step of the client's loop slow; nothing is lost or late because of it;
     - "Topic ... not found in cluster metadata" (ERROR) for a topic the script created a moment before: the broker
       answering is not told of it yet, and the client asks again. (A topic that is really missing ends in the
       script's own error line, when its messages are not acknowledged.)"""
     CHATTER = ("Unable to verify the partition has been added to the transaction", "Metadata refresh: failed Cancelled",
-               "(>0.100s threshold)", "not found in cluster metadata")
+               "(>0.100s threshold)", "not found in cluster metadata", "for unknown reasons: Cancelled")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("kafka") or logging.getLogger().isEnabledFor(logging.DEBUG):

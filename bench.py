@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, defaultdict
 from typing import NamedTuple
 from pathlib import Path
 
@@ -624,7 +624,7 @@ def confluent_router() -> None:
     ensure_changelog(admin, "confluent", settings)
     admin.close()
     store = Store("confluent", settings, durable=True)  # (like the orchestrator: decide() skips repeats)
-    store.entries = defaultdict(OrderedDict)  # (a fresh group: nothing to read back)
+    store.entries = defaultdict(dict)  # (a fresh group: nothing to read back)
     while not stop:
         messages = [m for m in consumer.consume(500, timeout=0.5) if not m.error()]
         if not messages:
@@ -789,7 +789,7 @@ def profile(count: int = 20_000) -> dict:
         for record in batch:
             handled = handle_record("orchestrator", record, orchestration.decide, store, stop)
             store.commit(handled.changes)
-    store.entries = defaultdict(OrderedDict)  # (no state to read back)
+    store.entries = defaultdict(dict)  # (no state to read back)
     began = time.perf_counter()
     handle(records[:count])
     micros = (time.perf_counter() - began) / count * 1e6

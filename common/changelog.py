@@ -6,10 +6,10 @@ aside, with the reason, for the service to say and dead-letter."""
 import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+import msgspec
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
 from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError
@@ -42,6 +42,11 @@ class Record(NamedTuple):
     headers: list | None = None
 
 
+def as_record(record) -> Record:
+    """A record kept to be said later (kafka-python's own holds more than is needed)."""
+    return Record(record.topic, record.partition, record.offset, record.key, record.value)
+
+
 def read(raw: bytes) -> dict:
     """A stored entry, read back."""
     try:
@@ -50,16 +55,37 @@ def read(raw: bytes) -> dict:
         return json.loads(raw)
 
 
-def checked(raw: bytes) -> tuple[dict | None, str | None]:
+class Entry(msgspec.Struct, forbid_unknown_fields=True):
+    """What a state entry must be: when it was written, when its timer is due (or null), its value (its JSON text,
+    checked as JSON but parsed only when touched) and, with tracing on, the trace context of the record that wrote
+    it. (msgspec checks an entry read back in a sixth of the time of parsing it whole: 0.4 µs against 2.5 µs.)"""
+    at: float
+    due: float | None
+    value: msgspec.Raw
+    trace: str | None = None
+
+
+ENTRY = msgspec.json.Decoder(Entry)
+NOT_AN_ENTRY = "its value is not a state entry (an object of at, due and value)"
+
+
+def checked(raw: bytes) -> tuple[Entry | None, str | None]:
     """A stored entry read back, or (None, why it is not one)."""
     try:
-        entry = read(raw)
-    except ValueError as error:
-        return None, f"its value is not JSON ({str(error)[:100]})"
-    if not isinstance(entry, dict) or "value" not in entry or not isinstance(entry.get("at"), int | float) \
-            or not isinstance(entry.get("due"), int | float | None) or set(entry) - {"at", "due", "value", "trace"}:
-        return None, "its value is not a state entry (an object of at, due and value)"
-    return entry, None
+        return ENTRY.decode(raw), None
+    except msgspec.ValidationError:
+        return None, NOT_AN_ENTRY
+    except msgspec.DecodeError as error:
+        try:  # (the surrogate escapes of a key that is not UTF-8: only json reads those)
+            entry = json.loads(raw)
+        except ValueError:
+            return None, f"its value is not JSON ({str(error)[:100]})"
+    if not isinstance(entry, dict) or "value" not in entry:
+        return None, NOT_AN_ENTRY
+    try:
+        return msgspec.convert({**entry, "value": msgspec.Raw(b"0")}, Entry), None  # (its value was read above)
+    except msgspec.ValidationError:
+        return None, NOT_AN_ENTRY
 
 
 def unreadable(value) -> str | None:
@@ -75,57 +101,26 @@ class Reader:
     def __init__(self, topic: str, settings: Settings = SETTINGS, stop=None):
         self.real, self.settings, self.stop = settings.topic(topic), settings, stop  # (a Stopper: true once signalled)
         self.starting, self.readers = in_background(self._new), None
-        self.offsets: dict[int, dict[str, int]] = {}  # partition -> key -> where its entry was read (last read-back)
-        self.untext: dict[tuple[int, bytes | None], Record] = {}
-        self.removed: list[Record] = []  # tombstones that removed a text key's entry (this project writes none)
 
-    def entries(self, partitions: set[int]) -> tuple[dict[int, OrderedDict[str, bytes]] | None, int]:
-        """The committed entries of `partitions`, each partition's in order of their last write (None if a stop
-        signal came meanwhile: it is honoured within a poll); and how many records were read. Where each entry was
-        read from is in `offsets`; a record whose key is not UTF-8 is in `set_aside`; a tombstone that removed an
-        entry is in `removed`."""
-        self.offsets: dict[int, dict[str, int]] = {partition: {} for partition in partitions}
-        self.untext = {}  # (partition, key) -> the last record of each key that is not text
-        self.removed = []
+    def entries(self, partitions: set[int], take: Callable[[int, list], None]) -> int | None:
+        """Hand the committed records of `partitions` to `take(partition, records)`, in order, in large fetches;
+        returns how many there were (None if a stop signal came meanwhile: it is honoured within a poll)."""
         committed, _ = readers = self._readers()
         tps = [TopicPartition(self.real, partition) for partition in sorted(self._known(partitions))]
         committed.assign(tps)
         committed.seek_to_beginning()
         end = settled_end(readers, tps, self.stop)
-        restored = {partition: OrderedDict() for partition in partitions}
         stalled_at, count = time.monotonic() + RESTORE_STALL_S, 0
         while any(committed.position(tp) < end[tp] for tp in tps):
             if self.stop:
-                return None, count
+                return None
             if time.monotonic() > stalled_at:
                 raise KafkaError(f"restoring state from {self.real} made no progress for {RESTORE_STALL_S:.0f} s")
             for tp, records in committed.poll(timeout_ms=200, max_records=10_000).items():
-                self._take(restored[tp.partition], self.offsets[tp.partition], records)
+                take(tp.partition, records)
                 count += len(records)
                 stalled_at = time.monotonic() + RESTORE_STALL_S
-        return restored, count
-
-    def _take(self, entries: OrderedDict, offsets: dict, records: list) -> None:
-        """Records read back, applied in order: the last record of a key wins; a tombstone removes it."""
-        for record in records:
-            try:
-                key = record.key.decode()
-            except (AttributeError, UnicodeDecodeError):  # (no key, or one that is not UTF-8: set aside unless removed)
-                self.untext[(record.partition, record.key)] = Record(record.topic, record.partition, record.offset,
-                                                                     record.key, record.value)
-                if record.value is None:
-                    del self.untext[(record.partition, record.key)]
-                continue
-            removed = entries.pop(key, None)  # (re-inserted last: entries stay in order of their last write)
-            if record.value is None and removed is not None:  # (a project script writes no tombstone for a text key)
-                self.removed.append(Record(record.topic, record.partition, record.offset, record.key, None))
-            if record.value is not None:
-                entries[key], offsets[key] = record.value, record.offset
-
-    @property
-    def set_aside(self) -> list[tuple[Record, str]]:
-        """The records of the last read-back whose key is not UTF-8 text (and not removed since), with why."""
-        return [(record, "its key is not UTF-8 text") for record in self.untext.values()]
+        return count
 
     def _known(self, partitions: set[int]) -> set[int]:
         """`partitions`, once the cluster says the topic has them (a topic just created can be missing from its
@@ -156,7 +151,8 @@ class Reader:
 
     def _new(self) -> tuple[KafkaConsumer, KafkaConsumer]:
         readers = tuple(KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False, isolation_level=level,
-                                      max_partition_fetch_bytes=8 * 1024 * 1024, client_id=f"{self.real}-restore")
+                                      max_partition_fetch_bytes=4 * 1024 * 1024, client_id=f"{self.real}-restore",
+                                      retry_backoff_ms=10)  # (kafka-python waits this long between two fetches)
                         for level in ("read_committed", "read_uncommitted"))
         for reader in readers:
             reader.partitions_for_topic(self.real)
@@ -184,8 +180,8 @@ def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict
     for group in groups:
         for slot, raw in last_of_each_key(read_all(changelog(group), settings=settings)).items():
             entry, _ = checked(raw)
-            if entry is not None and (slot not in latest or entry["at"] >= latest[slot][0]):
-                latest[slot] = (entry["at"], group, raw, entry["value"])
+            if entry is not None and (slot not in latest or entry.at >= latest[slot][0]):
+                latest[slot] = (entry.at, group, raw, read(raw)["value"])
     return latest
 
 

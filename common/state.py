@@ -1,5 +1,6 @@
 """State that survives a restart, the Kafka Streams way: a small keyed store per consuming service, held in memory
-and backed by a compacted changelog topic (state.<group>). Partition p of the changelog holds the state of input
+(each entry packed: common/packing.py; their due times: common/timers.py) and backed by a compacted changelog topic
+(state.<group>). Partition p of the changelog holds the state of input
 partition p (one workflow's messages share a key, so a partition). Each change goes out in the same Kafka transaction
 as the batch that made it, with the batch's outputs and offsets: after a crash the state and the offsets agree.
 Before a partition's records are handled (at start, and whenever a rebalance assigns it) its state is read back.
@@ -7,23 +8,33 @@ Entries expire after STATE_RETENTION_S (a week by default); the topic's retentio
 
 Only a service that runs exactly once keeps its state in Kafka; an at-least-once one keeps it in memory only."""
 
-import heapq
 import json
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
 
-from common.changelog import UNREADABLE, Reader, Record, changelog, checked, read
+from common.changelog import UNREADABLE, Reader, as_record, changelog, checked, read
 from common.handling import Serialised
+from common.packing import Packer, hand_back_freed
 from common.settings import SETTINGS, Settings
+from common.timers import Timers, slot_of
 
 log = logging.getLogger("common")
 UNSET = object()
 TIMERS_PER_BATCH = 500  # timers fired in one loop at most
+
+
+@dataclass
+class Reading:
+    """One partition's state as it is read back: its entries so far, their timers, the records to set aside."""
+    entries: dict = field(default_factory=dict)  # key -> entry (packed), oldest write first
+    timers: Timers = field(default_factory=Timers)
+    odd: dict = field(default_factory=dict)   # key -> (record, why it is no entry, whether its key is text)
+    cutoff: float = 0.0  # entries written before this are past the retention
 
 
 @dataclass
@@ -80,11 +91,13 @@ class Store:
                  stop=None):
         self.topic, self.settings, self.dedupe = changelog(group) if durable else None, settings, dedupe
         self.stop = stop  # (a Stopper: a read-back ends early once it is signalled)
-        self.entries: dict[int, OrderedDict[str, bytes]] = {}  # partition -> key -> stored entry, oldest write first
+        self.entries: dict[int, dict[str, bytes]] = {}  # partition -> key -> entry (packed), oldest write first
+        self.packer = Packer()
         self.pending: dict[tuple[int, str], bytes | None] = {}  # this batch's changes, not yet committed
-        self.timers: list[tuple[float, int, str]] = []          # (due, partition, key), a heap; stale ones skipped
-        self.firing: list[tuple[float, int, str]] = []          # timers handed out, put back if not committed
+        self.timers = Timers()                                  # when entries are due; stale ones skipped
+        self.firing: list[tuple[int, int, str]] = []            # timers handed out, put back if not committed
         self.reader: Reader | None = None
+        self.reading: dict[int, Reading] = {}  # partition -> its state, while it is read back
         self.set_aside: list[tuple] = []  # (record, why, change): records read back that are not state entries
         self.removed: list = []  # tombstones read back that removed an entry (Records): written by someone else
         self.retention_s = settings.state_retention_s
@@ -94,18 +107,21 @@ class Store:
 
     def count(self, prefix: str, marked: bytes) -> int:
         """How many entries under `prefix` contain `marked` as stored (a quick scan, parsing none)."""
-        return sum(marked in raw for entries in self.entries.values() for key, raw in entries.items()
+        unpack = self.packer.unpack
+        return sum(marked in unpack(kept) for entries in self.entries.values() for key, kept in entries.items()
                    if key.startswith(prefix))
 
     def trace_of(self, partition: int, key: str) -> str | None:
         """The trace context kept with an entry (tracing on), or None."""
-        raw = self.entries.get(partition, {}).get(key)
-        return None if raw is None else read(raw).get("trace")
+        kept = self.entries.get(partition, {}).get(key)
+        return None if kept is None else read(self.packer.unpack(kept)).get("trace")
 
     def entry(self, partition: int, key: str) -> dict | None:
-        raw = self.pending[(partition, key)] if (partition, key) in self.pending else \
-            self.entries.get(partition, {}).get(key)
-        return None if raw is None else read(raw)
+        if (partition, key) in self.pending:
+            raw = self.pending[(partition, key)]
+            return None if raw is None else read(raw)
+        kept = self.entries.get(partition, {}).get(key)
+        return None if kept is None else read(self.packer.unpack(kept))
 
     def outs(self, changes: list[Change]) -> list[Serialised]:
         """The changelog records of these changes, ready to send with the batch (none if kept in memory only)."""
@@ -125,28 +141,22 @@ class Store:
         """The batch was not committed: forget its changes; timers it fired are due again."""
         self.pending.clear()
         for timer in self.firing:
-            heapq.heappush(self.timers, timer)
+            self.timers.add(*timer)
         self.firing.clear()
 
     def any_due(self, now: float) -> bool:
         """Whether some timer may be due (a stale one too: due() skips those)."""
-        return bool(self.timers) and self.timers[0][0] <= now
+        return self.timers.any_due(now)
 
     def due(self, now: float, skip: set[int] = frozenset(), limit: int = TIMERS_PER_BATCH) -> list[tuple[int, str]]:
         """The (partition, key) of each entry whose timer is due, handed out once (until abandon()); at most `limit`
         (the rest next time, so one transaction stays small), none of the partitions in `skip`."""
-        fired, kept = {}, []
-        while self.timers and self.timers[0][0] <= now and len(fired) < limit:
-            timer = heapq.heappop(self.timers)
-            entry = self.entries.get(timer[1], {}).get(timer[2])
-            if entry is None or read(entry)["due"] != timer[0]:
-                continue  # (stale: the entry changed, expired or went with its partition)
-            if timer[1] in skip:
-                kept.append(timer)
-            else:
-                fired[timer] = None  # (a timer pushed twice fires once)
-        for timer in kept:
-            heapq.heappush(self.timers, timer)
+        fired = {}
+        for slot, partition, key in self.timers.take(now, skip, limit):
+            entry = self.entries.get(partition, {}).get(key)
+            due = None if entry is None else read(self.packer.unpack(entry))["due"]
+            if due is not None and slot_of(due) == slot:  # (else stale: the entry changed, expired or went away)
+                fired[(slot, partition, key)] = None  # (a timer pushed twice fires once)
         self.firing += fired
         return [(partition, key) for _, partition, key in fired]
 
@@ -160,39 +170,61 @@ class Store:
             self.entries.pop(partition, None)
 
     def restore(self, partitions: set[int]) -> int | None:
-        """Read the state of `partitions` back from the changelog (committed entries only); returns how many, or
-        None if the service was stopped meanwhile."""
+        """Read the state of `partitions` back from the changelog (committed entries only); returns how many records,
+        or None if the service was stopped meanwhile."""
         if self.topic is None:
-            self.entries.update({partition: OrderedDict() for partition in partitions})
+            self.entries.update({partition: {} for partition in partitions})
             return 0
         self.open()
-        restored, count = self.reader.entries(partitions)
-        if restored is None:  # (stopped meanwhile)
-            return None
-        self.entries.update(restored)
-        self.set_aside += [(record, why, Change(record.partition, record.key.decode(errors="surrogateescape"), None))
-                           for record, why in self.reader.set_aside if record.key is not None]
-        self.removed += self.reader.removed
-        for partition, entries in restored.items():
-            self._index(partition, entries, time.time() - self.retention_s)
-        self.reader.offsets = {}  # (needed only to name a record set aside: not kept beside every entry)
+        cutoff = time.time() - self.retention_s
+        self.reading = {partition: Reading(cutoff=cutoff) for partition in partitions}
+        count = self.reader.entries(partitions, self._take)
+        if count is not None:
+            for partition, reading in self.reading.items():
+                self._restored(partition, reading)
+        self.reading = {}
+        if count:
+            hand_back_freed()
         return count
 
-    def _index(self, partition: int, entries: OrderedDict, cutoff: float) -> None:
-        """A partition read back: expired entries dropped, timers set; an entry that is not one is set aside, and
-        holds {"unreadable": why} from now on (so what it held is said lost, not guessed)."""
-        for key, raw in list(entries.items()):
-            entry, why = checked(raw)
+    def _take(self, partition: int, records: list) -> None:
+        """Records read back, in order, each checked and packed as it comes: the last record of a key wins, a
+        tombstone removes it, an entry past the retention is dropped. One that is not a state entry (a key that is
+        not UTF-8 text, a value that is not an entry) is set aside at the end unless a later record of its key
+        replaces it."""
+        reading, entries = self.reading[partition], self.reading[partition].entries
+        for record in records:
+            try:
+                key = record.key.decode()
+            except (AttributeError, UnicodeDecodeError):  # (no key, or one that is not UTF-8 text)
+                if record.key is not None:  # (a keyless record cannot be removed: it is left alone)
+                    key = record.key.decode(errors="surrogateescape")
+                    reading.odd.pop(key, None)
+                    if record.value is not None:
+                        reading.odd[key] = (as_record(record), "its key is not UTF-8 text", False)
+                continue
+            reading.odd.pop(key, None)
+            if entries.pop(key, None) is not None and record.value is None:  # (a project script writes none)
+                self.removed.append(as_record(record))
+            if record.value is None:
+                continue
+            entry, why = checked(record.value)
             if why is not None:
-                record = Record(self.settings.topic(self.topic), partition, self.reader.offsets[partition][key],
-                                key.encode(), raw)
+                reading.odd[key] = (as_record(record), why, True)
+            elif entry.at >= reading.cutoff:
+                entries[key] = self.packer.pack(record.value)
+                if entry.due is not None:
+                    reading.timers.push(entry.due, partition, key)  # (stale if a later record of its key comes)
+
+    def _restored(self, partition: int, reading: "Reading") -> None:
+        """A partition read back: its entries kept, their timers set; a record set aside holds {"unreadable": why}
+        from now on if its key is text (what it held is said lost, not guessed), and is removed if not."""
+        entries = self.entries[partition] = reading.entries
+        for key, (record, why, text) in reading.odd.items():
+            if text:
                 entries[key] = stored({UNREADABLE: why}, None, time.time())
-                entries.move_to_end(key)
-                self.set_aside.append((record, why, Change(partition, key, entries[key])))
-            elif entry["at"] < cutoff:
-                del entries[key]
-            elif entry["due"] is not None:
-                heapq.heappush(self.timers, (entry["due"], partition, key))
+            self.set_aside.append((record, why, Change(partition, key, entries.get(key))))
+        self.timers.merge(reading.timers)
 
     def take_set_aside(self) -> list[tuple]:
         """The records the read-back set aside since last asked: (the record, why, the change that stands for it)."""
@@ -208,9 +240,10 @@ class Store:
         """Drop entries not written for STATE_RETENTION_S (the changelog's retention drops them from Kafka)."""
         cutoff, dropped = now - self.retention_s, 0
         for entries in self.entries.values():
-            while entries and read(next(iter(entries.values())))["at"] < cutoff:
-                entries.popitem(last=False)
-                dropped += 1
+            expired = list(takewhile(lambda item: read(self.packer.unpack(item[1]))["at"] < cutoff, entries.items()))
+            for key, _ in expired:  # (the oldest writes come first)
+                del entries[key]
+            dropped += len(expired)
         return dropped
 
     def close(self) -> None:
@@ -223,9 +256,9 @@ class Store:
             return
         entries.pop(change.key, None)
         if change.stored is not None:
-            entries[change.key] = change.stored
+            entries[change.key] = self.packer.pack(change.stored)
             if change.due is not None:
-                heapq.heappush(self.timers, (change.due, change.partition, change.key))
+                self.timers.push(change.due, change.partition, change.key)
 
     def open(self) -> None:
         """Start making the changelog's reader now (while the service joins its group): a restart reads its state

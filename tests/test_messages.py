@@ -10,7 +10,9 @@ from helpers import ROOT
 
 from common import MAX_MESSAGE_BYTES, DeadLetter, Envelope, Pacer, Unavailable, dead_letter, handle_batch, new_event, parse
 from common.settings import Settings
+from common.packing import SAMPLES
 from common.state import Store
+from common.timers import Timers
 from common.messages import derived_id
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
@@ -109,6 +111,33 @@ def test_state_changes_count_only_once_committed_and_uncommitted_timers_fire_aga
     later.put("workflow/w1", {"step": "done"})
     store.commit(later.changes)
     assert store.due(10_000.0) == [] and store.view(0).get("workflow/w1") == {"step": "done"}
+
+
+def test_entries_are_packed_in_memory_once_enough_are_seen_and_read_back_as_they_were_stored():
+    store = memory()
+    state = store.view(0)
+    values = [{"workflow_id": f"{n:08d}-0000", "state": "running", "steps": {"acted": {"attempts": 1}}, "pad": "x" * 300}
+              for n in range(SAMPLES + 3)]
+    for n, value in enumerate(values):
+        state.put(f"workflow/{n}", value, due=100.0 + n)
+    stored = {change.key: change.stored for change in state.changes}
+    store.commit(state.changes)
+    kept = store.entries[0]
+    assert all(kept[key] == stored[key] for key in list(kept)[:SAMPLES])  # (the first ones make the dictionary)
+    assert all(len(kept[key]) < len(stored[key]) / 3 for key in list(kept)[SAMPLES:])
+    assert [store.view(0).get(f"workflow/{n}") for n in range(len(values))] == values
+    assert store.count("workflow/", b'"state":"running"') == len(values)
+    assert store.due(100.0 + SAMPLES + 1) == [(0, f"workflow/{n}") for n in range(SAMPLES + 2)]
+
+
+def test_a_timer_fires_within_a_tenth_of_a_second_after_its_time_never_before():
+    timers = Timers()
+    for due, key in [(10.05, "b"), (10.0, "a"), (10.1, "c"), (10.1000001, "d")]:
+        timers.push(due, 0, key)
+    assert not timers.any_due(9.99) and timers.take(9.99, set(), 10) == []
+    assert [key for *_, key in timers.take(10.0, set(), 10)] == ["a"]
+    assert [key for *_, key in timers.take(10.1, set(), 10)] == ["b", "c"]  # (b: 0.05 s late at most)
+    assert timers.take(10.1, {0}, 10) == [] and [key for *_, key in timers.take(10.2, set(), 1)] == ["d"]
 
 
 def test_state_entries_not_written_for_the_retention_expire_and_a_partition_taken_away_is_forgotten():

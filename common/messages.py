@@ -167,16 +167,12 @@ def parse(raw: bytes | None) -> Envelope:
         raise DeadLetter("empty message (null value)")
     if len(raw) > MAX_MESSAGE_BYTES:
         raise DeadLetter(f"message of {len(raw)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; RecursionError: absurd nesting
-        raise DeadLetter(f"not valid JSON: {str(error)[:200]}") from None
-    if LONE_SURROGATE.search(raw) and not writable(data):
-        raise DeadLetter("text that cannot be written back out: a lone UTF-16 surrogate escape (\\ud800-\\udfff)")
-    try:
-        envelope = Envelope.model_validate(data)
-    except ValidationError as error:
-        raise DeadLetter(f"invalid envelope: {problems(error)}") from None
+    try:  # (read and checked at once, from the bytes; what is wrong is said by checked_envelope's slower steps)
+        envelope = None if LONE_SURROGATE.search(raw) else Envelope.model_validate_json(raw)
+    except ValidationError:
+        envelope = None
+    if envelope is None:
+        envelope = checked_envelope(raw)
     schema = SCHEMAS.get(envelope.type)
     if schema is None:  # a type no schema knows: the orchestrator says "no route", a service "unexpected type"
         return envelope
@@ -184,6 +180,20 @@ def parse(raw: bytes | None) -> Envelope:
         return envelope.model_copy(update={"payload": schema.model_validate(envelope.payload).model_dump()})
     except ValidationError as error:
         raise DeadLetter(f"invalid {envelope.type} payload: {problems(error)}") from None
+
+
+def checked_envelope(raw: bytes) -> Envelope:
+    """The envelope of bytes that need a closer look, step by step, or DeadLetter saying which step failed."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; RecursionError: absurd nesting
+        raise DeadLetter(f"not valid JSON: {str(error)[:200]}") from None
+    if LONE_SURROGATE.search(raw) and not writable(data):
+        raise DeadLetter("text that cannot be written back out: a lone UTF-16 surrogate escape (\\ud800-\\udfff)")
+    try:
+        return Envelope.model_validate(data)
+    except ValidationError as error:
+        raise DeadLetter(f"invalid envelope: {problems(error)}") from None
 
 
 # A JSON escape of a UTF-16 surrogate. Paired ones decode to one character; a lone one decodes to a str that no

@@ -54,6 +54,7 @@ ACCESS = {  # user -> what it may do (a workflow's step topics come from the orc
                                    keeps_state=True),
     "reporting_service": Access(reads=[REPORT_DATA], writes=[DEAD_LETTER], group="reporting_service"),
     "monitor": Access(reads=ALL_TOPICS, sees_groups=True),  # joins no group
+    "operator": Access(writes=[MESSAGE_STREAM]),  # a person's requests (workflows.py cancel/retry, the console)
 }
 
 

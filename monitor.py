@@ -37,6 +37,7 @@ from common import (ALL_TOPICS, DEAD_LETTER, FINISHED, SETTINGS, Envelope, Setti
 from orchestrator import WORKFLOWS
 
 
+ENDED = ("completed", "failed", "cancelled")  # a workflow's states once the orchestrator has ended it
 SKEW_S = 60.0  # a message's created_at this far from its record time says its writer's clock is off
 
 
@@ -71,10 +72,10 @@ class Folded:
     """Workflows of one type that left the window: exact counts, and (start, latency, state) of each, or of a uniform
     random sample of `cap` of them once there are more (so memory stays bounded)."""
 
-    STATES = ("unknown", "completed", "failed")  # (stored as their index; unknown: not known to have finished)
+    STATES = ("unknown", "completed", "failed", "cancelled")  # (stored as their index; unknown: not known to have ended)
 
     def __init__(self, cap: int = 200_000):
-        self.cap, self.count, self.completed, self.failed = cap, 0, 0, 0
+        self.cap, self.count, self.completed, self.failed, self.cancelled = cap, 0, 0, 0, 0
         self.starts, self.latencies, self.states = array("d"), array("d"), array("b")
 
     def add(self, start: float, latency: float | None, state: str) -> None:
@@ -82,6 +83,7 @@ class Folded:
         self.count += 1
         self.completed += state == "completed"
         self.failed += state == "failed"
+        self.cancelled += state == "cancelled"
         row = (start, math.nan if latency is None else latency, self.STATES.index(state) if state in self.STATES else 0)
         if len(self.starts) < self.cap:
             for column, value in zip((self.starts, self.latencies, self.states), row, strict=True):
@@ -145,16 +147,24 @@ class Flow:
         if at is not None and first and abs(written - at) > SKEW_S:  # (a replay or a re-sent command is sent later)
             self.skew += 1
             self.skewed.add(message.workflow_id)
+        if message.type == "workflow_retried" and message.workflow_id in self.kind:  # (it runs again from its start)
+            self.rerun(message.workflow_id)
         self.times[message.workflow_id].setdefault(message.type, written if at is None else at)
         if len(self.times) > self.next_fold:
             self.fold()
             self.next_fold = len(self.times) + self.window // 5  # (a scan every window/5 adds at most)
 
+    def rerun(self, workflow: str) -> None:
+        """A failed workflow a person retried: its steps are to come again (what it began with stays)."""
+        definition = WORKFLOWS[self.kind[workflow]]
+        self.times[workflow] = {t: at for t, at in self.times[workflow].items()
+                                if t in (definition.starts_with, definition.steps[0].command)}
+
     def fold(self) -> None:
         """Fold the oldest finished workflows into the counts until the window holds `window`; past twice that,
         the oldest of any state go too (counted as of unknown fate)."""
         now, excess = time.time(), len(self.times) - self.window
-        gone = [w for w in self.times if w in self.kind and self.state(w, now) in ("completed", "failed")][:excess]
+        gone = [w for w in self.times if w in self.kind and self.state(w, now) in ENDED][:excess]
         if len(self.times) - len(gone) > 2 * self.window:
             gone += [w for w in list(self.times)[:excess] if w not in gone]
         for workflow in gone:
@@ -162,7 +172,7 @@ class Flow:
                 state, latency = self.state(workflow, now), self.timed(workflow)
                 kind = self.kind.pop(workflow)
                 self.folded[kind].add(self.times[workflow][WORKFLOWS[kind].starts_with], latency, state)
-                self.unknown_fate += state not in ("completed", "failed")
+                self.unknown_fate += state not in ENDED
             del self.times[workflow]
             self.timeouts.pop(workflow, None)
             self.skewed.discard(workflow)
@@ -178,13 +188,15 @@ class Flow:
                                                                 for t in step.failed)
 
     def state(self, workflow: str, now: float) -> str:
+        if "workflow_cancelled" in self.times[workflow]:  # (a person ended it)
+            return "cancelled"
         if self.failed(workflow):
             return "failed"
         steps = self.step_times(workflow)
         missing = [(name, service) for name, at, service, needed in steps if needed and at is None]
         if not missing:
             return "completed"
-        if now - steps[0][1] > self.sla:
+        if now - max(steps[0][1], self.times[workflow].get("workflow_retried", 0)) > self.sla:  # (since it began again)
             name, service = missing[0]
             return f"STUCK: no '{name}' from {service}"
         return "running"
@@ -216,14 +228,15 @@ class Flow:
         workflows = {"started": self.counts()[0],
                      "completed": states["completed"] + sum(f.completed for f in folded),
                      "failed": states["failed"] + sum(f.failed for f in folded),
+                     "cancelled": states["cancelled"] + sum(f.cancelled for f in folded),
                      "stuck": states["stuck"], "running": states["running"] + self.unknown_fate}
         return {"workflows": workflows, "duplicate_effects": self.duplicates, "resent_ignored": self.resent,
                 "steps_timed_out": self.timeouts_total, "dead_letters": self.dead_letters, "clock_skew": self.skew}
 
     def sla_report(self, window: float | None = None) -> dict:
         """Per workflow type: completed and failed counts, p50/p95/p99 latency (s) of the completed ones and breaches
-        (late, stuck or failed). Past the Folded sample's cap, the figures of workflows out of the window are
-        estimated from the sample."""
+        (late, stuck or failed; a workflow a person cancelled is none). Past the Folded sample's cap, the figures of
+        workflows out of the window are estimated from the sample."""
         now = time.time()
         since = float("-inf") if window is None else now - window
         report = {}
@@ -238,7 +251,8 @@ class Flow:
                             "failed": weighted(rows, lambda lat, state: state == "failed"),
                             **{f"p{p}": round(percentile(latencies, p), 3) if latencies else None for p in (50, 95, 99)},
                             "sla_s": self.sla,
-                            "breaches": weighted(rows, lambda lat, state: state not in ("completed", "running") or
+                            "breaches": weighted(rows, lambda lat, state: state not in ("completed", "running",
+                                                                                           "cancelled") or
                                                  (state == "completed" and lat is not None and lat > self.sla))}
         return report
 
@@ -367,7 +381,7 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15, figures
                           for name, at, _, needed in steps if needed or at is not None)
         latency = flow.latency(workflow)
         state = flow.state(workflow, now)
-        colour = {"completed": "green", "running": "yellow", "failed": "red"}.get(state, "bold red")
+        colour = {"completed": "green", "running": "yellow", "failed": "red", "cancelled": "blue"}.get(state, "bold red")
         timeouts = f" ({flow.timeouts[workflow]} timed out)" if workflow in flow.timeouts else ""
         timeouts += " (clock skew)" if workflow in flow.skewed else ""
         table.add_row(workflow[:8], flow.kind[workflow], path, f"{latency:.2f} s" if latency is not None else "",

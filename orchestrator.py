@@ -1,9 +1,11 @@
 """Orchestrator: owns the workflows. Reads message_stream; route() below decides which commands each event causes.
 
 Consumes: message_stream.<writer> of the writers of the workflows active at --example (each may send only its own
-          types; a later stage's events wait in Kafka until an orchestrator at that stage reads them)
+          types; a later stage's events wait in Kafka until an orchestrator at that stage reads them), and
+          message_stream.operator (a person's requests: python workflows.py cancel ID / retry ID)
 Produces: sec_command, notification_command, report_data, unit_command, dead_letter.orchestrator,
-          message_stream.orchestrator (step_timed_out, workflow_completed, workflow_failed)
+          message_stream.orchestrator (step_timed_out, workflow_completed, workflow_failed; answers to a person's
+          requests: workflow_cancelled, workflow_retried, operator_request_refused)
 Run:      python orchestrator.py --example 1         # the walkthrough's stage: 1, 2 or 3 (default 3)
           python orchestrator.py --workflows security  # one orchestrator per workflow; each restarts on its own
           python orchestrator.py --step-timeout 2 --attempts 2  # each step's time limit and tries
@@ -13,7 +15,7 @@ A workflow changes by editing route() and WORKFLOWS here, then restarting this s
 Messages that arrive while it is down wait in message_stream and are routed once it is back.
 """
 
-from common import (FINISHED, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, DeadLetter,
+from common import (ANSWERS, FINISHED, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, DeadLetter,
                     Envelope, Output, Step, Workflow, caused_by, reports_done, run_orchestrator)
 
 SOURCE = "orchestrator"
@@ -35,7 +37,11 @@ def route(event: Envelope, stage: int = 3) -> list[Output]:
         return [(event.payload["topic"], Envelope.model_validate(event.payload["command"]))]  # again, same id
     elif event.type == "step_timed_out":  # no answer after every try: a person takes over
         return [(NOTIFICATION_COMMAND, escalate_timeout(event))]
-    elif reports_done(WORKFLOWS, event.type) or event.type in FINISHED:  # (workflow_completed, workflow_failed)
+    elif event.type == "workflow_cancel_requested":  # a person stopped the workflow: nothing more is sent
+        return []
+    elif event.type == "workflow_retry_requested":  # a person retries its failed step: its command, under a new id
+        return [(event.payload["topic"], Envelope.model_validate(event.payload["command"]))]
+    elif reports_done(WORKFLOWS, event.type) or event.type in FINISHED + ANSWERS:  # (the orchestrator's own too)
         return []  # a step reported done (security_action_completed, ...): nothing follows
     else:
         raise DeadLetter(f"no route for {event.type!r} at example {stage}")

@@ -5,18 +5,31 @@ from the beginning; joins no group and commits nothing, so it never disturbs the
 Run:  python workflows.py list                      # every workflow the orchestrator remembers, newest last
       python workflows.py list --state failed --json
       python workflows.py show WORKFLOW_ID [--json]  # one workflow, step by step (a unique beginning of the id will do)
+      python workflows.py cancel WORKFLOW_ID --reason "sensor replaced"   # a running one ends, cancelled
+      python workflows.py retry WORKFLOW_ID --reason "actuator fixed"     # a failed one tries its failed step again
+cancel and retry send a request (an event, written to message_stream.operator) that the orchestrator routes like any
+other, and print its answer. The id: the whole id, or a beginning of 8 or more characters that only it has. On a
+secured cluster the request is sent as the user in KAFKA_OPERATOR_USERNAME/_PASSWORD (else as KAFKA_SASL_USERNAME).
 """
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 
-from common import (SETTINGS, STATES, WORKFLOW, Stopper, is_workflow, latest_entries, orchestrator_groups, setup_logging,
-                    wait_for_kafka)
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+
+from common import (MESSAGE_STREAM, OPERATOR, SETTINGS, STATES, WORKFLOW, Settings, Stopper, about, derived_id,
+                    is_workflow, latest_entries, make_producer, orchestrator_groups, refused, setup_logging,
+                    wait_for_kafka, written_by)
 from orchestrator import WORKFLOWS
 
 log = logging.getLogger("workflows")
@@ -25,16 +38,84 @@ log = logging.getLogger("workflows")
 def workflows(settings=SETTINGS) -> dict[str, dict]:
     """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
     written for it (a later one wins); those past the retention are gone."""
+    return {id_: value for id_, (_, value) in located(settings).items()}
+
+
+def located(settings=SETTINGS) -> dict[str, tuple[int, dict]]:
+    """Every workflow, by id: (the partition of the state that holds it, the workflow)."""
     cutoff = time.time() - settings.state_retention_s
-    found = {key.decode(errors="replace").removeprefix(WORKFLOW): value
-             for (_, key), (at, _, _, value) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
+    found = {key.decode(errors="replace").removeprefix(WORKFLOW): (partition, value)
+             for (partition, key), (at, _, _, value) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
              if key.startswith(WORKFLOW.encode()) and at >= cutoff}
-    if unreadable := [id_ for id_, value in found.items() if not is_workflow(WORKFLOWS, value)]:
+    if unreadable := [id_ for id_, (_, value) in found.items() if not is_workflow(WORKFLOWS, value)]:
         print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
               f"unreadable, e.g. {unreadable[0]}: what each held is lost (the orchestrator dead-letters it, or else the next "
               f"event of its workflow; see dead_letters.py list)",
               file=sys.stderr)
-    return {id_: value for id_, value in found.items() if id_ not in unreadable}
+    return {id_: found[id_] for id_ in found if id_ not in unreadable}
+
+
+def one(found: dict, wanted: str) -> str:
+    """The id of the one workflow `wanted` names (its id, or a beginning of 8 or more characters only it has)."""
+    matches = [w for w in found if w == wanted or (len(wanted) >= 8 and w.startswith(wanted))]
+    if len(matches) != 1:
+        raise SystemExit(f"workflows: {len(matches) or 'no'} workflows have an id {wanted!r}"
+                         f"{' or starting so' if len(wanted) >= 8 else ' (give the whole id, or 8 characters or more)'}"
+                         f"{': ' + ', '.join(sorted(matches)[:5]) if matches else ''}")
+    return matches[0]
+
+
+def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0,
+            settings: Settings = SETTINGS) -> tuple[bool, str]:
+    """Ask the orchestrator to cancel or retry one workflow: the request goes to message_stream.operator, in the
+    partition of the workflow's state (so to the orchestrator that holds it); (granted, its answer said in a line)
+    once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka all the same)."""
+    located_ = located(settings)
+    workflow_id = one(located_, wanted)
+    partition, workflow = located_[workflow_id]
+    event = about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": workflow["type"]},
+                  OPERATOR)
+    answers = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
+    producer = make_producer(settings=operator_settings(settings))
+    try:
+        inbox = TopicPartition(settings.topic(written_by(MESSAGE_STREAM, "orchestrator")), partition)
+        answers.assign([inbox])
+        answers.seek_to_end(inbox)
+        answers.position(inbox)  # (from here: its answer comes after the request)
+        topic = settings.topic(written_by(MESSAGE_STREAM, OPERATOR))
+        key = (workflow.get("key") or "").encode(errors="surrogateescape") or None
+        producer.send(topic, event.to_bytes(), key=key, partition=partition).get(timeout=30)
+        return awaited(answers, derived_id(event.id, "answer"), workflow_id, wait_s)
+    except KafkaError as error:
+        raise refused(f"asking the orchestrator to {kind} {workflow_id}", error, settings) from None
+    finally:
+        producer.close(timeout=5)
+        answers.close(autocommit=False)
+
+
+def awaited(answers: KafkaConsumer, answer_id: str, workflow_id: str, wait_s: float) -> tuple[bool, str]:
+    """The orchestrator's answer to a request, said in a line: (granted, the line)."""
+    until = time.monotonic() + wait_s
+    while time.monotonic() < until:
+        for records in answers.poll(timeout_ms=200).values():
+            for record in records:
+                answer = json.loads(record.value)
+                if answer.get("id") == answer_id:
+                    said = answer["payload"]
+                    granted = answer["type"] != "operator_request_refused"
+                    return granted, (f"workflow {workflow_id}: {'done' if granted else 'refused'}: {said['detail']} "
+                                     f"(asked by {said['by']}: {said['reason']})")
+    return False, (f"workflow {workflow_id}: the request was sent, but the orchestrator did not answer within "
+                   f"{wait_s:.0f} s (is it running?); it waits in Kafka and is answered when the orchestrator reads it")
+
+
+def operator_settings(settings: Settings = SETTINGS) -> Settings:
+    """Settings to send a person's request with: as the operator user where KAFKA_OPERATOR_USERNAME says so."""
+    user = os.environ.get("KAFKA_OPERATOR_USERNAME")
+    if not user:
+        return settings
+    return replace(settings, security={**settings.security, "sasl_plain_username": user,
+                                       "sasl_plain_password": os.environ.get("KAFKA_OPERATOR_PASSWORD", "")})
 
 
 def summary(workflow: dict) -> dict:
@@ -87,10 +168,21 @@ def main() -> int:
     showing = commands.add_parser("show", allow_abbrev=False, help="one workflow, step by step")
     showing.add_argument("workflow_id")
     showing.add_argument("--json", action="store_true", help="one JSON object")
+    for kind, what in (("cancel", "end a running workflow, cancelled"),
+                       ("retry", "try a failed workflow's failed step again")):
+        acting = commands.add_parser(kind, allow_abbrev=False, help=what)
+        acting.add_argument("workflow_id")
+        acting.add_argument("--reason", required=True, help="why (kept in the workflow's history)")
+        acting.add_argument("--by", default=getpass.getuser(), help="who asks (default: your login name)")
+        acting.add_argument("--wait", type=float, default=5.0, metavar="S", help="seconds to wait for the answer")
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (`workflows.py list | head` ends quietly, as other commands do)
     setup_logging()
     wait_for_kafka(Stopper(), "workflows", wait=False).close()
+    if args.command in ("cancel", "retry"):
+        granted, said = request(args.command, args.workflow_id, args.reason, args.by, args.wait)
+        print(said)
+        return 0 if granted else 1
     found = workflows()
     if args.command == "show":
         return show(found, args.workflow_id, args.json)

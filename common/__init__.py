@@ -1,7 +1,7 @@
 """What every script shares, one concern a module; this file only hands the names on, so scripts write
 `from common import ...` and never reach inside. Read them in this order:
 
-  messages     the envelope, a schema per message type, new_event / caused_by / parse / dead_letter (no Kafka)
+  messages     the envelope, a schema per message type, new_event / caused_by / about / parse / dead_letter (no Kafka)
   settings     one frozen Settings from the environment; topic names; group and transactional-id naming; logging
   clients      kafka-python producers, consumers and admin made the project's way; topics; read_all; refusals
   service      a consuming service declared (run_service, Service) and started
@@ -34,8 +34,8 @@ from common.changelog import Record, changelog, ensure_changelog, latest_entries
 from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,
                             read_from, refused, send, wait_for_acks, wait_for_kafka)
 from common.handling import Handler, Unavailable, handle_batch, handle_record
-from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, caused_by,
-                             dead_letter, expect, new_event, parse)
+from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, about,
+                             caused_by, dead_letter, derived_id, expect, new_event, parse)
 from common.orchestration import STATES, WORKFLOW, Limits, Orchestration, is_workflow
 from common.orchestrator_cli import run_orchestrator
 from common.producing import Pacer, run_producer
@@ -47,16 +47,18 @@ from common.state import State, Store
 from common.takeover import replaced
 from common.waiting import Stopper
 from common.workarounds import discard
-from common.workflow import (FINISHED, Step, Workflow, command_topics, group_for, orchestrator_groups, owns, reports_done,
-                             senders, services)
+from common.workflow import (ANSWERS, FINISHED, OPERATOR, REQUESTS, Step, Workflow, command_topics, group_for,
+                             orchestrator_groups, owns, reports_done, senders, services)
 
 __all__ = ["Record", "changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
            "ensure_topics", "make_consumer", "make_producer", "read_all", "read_from", "refused", "send", "wait_for_acks",
            "wait_for_kafka", "Handler", "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES",
-           "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "caused_by", "dead_letter", "expect",
+           "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "about", "caused_by", "derived_id",
+           "dead_letter", "expect",
            "new_event", "parse", "STATES", "WORKFLOW", "Limits", "Orchestration", "is_workflow", "run_orchestrator",
            "Pacer", "run_producer", "Service", "run_service", "serve", "ALL_TOPICS", "DEAD_LETTER", "FAMILIES",
            "MESSAGE_STREAM", "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "SINGLE_WRITER_TOPICS",
            "THIRD_PARTY", "UNIT_COMMAND", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
            "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "group_for",
-           "orchestrator_groups", "owns", "reports_done", "senders", "services", "FINISHED"]
+           "orchestrator_groups", "owns", "reports_done", "senders", "services", "FINISHED", "ANSWERS",
+           "OPERATOR", "REQUESTS"]

@@ -90,6 +90,24 @@ class WorkflowFinished(Schema):  # the orchestrator's own event: a workflow comp
     detail: str = Field(default="", max_length=200)
 
 
+class OperatorRequest(Schema):  # a person's request about one workflow (workflows.py cancel/retry, the console)
+    reason: str = Field(min_length=1, max_length=500)  # why: it stays in the workflow's history
+    by: str = Field(min_length=1, max_length=64)        # who asked
+    workflow: str = Field(default="", max_length=64)   # its workflow's name, if known (a split orchestrator's own)
+    # A retry, as route() sees it: the engine adds the step tried again and its command under a new id
+    step: str = Field(default="", max_length=64)
+    topic: str = Field(default="", max_length=64)
+    command: dict[str, Any] = Field(default_factory=dict)
+
+
+class OperatorAnswer(Schema):  # the orchestrator's answer to a request: done (workflow_cancelled, _retried) or refused
+    workflow: str = Field(max_length=64)
+    request: str = Field(max_length=64)   # the request's type
+    by: str = Field(max_length=64)
+    reason: str = Field(max_length=500)   # the request's reason
+    detail: str = Field(default="", max_length=500)  # what was done, or why it was refused
+
+
 SCHEMAS: dict[str, type[Schema]] = {
     "security_detection": SecurityDetection,
     "security_command": SecurityCommand,
@@ -104,6 +122,11 @@ SCHEMAS: dict[str, type[Schema]] = {
     "step_timed_out": StepTimedOut,
     "workflow_completed": WorkflowFinished,
     "workflow_failed": WorkflowFinished,
+    "workflow_cancel_requested": OperatorRequest,
+    "workflow_retry_requested": OperatorRequest,
+    "workflow_cancelled": OperatorAnswer,
+    "workflow_retried": OperatorAnswer,
+    "operator_request_refused": OperatorAnswer,
 }
 
 
@@ -137,6 +160,11 @@ def new_event(type_: str, payload: dict, source: str) -> Envelope:
     """A message that starts a workflow: its own id is the workflow id."""
     event_id = str(uuid.uuid4())
     return _make(event_id, type_, payload, source, event_id)
+
+
+def about(workflow_id: str, type_: str, payload: dict, source: str) -> Envelope:
+    """A message about a workflow from outside it (a person's request): an id of its own, the workflow's id."""
+    return _make(str(uuid.uuid4()), type_, payload, source, workflow_id)
 
 
 def caused_by(cause: Envelope, step: str, type_: str, payload: dict, source: str) -> Envelope:

@@ -11,6 +11,7 @@ service does, and the orchestrator what only it does (commands routed, open work
     commands_routed_total{topic,workflow}       the orchestrator's commands, per topic and workflow
     open_workflows                              workflows the orchestrator has running
     timeouts_fired_total{workflow}              steps whose time limit passed
+    operator_requests_total{request,outcome}    a person's requests (cancel, retry), granted or refused
     state_entries_set_aside_total{service}      state records read back that are not entries (dead-lettered)
     state_entries_removed_total{service}        state entries a tombstone removed (written by someone else)
     outcomes_of_unknown_workflows_total{type}   outcomes of workflows the orchestrator has no state of
@@ -62,6 +63,8 @@ def start(name: str, port: int | None) -> None:
         routed=Counter("commands_routed", "The orchestrator's commands", ["topic", "workflow"]),
         open=Gauge("open_workflows", "Workflows the orchestrator has running"),
         timeouts=Counter("timeouts_fired", "Steps whose time limit passed", ["workflow"]),
+        operator=Counter("operator_requests", "A person's requests (cancel, retry), granted or refused",
+                         ["request", "outcome"]),
         unknown=Counter("outcomes_of_unknown_workflows", "Outcomes of workflows with no state here, changing nothing",
                         ["type"]),
         set_aside=Counter("state_entries_set_aside", "State records read back that are not entries, dead-lettered",

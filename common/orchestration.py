@@ -10,19 +10,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common import metrics
+from common import metrics, operating
 from common.handling import SEEN, is_repeat, mark
 from common.changelog import unreadable
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
-from common.workflow import FINISHED, Step, Table, command_topics
+from common.workflow import FINISHED, REQUESTS, Step, Table, command_topics
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
 ATTEMPTS = 3  # tries of a step that reports back, before a person is asked to take over (--attempts)
 WORKFLOW = "workflow/"  # state key of a workflow, by its id
-STATES = ("running", "completed", "failed")
+STATES = ("running", "completed", "failed", "cancelled")
 LOADED = time.monotonic()
 Route = Callable[[Envelope, int], list[Output]]  # route(event, stage): orchestrator.py's routing table
 
@@ -76,19 +76,18 @@ class Orchestration:
         return outputs
 
     def decide(self, event: Envelope, state: State, now: float | None = None) -> list[Output] | None:
-        """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends;
-        None if it changes nothing (handled before, or too late)."""
+        """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends
+        (or a person's request answered); None if it changes nothing (handled before, too late, another's)."""
         now, key = now or time.time(), WORKFLOW + event.workflow_id
         workflow = self.state_of_workflow(event, state)
         if self.skipped(event, state, workflow):
             return None
-        commands = self.route(event, self.stage)
-        if workflow is None and event.type in self.kind and event.type not in self.starts:  # (a step's outcome)
-            self.say_unknown(event)
-        if workflow is None and event.type in self.starts:
-            workflow = self.started(event, commands, None if state.key is None else
-                                    state.key.decode(errors="surrogateescape"), now)
-        news = self.track(workflow, event, now) if workflow is not None else []
+        if event.type in REQUESTS:
+            if ((workflow or {}).get("type") or event.payload["workflow"] or None) not in self.handles:
+                return None  # (another orchestrator's workflow: it answers)
+            outputs = self.requested(event, workflow, now)
+        else:
+            workflow, outputs = self.routed(event, state, workflow, now)
         # (a workflow's entry keeps the ids of its events; an event of no workflow, say an outcome after its
         # workflow expired, is kept on its own)
         if workflow is not None:
@@ -96,7 +95,34 @@ class Orchestration:
             state.put(key, workflow, due=next_deadline(workflow))
         else:
             state.put(SEEN + event.id, mark(event))
-        return commands + news
+        return outputs
+
+    def routed(self, event: Envelope, state: State, workflow: dict | None, now: float) -> tuple[dict | None, list]:
+        """An event routed by the table: (its workflow, started by it if it starts one; what it sends)."""
+        commands = self.route(event, self.stage)
+        if workflow is None and event.type in self.kind and event.type not in self.starts:  # (a step's outcome)
+            self.say_unknown(event)
+        if workflow is None and event.type in self.starts:
+            workflow = self.started(event, commands, None if state.key is None else
+                                    state.key.decode(errors="surrogateescape"), now)
+        return workflow, commands + (self.track(workflow, event, now) if workflow is not None else [])
+
+    def requested(self, event: Envelope, workflow: dict | None, now: float) -> list[Output]:
+        """A person's request (cancel, retry), granted and routed by the table, or refused: with the answer."""
+        why = operating.refusal(event, workflow)
+        metrics.count("operator", request=event.type, outcome="refused" if why else "granted")
+        if why is not None:
+            log.warning("%s %s refused: %s", event.type, event.workflow_id[:8], why)
+            return [operating.answer(event, workflow, "operator_request_refused", why)]
+        if event.type == "workflow_cancel_requested":
+            routed, done, answer = event, operating.cancel(workflow, now), "workflow_cancelled"
+        else:
+            step = {step.name: step for step in self.table[workflow["type"]].steps}.get(operating.retriable(workflow))
+            routed, done = operating.retry(event, workflow, self.limits.of(step) if step else None, now)
+            answer = "workflow_retried"
+        log.warning("%s %s by %s (%s): %s", event.type, event.workflow_id[:8], event.payload["by"],
+                    event.payload["reason"], done)
+        return self.route(routed, self.stage) + [operating.answer(event, workflow, answer, done)]
 
     def state_of_workflow(self, event: Envelope, state: State) -> dict | None:
         """The state of an event's workflow (None: none kept); a dead letter if it was set aside as unreadable."""
@@ -143,7 +169,7 @@ class Orchestration:
     def late(self, event: Envelope, workflow: dict | None) -> str | None:
         """Why an event no longer changes its workflow (a timeout after the step's report, an outcome after the
         workflow finished), or None. Late events are recorded, never routed: no resend, no second escalation."""
-        if workflow is None or event.type in FINISHED:
+        if workflow is None or event.type in FINISHED or event.type in REQUESTS:  # (a request is always answered)
             return None
         if event.type == "step_timed_out":
             step = workflow["steps"].get(event.payload["step"], {})

@@ -9,7 +9,10 @@ from itertools import combinations
 from common.settings import MESSAGE_STREAM, written_by
 
 Table = dict  # workflow name -> Workflow, as orchestrator.py's WORKFLOWS
-FINISHED = ("workflow_completed", "workflow_failed")  # the orchestrator's own events when a workflow ends
+FINISHED = ("workflow_completed", "workflow_failed", "workflow_cancelled")  # the orchestrator's, when a workflow ends
+OPERATOR = "operator"  # the writer of a person's requests (workflows.py cancel/retry, the console)
+REQUESTS = ("workflow_cancel_requested", "workflow_retry_requested")  # what a person may ask of a workflow
+ANSWERS = ("workflow_cancelled", "workflow_retried", "operator_request_refused")  # the orchestrator's answers
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def senders(table: Table, workflows: set[str]) -> dict[str, frozenset]:
     """Who writes to the orchestrator of `workflows`, and what each may send: the script that starts a workflow
     its starting event, a service its step's reports. Each writes its own member of message_stream, so a type
     from a writer that may not send it (a forged unit_event from the detector, say) is a dead letter."""
-    may_send: dict[str, set[str]] = {}
+    may_send: dict[str, set[str]] = {OPERATOR: set(REQUESTS)}  # (a person's requests about any workflow)
     for name in sorted(workflows):
         workflow = table[name]
         may_send.setdefault(workflow.source, set()).add(workflow.starts_with)

@@ -88,7 +88,7 @@ def test_a_failed_step_fails_its_workflow_and_counts_as_an_sla_breach():
     assert flow.state("w1", time.time()) == "failed"
     assert flow.sla_report()["security"] == {"count": 1, "completed": 0, "failed": 1, "p50": None, "p95": None,
                                              "p99": None, "sla_s": 5.0, "breaches": 1}
-    assert flow.figures()["workflows"] == {"started": 1, "completed": 0, "failed": 1, "stuck": 0, "running": 0}
+    assert flow.figures()["workflows"] == {"started": 1, "completed": 0, "failed": 1, "cancelled": 0, "stuck": 0, "running": 0}
 
 
 @pytest.mark.no_broker
@@ -96,6 +96,26 @@ def test_the_same_effect_twice_is_a_duplicate_but_a_replayed_event_is_not():
     flow = flow_of(*[(MESSAGE_STREAM, envelope("security_detection", "w1", 3))] * 2,
                    *[(THIRD_PARTY, envelope("notification_delivered", "w1", 2, ".delivered"))] * 2)
     assert flow.duplicates == 1
+
+
+@pytest.mark.no_broker
+def test_a_cancelled_workflow_is_cancelled_not_stuck_and_a_retried_one_runs_again_until_it_completes():
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
+                   (SEC_COMMAND, envelope("security_command", "w1", 9, ".security")),
+                   (MESSAGE_STREAM, envelope("workflow_cancelled", "w1", 8, ".cancel")),
+                   (MESSAGE_STREAM, envelope("security_detection", "w2", 9)),
+                   (SEC_COMMAND, envelope("security_command", "w2", 9, ".security")),
+                   (MESSAGE_STREAM, envelope("security_action_failed", "w2", 8, ".failed")),
+                   (MESSAGE_STREAM, envelope("workflow_failed", "w2", 8, ".security.failed")),
+                   (MESSAGE_STREAM, envelope("workflow_retried", "w2", 2, ".retry")))
+    assert (flow.state("w1", time.time()), flow.state("w2", time.time())) == ("cancelled", "running")
+    flow.add(SEC_COMMAND, envelope("security_command", "w2", 2, ".acted.retry-1"))
+    flow.add(MESSAGE_STREAM, envelope("security_action_completed", "w2", 1, ".done"))
+    flow.add(THIRD_PARTY, envelope("notification_delivered", "w2", 1, ".delivered"))
+    flow.add(MESSAGE_STREAM, envelope("workflow_completed", "w2", 1, ".completed"))
+    assert flow.state("w2", time.time()) == "completed"
+    assert flow.figures()["workflows"] == {"started": 2, "completed": 1, "failed": 0, "cancelled": 1, "stuck": 0,
+                                           "running": 0}
 
 
 @pytest.mark.no_broker
@@ -110,7 +130,7 @@ def test_a_command_sent_again_after_a_timeout_is_a_resend_and_a_failed_workflow_
     screen.print(render(flow, None))
     text = screen.export_text()
     assert "failed (1 timed out)" in text and "commands re-sent 1" in text and "steps timed out 1" in text
-    assert flow.figures() == {"workflows": {"started": 1, "completed": 0, "failed": 1, "stuck": 0, "running": 0},
+    assert flow.figures() == {"workflows": {"started": 1, "completed": 0, "failed": 1, "cancelled": 0, "stuck": 0, "running": 0},
                               "duplicate_effects": 0, "resent_ignored": 1, "steps_timed_out": 1, "dead_letters": 0,
                               "clock_skew": 0}
 
@@ -177,7 +197,7 @@ def test_once_shows_completed_failed_and_stuck_workflows(scripts, producer):
     assert "workflows: 3 started, 1 completed, 1 failed, 1 stuck, 0 running" in screen
     # And --json gives those figures as one object
     figures = json.loads(scripts.run("monitor.py", "--once", "--json", "--sla", "5").stdout)
-    assert figures["workflows"] == {"started": 3, "completed": 1, "failed": 1, "stuck": 1, "running": 0}
+    assert figures["workflows"] == {"started": 3, "completed": 1, "failed": 1, "cancelled": 0, "stuck": 1, "running": 0}
     assert (figures["duplicate_effects"], figures["resent_ignored"]) == (0, 0)
 
 

@@ -12,7 +12,7 @@ import acls
 import orchestrator
 from common import orchestrator_cli
 from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, DeadLetter, caused_by, new_event
-from common import owns, senders
+from common import OPERATOR, REQUESTS, owns, senders, written_by
 from orchestrator import WORKFLOWS, route
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
@@ -148,9 +148,12 @@ def test_each_step_report_is_owned_by_its_workflow_and_each_service_may_read_its
 
 
 def test_each_writer_to_the_orchestrator_serves_one_workflow_and_may_write_its_own_member():
-    # (so split orchestrators read disjoint topics, and each bad record is dead-lettered by exactly one of them)
-    members = [set(senders(WORKFLOWS, {name})) for name in WORKFLOWS]
+    # (so split orchestrators read disjoint topics, and each bad record is dead-lettered by exactly one of them; but
+    # every orchestrator reads a person's requests, and answers those about its own workflows)
+    operator = written_by(MESSAGE_STREAM, OPERATOR)
+    members = [set(senders(WORKFLOWS, {name})) - {operator} for name in WORKFLOWS]
     assert sum(map(len, members)) == len(set().union(*members))
+    assert all(senders(WORKFLOWS, {name})[operator] == set(REQUESTS) for name in WORKFLOWS)
     for member in senders(WORKFLOWS, set(WORKFLOWS)):
         writer = member.removeprefix(MESSAGE_STREAM + ".")
         assert MESSAGE_STREAM in acls.ACCESS[writer].writes, f"acls.py: {writer} may not write {member}"

@@ -1,0 +1,66 @@
+"""A person's requests about one workflow, as the orchestrator answers them: cancel a running workflow, or retry a
+failed one from its failed step. A request is an event like any other (workflow_cancel_requested,
+workflow_retry_requested, written to message_stream.operator by workflows.py or the console): checked against the
+workflow's state, routed by the table's route() when it is granted, and answered on message_stream.orchestrator
+(workflow_cancelled, workflow_retried, or operator_request_refused with the reason), all in one transaction with the
+workflow's new state: once each, whatever fails. No Kafka."""
+
+from datetime import datetime, timezone
+
+from common.messages import Envelope, Output, caused_by, derived_id
+from common.settings import MESSAGE_STREAM
+
+SOURCE = "orchestrator"
+RETRIABLE = ("failed", "timed_out")  # a step in one of these states can be tried again
+
+
+def answer(event: Envelope, workflow: dict | None, type_: str, detail: str) -> Output:
+    """The orchestrator's answer to a request: its id is the request's and "answer" (so a request is answered once)."""
+    return (MESSAGE_STREAM, caused_by(event, "answer", type_, {
+        "workflow": (workflow or {}).get("type", event.payload["workflow"]), "request": event.type,
+        "by": event.payload["by"], "reason": event.payload["reason"], "detail": detail}, SOURCE))
+
+
+def refusal(event: Envelope, workflow: dict | None) -> str | None:
+    """Why a request cannot be granted, or None."""
+    if workflow is None:
+        return "no such workflow here (never started, expired, or its state removed)"
+    state = workflow["state"]
+    if event.type == "workflow_cancel_requested" and state != "running":
+        return f"the workflow has already {state}: only a running one can be cancelled"
+    if event.type == "workflow_retry_requested" and state != "failed":
+        return f"the workflow is {state}: only a failed one can be retried"
+    if event.type == "workflow_retry_requested" and not retriable(workflow):
+        return "none of its steps failed or ran out of attempts"
+    return None
+
+
+def retriable(workflow: dict) -> str | None:
+    """The first step of a workflow that failed or ran out of attempts."""
+    return next((name for name, step in workflow["steps"].items() if step["state"] in RETRIABLE), None)
+
+
+def cancel(workflow: dict, now: float) -> str:
+    """A running workflow ended by a person: its pending steps wait for nothing more (their timers stop)."""
+    pending = [name for name, step in workflow["steps"].items() if step["state"] == "pending"]
+    for name in pending:
+        workflow["steps"][name].update(state="cancelled", finished_at=now, deadline=None)
+    workflow.update(state="cancelled", finished_at=now)
+    return f"cancelled; {', '.join(pending) or 'no step'} no longer awaited"
+
+
+def retry(event: Envelope, workflow: dict, limit: float | None, now: float) -> tuple[Envelope, str]:
+    """A failed workflow running again from its failed step: that step's command under a new id (derived from the
+    workflow, the step and the retry count, so a service that acted on the old id acts on this one), its attempts
+    started over. Returns the request as route() sees it (the step, its topic and the command added) and what was
+    done."""
+    name, retries = retriable(workflow), workflow.get("retries", 0) + 1
+    step = workflow["steps"][name]
+    command = Envelope.model_validate({**step["command"], "id": derived_id(workflow["workflow_id"], f"{name}.retry-{retries}"),
+                                       "created_at": datetime.fromtimestamp(now, timezone.utc)})
+    step.update(state="pending", attempts=1, sent_at=now, finished_at=None, deadline=now + limit if limit else None,
+                command=command.model_dump(mode="json"))
+    workflow.update(state="running", finished_at=None, retries=retries)
+    routed = event.model_copy(update={"payload": {**event.payload, "workflow": workflow["type"], "step": name,
+                                                  "topic": step["topic"], "command": step["command"]}})
+    return routed, f"{name} sent again as {command.id} (retry {retries})"

@@ -121,7 +121,7 @@ def operator_settings(settings: Settings = SETTINGS) -> Settings:
 def summary(workflow: dict) -> dict:
     """One workflow as show --json prints it."""
     return {"workflow_id": workflow["workflow_id"], "type": workflow["type"], "state": workflow["state"],
-            "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
+            "retries": workflow.get("retries", 0), "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
             "finished_at": stamp(workflow["finished_at"]),
             "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
                        "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
@@ -149,7 +149,8 @@ def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
         return 0
     print(f"workflow {workflow['workflow_id']}: {workflow['type']}, {workflow['state']}, started "
           f"{clock(workflow['started_at'])} under example {workflow['stage']}"
-          f"{'' if workflow['finished_at'] is None else ', finished ' + clock(workflow['finished_at'])}")
+          f"{'' if workflow['finished_at'] is None else ', finished ' + clock(workflow['finished_at'])}"
+          f"{'' if not workflow['retries'] else ', retried ' + str(workflow['retries']) + ' times' * (workflow['retries'] > 1)}")
     for step in workflow["steps"]:
         print(f"  {step['name']:<10} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}  "
               f"finished {clock(step['finished_at'])}  deadline {clock(step['deadline'])}")

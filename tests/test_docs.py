@@ -254,8 +254,10 @@ def test_no_script_takes_an_abbreviated_flag():
             continue
         sub = sub or min(found.choices, default=None)  # (a required command: any will do, the flag is refused first)
         code, _, err = run_in_process((*program.split(), *([sub] if sub else []), longest[:-1]))
-        if "are required" in err:  # (a positional argument too: any will do)
-            code, _, err = run_in_process((*program.split(), *([sub] if sub else []), longest[:-1], "x"))
+        if "are required" in err:  # (a positional argument or a required flag too: any value will do)
+            required = [f for f in err.split("are required:")[1].split(",") if f.strip().startswith("--")]
+            code, _, err = run_in_process((*program.split(), *([sub] if sub else []), longest[:-1], "x",
+                                           *(part for f in required for part in (f.strip(), "x"))))
         assert code == 2 and re.search(f"unrecognized arguments: .*{longest[:-1]}", err), f"{program} {longest}: {err}"
         tried += 1
     assert tried >= 10

@@ -20,10 +20,12 @@ from common import (
     DEAD_LETTER,
     MESSAGE_STREAM,
     NOTIFICATION_COMMAND,
+    OPERATOR,
     SEC_COMMAND,
     THIRD_PARTY,
     UNIT_COMMAND,
     Settings,
+    about,
     caused_by,
     dead_letter,
     written_by,
@@ -333,3 +335,29 @@ def test_a_script_run_as_another_user_is_refused_with_one_line_and_no_client_err
     assert result.returncode == 3
     [line] = refusal(result)
     assert "orchestrator: Kafka does not allow user 'security_detector'" in line
+
+
+def test_only_the_operator_may_ask_for_a_workflow_to_be_cancelled(secure_scripts, secure_topics, secure_kafka):
+    # Given a running workflow (its step waits: no security service)
+    secure_scripts.start("orchestrator.py", "--step-timeout", "300")
+    secure_scripts.run("security_detector.py", "--count", "1")
+    stream = secure_topics(MESSAGE_STREAM)
+    [workflow_id] = detections(stream.read_count(1, type_="security_detection"))
+    secure_topics(SEC_COMMAND).read_count(1)
+    # When the detector's credentials, in the wrong hands, ask for it to be cancelled in its own member and the
+    # operator's
+    prefix, forger = secure_scripts.env["TOPIC_PREFIX"], as_user(secure_scripts, "security_detector")
+    forged = about(workflow_id, "workflow_cancel_requested", {"reason": "forged", "by": "x"}, "security_detector")
+    forger.send(prefix + written_by(MESSAGE_STREAM, "security_detector"), forged.to_bytes(), key=b"sensor").get(30)
+    with pytest.raises(TopicAuthorizationFailedError):
+        forger.send(prefix + written_by(MESSAGE_STREAM, OPERATOR), forged.to_bytes()).get(timeout=30)
+    forger.close()
+    # Then the orchestrator dead-letters the forged request, and the workflow still runs
+    [letter] = secure_topics(DEAD_LETTER).read_count(1)
+    assert letter.payload["reason"].startswith("security_detector may not send 'workflow_cancel_requested'")
+    # And when the operator asks, signed in as itself, the workflow is cancelled
+    env = dict(secure_scripts.env, KAFKA_OPERATOR_USERNAME="operator", KAFKA_OPERATOR_PASSWORD=secure_kafka[1]["operator"])
+    done = secure_scripts.run("workflows.py", "cancel", workflow_id, "--reason", "drill", env=env)
+    assert "done: cancelled" in done.stdout
+    assert [m.type for m in stream.read_until(lambda ms: workflow_id in ids_of(ms, "workflow_cancelled"))
+            if m.workflow_id == workflow_id and m.source == "orchestrator"] == ["workflow_cancelled"]

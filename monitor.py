@@ -38,6 +38,7 @@ from orchestrator import WORKFLOWS
 
 
 ENDED = ("completed", "failed", "cancelled")  # a workflow's states once the orchestrator has ended it
+VERDICTS = {"workflow_cancelled": "cancelled", "workflow_failed": "failed", "workflow_completed": "completed"}
 SKEW_S = 60.0  # a message's created_at this far from its record time says its writer's clock is off
 
 
@@ -117,6 +118,8 @@ class Flow:
         self.dead_letters, self.last_reason = 0, "-"
         self.folded: dict[str, Folded] = defaultdict(Folded)  # kind -> the workflows that left the window
         self.unknown_fate = 0                                 # left the window before they finished
+        self.gone: OrderedDict[str, None] = OrderedDict()     # recent workflows that left the window (late messages
+        # of theirs are not a new workflow)
         self.next_fold = int(window * 1.2)
         self.starts = {workflow.starts_with: name for name, workflow in WORKFLOWS.items()}
         self.skewed: set[str] = set()                         # workflows with a message whose created_at is skewed
@@ -141,6 +144,8 @@ class Flow:
         self.seen[(topic_name, message.id)] = None
         if len(self.seen) > 8 * self.window:
             self.seen.popitem(last=False)
+        if message.workflow_id in self.gone:
+            return
         if message.type in self.starts:
             self.kind[message.workflow_id] = self.starts[message.type]
         written = message.created_at.timestamp()
@@ -164,16 +169,19 @@ class Flow:
         """Fold the oldest finished workflows into the counts until the window holds `window`; past twice that,
         the oldest of any state go too (counted as of unknown fate)."""
         now, excess = time.time(), len(self.times) - self.window
-        gone = [w for w in self.times if w in self.kind and self.state(w, now) in ENDED][:excess]
+        gone = [w for w in self.times if w in self.kind and self.verdict(w, now) in ENDED][:excess]
         if len(self.times) - len(gone) > 2 * self.window:
             gone += [w for w in list(self.times)[:excess] if w not in gone]
         for workflow in gone:
             if workflow in self.kind:
-                state, latency = self.state(workflow, now), self.timed(workflow)
+                state, latency = self.verdict(workflow, now), self.timed(workflow)
                 kind = self.kind.pop(workflow)
                 self.folded[kind].add(self.times[workflow][WORKFLOWS[kind].starts_with], latency, state)
                 self.unknown_fate += state not in ENDED
             del self.times[workflow]
+            self.gone[workflow] = None
+            if len(self.gone) > 8 * self.window:
+                self.gone.popitem(last=False)
             self.timeouts.pop(workflow, None)
             self.skewed.discard(workflow)
 
@@ -187,8 +195,16 @@ class Flow:
         return "workflow_failed" in self.times[workflow] or any(t in self.times[workflow] for step in steps
                                                                 for t in step.failed)
 
+    def verdict(self, workflow: str, now: float) -> str:
+        """A workflow's state as it leaves the window: as the topics show it, or else the orchestrator's word on how
+        it ended (the monitor reads the topics side by side, not in time order: a command may not be read yet)."""
+        state, times = self.state(workflow, now), self.times.get(workflow, {})
+        said = [end for message, end in VERDICTS.items() if message in times]
+        return state if state in ENDED or not said else said[0]
+
     def state(self, workflow: str, now: float) -> str:
-        if "workflow_cancelled" in self.times[workflow]:  # (a person ended it)
+        times = self.times.get(workflow, {})
+        if "workflow_cancelled" in times:  # (a person ended it)
             return "cancelled"
         if self.failed(workflow):
             return "failed"
@@ -196,7 +212,7 @@ class Flow:
         missing = [(name, service) for name, at, service, needed in steps if needed and at is None]
         if not missing:
             return "completed"
-        if now - max(steps[0][1], self.times[workflow].get("workflow_retried", 0)) > self.sla:  # (since it began again)
+        if now - max(steps[0][1], times.get("workflow_retried", 0)) > self.sla:  # (since it began again)
             name, service = missing[0]
             return f"STUCK: no '{name}' from {service}"
         return "running"

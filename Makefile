@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DOCKER_ENGINE := $(shell docker info >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test check kafka-up kafka-down lint bench reset walkthrough
+.PHONY: demo test check kafka-up kafka-down lint bench reset walkthrough console
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,6 @@ reset: $(VENV)/.installed
 
 walkthrough: $(VENV)/.installed
 	$(PY) demo.py --tmux
+
+console: $(VENV)/.installed
+	$(PY) console.py

@@ -32,6 +32,7 @@ from kafka.errors import NonEmptyGroupError, KafkaError
 
 from common import (ALL_TOPICS, MESSAGE_STREAM, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
                     written_by)
+from local_kafka import free_port, port_is_free
 from monitor import Flow, Tail, groups, render
 
 HERE = Path(__file__).resolve().parent
@@ -83,10 +84,13 @@ class Walkthrough:
 
     def example_1(self) -> None:
         say("Example 1: a detection goes to the security service and the notification service")
+        port = CONSOLE_PORT if port_is_free(CONSOLE_PORT) else free_port()
         for name, script, *args in (("security", "security_service.py"), ("notification", "notification_service.py"),
                                     ("orchestrator", "orchestrator.py", "--example", "1"),
-                                    ("detector", "security_detector.py", "--rate", "3", "--seed", "1")):
+                                    ("detector", "security_detector.py", "--rate", "3", "--seed", "1"),
+                                    ("console", "console.py", "--port", str(port))):
             self.children.start(name, script, *args)
+        say(f"Watch it in a browser: http://127.0.0.1:{port} (the web console, python console.py)")
         self.tail.wait(lambda: self.flow.counts()[1] >= 3 * self.stage, timeout=60 + self.stage)
         console.print(render(self.flow, None, rows=4))
 
@@ -162,9 +166,11 @@ WINDOWS = [("security", "python security_service.py", True),
            ("orchestrator", "python orchestrator.py --example 1", True),
            ("detector", "python security_detector.py", True),
            ("monitor", "python monitor.py", True),
+           ("console", "python console.py", True),
            ("reporting", "python reporting_service.py --example 2", False),
            ("units", "python unit_event_producer.py", False)]
 SESSION = "walkthrough"
+CONSOLE_PORT = 8080  # console.py's own default
 
 
 def walkthrough(attach: bool) -> int:
@@ -181,7 +187,8 @@ def walkthrough(attach: bool) -> int:
         subprocess.run(["tmux", "select-window", "-t", f"{SESSION}:orchestrator"], check=True)
         print(f"tmux session {SESSION!r}: Example 1 runs in windows {', '.join(n for n, _, run in WINDOWS if run)}; "
               f"{', '.join(n for n, _, run in WINDOWS if not run)} are typed, ready for Examples 2 and 3 "
-              f"(Ctrl-b n: next window; Ctrl-b d: leave it running; `tmux kill-session -t {SESSION}`: end it)")
+              f"(Ctrl-b n: next window; Ctrl-b d: leave it running; `tmux kill-session -t {SESSION}`: end it); the web "
+              f"console: http://127.0.0.1:{CONSOLE_PORT}")
     else:
         print(f"tmux session {SESSION!r} is open already, its scripts as you left them (`tmux kill-session -t "
               f"{SESSION}` ends it, for a fresh one)")

@@ -300,10 +300,17 @@ class Tail:
         self.last_offset: dict[TopicPartition, int] = {}  # partition -> offset of the last record read
 
     def poll(self, timeout_ms: int = 200) -> None:
+        self.feed(self.fetch(timeout_ms))
+
+    def fetch(self, timeout_ms: int = 200) -> dict:
+        """The records read since the last fetch (the Flow not yet told: the console tells it under its lock)."""
         try:
-            batches = self.consumer.poll(timeout_ms=timeout_ms)
+            return self.consumer.poll(timeout_ms=timeout_ms)
         except AuthorizationError as error:  # a user who may not read every topic: one line, not a traceback
             raise refused("monitor", error, self.flow.settings) from None
+
+    def feed(self, batches: dict) -> None:
+        """Tell the Flow what was read."""
         for partition, records in batches.items():
             self.last_read[partition], self.last_offset[partition] = records[-1].timestamp, records[-1].offset
             arrivals = self.flow.arrivals[records[0].topic]
@@ -440,29 +447,38 @@ def print_sla_report(report: dict, as_json: bool) -> None:
               f"p95 {p95} s  p99 {p99} s  SLA {r['sla_s']:g} s breaches {r['breaches']}")
 
 
+def messages_of(wanted: str, settings: Settings = SETTINGS) -> tuple[set[str], list[tuple]]:
+    """Every message on the topics of the workflows whose id starts with `wanted`, in the order Kafka got them: (the
+    workflows' ids, rows of (Kafka's time in ms, topic, message, whether it repeats an id seen before on that topic:
+    a re-sent command, a replayed event))."""
+    found, quick = [], wanted.encode() if wanted.isascii() else b""
+    for record in read_all(ALL_TOPICS, settings=settings):
+        if quick not in (record.value or b""):  # (a quick look first: most records are another workflow's)
+            continue
+        try:
+            message = Envelope.model_validate_json(record.value)
+        except ValidationError:  # (junk has no workflow)
+            continue
+        if message.workflow_id.startswith(wanted):
+            found.append((record.timestamp, record.topic.removeprefix(settings.topic_prefix), message))
+    rows, seen = [], set()
+    for at, topic, message in sorted(found, key=lambda row: row[0]):
+        rows.append((at, topic, message, (topic, message.id) in seen))
+        seen.add((topic, message.id))
+    return {message.workflow_id for _, _, message in found}, rows
+
+
 def timeline(wanted: str, settings: Settings = SETTINGS) -> int:
     """Print every message of one workflow on the topics in the order Kafka got them, a repeat (an id seen before
     on that topic: a re-sent command, a replayed event) marked; 1 if no single workflow has an id starting so."""
-    found = []
-    for name in ALL_TOPICS:
-        for record in read_all(name, settings=settings):
-            try:
-                message = Envelope.model_validate_json(record.value)
-            except ValidationError:  # (junk has no workflow)
-                continue
-            if message.workflow_id.startswith(wanted):
-                found.append((record.timestamp, record.topic.removeprefix(settings.topic_prefix), message))
-    workflows = {message.workflow_id for _, _, message in found}
+    workflows, rows = messages_of(wanted, settings)
     if len(workflows) != 1:
         print(f"monitor: {len(workflows) or 'no'} workflows have an id starting {wanted!r}", file=sys.stderr)
         return 1
-    print(f"workflow {workflows.pop()}: {len(found)} messages")
-    seen = set()
-    for at, topic, message in sorted(found, key=lambda row: row[0]):
+    print(f"workflow {workflows.pop()}: {len(rows)} messages")
+    for at, topic, message, repeat in rows:
         when = datetime.fromtimestamp(at / 1000).strftime("%H:%M:%S.%f")[:-3]
-        repeat = "  repeat (same id again)" if (topic, message.id) in seen else ""
-        seen.add((topic, message.id))
-        print(f"  {when}  {topic:<36} {message.type:<26} {message.source}{repeat}")
+        print(f"  {when}  {topic:<36} {message.type:<26} {message.source}{'  repeat (same id again)' * repeat}")
     return 0
 
 

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import replace
 from datetime import datetime
+from typing import NamedTuple
 
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
@@ -38,21 +39,33 @@ log = logging.getLogger("workflows")
 def workflows(settings=SETTINGS) -> dict[str, dict]:
     """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
     written for it (a later one wins); those past the retention are gone."""
-    return {id_: value for id_, (_, value) in located(settings).items()}
+    return {id_: found.workflow for id_, found in located(settings).items()}
 
 
-def located(settings=SETTINGS) -> dict[str, tuple[int, dict]]:
-    """Every workflow, by id: (the partition of the state that holds it, the workflow)."""
+class Located(NamedTuple):
+    partition: int        # of the state topic that holds it (and of the topics its events come on)
+    workflow: dict        # the workflow, as its state entry holds it
+    trace: str | None     # the trace context of the record that wrote the entry last (tracing on)
+
+
+def located(settings=SETTINGS) -> dict[str, Located]:
+    """Every workflow, by id, with where its state is."""
     cutoff = time.time() - settings.state_retention_s
-    found = {key.decode(errors="replace").removeprefix(WORKFLOW): (partition, value)
-             for (partition, key), (at, _, _, value) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
+    found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, trace_of(raw))
+             for (partition, key), (at, _, raw, value) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
              if key.startswith(WORKFLOW.encode()) and at >= cutoff}
-    if unreadable := [id_ for id_, (_, value) in found.items() if not is_workflow(WORKFLOWS, value)]:
+    if unreadable := [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]:
         print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
               f"unreadable, e.g. {unreadable[0]}: what each held is lost (the orchestrator dead-letters it, or else the next "
               f"event of its workflow; see dead_letters.py list)",
               file=sys.stderr)
     return {id_: found[id_] for id_ in found if id_ not in unreadable}
+
+
+def trace_of(raw: bytes) -> str | None:
+    """The trace context a stored entry keeps (tracing on), or None."""
+    trace = json.loads(raw).get("trace")
+    return trace if isinstance(trace, str) else None
 
 
 def one(found: dict, wanted: str) -> str:
@@ -72,7 +85,7 @@ def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0,
     once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka all the same)."""
     located_ = located(settings)
     workflow_id = one(located_, wanted)
-    partition, workflow = located_[workflow_id]
+    partition, workflow, _ = located_[workflow_id]
     event = about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": workflow["type"]},
                   OPERATOR)
     answers = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")

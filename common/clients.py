@@ -223,13 +223,15 @@ def read_from(consumer: KafkaConsumer, starts: dict[TopicPartition, int | None],
     return records
 
 
-def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) -> list:
-    """Every record now in a project topic, or in every member of a family (all partitions, committed only),
-    without joining a group. For the one-shot tools: a read that stalls ends the script with one line."""
-    real = settings.topic(name)
+def read_all(name: str | list[str], timeout: float = 30.0, settings: Settings = SETTINGS) -> list:
+    """Every record now in a project topic, or in every member of a family (all partitions, committed only), or in
+    each of a list of them, without joining a group. For the one-shot tools: a read that stalls ends the script
+    with one line."""
+    names = [name] if isinstance(name, str) else name
+    real = ", ".join(map(settings.topic, names))
     consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
     try:
-        topics = [t for t in consumer.topics() if re.match(settings.pattern([name]), t)]
+        topics = [t for t in consumer.topics() if re.match(settings.pattern(names), t)]
         partitions = [TopicPartition(t, p) for t in sorted(topics) for p in consumer.partitions_for_topic(t) or ()]
         if not partitions:  # no such topic (yet): nothing in it
             return []
@@ -238,4 +240,3 @@ def read_all(name: str, timeout: float = 30.0, settings: Settings = SETTINGS) ->
         raise refused(f"reading {real}", error, settings) from None
     finally:
         consumer.close(autocommit=False)
-

@@ -153,8 +153,12 @@ def traceparent(carried: Headers | None) -> str | None:
 
 def zipkin_link(record_headers: Headers | None) -> str | None:
     """Where the Zipkin UI shows the trace a record belongs to (tracing to Zipkin on, and the record traced)."""
-    parent = carrier_of(record_headers).get("traceparent", "")
-    if EXPORTER != "zipkin" or parent.count("-") != 3:
+    return zipkin_trace(carrier_of(record_headers).get("traceparent", ""))
+
+
+def zipkin_trace(parent: str | None) -> str | None:
+    """Where the Zipkin UI shows the trace of a trace context (a traceparent), with tracing to Zipkin on."""
+    if EXPORTER != "zipkin" or (parent or "").count("-") != 3:
         return None
     endpoint = os.environ.get("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://localhost:9411/api/v2/spans")
     return f"{endpoint.removesuffix('/api/v2/spans')}/zipkin/traces/{parent.split('-')[1]}"

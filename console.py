@@ -1,0 +1,225 @@
+"""Console: the workflows in a web page, and a person's actions on them.
+
+Reads:    every project topic (as monitor.py does) and the orchestrators' state (as workflows.py does); joins no group
+Produces: message_stream.operator (cancel, retry: workflows.py's requests) and a dead letter's source topic (replay)
+Run:      python console.py                         # then open http://127.0.0.1:8080
+          python console.py --port 8090 --host 0.0.0.0
+The page shows the flow (each topic's messages per second, each group's lag), the workflows (newest first, by
+state), one workflow (its messages in the order Kafka got them, its state entry, its trace) with buttons to cancel or
+retry it, and the dead letters with a button to replay one. It updates itself (server-sent events). On a secured
+cluster it reads as KAFKA_SASL_USERNAME (the monitor) and acts as KAFKA_OPERATOR_USERNAME/_PASSWORD; without those
+its buttons are off and say why. Its files: web/.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+import dead_letters
+import monitor
+import workflows
+from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, Settings, Stopper,
+                    read_all, setup_logging, tracing, wait_for_kafka, written_by)
+from orchestrator import WORKFLOWS
+
+log = logging.getLogger("console")
+WEB = Path(__file__).resolve().parent / "web"
+EVERY_S = 1.0  # how often the page is told what changed
+LAG_EVERY_S = 2.0
+
+
+class Watch:
+    """The monitor's model of the topics, kept up to date by a thread of its own (the only one that uses its Kafka
+    clients), and the orchestrators' state, read again at most once a second; requests read both under a lock."""
+
+    def __init__(self, settings: Settings, sla: float):
+        self.settings, self.flow = settings, monitor.Flow(sla, settings)
+        self.tail, self.admin = monitor.Tail(self.flow), KafkaAdminClient(**settings.kafka_config())
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.read, self.lag, self.problem = 0, {}, None
+        self.state_lock, self.states, self.states_at = threading.Lock(), {}, 0.0
+
+    def run(self) -> None:
+        lagged = 0.0
+        while not self.stop.is_set():
+            try:
+                batches = self.tail.fetch(200)
+                with self.lock:
+                    self.tail.feed(batches)
+                    self.read += sum(map(len, batches.values()))
+                if time.monotonic() - lagged > LAG_EVERY_S:
+                    lagged, lag = time.monotonic(), self.tail.lag(self.admin)
+                    with self.lock:
+                        self.lag, self.problem = lag, None
+            except (KafkaError, SystemExit) as error:  # (the broker away, a right taken: said on the page)
+                self.problem = f"reading the topics: {error}"
+                self.stop.wait(1)
+
+    def snapshot(self) -> dict:
+        """What the page's live parts show: the flow, the totals, and a count that changes when anything was read."""
+        with self.lock:
+            return {"read": self.read, "figures": self.flow.figures(), "lag": self.lag, "problem": self.problem,
+                    "rates": {name: round(rate, 1) for name, rate in self.flow.rates().items()}}
+
+    def located(self) -> dict[str, workflows.Located]:
+        """The workflows in the orchestrators' state (read again if a second old)."""
+        with self.state_lock:
+            if time.monotonic() - self.states_at > EVERY_S:
+                self.states, self.states_at = workflows.located(self.settings), time.monotonic()
+            return self.states
+
+    def listed(self, state: str | None, limit: int) -> list[dict]:
+        """workflows.py list --json's objects, newest first, each with what the monitor says of it (stuck, say)."""
+        found, now = self.located(), time.time()
+        with self.lock:
+            seen = {w: self.flow.state(w, now) for w in found if w in self.flow.kind}
+        rows = [workflows.summary(found_.workflow) | {"monitor": seen.get(w, "not seen on the topics")}
+                for w, found_ in sorted(found.items(), key=lambda item: -item[1].workflow["started_at"])]
+        rows = [row | {"stuck": row["monitor"].startswith("STUCK")} for row in rows]
+        return [row for row in rows if state in (None, row["state"]) or (state == "stuck" and row["stuck"])][:limit]
+
+    def shown(self, wanted: str) -> dict:
+        """workflows.py show --json's object, with its state entry, its messages in Kafka's order and its trace."""
+        found = self.located()
+        workflow_id = workflows.one(found, wanted)
+        _, rows = monitor.messages_of(workflow_id, self.settings)
+        return workflows.summary(found[workflow_id].workflow) | {
+            "entry": found[workflow_id].workflow, "trace": tracing.zipkin_trace(found[workflow_id].trace),
+            "messages": [{"at": at, "topic": topic, "type": m.type, "source": m.source, "id": m.id, "repeat": repeat,
+                          "note": note(m)} for at, topic, m, repeat in rows]}
+
+
+def note(message) -> str:
+    """What a person's request and its answer say (who, why, what was done), for the workflow's history."""
+    said = message.payload
+    if message.type in REQUESTS:
+        return f"{said.get('by')}: {said.get('reason')}"
+    return str(said.get("detail", "")) if message.type in ANSWERS + FINISHED else ""
+
+
+def letters(settings: Settings) -> list[dict]:
+    """dead_letters.py list's letters, newest first: where each came from, why, and whether and when it was replayed."""
+    found, _ = dead_letters.load(read_all(DEAD_LETTER, settings=settings))
+    replayed = dead_letters.replays(found)
+    return [{"letter": which, "at": made.timestamp(), "service": which.split(":")[0],
+             "workflow": dead_letters.workflow_of(letter), "reason": letter.reason,
+             "from": f"{letter.topic}:{letter.partition}:{letter.offset}",
+             "replayed": sorted(replayed.get(dead_letters.original_of(letter), []))}
+            for which, letter, made in sorted(found, key=lambda row: row[2], reverse=True)]
+
+
+def replayed(which: str, settings: Settings) -> int:
+    found, _ = dead_letters.load(read_all(DEAD_LETTER, settings=settings))
+    todo = dead_letters.originals(dead_letters.chosen(found, None, None, [which]))
+    return dead_letters.replay(todo) if todo else 0
+
+
+def actions_off(settings: Settings) -> str | None:
+    """Why the page's buttons are off (a secured cluster, and no operator credentials given), or None."""
+    if settings.security.get("sasl_plain_username") and workflows.operator_settings(settings) is settings:
+        return (f"read only: acting needs the operator's credentials (KAFKA_OPERATOR_USERNAME and "
+                f"KAFKA_OPERATOR_PASSWORD), which may write {written_by(MESSAGE_STREAM, OPERATOR)}")
+    return None
+
+
+def app(watch: Watch) -> Starlette:
+    settings = watch.settings
+
+    async def page(_: Request):
+        return FileResponse(WEB / "index.html")
+
+    async def config(_: Request):
+        return JSONResponse({"actions_off": actions_off(settings), "workflows": list(WORKFLOWS),
+                             "flow": [{"name": name, "source": w.source, "starts_with": w.starts_with,
+                                       "steps": [{"name": s.name, "topic": s.topic, "service": s.service} for s in w.steps]}
+                                      for name, w in WORKFLOWS.items()]})
+
+    async def listing(request: Request):
+        state = request.query_params.get("state") or None
+        return JSONResponse(await run_in_threadpool(watch.listed, state, int(request.query_params.get("limit", 500))))
+
+    async def showing(request: Request):
+        return await answered(watch.shown, request.path_params["id"])
+
+    async def acting(request: Request):
+        if why := actions_off(settings):
+            return JSONResponse({"error": why}, status_code=403)
+        asked = await request.json()
+        granted, said = await run_in_threadpool(workflows.request, request.path_params["kind"], request.path_params["id"],
+                                                str(asked.get("reason") or "").strip() or "(no reason given)",
+                                                str(asked.get("by") or "console")[:64], 5.0, settings)
+        return JSONResponse({"granted": granted, "answer": said})
+
+    async def dead(_: Request):
+        return await answered(letters, settings)
+
+    async def replay(request: Request):
+        letter = str((await request.json()).get("letter", ""))
+        return await answered(lambda: {"replayed": replayed(letter, settings)})
+
+    async def events(request: Request):
+        async def stream():
+            while not await request.is_disconnected():
+                yield f"data: {json.dumps(watch.snapshot())}\n\n"
+                await asyncio.sleep(EVERY_S)
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return Starlette(routes=[
+        Route("/", page), Route("/api/config", config), Route("/api/workflows", listing),
+        Route("/api/workflows/{id}", showing), Route("/api/workflows/{id}/{kind:str}", acting, methods=["POST"]),
+        Route("/api/dead-letters", dead), Route("/api/dead-letters/replay", replay, methods=["POST"]),
+        Route("/api/events", events), Mount("/web", StaticFiles(directory=WEB))])
+
+
+async def answered(function, *args) -> JSONResponse:
+    """A blocking question, asked off the event loop; a one-line error (a SystemExit's, a refusal's) as a 4xx."""
+    try:
+        return JSONResponse(await run_in_threadpool(function, *args))
+    except SystemExit as error:
+        return JSONResponse({"error": str(error) or "refused (see the console's log)"}, status_code=404)
+    except KafkaError as error:
+        return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=503)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--port", type=int, default=8080, help="the port to serve on (default 8080)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default 127.0.0.1: this machine)")
+    parser.add_argument("--sla", type=float, default=5.0, help="seconds a workflow may take before it is stuck")
+    args = parser.parse_args()
+    setup_logging()
+    with socket.socket() as probe:  # (a port in use: one line, before anything is started)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as error:
+            raise SystemExit(f"console: cannot serve on {args.host}:{args.port}: {error.strerror or error} "
+                             "(give another with --port)") from None
+    wait_for_kafka(Stopper(), "console", wait=False).close()
+    watch = Watch(SETTINGS, args.sla)
+    watch.tail.feed(watch.tail.fetch(0))  # (a right it lacks: one line, here)
+    threading.Thread(target=watch.run, daemon=True, name="console-watch").start()
+    log.info("console: http://%s:%d (Ctrl-C stops it)", args.host, args.port)
+    uvicorn.run(app(watch), host=args.host, port=args.port, log_level="warning")
+    watch.stop.set()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

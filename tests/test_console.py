@@ -1,0 +1,85 @@
+"""The web console in a real headless browser (Debian's chromium, driven by Playwright), against a real broker: a
+workflow sent during the test shows, a state change shows without a reload, and a cancel made in the page reaches
+the orchestrator. And the console's own one-line refusals."""
+
+import shutil
+import socket
+import time
+
+import pytest
+from helpers import detection, ids_of
+from playwright.sync_api import expect, sync_playwright
+
+import local_kafka
+from common import MESSAGE_STREAM, SEC_COMMAND
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def page():
+    assert CHROMIUM, "the console's tests need a headless browser: apt-get install chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser.new_page(viewport={"width": 1400, "height": 900})
+        browser.close()
+
+
+def console(scripts) -> str:
+    """A console on a free port; its address once it serves."""
+    port = local_kafka.free_port()
+    process = scripts.start("console.py", "--port", str(port))
+    scripts.wait_for_output(process, f"console: http://127.0.0.1:{port}")
+    return f"http://127.0.0.1:{port}"
+
+
+def test_the_page_shows_a_new_workflow_its_state_changes_live_and_a_cancel_reaches_the_orchestrator(
+        scripts, topics, producer, page):
+    # Given the orchestrator (no security service: a workflow waits for its action) and the console, open in a browser
+    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "300")
+    page.goto(console(scripts))
+    expect(page.locator("#workflows")).to_be_visible()
+    # When two detections are sent
+    stream, first, second = topics(MESSAGE_STREAM), detection(), detection()
+    sent = time.monotonic()
+    producer(MESSAGE_STREAM, first, key=b"sensor-1")
+    producer(MESSAGE_STREAM, second, key=b"sensor-2")
+    # Then they show in the page without a reload, running
+    row = page.locator(f'tr[data-id="{first.workflow_id}"]')
+    expect(row.locator(".state")).to_have_text("running", timeout=30_000)
+    print(f"console: a new workflow showed {time.monotonic() - sent:.1f} s after its detection was sent")
+    # And when the security service starts, their rows turn completed without a reload
+    topics(SEC_COMMAND).read_until(lambda ms: {first.workflow_id, second.workflow_id} <= {m.workflow_id for m in ms})
+    other = page.locator(f'tr[data-id="{second.workflow_id}"] .state')
+    expect(other).to_have_text("running")
+    page.evaluate("window.notReloaded = true")
+    security = scripts.start("security_service.py")
+    stream.read_until(lambda ms: second.workflow_id in ids_of(ms, "workflow_completed"))
+    expect(other).to_have_text("completed", timeout=30_000)
+    # And when, the security service stopped again, a third detection comes, and a person opens its workflow and
+    # cancels it in the page, giving a reason
+    scripts.stop(security)
+    third = detection()
+    producer(MESSAGE_STREAM, third, key=b"sensor-3")
+    page.locator(f'tr[data-id="{third.workflow_id}"] a').click(timeout=30_000)
+    expect(page.locator("#state")).to_have_text("running")
+    page.locator("#cancel").click()
+    page.locator("#ask-reason").fill("a drill")
+    page.locator("#ask-by").fill("ann")
+    page.locator("#ask-go").click()
+    # Then the orchestrator answered in the page, the page shows the workflow cancelled, and it was not reloaded
+    expect(page.locator("#answer")).to_contain_text("done: cancelled", timeout=30_000)
+    expect(page.locator("#state")).to_have_text("cancelled", timeout=30_000)
+    assert page.evaluate("window.notReloaded") is True
+    stream.read_until(lambda ms: third.workflow_id in ids_of(ms, "workflow_cancelled"))
+    assert [m.payload["by"] for m in stream.messages() if m.type == "workflow_cancel_requested"] == ["ann"]
+    assert f"workflow_cancel_requested {third.workflow_id[:8]} by ann (a drill)" in scripts.output(orchestrator)
+
+
+def test_the_console_refuses_a_port_in_use_with_one_line(scripts):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = scripts.run("console.py", "--port", str(taken.getsockname()[1]), check=False)
+    assert result.returncode == 1 and result.stderr.strip().startswith("console: cannot serve on 127.0.0.1:")
+    assert "Traceback" not in result.stdout + result.stderr

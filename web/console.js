@@ -1,0 +1,196 @@
+// The console's page: three views on one address each (#/ the workflows, #/workflow/ID one of them, #/dead-letters),
+// kept up to date by the server's events (/api/events: what the monitor read). No build step, no library.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+let config = null, snapshot = null, lastRead = -1, busy = false;
+let said = {};  // the last answer shown in a view ({where, text, refused}): kept when the view is drawn again
+
+function escape(text) {
+  return String(text ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
+
+function clock(value) {  // an ISO time or epoch seconds, shown in the viewer's zone
+  if (value === null || value === undefined) return "–";
+  const at = typeof value === "number" ? new Date(value * 1000) : new Date(value);
+  return at.toLocaleTimeString([], {hour12: false}) + "." + String(at.getMilliseconds()).padStart(3, "0");
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function drawFlow() {  // each workflow's lane: who starts it, the orchestrator, each step's topic and service
+  if (!config || !snapshot) return;
+  const rate = (topic) => `<small>${(snapshot.rates[topic] ?? 0).toFixed(1)}/s</small>`;
+  const lag = (group) => typeof snapshot.lag === "string" ? "" :
+    `<small>lag ${snapshot.lag[group] ?? "–"}</small>`;
+  $("#flow").innerHTML = config.flow.map((w) => `<div class="lane" data-workflow="${escape(w.name)}"><b>${escape(w.name)}</b>
+      <span class="box">${escape(w.source)}</span>→<span class="box topic">message_stream ${rate("message_stream")}</span>→
+      <span class="box">orchestrator ${lag("orchestrator")}</span>→
+      ${w.steps.map((s) => `<span class="box topic">${escape(s.topic)} ${rate(s.topic)}</span>→<span class="box">${escape(s.service)}
+        ${lag(s.service)}</span>`).join(" · ")}</div>`).join("") +
+    (typeof snapshot.lag === "string" ? `<div class="lane">consumer lag: ${escape(snapshot.lag)}</div>` : "");
+}
+
+function answer(where, text, refused) {  // an answer in the view, kept as the view is drawn again
+  if (text !== undefined) said = {where, text, refused};
+  const shown = $("#answer");
+  if (!shown || said.where !== where) return;
+  shown.hidden = false;
+  shown.textContent = said.text;
+  shown.className = "answer" + (said.refused ? " refused" : "");
+}
+
+function stateOf(row) {
+  return row.stuck ? `<span class="state stuck" title="${escape(row.monitor)}">stuck</span>` :
+    `<span class="state ${escape(row.state)}">${escape(row.state)}</span>`;
+}
+
+function stepsOf(row) {
+  return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}</span>
+    <small>×${s.attempts} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
+}
+
+async function showWorkflows(state) {
+  const rows = await api("/api/workflows" + (state ? "?state=" + encodeURIComponent(state) : ""));
+  const totals = snapshot ? snapshot.figures.workflows : {};
+  const filters = ["", "running", "completed", "failed", "cancelled", "stuck"].map((s) =>
+    `<a href="#/${s ? "state/" + s : ""}" class="${s === (state || "") ? "on" : ""}">${s || "all"}</a>`).join("");
+  $("#view").innerHTML = `<p class="counts">${Object.entries(totals).map(([k, v]) => `<span>${k} ${v}</span>`).join("")}</p>
+    <p class="filters">${filters}</p>
+    <table id="workflows"><thead><tr><th>workflow</th><th>type</th><th>state</th><th>started</th><th>steps</th></tr></thead>
+    <tbody>${rows.map((r) => `<tr data-id="${escape(r.workflow_id)}"><td class="id"><a href="#/workflow/${escape(r.workflow_id)}">
+      ${escape(r.workflow_id.slice(0, 8))}</a></td><td>${escape(r.type)}</td><td>${stateOf(r)}</td><td>${clock(r.started_at)}</td>
+      <td>${stepsOf(r)}</td></tr>`).join("")}</tbody></table>
+    ${rows.length ? "" : "<p>No workflow in the orchestrator's state" + (state ? " is " + escape(state) : "") + ".</p>"}`;
+}
+
+async function showWorkflow(id) {
+  const w = await api("/api/workflows/" + encodeURIComponent(id));
+  const off = config.actions_off;
+  const cancelWhy = off || (w.state !== "running" ? `only a running workflow can be cancelled (this one is ${w.state})` : "");
+  const retryWhy = off || (w.state !== "failed" ? `only a failed workflow can be retried (this one is ${w.state})` : "");
+  $("#view").innerHTML = `<h2>${escape(w.type)} workflow <span class="id">${escape(w.workflow_id)}</span>
+      <span class="state ${escape(w.state)}" id="state">${escape(w.state)}</span></h2>
+    <p>started ${clock(w.started_at)} under example ${w.stage}${w.finished_at ? ", ended " + clock(w.finished_at) : ""}${
+      w.retries ? `, retried ${w.retries}×` : ""}${w.trace ? ` · <a href="${escape(w.trace)}" target="_blank">its trace in Zipkin</a>` : ""}</p>
+    <p><button id="cancel" ${cancelWhy ? "disabled" : ""} title="${escape(cancelWhy)}">Cancel…</button>
+      <button id="retry" ${retryWhy ? "disabled" : ""} title="${escape(retryWhy)}">Retry…</button>
+      <small>${escape(off || "")}</small></p>
+    <p id="answer" class="answer" hidden></p>
+    <h3>Steps</h3><table><thead><tr><th>step</th><th>state</th><th>attempts</th><th>sent</th><th>ended</th><th>deadline</th></tr></thead>
+    <tbody>${w.steps.map((s) => `<tr><td>${escape(s.name)}</td><td class="${escape(s.state)}">${escape(s.state)}</td><td>${s.attempts}</td>
+      <td>${clock(s.sent_at)}</td><td>${clock(s.finished_at)}</td><td>${clock(s.deadline)}</td></tr>`).join("")}</tbody></table>
+    <h3>Its messages, in the order Kafka got them</h3>
+    <table id="messages"><thead><tr><th>time</th><th>topic</th><th>type</th><th>from</th><th>what it says</th></tr></thead>
+    <tbody>${w.messages.map((m) => `<tr><td>${clock(m.at / 1000)}</td><td>${escape(m.topic)}</td><td>${escape(m.type)}</td>
+      <td>${escape(m.source)}</td><td>${escape(m.note)}<span class="repeat">${m.repeat ? "repeat (same id again)" : ""}</span></td>
+      </tr>`).join("")}</tbody></table>
+    <h3>Its state entry</h3><pre>${escape(JSON.stringify(w.entry, null, 2))}</pre>`;
+  answer(w.workflow_id);
+  $("#cancel").onclick = () => act(w.workflow_id, "cancel");
+  $("#retry").onclick = () => act(w.workflow_id, "retry");
+}
+
+function ask(title, text) {  // a confirmation with a reason: {reason, by}, or null if the person went back
+  $("#ask-title").textContent = title;
+  $("#ask-text").textContent = text;
+  $("#ask-reason").value = "";
+  $("#ask-by").value = localStorage.getItem("console-by") || "";
+  const dialog = $("#ask");
+  return new Promise((resolve) => {
+    dialog.onclose = () => {
+      if (dialog.returnValue !== "go") return resolve(null);
+      localStorage.setItem("console-by", $("#ask-by").value);
+      resolve({reason: $("#ask-reason").value, by: $("#ask-by").value || "console"});
+    };
+    dialog.showModal();
+  });
+}
+
+async function act(id, kind) {
+  busy = true;
+  try {
+    const asked = await ask(`${kind === "cancel" ? "Cancel" : "Retry"} workflow ${id.slice(0, 8)}?`, kind === "cancel" ?
+      "It ends cancelled: its pending steps are no longer awaited, and nothing is tried again." :
+      "Its failed step's command is sent again under a new id, and the workflow runs again.");
+    if (!asked) return;
+    answer(id, "asking the orchestrator…", false);
+    try {
+      const reply = await api(`/api/workflows/${encodeURIComponent(id)}/${kind}`, {method: "POST",
+        headers: {"Content-Type": "application/json"}, body: JSON.stringify(asked)});
+      answer(id, reply.answer, !reply.granted);
+    } catch (error) {
+      answer(id, error.message, true);
+    }
+  } finally {
+    busy = false;
+  }
+}
+
+async function showDeadLetters() {
+  const letters = await api("/api/dead-letters");
+  $("#view").innerHTML = `<h2>Dead letters (${letters.length})</h2>
+    <table id="letters"><thead><tr><th>time</th><th>letter</th><th>workflow</th><th>from</th><th>replayed</th><th>reason</th><th></th></tr></thead>
+    <tbody>${letters.map((l) => `<tr data-letter="${escape(l.letter)}"><td>${clock(l.at)}</td><td>${escape(l.letter)}</td>
+      <td>${l.workflow === "-" ? "–" : `<a href="#/workflow/${escape(l.workflow)}">${escape(l.workflow)}</a>`}</td>
+      <td>${escape(l.from)}</td><td>${l.replayed.length ? `${l.replayed.length}×, last ${clock(l.replayed.at(-1))}` : "–"}</td>
+      <td>${escape(l.reason)}</td><td><button class="replay">Replay…</button></td></tr>`).join("")}</tbody></table>
+    <p id="answer" class="answer" hidden></p>`;
+  answer("dead-letters");
+  document.querySelectorAll("button.replay").forEach((button) => button.onclick = () =>
+    replay(button.closest("tr").dataset.letter));
+}
+
+async function replay(letter) {
+  busy = true;
+  try {
+    if (!await ask(`Replay ${letter}?`, "Its original is sent again to the topic it came from (same id: handled once).")) return;
+    try {
+      const reply = await api("/api/dead-letters/replay", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({letter})});
+      answer("dead-letters", reply.replayed ? `replayed ${letter}` : `${letter} was not replayed (see the console's log)`,
+             !reply.replayed);
+    } catch (error) {
+      answer("dead-letters", error.message, true);
+    }
+  } finally {
+    busy = false;
+  }
+}
+
+async function show() {  // the view the address names
+  const route = location.hash.replace(/^#\/?/, "").split("/");
+  try {
+    if (route[0] === "workflow" && route[1]) await showWorkflow(decodeURIComponent(route[1]));
+    else if (route[0] === "dead-letters") await showDeadLetters();
+    else await showWorkflows(route[0] === "state" ? route[1] : "");
+  } catch (error) {
+    $("#view").innerHTML = `<p class="problem">${escape(error.message)}</p>`;
+  }
+}
+
+async function start() {
+  config = await api("/api/config");
+  window.addEventListener("hashchange", show);
+  await show();
+  const events = new EventSource("/api/events");
+  events.onmessage = async (event) => {
+    snapshot = JSON.parse(event.data);
+    $("#live").textContent = "live · " + new Date().toLocaleTimeString([], {hour12: false});
+    $("#problem").hidden = !snapshot.problem;
+    $("#problem").textContent = snapshot.problem || "";
+    drawFlow();
+    if (snapshot.read !== lastRead && !busy && !$("#ask").open) {
+      lastRead = snapshot.read;
+      await show();
+    }
+  };
+  events.onerror = () => { $("#live").textContent = "reconnecting…"; };
+}
+
+start();

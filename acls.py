@@ -39,6 +39,7 @@ class Access:
     transactional_id: str | None = None  # transactional id prefix (exactly-once producers)
     sees_groups: bool = False           # may read every group's committed offsets (the monitor's lag)
     keeps_state: bool = False           # owns its group's state topic(s), state.<group>: reads, writes, creates it
+    reads_state: str | None = None      # may read the state topics of groups named so ("name*": every group so named)
 
 
 ACCESS = {  # user -> what it may do (a workflow's step topics come from the orchestrator's WORKFLOWS table)
@@ -53,7 +54,8 @@ ACCESS = {  # user -> what it may do (a workflow's step topics come from the orc
                                    group="notification_service", transactional_id="notification_service",
                                    keeps_state=True),
     "reporting_service": Access(reads=[REPORT_DATA], writes=[DEAD_LETTER], group="reporting_service"),
-    "monitor": Access(reads=ALL_TOPICS, sees_groups=True),  # joins no group
+    "monitor": Access(reads=ALL_TOPICS, sees_groups=True,  # joins no group
+                      reads_state="orchestrator*"),  # the workflows (workflows.py, the console), not the services' ids
     "operator": Access(writes=[MESSAGE_STREAM]),  # a person's requests (workflows.py cancel/retry, the console)
 }
 
@@ -86,6 +88,11 @@ def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
         for operation in (ACLOperation.READ, ACLOperation.WRITE, ACLOperation.DESCRIBE, ACLOperation.CREATE):
             acls.append(allow(operation, ResourceType.TOPIC, prefix + changelog(access.group.removesuffix("*")),
                               ACLResourcePatternType.PREFIXED))
+    if access.reads_state:
+        for operation in (ACLOperation.READ, ACLOperation.DESCRIBE):
+            acls.append(allow(operation, ResourceType.TOPIC, prefix + changelog(access.reads_state.removesuffix("*")),
+                              ACLResourcePatternType.PREFIXED if access.reads_state.endswith("*") else
+                              ACLResourcePatternType.LITERAL))
     if access.transactional_id:
         for operation in (ACLOperation.WRITE, ACLOperation.DESCRIBE):
             acls.append(allow(operation, ResourceType.TRANSACTIONAL_ID, prefix + access.transactional_id,

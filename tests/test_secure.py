@@ -355,9 +355,16 @@ def test_only_the_operator_may_ask_for_a_workflow_to_be_cancelled(secure_scripts
     # Then the orchestrator dead-letters the forged request, and the workflow still runs
     [letter] = secure_topics(DEAD_LETTER).read_count(1)
     assert letter.payload["reason"].startswith("security_detector may not send 'workflow_cancel_requested'")
-    # And when the operator asks, signed in as itself, the workflow is cancelled
-    env = dict(secure_scripts.env, KAFKA_OPERATOR_USERNAME="operator", KAFKA_OPERATOR_PASSWORD=secure_kafka[1]["operator"])
+    # And when a person asks, reading as the monitor and asking as the operator, the workflow is cancelled
+    env = dict(secure_scripts.env_for("monitor.py"), KAFKA_OPERATOR_USERNAME="operator",
+               KAFKA_OPERATOR_PASSWORD=secure_kafka[1]["operator"])
     done = secure_scripts.run("workflows.py", "cancel", workflow_id, "--reason", "drill", env=env)
     assert "done: cancelled" in done.stdout
     assert [m.type for m in stream.read_until(lambda ms: workflow_id in ids_of(ms, "workflow_cancelled"))
             if m.workflow_id == workflow_id and m.source == "orchestrator"] == ["workflow_cancelled"]
+    # And the monitor alone may read the workflows, but not ask
+    env = secure_scripts.env_for("monitor.py")
+    assert "cancelled" in secure_scripts.run("workflows.py", "show", workflow_id, env=env).stdout
+    refused = secure_scripts.run("workflows.py", "retry", workflow_id, "--reason", "x", env=env, check=False)
+    assert refused.returncode == 3 and "does not allow user 'monitor'" in refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr

@@ -83,3 +83,15 @@ def test_the_console_refuses_a_port_in_use_with_one_line(scripts):
         result = scripts.run("console.py", "--port", str(taken.getsockname()[1]), check=False)
     assert result.returncode == 1 and result.stderr.strip().startswith("console: cannot serve on 127.0.0.1:")
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.no_broker
+def test_the_buttons_are_off_on_a_secured_cluster_without_the_operators_credentials(monkeypatch):
+    import console
+    from common import Settings
+    secured = Settings(security={"sasl_plain_username": "monitor", "sasl_plain_password": "x"})
+    monkeypatch.delenv("KAFKA_OPERATOR_USERNAME", raising=False)
+    assert console.actions_off(Settings()) is None
+    assert "KAFKA_OPERATOR_USERNAME" in console.actions_off(secured)
+    monkeypatch.setenv("KAFKA_OPERATOR_USERNAME", "operator")
+    assert console.actions_off(secured) is None

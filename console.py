@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 import dead_letters
 import monitor
 import workflows
-from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, Settings, Stopper,
+from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, STATES, Settings, Stopper,
                     read_all, setup_logging, tracing, wait_for_kafka, written_by)
 from orchestrator import WORKFLOWS
 
@@ -81,7 +81,7 @@ class Watch:
         """The workflows in the orchestrators' state (read again if a second old)."""
         with self.state_lock:
             if time.monotonic() - self.states_at > EVERY_S:
-                self.states, self.states_at = workflows.located(self.settings), time.monotonic()
+                self.states, self.states_at = workflows.located(self.settings, quiet=True), time.monotonic()
             return self.states
 
     def listed(self, state: str | None, limit: int) -> list[dict]:
@@ -151,8 +151,11 @@ def app(watch: Watch) -> Starlette:
                                       for name, w in WORKFLOWS.items()]})
 
     async def listing(request: Request):
-        state = request.query_params.get("state") or None
-        return JSONResponse(await run_in_threadpool(watch.listed, state, int(request.query_params.get("limit", 500))))
+        state, limit = request.query_params.get("state") or None, request.query_params.get("limit", "500")
+        if state not in (None, *STATES, "stuck") or not limit.isdigit():
+            return JSONResponse({"error": f"state is one of {', '.join((*STATES, 'stuck'))}; limit a number"},
+                                status_code=400)
+        return await answered(watch.listed, state, int(limit))
 
     async def showing(request: Request):
         return await answered(watch.shown, request.path_params["id"])
@@ -160,11 +163,16 @@ def app(watch: Watch) -> Starlette:
     async def acting(request: Request):
         if why := actions_off(settings):
             return JSONResponse({"error": why}, status_code=403)
-        asked = await request.json()
-        granted, said = await run_in_threadpool(workflows.request, request.path_params["kind"], request.path_params["id"],
-                                                str(asked.get("reason") or "").strip() or "(no reason given)",
-                                                str(asked.get("by") or "console")[:64], 5.0, settings)
-        return JSONResponse({"granted": granted, "answer": said})
+        asked, kind = await request.json(), request.path_params["kind"]
+        if kind not in ("cancel", "retry"):
+            return JSONResponse({"error": f"no such action: {kind} (cancel or retry)"}, status_code=404)
+
+        def ask() -> dict:
+            granted, said = workflows.request(kind, request.path_params["id"],
+                                              str(asked.get("reason") or "").strip()[:500] or "(no reason given)",
+                                              str(asked.get("by") or "console")[:64], 5.0, settings)
+            return {"granted": granted, "answer": said}
+        return await answered(ask)
 
     async def dead(_: Request):
         return await answered(letters, settings)

@@ -90,7 +90,7 @@ class Walkthrough:
                                     ("detector", "security_detector.py", "--rate", "3", "--seed", "1"),
                                     ("console", "console.py", "--port", str(port))):
             self.children.start(name, script, *args)
-        say(f"Watch it in a browser: http://127.0.0.1:{port} (the web console, python console.py)")
+        console.print(f"Watch it in a browser: http://127.0.0.1:{port} (the web console, python console.py)", soft_wrap=True)
         self.tail.wait(lambda: self.flow.counts()[1] >= 3 * self.stage, timeout=60 + self.stage)
         console.print(render(self.flow, None, rows=4))
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
+from pydantic import ValidationError
 
 from common import (MESSAGE_STREAM, OPERATOR, SETTINGS, STATES, WORKFLOW, Settings, Stopper, about, derived_id,
                     is_workflow, latest_entries, make_producer, orchestrator_groups, refused, setup_logging,
@@ -48,13 +49,14 @@ class Located(NamedTuple):
     trace: str | None     # the trace context of the record that wrote the entry last (tracing on)
 
 
-def located(settings=SETTINGS) -> dict[str, Located]:
-    """Every workflow, by id, with where its state is."""
+def located(settings=SETTINGS, quiet: bool = False) -> dict[str, Located]:
+    """Every workflow, by id, with where its state is (quiet: entries set aside are not said)."""
     cutoff = time.time() - settings.state_retention_s
     found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, trace_of(raw))
              for (partition, key), (at, _, raw, value) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
              if key.startswith(WORKFLOW.encode()) and at >= cutoff}
-    if unreadable := [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]:
+    unreadable = [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]
+    if unreadable and not quiet:
         print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
               f"unreadable, e.g. {unreadable[0]}: what each held is lost (the orchestrator dead-letters it, or else the next "
               f"event of its workflow; see dead_letters.py list)",
@@ -85,19 +87,26 @@ def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0,
     once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka all the same)."""
     located_ = located(settings)
     workflow_id = one(located_, wanted)
-    partition, workflow, _ = located_[workflow_id]
-    event = about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": workflow["type"]},
-                  OPERATOR)
+    state_partition, workflow, trace = located_[workflow_id]
+    try:
+        event = about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": workflow["type"]},
+                      OPERATOR)
+    except ValidationError as error:  # (an empty or overlong reason, say)
+        wrong = error.errors()[0]
+        raise SystemExit(f"workflows: --{wrong['loc'][0]}: {wrong['msg']}; nothing was sent") from None
     answers = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
     producer = make_producer(settings=operator_settings(settings))
     try:
-        inbox = TopicPartition(settings.topic(written_by(MESSAGE_STREAM, "orchestrator")), partition)
-        answers.assign([inbox])
-        answers.seek_to_end(inbox)
-        answers.position(inbox)  # (from here: its answer comes after the request)
+        inbox = settings.topic(written_by(MESSAGE_STREAM, "orchestrator"))
+        partitions = [TopicPartition(inbox, p) for p in answers.partitions_for_topic(inbox) or ()]
+        answers.assign(partitions)
+        answers.seek_to_end(*partitions)
+        for partition in partitions:
+            answers.position(partition)  # (from here: its answer comes after the request)
         topic = settings.topic(written_by(MESSAGE_STREAM, OPERATOR))
         key = (workflow.get("key") or "").encode(errors="surrogateescape") or None
-        producer.send(topic, event.to_bytes(), key=key, partition=partition).get(timeout=30)
+        headers = [("traceparent", trace.encode())] if trace else None  # (tracing on: the request joins its trace)
+        producer.send(topic, event.to_bytes(), key=key, partition=state_partition, headers=headers).get(timeout=30)
         return awaited(answers, derived_id(event.id, "answer"), workflow_id, wait_s)
     except KafkaError as error:
         raise refused(f"asking the orchestrator to {kind} {workflow_id}", error, settings) from None

@@ -23,6 +23,7 @@ def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
     workflows, completed, lost, duplicates = map(int, found.groups()[:4])
     assert workflows > 20 and completed == workflows and lost == 0 and duplicates == 0
     assert "Example 3" in result.stdout and "waited in Kafka were routed" in result.stdout
+    assert re.search(r"Watch it in a browser: http://127\.0\.0\.1:\d+ \(the web console", result.stdout)
     assert result.returncode == 0
     # And it deleted the topics it made under its prefix
     prefix = re.search(r"topics prefixed '(demo\w+_)'", result.stdout).group(1)
@@ -40,9 +41,11 @@ def test_make_walkthrough_opens_a_tmux_session_with_a_window_per_script(tmp_path
         opened = subprocess.run([sys.executable, "demo.py", "--tmux"], cwd=ROOT, env=env, capture_output=True,
                                 text=True, timeout=60)
         assert opened.returncode == 0 and "attach with: tmux attach -t walkthrough" in opened.stdout
+        assert "the web console: http://127.0.0.1:8080" in opened.stdout
         windows = subprocess.run(["tmux", "list-windows", "-t", "walkthrough", "-F", "#{window_name}"], env=env,
                                  capture_output=True, text=True, check=True).stdout.split()
-        assert windows == ["security", "notification", "orchestrator", "detector", "monitor", "reporting", "units"]
+        assert windows == ["security", "notification", "orchestrator", "detector", "monitor", "console", "reporting",
+                           "units"]
         again = subprocess.run([sys.executable, "demo.py", "--tmux"], cwd=ROOT, env=env, capture_output=True, text=True,
                                timeout=60)
         assert again.stdout == ("tmux session 'walkthrough' is open already, its scripts as you left them (`tmux "

@@ -114,8 +114,11 @@ def test_a_request_from_another_writer_is_a_dead_letter_and_an_unknown_id_is_one
     letters = topics("dead_letter").read_count(1)
     unknown = scripts.run("workflows.py", "cancel", "ffffffff", "--reason", "x", check=False)
     short = scripts.run("workflows.py", "retry", event.workflow_id[:6], "--reason", "x", check=False)
+    long = scripts.run("workflows.py", "cancel", event.workflow_id, "--reason", "x" * 501, check=False)
     # Then the forged request is a dead letter and changed nothing; the others are one line each
     assert "may not send 'workflow_cancel_requested'" in letters[0].payload["reason"]
     assert not answers(stream, event.workflow_id)
     assert unknown.returncode == 1 and unknown.stderr.strip() == "workflows: no workflows have an id 'ffffffff' or starting so"
     assert short.returncode == 1 and "give the whole id, or 8 characters or more" in short.stderr
+    assert long.returncode == 1 and long.stderr.strip() == (
+        "workflows: --reason: String should have at most 500 characters; nothing was sent")

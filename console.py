@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import uvicorn
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -34,14 +35,48 @@ from starlette.staticfiles import StaticFiles
 import dead_letters
 import monitor
 import workflows
-from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, STATES, Settings, Stopper,
-                    read_all, setup_logging, tracing, wait_for_kafka, written_by)
+from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, STATES, Latest,
+                    Settings, Stopper, changelog, orchestrator_groups, read_all, setup_logging, tracing, wait_for_kafka,
+                    written_by)
 from orchestrator import WORKFLOWS
 
 log = logging.getLogger("console")
 WEB = Path(__file__).resolve().parent / "web"
 EVERY_S = 1.0  # how often the page is told what changed
 LAG_EVERY_S = 2.0
+
+
+class Following:
+    """The orchestrators' state topics, followed: each look reads only what was written since the last (workflows.py
+    reads them whole each time)."""
+
+    def __init__(self, settings: Settings):
+        self.settings, self.latest = settings, Latest()
+        self.groups = {settings.topic(changelog(group)): group for group in orchestrator_groups(WORKFLOWS)}
+        for group in self.groups.values():  # (in workflows.py's order: on a tie, the same entry wins)
+            self.latest.kept[group] = {}
+        self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False,
+                                      isolation_level="read_committed")
+
+    def entries(self) -> dict:
+        """The state now, as latest_entries gives it (a state topic made since is read from its beginning)."""
+        wanted = [TopicPartition(t, p) for t in sorted(set(self.consumer.topics()) & set(self.groups))
+                  for p in self.consumer.partitions_for_topic(t) or ()]
+        if set(wanted) != self.consumer.assignment():
+            kept = {tp: self.consumer.position(tp) for tp in self.consumer.assignment()}
+            self.consumer.assign(wanted)
+            for tp in wanted:
+                if tp in kept:
+                    self.consumer.seek(tp, kept[tp])
+                else:
+                    self.consumer.seek_to_beginning(tp)
+        end, stalled_at = self.consumer.end_offsets(wanted), time.monotonic() + 30
+        while any(self.consumer.position(tp) < end[tp] for tp in wanted):
+            if time.monotonic() > stalled_at:
+                raise KafkaError("reading the orchestrators' state made no progress for 30 s")
+            for tp, records in self.consumer.poll(timeout_ms=200).items():
+                self.latest.add(self.groups[tp.topic], records)
+        return self.latest.entries()
 
 
 class Watch:
@@ -54,6 +89,7 @@ class Watch:
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.read, self.lag, self.problem = 0, {}, None
         self.state_lock, self.states, self.states_at = threading.Lock(), {}, 0.0
+        self.following = Following(settings)
 
     def run(self) -> None:
         lagged = 0.0
@@ -81,7 +117,8 @@ class Watch:
         """The workflows in the orchestrators' state (read again if a second old)."""
         with self.state_lock:
             if time.monotonic() - self.states_at > EVERY_S:
-                self.states, self.states_at = workflows.located(self.settings, quiet=True), time.monotonic()
+                self.states = workflows.located(self.settings, quiet=True, entries=self.following.entries())
+                self.states_at = time.monotonic()
             return self.states
 
     def listed(self, state: str | None, limit: int) -> list[dict]:

@@ -49,11 +49,13 @@ class Located(NamedTuple):
     trace: str | None     # the trace context of the record that wrote the entry last (tracing on)
 
 
-def located(settings=SETTINGS, quiet: bool = False) -> dict[str, Located]:
-    """Every workflow, by id, with where its state is (quiet: entries set aside are not said)."""
+def located(settings=SETTINGS, quiet: bool = False, entries: dict | None = None) -> dict[str, Located]:
+    """Every workflow, by id, with where its state is (quiet: entries set aside are not said). `entries`: the state
+    as latest_entries gives it, if read already (the console follows it)."""
     cutoff = time.time() - settings.state_retention_s
+    entries = latest_entries(orchestrator_groups(WORKFLOWS), settings) if entries is None else entries
     found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, trace_of(raw))
-             for (partition, key), (at, _, raw, value) in latest_entries(orchestrator_groups(WORKFLOWS), settings).items()
+             for (partition, key), (at, _, raw, value) in entries.items()
              if key.startswith(WORKFLOW.encode()) and at >= cutoff}
     unreadable = [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]
     if unreadable and not quiet:

@@ -30,7 +30,7 @@ except ModuleNotFoundError as missing:
     raise SystemExit(f"{missing.name} is not installed here: run the scripts in the project's virtual environment "
                      f"(`make check` makes it in .venv; then `. .venv/bin/activate`)") from None
 
-from common.changelog import Record, changelog, ensure_changelog, latest_entries
+from common.changelog import Latest, Record, changelog, ensure_changelog, latest_entries
 from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,
                             read_from, refused, send, wait_for_acks, wait_for_kafka)
 from common.handling import Handler, Unavailable, handle_batch, handle_record
@@ -50,7 +50,7 @@ from common.workarounds import discard
 from common.workflow import (ANSWERS, FINISHED, OPERATOR, REQUESTS, Step, Workflow, command_topics, group_for,
                              orchestrator_groups, owns, reports_done, senders, services)
 
-__all__ = ["Record", "changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
+__all__ = ["Latest", "Record", "changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
            "ensure_topics", "make_consumer", "make_producer", "read_all", "read_from", "refused", "send", "wait_for_acks",
            "wait_for_kafka", "Handler", "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES",
            "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "about", "caused_by", "derived_id",

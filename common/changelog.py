@@ -174,25 +174,41 @@ def settled_end(readers: tuple[KafkaConsumer, KafkaConsumer], tps: list[TopicPar
 
 def latest_entries(groups: Iterable[str], settings: Settings = SETTINGS) -> dict[tuple[int, bytes], tuple]:
     """The last entry written for each (partition, key) in these groups' state topics (read whole, joining no
-    group): (when it was written, by which group, the entry as stored, its value). On a tie the group named later
-    wins. A record that is not a state entry is left out (the service sets it aside when it reads it back)."""
-    latest: dict[tuple[int, bytes], tuple[float, str, bytes, Any]] = {}
+    group): as Latest.entries gives them."""
+    latest = Latest()
     for group in groups:
-        for slot, raw in last_of_each_key(read_all(changelog(group), settings=settings)).items():
-            entry, _ = checked(raw)
-            if entry is not None and (slot not in latest or entry.at >= latest[slot][0]):
-                latest[slot] = (entry.at, group, raw, read(raw)["value"])
-    return latest
+        latest.add(group, read_all(changelog(group), settings=settings))
+    return latest.entries()
 
 
-def last_of_each_key(records: list) -> dict[tuple[int, bytes], bytes]:
-    """(partition, key) -> the last record's value of each key of one state topic (a tombstone removes the key)."""
-    last: dict[tuple[int, bytes], bytes] = {}
-    for record in records:
-        last[(record.partition, record.key)] = record.value
-        if record.value is None:
-            del last[(record.partition, record.key)]
-    return last
+class Latest:
+    """The last entry of each (partition, key) of some groups' state topics, kept as their records are read (whole,
+    or a few at a time: the console follows them). A tombstone removes its key; a record that is not a state entry
+    is left out (the service sets it aside when it reads it back)."""
+
+    def __init__(self):
+        self.kept: dict[str, dict[tuple[int, bytes], tuple[float, bytes, Any]]] = {}  # group -> slot -> (at, raw, value)
+
+    def add(self, group: str, records: list) -> None:
+        kept, last = self.kept.setdefault(group, {}), {}
+        for record in records:  # (only the last record of a key counts: it alone is read)
+            last[(record.partition, record.key)] = record.value
+        for slot, raw in last.items():
+            entry, _ = checked(raw) if raw is not None else (None, None)
+            if entry is None:
+                kept.pop(slot, None)
+            else:
+                kept[slot] = (entry.at, raw, read(raw)["value"])
+
+    def entries(self) -> dict[tuple[int, bytes], tuple]:
+        """(partition, key) -> (when it was written, by which group, the entry as stored, its value): the latest
+        of the groups' (on a tie, the group added later)."""
+        latest: dict[tuple[int, bytes], tuple[float, str, bytes, Any]] = {}
+        for group, kept in self.kept.items():
+            for slot, (at, raw, value) in kept.items():
+                if slot not in latest or at >= latest[slot][0]:
+                    latest[slot] = (at, group, raw, value)
+        return latest
 
 
 def refuse_if_state_lost(admin: KafkaAdminClient, name: str, group: str, settings: Settings = SETTINGS) -> None:

@@ -126,6 +126,12 @@ def test_a_dead_letter_is_an_error_its_replay_and_a_timeout_stay_in_the_workflow
     assert names == [("orchestrator", "fire step_timed_out", False), ("orchestrator", "route unit_event", False),
                      ("reporting_service", "act on report_data", False), ("reporting_service", "act on report_data", True)]
     assert len({s["traceId"] for s in spans}) == 1 and {s["tags"].get("workflow.id") for s in spans} == {unit.workflow_id}
+    # And a person's retry of the failed workflow joins its trace
+    assert "done: applied sent again" in scripts.run("workflows.py", "retry", unit.workflow_id, "--reason", "unit back",
+                                                     "--wait", "30").stdout
+    spans = trace_of(traced, unit.workflow_id, {"orchestrator"}, spans=len(spans) + 1)
+    assert ("orchestrator", "route workflow_retry_requested") in {(s["localEndpoint"]["serviceName"], s["name"])
+                                                                  for s in spans}
 
 
 @pytest.mark.no_broker

@@ -27,6 +27,8 @@ from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
@@ -62,15 +64,14 @@ class Following:
         """The state now, as latest_entries gives it (a state topic made since is read from its beginning)."""
         wanted = [TopicPartition(t, p) for t in sorted(set(self.consumer.topics()) & set(self.groups))
                   for p in self.consumer.partitions_for_topic(t) or ()]
-        if set(wanted) != self.consumer.assignment():
-            kept = {tp: self.consumer.position(tp) for tp in self.consumer.assignment()}
+        end, assigned = self.consumer.end_offsets(wanted), self.consumer.assignment()
+        if set(wanted) != assigned or any(self.consumer.position(tp) > end[tp] for tp in assigned if tp in end):
+            for group in self.latest.kept:  # (a state topic made, or deleted and made again: all read anew)
+                self.latest.kept[group] = {}
             self.consumer.assign(wanted)
-            for tp in wanted:
-                if tp in kept:
-                    self.consumer.seek(tp, kept[tp])
-                else:
-                    self.consumer.seek_to_beginning(tp)
-        end, stalled_at = self.consumer.end_offsets(wanted), time.monotonic() + 30
+            if wanted:
+                self.consumer.seek_to_beginning(*wanted)
+        stalled_at = time.monotonic() + 30
         while any(self.consumer.position(tp) < end[tp] for tp in wanted):
             if time.monotonic() > stalled_at:
                 raise KafkaError("reading the orchestrators' state made no progress for 30 s")
@@ -106,6 +107,10 @@ class Watch:
             except (KafkaError, SystemExit) as error:  # (the broker away, a right taken: said on the page)
                 self.problem = f"reading the topics: {error}"
                 self.stop.wait(1)
+            except Exception as error:  # noqa: BLE001 -- a bug: said on the page and in the log, not a frozen page
+                log.exception("console: reading the topics failed")
+                self.problem = f"reading the topics failed: {type(error).__name__}: {error}"
+                self.stop.wait(1)
 
     def snapshot(self) -> dict:
         """What the page's live parts show: the flow, the totals, and a count that changes when anything was read."""
@@ -123,13 +128,16 @@ class Watch:
 
     def listed(self, state: str | None, limit: int) -> list[dict]:
         """workflows.py list --json's objects, newest first, each with what the monitor says of it (stuck, say)."""
-        found, now = self.located(), time.time()
-        with self.lock:
-            seen = {w: self.flow.state(w, now) for w in found if w in self.flow.kind}
-        rows = [workflows.summary(found_.workflow) | {"monitor": seen.get(w, "not seen on the topics")}
-                for w, found_ in sorted(found.items(), key=lambda item: -item[1].workflow["started_at"])]
-        rows = [row | {"stuck": row["monitor"].startswith("STUCK")} for row in rows]
-        return [row for row in rows if state in (None, row["state"]) or (state == "stuck" and row["stuck"])][:limit]
+        found, now, rows = self.located(), time.time(), []
+        for w, found_ in sorted(found.items(), key=lambda item: -item[1].workflow["started_at"]):
+            with self.lock:
+                seen = self.flow.state(w, now) if w in self.flow.kind else "not seen on the topics"
+            stuck = seen.startswith("STUCK")
+            if state in (None, found_.workflow["state"]) or (state == "stuck" and stuck):
+                rows.append(workflows.summary(found_.workflow) | {"monitor": seen, "stuck": stuck})
+            if len(rows) == limit:
+                break
+        return rows
 
     def shown(self, wanted: str) -> dict:
         """workflows.py show --json's object, with its state entry, its messages in Kafka's order and its trace."""
@@ -175,21 +183,42 @@ def actions_off(settings: Settings) -> str | None:
     return None
 
 
-def app(watch: Watch) -> Starlette:
+class SameOrigin:
+    """A POST (an action) only from the console's own page: JSON, and from its own origin when the browser says one
+    (a page of another site cannot send one through the operator's browser)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+            origin, host = headers.get("origin"), headers.get("host", "")
+            if not headers.get("content-type", "").startswith("application/json") or \
+                    (origin is not None and origin.split("://", 1)[-1] != host):
+                response = JSONResponse({"error": "an action comes from the console's own page (JSON, same origin)"},
+                                        status_code=403)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def app(watch: Watch, hosts: list[str]) -> Starlette:
+    """The console's web application; `hosts`: the names it answers to (others are refused: DNS rebinding)."""
     settings = watch.settings
 
     async def page(_: Request):
         return FileResponse(WEB / "index.html")
 
     async def config(_: Request):
-        return JSONResponse({"actions_off": actions_off(settings), "workflows": list(WORKFLOWS),
+        return JSONResponse({"actions_off": actions_off(settings), "replay_off": replay_off(settings),
+                             "workflows": list(WORKFLOWS),
                              "flow": [{"name": name, "source": w.source, "starts_with": w.starts_with,
                                        "steps": [{"name": s.name, "topic": s.topic, "service": s.service} for s in w.steps]}
                                       for name, w in WORKFLOWS.items()]})
 
     async def listing(request: Request):
         state, limit = request.query_params.get("state") or None, request.query_params.get("limit", "500")
-        if state not in (None, *STATES, "stuck") or not limit.isdigit():
+        if state not in (None, *STATES, "stuck") or not (limit.isascii() and limit.isdecimal()):
             return JSONResponse({"error": f"state is one of {', '.join((*STATES, 'stuck'))}; limit a number"},
                                 status_code=400)
         return await answered(watch.listed, state, int(limit))
@@ -198,16 +227,14 @@ def app(watch: Watch) -> Starlette:
         return await answered(watch.shown, request.path_params["id"])
 
     async def acting(request: Request):
-        if why := actions_off(settings):
-            return JSONResponse({"error": why}, status_code=403)
-        asked, kind = await request.json(), request.path_params["kind"]
-        if kind not in ("cancel", "retry"):
-            return JSONResponse({"error": f"no such action: {kind} (cancel or retry)"}, status_code=404)
+        kind, asked = request.path_params["kind"], await body(request)
+        if why := actions_off(settings) or refusal(asked, "reason") or (
+                kind not in ("cancel", "retry") and f"no such action: {kind} (cancel or retry)"):
+            return JSONResponse({"error": why}, status_code=403 if why == actions_off(settings) else 400)
 
-        def ask() -> dict:
-            granted, said = workflows.request(kind, request.path_params["id"],
-                                              str(asked.get("reason") or "").strip()[:500] or "(no reason given)",
-                                              str(asked.get("by") or "console")[:64], 5.0, settings)
+        def ask() -> dict:  # (a reason over 500 characters, a name over 64: workflows.request says so)
+            granted, said = workflows.request(kind, request.path_params["id"], str(asked["reason"]).strip(),
+                                              str(asked.get("by") or "console"), 5.0, settings, watch.located())
             return {"granted": granted, "answer": said}
         return await answered(ask)
 
@@ -215,8 +242,10 @@ def app(watch: Watch) -> Starlette:
         return await answered(letters, settings)
 
     async def replay(request: Request):
-        letter = str((await request.json()).get("letter", ""))
-        return await answered(lambda: {"replayed": replayed(letter, settings)})
+        asked = await body(request)
+        if why := replay_off(settings) or refusal(asked, "letter"):
+            return JSONResponse({"error": why}, status_code=403 if why == replay_off(settings) else 400)
+        return await answered(lambda: {"replayed": replayed(str(asked["letter"]), settings)})
 
     async def events(request: Request):
         async def stream():
@@ -225,7 +254,8 @@ def app(watch: Watch) -> Starlette:
                 await asyncio.sleep(EVERY_S)
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    return Starlette(routes=[
+    return Starlette(middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
+                                 Middleware(SameOrigin)], routes=[
         Route("/", page), Route("/api/config", config), Route("/api/workflows", listing),
         Route("/api/workflows/{id}", showing), Route("/api/workflows/{id}/{kind:str}", acting, methods=["POST"]),
         Route("/api/dead-letters", dead), Route("/api/dead-letters/replay", replay, methods=["POST"]),
@@ -233,13 +263,44 @@ def app(watch: Watch) -> Starlette:
 
 
 async def answered(function, *args) -> JSONResponse:
-    """A blocking question, asked off the event loop; a one-line error (a SystemExit's, a refusal's) as a 4xx."""
+    """A blocking question, asked off the event loop; a one-line error as a 4xx (no such workflow, a bad request:
+    the line the scripts print; a right Kafka refused: said in the console's log) or a 503 (Kafka away)."""
     try:
         return JSONResponse(await run_in_threadpool(function, *args))
     except SystemExit as error:
-        return JSONResponse({"error": str(error) or "refused (see the console's log)"}, status_code=404)
+        if isinstance(error.code, str):
+            return JSONResponse({"error": error.code}, status_code=404)
+        return JSONResponse({"error": "Kafka refused it: this console's user may not (see the console's log)"},
+                            status_code=403)
     except KafkaError as error:
         return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=503)
+
+
+async def body(request: Request) -> dict | None:
+    """A POST's JSON object, or None (not JSON, or not an object)."""
+    try:
+        asked = await request.json()
+    except ValueError:
+        return None
+    return asked if isinstance(asked, dict) else None
+
+
+def refusal(asked: dict | None, needed: str) -> str | None:
+    """What is wrong with a POST's body, or None."""
+    if asked is None:
+        return "the body is a JSON object"
+    if not str(asked.get(needed) or "").strip():
+        return f"{needed} is required"
+    return None
+
+
+def replay_off(settings: Settings) -> str | None:
+    """Why the replay buttons are off: on a secured cluster a replay needs a user that may write the original's topic
+    (admin, as dead_letters.py runs)."""
+    user = settings.security.get("sasl_plain_username")
+    if user and user != "admin":
+        return f"replaying needs the admin user (this console reads as {user}): python dead_letters.py replay, as admin"
+    return None
 
 
 def main() -> int:
@@ -261,7 +322,9 @@ def main() -> int:
     watch.tail.feed(watch.tail.fetch(0))  # (a right it lacks: one line, here)
     threading.Thread(target=watch.run, daemon=True, name="console-watch").start()
     log.info("console: http://%s:%d (Ctrl-C stops it)", args.host, args.port)
-    uvicorn.run(app(watch), host=args.host, port=args.port, log_level="warning")
+    hosts = ["127.0.0.1", "localhost", "[::1]"] + ([] if args.host in ("127.0.0.1", "localhost") else
+                                                   ["*"] if args.host in ("0.0.0.0", "::") else [args.host])
+    uvicorn.run(app(watch, hosts), host=args.host, port=args.port, log_level="warning")
     watch.stop.set()
     return 0
 

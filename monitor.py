@@ -152,18 +152,18 @@ class Flow:
         if at is not None and first and abs(written - at) > SKEW_S:  # (a replay or a re-sent command is sent later)
             self.skew += 1
             self.skewed.add(message.workflow_id)
-        if message.type == "workflow_retried" and message.workflow_id in self.kind:  # (it runs again from its start)
-            self.rerun(message.workflow_id)
+        if message.type == "workflow_retried" and message.workflow_id in self.kind:  # (its step runs again)
+            self.rerun(message.workflow_id, str(message.payload.get("step", "")))
         self.times[message.workflow_id].setdefault(message.type, written if at is None else at)
         if len(self.times) > self.next_fold:
             self.fold()
             self.next_fold = len(self.times) + self.window // 5  # (a scan every window/5 adds at most)
 
-    def rerun(self, workflow: str) -> None:
-        """A failed workflow a person retried: its steps are to come again (what it began with stays)."""
-        definition = WORKFLOWS[self.kind[workflow]]
-        self.times[workflow] = {t: at for t, at in self.times[workflow].items()
-                                if t in (definition.starts_with, definition.steps[0].command)}
+    def rerun(self, workflow: str, name: str) -> None:
+        """A failed workflow a person retried: the step tried again is to report again, and the workflow to end
+        again (the rest stays as it was)."""
+        again = {t for step in WORKFLOWS[self.kind[workflow]].steps if step.name == name for t in step.done + step.failed}
+        self.times[workflow] = {t: at for t, at in self.times[workflow].items() if t not in again | {*FINISHED}}
 
     def fold(self) -> None:
         """Fold the oldest finished workflows into the counts until the window holds `window`; past twice that,

@@ -82,12 +82,13 @@ def one(found: dict, wanted: str) -> str:
     return matches[0]
 
 
-def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0,
-            settings: Settings = SETTINGS) -> tuple[bool, str]:
+def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0, settings: Settings = SETTINGS,
+            found: dict[str, Located] | None = None) -> tuple[bool, str]:
     """Ask the orchestrator to cancel or retry one workflow: the request goes to message_stream.operator, in the
     partition of the workflow's state (so to the orchestrator that holds it); (granted, its answer said in a line)
-    once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka all the same)."""
-    located_ = located(settings)
+    once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka all the same). `found`:
+    the workflows, if read already."""
+    located_ = located(settings) if found is None else found
     workflow_id = one(located_, wanted)
     state_partition, workflow, trace = located_[workflow_id]
     try:
@@ -133,6 +134,14 @@ def awaited(answers: KafkaConsumer, answer_id: str, workflow_id: str, wait_s: fl
                    f"{wait_s:.0f} s (is it running?); it waits in Kafka and is answered when the orchestrator reads it")
 
 
+def login_name() -> str:
+    """Who runs this, as the system knows them (someone, where it does not: a container's user without a name)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "someone"
+
+
 def operator_settings(settings: Settings = SETTINGS) -> Settings:
     """Settings to send a person's request with: as the operator user where KAFKA_OPERATOR_USERNAME says so."""
     user = os.environ.get("KAFKA_OPERATOR_USERNAME")
@@ -171,10 +180,11 @@ def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(workflow))
         return 0
+    retries = workflow["retries"]
     print(f"workflow {workflow['workflow_id']}: {workflow['type']}, {workflow['state']}, started "
           f"{clock(workflow['started_at'])} under example {workflow['stage']}"
           f"{'' if workflow['finished_at'] is None else ', finished ' + clock(workflow['finished_at'])}"
-          f"{'' if not workflow['retries'] else ', retried ' + str(workflow['retries']) + ' times' * (workflow['retries'] > 1)}")
+          f"{f', retried {retries} time' + 's' * (retries > 1) if retries else ''}")
     for step in workflow["steps"]:
         print(f"  {step['name']:<10} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}  "
               f"finished {clock(step['finished_at'])}  deadline {clock(step['deadline'])}")
@@ -198,14 +208,14 @@ def main() -> int:
         acting = commands.add_parser(kind, allow_abbrev=False, help=what)
         acting.add_argument("workflow_id")
         acting.add_argument("--reason", required=True, help="why (kept in the workflow's history)")
-        acting.add_argument("--by", default=getpass.getuser(), help="who asks (default: your login name)")
+        acting.add_argument("--by", help="who asks (default: your login name)")
         acting.add_argument("--wait", type=float, default=5.0, metavar="S", help="seconds to wait for the answer")
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (`workflows.py list | head` ends quietly, as other commands do)
     setup_logging()
     wait_for_kafka(Stopper(), "workflows", wait=False).close()
     if args.command in ("cancel", "retry"):
-        granted, said = request(args.command, args.workflow_id, args.reason, args.by, args.wait)
+        granted, said = request(args.command, args.workflow_id, args.reason, args.by or login_name(), args.wait)
         print(said)
         return 0 if granted else 1
     found = workflows()

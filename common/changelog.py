@@ -5,6 +5,7 @@ aside, with the reason, for the service to say and dead-letter."""
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -80,8 +81,9 @@ def checked(raw: bytes) -> tuple[Entry | None, str | None]:
             entry = json.loads(raw)
         except ValueError:
             return None, f"its value is not JSON ({str(error)[:100]})"
-    if not isinstance(entry, dict) or "value" not in entry:
-        return None, NOT_AN_ENTRY
+    if not isinstance(entry, dict) or "value" not in entry or \
+            not all(math.isfinite(entry.get(field) or 0) for field in ("at", "due") if isinstance(entry.get(field), float)):
+        return None, NOT_AN_ENTRY  # (json reads NaN and Infinity, which no entry holds)
     try:
         return msgspec.convert({**entry, "value": msgspec.Raw(b"0")}, Entry), None  # (its value was read above)
     except msgspec.ValidationError:

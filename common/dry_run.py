@@ -9,7 +9,7 @@ from common.clients import read_all
 from common.messages import DeadLetter, parse
 from common.settings import DEAD_LETTER, MESSAGE_STREAM, SETTINGS, written_by
 from common.orchestration import SOURCE
-from common.workflow import Table, active, owns, senders
+from common.workflow import REQUESTS, Table, active, owns, senders
 
 
 WAITS = "(waits in Kafka: read from a later example)"
@@ -43,6 +43,8 @@ def outputs(event, route, stage: int, table: Table, workflows: set[str], allowed
         return [WAITS]
     if event.type not in allowed or not owns(table, event.type, workflows):
         return [DEAD_LETTER if event.type not in allowed else "(another orchestrator)"]
+    if event.type in REQUESTS:  # (granted or refused by the workflow's state then: the engine's, not route()'s)
+        return ["(a person's request: answered by the orchestrator)"]
     try:
         return [name for name, *_ in route(event, stage)] or ["(nothing: step done)"]
     except DeadLetter:

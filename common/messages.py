@@ -93,9 +93,8 @@ class WorkflowFinished(Schema):  # the orchestrator's own event: a workflow comp
 class OperatorRequest(Schema):  # a person's request about one workflow (workflows.py cancel/retry, the console)
     reason: str = Field(min_length=1, max_length=500)  # why: it stays in the workflow's history
     by: str = Field(min_length=1, max_length=64)        # who asked
-    workflow: str = Field(default="", max_length=64)   # its workflow's name, if known (a split orchestrator's own)
-    # A retry, as route() sees it: the engine adds the step tried again and its command under a new id
-    step: str = Field(default="", max_length=64)
+    workflow: str = Field(min_length=1, max_length=64)  # its workflow's name (each split orchestrator answers its own)
+    step: str = Field(default="", max_length=64)  # (a retry as route() sees it: the engine adds step, topic, command)
     topic: str = Field(default="", max_length=64)
     command: dict[str, Any] = Field(default_factory=dict)
 
@@ -106,6 +105,7 @@ class OperatorAnswer(Schema):  # the orchestrator's answer to a request: done (w
     by: str = Field(max_length=64)
     reason: str = Field(max_length=500)   # the request's reason
     detail: str = Field(default="", max_length=500)  # what was done, or why it was refused
+    step: str = Field(default="", max_length=64)     # the step tried again (a retry)
 
 
 SCHEMAS: dict[str, type[Schema]] = {

@@ -14,11 +14,16 @@ SOURCE = "orchestrator"
 RETRIABLE = ("failed", "timed_out")  # a step in one of these states can be tried again
 
 
-def answer(event: Envelope, workflow: dict | None, type_: str, detail: str) -> Output:
+def answer(event: Envelope, workflow: dict | None, type_: str, detail: str, step: str = "") -> Output:
     """The orchestrator's answer to a request: its id is the request's and "answer" (so a request is answered once)."""
     return (MESSAGE_STREAM, caused_by(event, "answer", type_, {
         "workflow": (workflow or {}).get("type", event.payload["workflow"]), "request": event.type,
-        "by": event.payload["by"], "reason": event.payload["reason"], "detail": detail}, SOURCE))
+        "by": event.payload["by"], "reason": event.payload["reason"], "detail": detail, "step": step}, SOURCE))
+
+
+def owner(event: Envelope, workflow: dict | None) -> str:
+    """The workflow a request is about, by name: its state's, or else the request's word."""
+    return (workflow or {}).get("type") or event.payload["workflow"]
 
 
 def refusal(event: Envelope, workflow: dict | None) -> str | None:
@@ -49,12 +54,12 @@ def cancel(workflow: dict, now: float) -> str:
     return f"cancelled; {', '.join(pending) or 'no step'} no longer awaited"
 
 
-def retry(event: Envelope, workflow: dict, limit: float | None, now: float) -> tuple[Envelope, str]:
-    """A failed workflow running again from its failed step: that step's command under a new id (derived from the
-    workflow, the step and the retry count, so a service that acted on the old id acts on this one), its attempts
+def retry(event: Envelope, workflow: dict, name: str, limit: float | None, now: float) -> tuple[Envelope, str]:
+    """A failed workflow running again from its failed step `name`: that step's command under a new id (derived from
+    the workflow, the step and the retry count, so a service that acted on the old id acts on this one), its attempts
     started over. Returns the request as route() sees it (the step, its topic and the command added) and what was
     done."""
-    name, retries = retriable(workflow), workflow.get("retries", 0) + 1
+    retries = workflow.get("retries", 0) + 1
     step = workflow["steps"][name]
     command = Envelope.model_validate({**step["command"], "id": derived_id(workflow["workflow_id"], f"{name}.retry-{retries}"),
                                        "created_at": datetime.fromtimestamp(now, timezone.utc)})

@@ -66,7 +66,7 @@ class Orchestration:
         outputs = self.decide(event, state)
         if outputs is None:  # (handled before, or too late: said where it was found)
             return []
-        self.count_routed(outputs, self.kind.get(event.type))
+        self.count_routed(outputs, self.kind.get(event.type) or event.payload.get("workflow"))
         log.info("%s %s -> %s", event.type, event.workflow_id[:8],
                  ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or
                  ("its step is done; nothing follows" if event.type in self.steps_done else "nothing follows"))
@@ -83,7 +83,7 @@ class Orchestration:
         if self.skipped(event, state, workflow):
             return None
         if event.type in REQUESTS:
-            if ((workflow or {}).get("type") or event.payload["workflow"] or None) not in self.handles:
+            if operating.owner(event, workflow) not in self.owned:
                 return None  # (another orchestrator's workflow: it answers)
             outputs = self.requested(event, workflow, now)
         else:
@@ -114,15 +114,16 @@ class Orchestration:
         if why is not None:
             log.warning("%s %s refused: %s", event.type, event.workflow_id[:8], why)
             return [operating.answer(event, workflow, "operator_request_refused", why)]
+        name = operating.retriable(workflow)
         if event.type == "workflow_cancel_requested":
-            routed, done, answer = event, operating.cancel(workflow, now), "workflow_cancelled"
+            routed, done, answer, name = event, operating.cancel(workflow, now), "workflow_cancelled", ""
         else:
-            step = {step.name: step for step in self.table[workflow["type"]].steps}.get(operating.retriable(workflow))
-            routed, done = operating.retry(event, workflow, self.limits.of(step) if step else None, now)
+            step = {step.name: step for step in self.table[workflow["type"]].steps}.get(name)
+            routed, done = operating.retry(event, workflow, name, self.limits.of(step) if step else None, now)
             answer = "workflow_retried"
         log.warning("%s %s by %s (%s): %s", event.type, event.workflow_id[:8], event.payload["by"],
                     event.payload["reason"], done)
-        return self.route(routed, self.stage) + [operating.answer(event, workflow, answer, done)]
+        return self.route(routed, self.stage) + [operating.answer(event, workflow, answer, done, name)]
 
     def state_of_workflow(self, event: Envelope, state: State) -> dict | None:
         """The state of an event's workflow (None: none kept); a dead letter if it was set aside as unreadable."""
@@ -252,6 +253,7 @@ def is_workflow(table: Table, value) -> bool:
     return isinstance(value, dict) and value.get("type") in table and value.get("state") in STATES and \
         isinstance(value.get("workflow_id"), str) and isinstance(value.get("stage"), int) and \
         isinstance(value.get("key"), str | None) and isinstance(value.get("handled", {}), dict) and \
+        type(value.get("retries", 0)) is int and \
         isinstance(value.get("started_at"), int | float) and isinstance(value.get("finished_at"), int | float | None) \
         and isinstance(value.get("steps"), dict) and all(map(is_step, value["steps"].values()))
 

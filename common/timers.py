@@ -1,7 +1,7 @@
 """The timers of a state store: when an entry's `due` time comes, the loop calls the service's timer for its key (an
 orchestrator's step that ran out of time, say). Kept in slots of a tenth of a second, one list of keys per slot and
 partition, so a timer costs a few bytes (200 000 open workflows' deadlines take ~2 MB, where one heap item each took
-~20 MB); a timer fires within a tenth of a second after its time, never before. Timers are never removed: the store
+~20 MB); a timer is handed out within a tenth of a second after its time, never before. Timers are never removed: the store
 skips one whose entry has changed since (a stale timer). No Kafka."""
 
 import heapq

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-let config = null, snapshot = null, lastRead = -1, busy = false;
+let config = null, snapshot = null, lastRead = -1, busy = false, drawing = false, drawnAt = 0;
+const SLOW_VIEW_MS = 3000;  // one workflow's view reads every topic: drawn again at most this often
 let said = {};  // the last answer shown in a view ({where, text, refused}): kept when the view is drawn again
 
 function escape(text) {
@@ -52,7 +53,7 @@ function stateOf(row) {
 
 function stepsOf(row) {
   return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}</span>
-    <small>×${s.attempts} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
+    <small>×${escape(s.attempts)} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
 }
 
 async function showWorkflows(state) {
@@ -60,7 +61,7 @@ async function showWorkflows(state) {
   const totals = snapshot ? snapshot.figures.workflows : {};
   const filters = ["", "running", "completed", "failed", "cancelled", "stuck"].map((s) =>
     `<a href="#/${s ? "state/" + s : ""}" class="${s === (state || "") ? "on" : ""}">${s || "all"}</a>`).join("");
-  $("#view").innerHTML = `<p class="counts">${Object.entries(totals).map(([k, v]) => `<span>${k} ${v}</span>`).join("")}</p>
+  $("#view").innerHTML = `<p class="counts">${Object.entries(totals).map(([k, v]) => `<span>${escape(k)} ${escape(v)}</span>`).join("")}</p>
     <p class="filters">${filters}</p>
     <table id="workflows"><thead><tr><th>workflow</th><th>type</th><th>state</th><th>started</th><th>steps</th></tr></thead>
     <tbody>${rows.map((r) => `<tr data-id="${escape(r.workflow_id)}"><td class="id"><a href="#/workflow/${escape(r.workflow_id)}">
@@ -76,14 +77,14 @@ async function showWorkflow(id) {
   const retryWhy = off || (w.state !== "failed" ? `only a failed workflow can be retried (this one is ${w.state})` : "");
   $("#view").innerHTML = `<h2>${escape(w.type)} workflow <span class="id">${escape(w.workflow_id)}</span>
       <span class="state ${escape(w.state)}" id="state">${escape(w.state)}</span></h2>
-    <p>started ${clock(w.started_at)} under example ${w.stage}${w.finished_at ? ", ended " + clock(w.finished_at) : ""}${
-      w.retries ? `, retried ${w.retries}×` : ""}${w.trace ? ` · <a href="${escape(w.trace)}" target="_blank">its trace in Zipkin</a>` : ""}</p>
+    <p>started ${clock(w.started_at)} under example ${escape(w.stage)}${w.finished_at ? ", ended " + clock(w.finished_at) : ""}${
+      w.retries ? `, retried ${Number(w.retries)}×` : ""}${w.trace ? ` · <a href="${escape(w.trace)}" target="_blank">its trace in Zipkin</a>` : ""}</p>
     <p><button id="cancel" ${cancelWhy ? "disabled" : ""} title="${escape(cancelWhy)}">Cancel…</button>
       <button id="retry" ${retryWhy ? "disabled" : ""} title="${escape(retryWhy)}">Retry…</button>
       <small>${escape(off || "")}</small></p>
     <p id="answer" class="answer" hidden></p>
     <h3>Steps</h3><table><thead><tr><th>step</th><th>state</th><th>attempts</th><th>sent</th><th>ended</th><th>deadline</th></tr></thead>
-    <tbody>${w.steps.map((s) => `<tr><td>${escape(s.name)}</td><td class="${escape(s.state)}">${escape(s.state)}</td><td>${s.attempts}</td>
+    <tbody>${w.steps.map((s) => `<tr><td>${escape(s.name)}</td><td class="${escape(s.state)}">${escape(s.state)}</td><td>${escape(s.attempts)}</td>
       <td>${clock(s.sent_at)}</td><td>${clock(s.finished_at)}</td><td>${clock(s.deadline)}</td></tr>`).join("")}</tbody></table>
     <h3>Its messages, in the order Kafka got them</h3>
     <table id="messages"><thead><tr><th>time</th><th>topic</th><th>type</th><th>from</th><th>what it says</th></tr></thead>
@@ -139,7 +140,8 @@ async function showDeadLetters() {
     <tbody>${letters.map((l) => `<tr data-letter="${escape(l.letter)}"><td>${clock(l.at)}</td><td>${escape(l.letter)}</td>
       <td>${l.workflow === "-" ? "–" : `<a href="#/workflow/${escape(l.workflow)}">${escape(l.workflow)}</a>`}</td>
       <td>${escape(l.from)}</td><td>${l.replayed.length ? `${l.replayed.length}×, last ${clock(l.replayed.at(-1))}` : "–"}</td>
-      <td>${escape(l.reason)}</td><td><button class="replay">Replay…</button></td></tr>`).join("")}</tbody></table>
+      <td>${escape(l.reason)}</td><td><button class="replay" ${config.replay_off ? "disabled" : ""}
+        title="${escape(config.replay_off || "")}">Replay…</button></td></tr>`).join("")}</tbody></table>
     <p id="answer" class="answer" hidden></p>`;
   answer("dead-letters");
   document.querySelectorAll("button.replay").forEach((button) => button.onclick = () =>
@@ -165,6 +167,7 @@ async function replay(letter) {
 
 async function show() {  // the view the address names
   const route = location.hash.replace(/^#\/?/, "").split("/");
+  drawnAt = Date.now();
   try {
     if (route[0] === "workflow" && route[1]) await showWorkflow(decodeURIComponent(route[1]));
     else if (route[0] === "dead-letters") await showDeadLetters();
@@ -185,9 +188,12 @@ async function start() {
     $("#problem").hidden = !snapshot.problem;
     $("#problem").textContent = snapshot.problem || "";
     drawFlow();
-    if (snapshot.read !== lastRead && !busy && !$("#ask").open) {
+    const slow = location.hash.startsWith("#/workflow/") || location.hash.startsWith("#/dead-letters");
+    if (snapshot.read !== lastRead && !busy && !drawing && !$("#ask").open &&
+        (!slow || Date.now() - drawnAt > SLOW_VIEW_MS)) {
       lastRead = snapshot.read;
-      await show();
+      drawing = true;  // (one drawing at a time: a slow one is not asked for again meanwhile)
+      try { await show(); } finally { drawing = false; }
     }
   };
   events.onerror = () => { $("#live").textContent = "reconnecting…"; };

@@ -89,7 +89,7 @@ class Watch:
         self.tail, self.admin = monitor.Tail(self.flow), KafkaAdminClient(**settings.kafka_config())
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.read, self.lag, self.problem = 0, {}, None
-        self.state_lock, self.states, self.states_at = threading.Lock(), {}, 0.0
+        self.state_lock, self.states, self.states_at, self.states_read = threading.Lock(), {}, 0.0, -1
         self.following = Following(settings)
 
     def run(self) -> None:
@@ -119,9 +119,10 @@ class Watch:
                     "rates": {name: round(rate, 1) for name, rate in self.flow.rates().items()}}
 
     def located(self) -> dict[str, workflows.Located]:
-        """The workflows in the orchestrators' state (read again if a second old)."""
+        """The workflows in the orchestrators' state (read again if the topics said something new, or a second old)."""
         with self.state_lock:
-            if time.monotonic() - self.states_at > EVERY_S:
+            if time.monotonic() - self.states_at > EVERY_S or self.states_read != self.read:
+                self.states_read = self.read
                 self.states = workflows.located(self.settings, quiet=True, entries=self.following.entries())
                 self.states_at = time.monotonic()
             return self.states

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-let config = null, snapshot = null, lastRead = -1, busy = false, drawing = false, drawnAt = 0;
+let config = null, snapshot = null, lastRead = -1, busy = false, drawing = false, drawnAt = 0, seen = -1, changedAt = 0;
 const SLOW_VIEW_MS = 3000;  // one workflow's view reads every topic: drawn again at most this often
 let said = {};  // the last answer shown in a view ({where, text, refused}): kept when the view is drawn again
 
@@ -188,8 +188,12 @@ async function start() {
     $("#problem").hidden = !snapshot.problem;
     $("#problem").textContent = snapshot.problem || "";
     drawFlow();
+    if (snapshot.read !== seen) [seen, changedAt] = [snapshot.read, Date.now()];
     const slow = location.hash.startsWith("#/workflow/") || location.hash.startsWith("#/dead-letters");
-    if (snapshot.read !== lastRead && !busy && !drawing && !$("#ask").open &&
+    // (drawn again when the topics said something new, and once more 2 s after: the state a view shows may become
+    // visible a moment after the messages that told of it)
+    const settled = drawnAt < changedAt + 2000 && Date.now() >= changedAt + 2000;
+    if ((snapshot.read !== lastRead || settled) && !busy && !drawing && !$("#ask").open &&
         (!slow || Date.now() - drawnAt > SLOW_VIEW_MS)) {
       lastRead = snapshot.read;
       drawing = true;  // (one drawing at a time: a slow one is not asked for again meanwhile)

@@ -109,7 +109,8 @@ def test_a_request_from_another_writer_is_a_dead_letter_and_an_unknown_id_is_one
     topics(SEC_COMMAND).read_until(lambda ms: event.workflow_id in {m.workflow_id for m in ms})
     # When the detector's member carries a cancel request for it (forged), and a person names no workflow there is
     from common import about
-    forged = about(event.workflow_id, "workflow_cancel_requested", {"reason": "forged", "by": "x"}, "security_detector")
+    forged = about(event.workflow_id, "workflow_cancel_requested",
+                   {"reason": "forged", "by": "x", "workflow": "security"}, "security_detector")
     producer(written_by(MESSAGE_STREAM, "security_detector"), forged, key=b"sensor-1")
     letters = topics("dead_letter").read_count(1)
     unknown = scripts.run("workflows.py", "cancel", "ffffffff", "--reason", "x", check=False)

@@ -347,7 +347,8 @@ def test_only_the_operator_may_ask_for_a_workflow_to_be_cancelled(secure_scripts
     # When the detector's credentials, in the wrong hands, ask for it to be cancelled in its own member and the
     # operator's
     prefix, forger = secure_scripts.env["TOPIC_PREFIX"], as_user(secure_scripts, "security_detector")
-    forged = about(workflow_id, "workflow_cancel_requested", {"reason": "forged", "by": "x"}, "security_detector")
+    forged = about(workflow_id, "workflow_cancel_requested",
+                   {"reason": "forged", "by": "x", "workflow": "security"}, "security_detector")
     forger.send(prefix + written_by(MESSAGE_STREAM, "security_detector"), forged.to_bytes(), key=b"sensor").get(30)
     with pytest.raises(TopicAuthorizationFailedError):
         forger.send(prefix + written_by(MESSAGE_STREAM, OPERATOR), forged.to_bytes()).get(timeout=30)

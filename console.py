@@ -304,6 +304,16 @@ def replay_off(settings: Settings) -> str | None:
     return None
 
 
+class Serving(uvicorn.Server):
+    """uvicorn's server, saying the console's address once it serves (not before: a browser sent there would find
+    nobody)."""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info("console: http://%s:%d (Ctrl-C stops it)", self.config.host, self.config.port)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -322,10 +332,9 @@ def main() -> int:
     watch = Watch(SETTINGS, args.sla)
     watch.tail.feed(watch.tail.fetch(0))  # (a right it lacks: one line, here)
     threading.Thread(target=watch.run, daemon=True, name="console-watch").start()
-    log.info("console: http://%s:%d (Ctrl-C stops it)", args.host, args.port)
     hosts = ["127.0.0.1", "localhost", "[::1]"] + ([] if args.host in ("127.0.0.1", "localhost") else
                                                    ["*"] if args.host in ("0.0.0.0", "::") else [args.host])
-    uvicorn.run(app(watch, hosts), host=args.host, port=args.port, log_level="warning")
+    Serving(uvicorn.Config(app(watch, hosts), host=args.host, port=args.port, log_level="warning")).run()
     watch.stop.set()
     return 0
 

@@ -128,14 +128,24 @@ class Watch:
             return self.states
 
     def listed(self, state: str | None, limit: int) -> list[dict]:
-        """workflows.py list --json's objects, newest first, each with what the monitor says of it (stuck, say)."""
+        """workflows.py list --json's objects, newest first, each with what the monitor says of it (stuck, say); and
+        the workflows the topics show but the orchestrator has no state of yet (its events wait in Kafka: state
+        "waiting")."""
         found, now, rows = self.located(), time.time(), []
-        for w, found_ in sorted(found.items(), key=lambda item: -item[1].workflow["started_at"]):
+        with self.lock:
+            waiting = {w: (self.flow.times[w].get(WORKFLOWS[kind].starts_with, now), kind)
+                       for w, kind in self.flow.kind.items() if w not in found}
+        starts = sorted([(found_.workflow["started_at"], w) for w, found_ in found.items()] +
+                        [(at, w) for w, (at, _) in waiting.items()], reverse=True)
+        for started, w in starts:
             with self.lock:
                 seen = self.flow.state(w, now) if w in self.flow.kind else "not seen on the topics"
-            stuck = seen.startswith("STUCK")
-            if state in (None, found_.workflow["state"]) or (state == "stuck" and stuck):
-                rows.append(workflows.summary(found_.workflow) | {"monitor": seen, "stuck": stuck})
+            row = workflows.summary(found[w].workflow) if w in found else {
+                "workflow_id": w, "type": waiting[w][1], "state": "waiting", "retries": 0, "stage": None,
+                "started_at": workflows.stamp(started), "finished_at": None, "steps": []}
+            row |= {"monitor": seen, "stuck": seen.startswith("STUCK")}
+            if state in (None, row["state"]) or (state == "stuck" and row["stuck"]):
+                rows.append(row)
             if len(rows) == limit:
                 break
         return rows
@@ -143,10 +153,16 @@ class Watch:
     def shown(self, wanted: str) -> dict:
         """workflows.py show --json's object, with its state entry, its messages in Kafka's order and its trace."""
         found = self.located()
-        workflow_id = workflows.one(found, wanted)
+        with self.lock:
+            waiting = {w: {"workflow_id": w, "type": kind, "state": "waiting", "retries": 0, "stage": None,
+                           "started_at": None, "finished_at": None, "steps": []}
+                       for w, kind in self.flow.kind.items() if w not in found}
+        workflow_id = workflows.one({**waiting, **found}, wanted)  # (one the orchestrator has not routed yet, too)
         _, rows = monitor.messages_of(workflow_id, self.settings)
-        return workflows.summary(found[workflow_id].workflow) | {
-            "entry": found[workflow_id].workflow, "trace": tracing.zipkin_trace(found[workflow_id].trace),
+        shown = workflows.summary(found[workflow_id].workflow) if workflow_id in found else waiting[workflow_id]
+        return shown | {
+            "entry": found[workflow_id].workflow if workflow_id in found else None,
+            "trace": tracing.zipkin_trace(found[workflow_id].trace) if workflow_id in found else None,
             "messages": [{"at": at, "topic": topic, "type": m.type, "source": m.source, "id": m.id, "repeat": repeat,
                           "note": note(m)} for at, topic, m, repeat in rows]}
 
@@ -219,9 +235,9 @@ def app(watch: Watch, hosts: list[str]) -> Starlette:
 
     async def listing(request: Request):
         state, limit = request.query_params.get("state") or None, request.query_params.get("limit", "500")
-        if state not in (None, *STATES, "stuck") or not (limit.isascii() and limit.isdecimal()):
-            return JSONResponse({"error": f"state is one of {', '.join((*STATES, 'stuck'))}; limit a number"},
-                                status_code=400)
+        if state not in (None, *STATES, "waiting", "stuck") or not (limit.isascii() and limit.isdecimal()):
+            return JSONResponse({"error": f"state is one of {', '.join((*STATES, 'waiting', 'stuck'))}; limit a "
+                                          "number"}, status_code=400)
         return await answered(watch.listed, state, int(limit))
 
     async def showing(request: Request):

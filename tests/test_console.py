@@ -2,12 +2,13 @@
 workflow sent during the test shows, a state change shows without a reload, and a cancel made in the page reaches
 the orchestrator. And the console's own one-line refusals."""
 
+import re
 import shutil
 import socket
 import time
 
 import pytest
-from helpers import detection, ids_of
+from helpers import detection, ids_of, unit_event
 from playwright.sync_api import expect, sync_playwright
 
 import local_kafka
@@ -47,6 +48,12 @@ def test_the_page_shows_a_new_workflow_its_state_changes_live_and_a_cancel_reach
     # Then they show in the page without a reload, running
     row = page.locator(f'tr[data-id="{first.workflow_id}"]')
     expect(row.locator(".state")).to_have_text("running", timeout=30_000)
+    # And a unit event, which an orchestrator at Example 1 does not read, shows waiting in Kafka (stuck once past the
+    # SLA), not routed
+    waiting = unit_event()
+    producer(MESSAGE_STREAM, waiting, key=b"unit-1")
+    expect(page.locator(f'tr[data-id="{waiting.workflow_id}"] .state')).to_have_text(re.compile("waiting|stuck"),
+                                                                                       timeout=30_000)
     print(f"console: a new workflow showed {time.monotonic() - sent:.1f} s after its detection was sent")
     # And when the security service starts, their rows turn completed without a reload
     topics(SEC_COMMAND).read_until(lambda ms: {first.workflow_id, second.workflow_id} <= {m.workflow_id for m in ms})

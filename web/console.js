@@ -52,6 +52,7 @@ function stateOf(row) {
 }
 
 function stepsOf(row) {
+  if (row.state === "waiting") return `<small>${escape(row.monitor)}: its event waits in Kafka until an orchestrator routes it</small>`;
   return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}</span>
     <small>×${escape(s.attempts)} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
 }
@@ -59,7 +60,7 @@ function stepsOf(row) {
 async function showWorkflows(state) {
   const rows = await api("/api/workflows" + (state ? "?state=" + encodeURIComponent(state) : ""));
   const totals = snapshot ? snapshot.figures.workflows : {};
-  const filters = ["", "running", "completed", "failed", "cancelled", "stuck"].map((s) =>
+  const filters = ["", "waiting", "running", "completed", "failed", "cancelled", "stuck"].map((s) =>
     `<a href="#/${s ? "state/" + s : ""}" class="${s === (state || "") ? "on" : ""}">${s || "all"}</a>`).join("");
   $("#view").innerHTML = `<p class="counts">${Object.entries(totals).map(([k, v]) => `<span>${escape(k)} ${escape(v)}</span>`).join("")}</p>
     <p class="filters">${filters}</p>
@@ -77,7 +78,8 @@ async function showWorkflow(id) {
   const retryWhy = off || (w.state !== "failed" ? `only a failed workflow can be retried (this one is ${w.state})` : "");
   $("#view").innerHTML = `<h2>${escape(w.type)} workflow <span class="id">${escape(w.workflow_id)}</span>
       <span class="state ${escape(w.state)}" id="state">${escape(w.state)}</span></h2>
-    <p>started ${clock(w.started_at)} under example ${escape(w.stage)}${w.finished_at ? ", ended " + clock(w.finished_at) : ""}${
+    <p>${w.state === "waiting" ? "its event waits in Kafka: the orchestrator has not routed it (yet)" :
+      `started ${clock(w.started_at)} under example ${escape(w.stage)}`}${w.finished_at ? ", ended " + clock(w.finished_at) : ""}${
       w.retries ? `, retried ${Number(w.retries)}×` : ""}${w.trace ? ` · <a href="${escape(w.trace)}" target="_blank">its trace in Zipkin</a>` : ""}</p>
     <p><button id="cancel" ${cancelWhy ? "disabled" : ""} title="${escape(cancelWhy)}">Cancel…</button>
       <button id="retry" ${retryWhy ? "disabled" : ""} title="${escape(retryWhy)}">Retry…</button>
@@ -91,7 +93,7 @@ async function showWorkflow(id) {
     <tbody>${w.messages.map((m) => `<tr><td>${clock(m.at / 1000)}</td><td>${escape(m.topic)}</td><td>${escape(m.type)}</td>
       <td>${escape(m.source)}</td><td>${escape(m.note)}<span class="repeat">${m.repeat ? "repeat (same id again)" : ""}</span></td>
       </tr>`).join("")}</tbody></table>
-    <h3>Its state entry</h3><pre>${escape(JSON.stringify(w.entry, null, 2))}</pre>`;
+    <h3>Its state entry</h3><pre>${w.entry ? escape(JSON.stringify(w.entry, null, 2)) : "(none: the orchestrator keeps none until it routes the workflow)"}</pre>`;
   answer(w.workflow_id);
   $("#cancel").onclick = () => act(w.workflow_id, "cancel");
   $("#retry").onclick = () => act(w.workflow_id, "retry");

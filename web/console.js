@@ -52,7 +52,9 @@ function stateOf(row) {
 }
 
 function stepsOf(row) {
-  if (row.state === "waiting") return `<small>${escape(row.monitor)}: its event waits in Kafka until an orchestrator routes it</small>`;
+  if (row.state === "waiting") {
+    return `<small>${row.stuck ? escape(row.monitor) + ": " : ""}its event waits in Kafka until an orchestrator routes it</small>`;
+  }
   return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}</span>
     <small>×${escape(s.attempts)} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
 }

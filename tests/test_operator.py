@@ -6,8 +6,12 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.request
 
 from helpers import ROOT, detection, ids_of
+from prometheus_client.parser import text_string_to_metric_families
+
+import local_kafka
 
 from common import MESSAGE_STREAM, OPERATOR, SEC_COMMAND, written_by
 
@@ -20,7 +24,9 @@ def answers(stream, workflow_id: str) -> list[tuple[str, str]]:
 
 def test_a_cancelled_workflow_ends_once_its_timers_stop_and_a_late_outcome_changes_nothing(scripts, topics, producer):
     # Given a workflow waiting for its security action (no security service: each try has 2 s)
-    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "2", "--attempts", "3")
+    port = local_kafka.free_port()
+    orchestrator = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "2", "--attempts", "3",
+                                 "--metrics-port", str(port))
     stream, commands, first = topics(MESSAGE_STREAM), topics(SEC_COMMAND), detection()
     producer(MESSAGE_STREAM, first, key=b"sensor-1")
     commands.read_until(lambda ms: first.workflow_id in {m.workflow_id for m in ms})
@@ -52,6 +58,13 @@ def test_a_cancelled_workflow_ends_once_its_timers_stop_and_a_late_outcome_chang
     assert ended.count("workflow_cancelled") == 1 and "workflow_completed" not in ended
     shown = json.loads(scripts.run("workflows.py", "show", first.workflow_id, "--json").stdout)
     assert shown["state"] == "cancelled" and [(s["name"], s["state"]) for s in shown["steps"]] == [("acted", "cancelled")]
+    # And the orchestrator's metrics count the request granted and the one refused
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        served = {(sample.name, sample.labels.get("outcome")): sample.value for family in
+                  text_string_to_metric_families(response.read().decode()) for sample in family.samples
+                  if sample.labels.get("request") == "workflow_cancel_requested"}
+    assert set(served) == {("operator_requests_total", "granted"), ("operator_requests_total", "refused")}
+    assert all(count >= 1 for count in served.values())  # (counted as handled: a batch handled again counts again)
 
 
 def test_a_failed_workflow_retried_sends_its_step_again_under_a_new_id_and_completes(scripts, topics, producer):

@@ -77,6 +77,7 @@ class Following:
                 raise KafkaError("reading the orchestrators' state made no progress for 30 s")
             for tp, records in self.consumer.poll(timeout_ms=200).items():
                 self.latest.add(self.groups[tp.topic], records)
+                stalled_at = time.monotonic() + 30  # (a long topic may take long; a stuck read may not)
         return self.latest.entries()
 
 
@@ -140,9 +141,7 @@ class Watch:
         for started, w in starts:
             with self.lock:
                 seen = self.flow.state(w, now) if w in self.flow.kind else "not seen on the topics"
-            row = workflows.summary(found[w].workflow) if w in found else {
-                "workflow_id": w, "type": waiting[w][1], "state": "waiting", "retries": 0, "stage": None,
-                "started_at": workflows.stamp(started), "finished_at": None, "steps": []}
+            row = workflows.summary(found[w].workflow) if w in found else waiting_row(w, waiting[w][1], started)
             row |= {"monitor": seen, "stuck": seen.startswith("STUCK")}
             if state in (None, row["state"]) or (state == "stuck" and row["stuck"]):
                 rows.append(row)
@@ -154,17 +153,21 @@ class Watch:
         """workflows.py show --json's object, with its state entry, its messages in Kafka's order and its trace."""
         found = self.located()
         with self.lock:
-            waiting = {w: {"workflow_id": w, "type": kind, "state": "waiting", "retries": 0, "stage": None,
-                           "started_at": None, "finished_at": None, "steps": []}
-                       for w, kind in self.flow.kind.items() if w not in found}
+            waiting = {w: waiting_row(w, kind) for w, kind in self.flow.kind.items() if w not in found}
         workflow_id = workflows.one({**waiting, **found}, wanted)  # (one the orchestrator has not routed yet, too)
         _, rows = monitor.messages_of(workflow_id, self.settings)
         shown = workflows.summary(found[workflow_id].workflow) if workflow_id in found else waiting[workflow_id]
         return shown | {
             "entry": found[workflow_id].workflow if workflow_id in found else None,
-            "trace": tracing.zipkin_trace(found[workflow_id].trace) if workflow_id in found else None,
+            "trace": tracing.zipkin_trace(workflows.trace_of(found[workflow_id].raw)) if workflow_id in found else None,
             "messages": [{"at": at, "topic": topic, "type": m.type, "source": m.source, "id": m.id, "repeat": repeat,
                           "note": note(m)} for at, topic, m, repeat in rows]}
+
+
+def waiting_row(workflow_id: str, kind: str, started: float | None = None) -> dict:
+    """A workflow the topics show but no orchestrator has routed yet, in workflows.py list --json's shape."""
+    return {"workflow_id": workflow_id, "type": kind, "state": "waiting", "retries": 0, "stage": None,
+            "started_at": None if started is None else workflows.stamp(started), "finished_at": None, "steps": []}
 
 
 def note(message) -> str:
@@ -245,9 +248,10 @@ def app(watch: Watch, hosts: list[str]) -> Starlette:
 
     async def acting(request: Request):
         kind, asked = request.path_params["kind"], await body(request)
-        if why := actions_off(settings) or refusal(asked, "reason") or (
-                kind not in ("cancel", "retry") and f"no such action: {kind} (cancel or retry)"):
-            return JSONResponse({"error": why}, status_code=403 if why == actions_off(settings) else 400)
+        if off := actions_off(settings):
+            return JSONResponse({"error": off}, status_code=403)
+        if why := refusal(asked, "reason") or (kind not in ("cancel", "retry") and f"no such action: {kind} (cancel or retry)"):
+            return JSONResponse({"error": why}, status_code=400)
 
         def ask() -> dict:  # (a reason over 500 characters, a name over 64: workflows.request says so)
             granted, said = workflows.request(kind, request.path_params["id"], str(asked["reason"]).strip(),
@@ -260,8 +264,10 @@ def app(watch: Watch, hosts: list[str]) -> Starlette:
 
     async def replay(request: Request):
         asked = await body(request)
-        if why := replay_off(settings) or refusal(asked, "letter"):
-            return JSONResponse({"error": why}, status_code=403 if why == replay_off(settings) else 400)
+        if off := replay_off(settings):
+            return JSONResponse({"error": off}, status_code=403)
+        if why := refusal(asked, "letter"):
+            return JSONResponse({"error": why}, status_code=400)
         return await answered(lambda: {"replayed": replayed(str(asked["letter"]), settings)})
 
     async def events(request: Request):

@@ -46,7 +46,7 @@ def workflows(settings=SETTINGS) -> dict[str, dict]:
 class Located(NamedTuple):
     partition: int        # of the state topic that holds it (and of the topics its events come on)
     workflow: dict        # the workflow, as its state entry holds it
-    trace: str | None     # the trace context of the record that wrote the entry last (tracing on)
+    raw: bytes            # its entry as stored (the trace context of the record that wrote it last: trace_of)
 
 
 def located(settings=SETTINGS, quiet: bool = False, entries: dict | None = None) -> dict[str, Located]:
@@ -54,7 +54,7 @@ def located(settings=SETTINGS, quiet: bool = False, entries: dict | None = None)
     as latest_entries gives it, if read already (the console follows it)."""
     cutoff = time.time() - settings.state_retention_s
     entries = latest_entries(orchestrator_groups(WORKFLOWS), settings) if entries is None else entries
-    found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, trace_of(raw))
+    found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, raw)
              for (partition, key), (at, _, raw, value) in entries.items()
              if key.startswith(WORKFLOW.encode()) and at >= cutoff}
     unreadable = [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]
@@ -90,7 +90,8 @@ def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0, s
     the workflows, if read already."""
     located_ = located(settings) if found is None else found
     workflow_id = one(located_, wanted)
-    state_partition, workflow, trace = located_[workflow_id]
+    state_partition, workflow, raw = located_[workflow_id]
+    trace = trace_of(raw)
     try:
         event = about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": workflow["type"]},
                       OPERATOR)

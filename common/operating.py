@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 from common.messages import Envelope, Output, caused_by, derived_id
 from common.settings import MESSAGE_STREAM
+from common.workflow import pending
 
 SOURCE = "orchestrator"
 RETRIABLE = ("failed", "timed_out")  # a step in one of these states can be tried again
@@ -17,7 +18,7 @@ RETRIABLE = ("failed", "timed_out")  # a step in one of these states can be trie
 def answer(event: Envelope, workflow: dict | None, type_: str, detail: str, step: str = "") -> Output:
     """The orchestrator's answer to a request: its id is the request's and "answer" (so a request is answered once)."""
     return (MESSAGE_STREAM, caused_by(event, "answer", type_, {
-        "workflow": (workflow or {}).get("type", event.payload["workflow"]), "request": event.type,
+        "workflow": owner(event, workflow), "request": event.type,
         "by": event.payload["by"], "reason": event.payload["reason"], "detail": detail, "step": step}, SOURCE))
 
 
@@ -63,8 +64,7 @@ def retry(event: Envelope, workflow: dict, name: str, limit: float | None, now: 
     step = workflow["steps"][name]
     command = Envelope.model_validate({**step["command"], "id": derived_id(workflow["workflow_id"], f"{name}.retry-{retries}"),
                                        "created_at": datetime.fromtimestamp(now, timezone.utc)})
-    step.update(state="pending", attempts=1, sent_at=now, finished_at=None, deadline=now + limit if limit else None,
-                command=command.model_dump(mode="json"))
+    step.update(pending(now, limit, step["topic"], command.model_dump(mode="json")))
     workflow.update(state="running", finished_at=None, retries=retries)
     routed = event.model_copy(update={"payload": {**event.payload, "workflow": workflow["type"], "step": name,
                                                   "topic": step["topic"], "command": step["command"]}})

@@ -16,7 +16,7 @@ from common.changelog import unreadable
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
-from common.workflow import FINISHED, REQUESTS, Step, Table, command_topics
+from common.workflow import FINISHED, REQUESTS, Step, Table, command_topics, pending, steps_by_name
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -58,6 +58,7 @@ class Orchestration:
             for step in workflow.steps:
                 self.steps.setdefault(step.command, step)
         self.steps_done = {t for workflow in table.values() for step in workflow.steps for t in step.done}
+        self.defined = steps_by_name(table)  # workflow -> step name -> Step
 
     def handle(self, event: Envelope, state: State) -> list[Output]:
         """The loop's handler: an event of this orchestrator's workflows, routed and its workflow kept."""
@@ -114,12 +115,13 @@ class Orchestration:
         if why is not None:
             log.warning("%s %s refused: %s", event.type, event.workflow_id[:8], why)
             return [operating.answer(event, workflow, "operator_request_refused", why)]
-        name = operating.retriable(workflow)
         if event.type == "workflow_cancel_requested":
             routed, done, answer, name = event, operating.cancel(workflow, now), "workflow_cancelled", ""
         else:
-            step = {step.name: step for step in self.table[workflow["type"]].steps}.get(name)
-            routed, done = operating.retry(event, workflow, name, self.limits.of(step) if step else None, now)
+            name = operating.retriable(workflow)
+            step = self.defined[workflow["type"]].get(name)
+            limit = self.limits.of(step) if step else None
+            routed, done = operating.retry(event, workflow, name, limit, now)
             answer = "workflow_retried"
         log.warning("%s %s by %s (%s): %s", event.type, event.workflow_id[:8], event.payload["by"],
                     event.payload["reason"], done)
@@ -159,10 +161,7 @@ class Orchestration:
         for topic, command, *_ in commands:
             step = self.steps.get(command.type)
             if step is not None and step.tracked:
-                limit = self.limits.of(step)
-                steps[step.name] = {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None,
-                                        "deadline": now + limit if limit else None, "topic": topic,
-                                        "command": command.model_dump(mode="json")}
+                steps[step.name] = pending(now, self.limits.of(step), topic, command.model_dump(mode="json"))
         return {"workflow_id": event.workflow_id, "type": self.kind[event.type], "stage": self.stage,
                 "key": key, "started_at": now, "state": "running", "finished_at": None, "steps": steps,
                 "handled": {}}
@@ -183,7 +182,7 @@ class Orchestration:
 
     def track(self, workflow: dict, event: Envelope, now: float) -> list[Output]:
         """Update a workflow with an event routed for it; the workflow_completed/workflow_failed it causes, if any."""
-        steps, definitions = workflow["steps"], {step.name: step for step in self.table[workflow["type"]].steps}
+        steps, definitions = workflow["steps"], self.defined[workflow["type"]]
         for name, step in steps.items():
             self.advance(step, definitions.get(name), name, event, now)
         if workflow["state"] != "running" or any(step["state"] == "pending" for step in steps.values()):
@@ -213,7 +212,7 @@ class Orchestration:
         workflow, now, outputs = state.get(key), now or time.time(), []
         if not is_workflow(self.table, workflow) or workflow["type"] not in self.owned:
             return []
-        steps = {step.name for step in self.table[workflow["type"]].steps}
+        steps = self.defined[workflow["type"]]
         for name, step in workflow["steps"].items():
             if step["state"] == "pending" and (step["deadline"] or now + 1) <= now and name in steps:
                 outputs += self.time_out(state, workflow, name, step, now)

@@ -154,7 +154,7 @@ class Store:
         fired = {}
         for slot, partition, key in self.timers.take(now, skip, limit):
             entry = self.entries.get(partition, {}).get(key)
-            due = None if entry is None else read(self.packer.unpack(entry))["due"]
+            due = None if entry is None else checked(self.packer.unpack(entry))[0].due
             if due is not None and slot_of(due) == slot:  # (else stale: the entry changed, expired or went away)
                 fired[(slot, partition, key)] = None  # (a timer pushed twice fires once)
         self.firing += fired
@@ -240,7 +240,7 @@ class Store:
         """Drop entries not written for STATE_RETENTION_S (the changelog's retention drops them from Kafka)."""
         cutoff, dropped = now - self.retention_s, 0
         for entries in self.entries.values():
-            expired = list(takewhile(lambda item: read(self.packer.unpack(item[1]))["at"] < cutoff, entries.items()))
+            expired = list(takewhile(lambda item: checked(self.packer.unpack(item[1]))[0].at < cutoff, entries.items()))
             for key, _ in expired:  # (the oldest writes come first)
                 del entries[key]
             dropped += len(expired)

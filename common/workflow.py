@@ -45,6 +45,18 @@ class Workflow:
     started: str = "started"      # what the monitor calls its first moment
 
 
+def pending(now: float, limit: float | None, topic: str, command: dict) -> dict:
+    """A step's record in its workflow's state once its command is sent: awaited, its first attempt, its deadline
+    (none without a time limit)."""
+    return {"state": "pending", "attempts": 1, "sent_at": now, "finished_at": None,
+            "deadline": now + limit if limit else None, "topic": topic, "command": command}
+
+
+def steps_by_name(table: Table) -> dict[str, dict[str, Step]]:
+    """Each workflow's steps by name (a step in a workflow's state is named so)."""
+    return {name: {step.name: step for step in workflow.steps} for name, workflow in table.items()}
+
+
 def step_for(table: Table, command_type: str) -> tuple[str, Step] | None:
     """The workflow and step that send a command of this type."""
     for name, workflow in table.items():

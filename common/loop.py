@@ -133,10 +133,11 @@ class Loop:
         if gone:
             entries = sum(map(len, self.store.entries.values()))
             partitions = len(self.store.entries)
-            log.error("%s: its state topic %s is gone (deleted?): %d entr%s of %d partition%s it held are lost there. "
+            log.error("%s: its state topic %s is gone (deleted?): %d entr%s of %d partition%s it held %s lost there. "
                       "Stopping; the batch was not committed and waits in Kafka. Start it again with "
                       "ACCEPT_STATE_LOSS=1 to go on with empty state", self.name, real, entries,
-                      "y" if entries == 1 else "ies", partitions, "" if partitions == 1 else "s")
+                      "y" if entries == 1 else "ies", partitions, "" if partitions == 1 else "s",
+                      "is" if entries == 1 else "are")
             raise SystemExit(1)
 
     def restore_state(self, batch: dict) -> bool:

@@ -1,7 +1,8 @@
 """Who may do what on a secured cluster: one Kafka user per script, and ACLs that follow the single-writer rule.
 
 Each script reads only its input topics, writes only the topics it owns (plus dead_letter, and message_stream for
-the event sources: it is the orchestrator's inbox), and uses only its own consumer group and transactional id.
+the event sources: it is the orchestrator's inbox), and uses only its own consumer group and transactional id. Who
+reads and writes what comes from the orchestrator's WORKFLOWS (a new workflow's scripts get their users with it).
 Run:  python acls.py                  # as admin (KAFKA_SASL_* in the environment): create the topics and ACLs for
                                       # TOPIC_PREFIX; running it again changes nothing
       python acls.py --users FILE     # also create every user (SCRAM-SHA-512), passwords from FILE (a JSON object
@@ -23,9 +24,8 @@ from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatter
                          UserScramCredentialUpsertion)
 from kafka.errors import KafkaError
 
-from common import (ALL_TOPICS, DEAD_LETTER, FAMILIES, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA,
-                    SEC_COMMAND, SETTINGS, SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, changelog,
-                    command_topics, ensure_changelog, ensure_topics, setup_logging, written_by)
+from common import (FAMILIES, MESSAGE_STREAM, SETTINGS, Settings, changelog, ensure_changelog, ensure_topics,
+                    readers_and_writers, setup_logging, single_writer_topics, topics, written_by)
 from orchestrator import WORKFLOWS
 
 log = logging.getLogger("acls")
@@ -42,22 +42,22 @@ class Access:
     reads_state: str | None = None      # may read the state topics of groups named so ("name*": every group so named)
 
 
-ACCESS = {  # user -> what it may do (a workflow's step topics come from the orchestrator's WORKFLOWS table)
-    "security_detector": Access(writes=[MESSAGE_STREAM]),
-    "unit_event_producer": Access(reads=[UNIT_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="unit_event_producer",
-                                  transactional_id="unit_event_producer", keeps_state=True),
-    "orchestrator": Access(reads=[MESSAGE_STREAM], writes=[*command_topics(WORKFLOWS), MESSAGE_STREAM, DEAD_LETTER],
-                           group="orchestrator*", transactional_id="orchestrator", keeps_state=True),
-    "security_service": Access(reads=[SEC_COMMAND], writes=[MESSAGE_STREAM, DEAD_LETTER], group="security_service",
-                               transactional_id="security_service", keeps_state=True),
-    "notification_service": Access(reads=[NOTIFICATION_COMMAND], writes=[THIRD_PARTY, DEAD_LETTER],
-                                   group="notification_service", transactional_id="notification_service",
-                                   keeps_state=True),
-    "reporting_service": Access(reads=[REPORT_DATA], writes=[DEAD_LETTER], group="reporting_service"),
-    "monitor": Access(reads=ALL_TOPICS, sees_groups=True,  # joins no group
-                      reads_state="orchestrator*"),  # the workflows (workflows.py, the console), not the services' ids
-    "operator": Access(writes=[MESSAGE_STREAM]),  # a person's requests (workflows.py cancel/retry, the console)
-}
+def access_of(table) -> dict[str, Access]:
+    """user -> what it may do: each script of the table as its WORKFLOWS say (one that consumes keeps its own group,
+    transactional id and state), the monitor (reads everything, joins no group) and the operator (a person's requests:
+    workflows.py cancel/retry, the console)."""
+    users = {}
+    for script, (reads, writes) in readers_and_writers(table).items():
+        group = f"{script}*" if script == "orchestrator" else script  # (the split ones: orchestrator-security, ...)
+        users[script] = Access(reads=reads, writes=writes, group=group if reads else None,
+                               transactional_id=script if reads else None, keeps_state=bool(reads))
+    users["monitor"] = Access(reads=topics(table), sees_groups=True,  # joins no group
+                              reads_state="orchestrator*")  # the workflows (workflows.py, the console), not the services' ids
+    users["operator"] = Access(writes=[MESSAGE_STREAM])
+    return users
+
+
+ACCESS = access_of(WORKFLOWS)
 
 
 def members() -> list[str]:
@@ -72,12 +72,12 @@ def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
     def allow(operation, resource_type, name, pattern=ACLResourcePatternType.LITERAL):
         return ACL(principal, "*", operation, ACLPermissionType.ALLOW, ResourcePattern(resource_type, name, pattern))
 
-    def topics(operation, names):  # a family: every member (reading, seeing); writing: only this user's own member
+    def on_topics(operation, names):  # a family: every member (reading, seeing); writing: only this user's own member
         return [allow(operation, ResourceType.TOPIC, prefix + name + ".", ACLResourcePatternType.PREFIXED)
                 if name in FAMILIES and operation != ACLOperation.WRITE else
                 allow(operation, ResourceType.TOPIC, prefix + written_by(name, user)) for name in names]
-    acls = topics(ACLOperation.DESCRIBE, ALL_TOPICS) + topics(ACLOperation.READ, access.reads)  # (see they exist)
-    acls += topics(ACLOperation.WRITE, access.writes)
+    acls = on_topics(ACLOperation.DESCRIBE, topics(WORKFLOWS)) + on_topics(ACLOperation.READ, access.reads)  # (see
+    acls += on_topics(ACLOperation.WRITE, access.writes)                                                  # they exist)
     if access.group:  # "name*" is every group whose name starts so
         pattern = ACLResourcePatternType.PREFIXED if access.group.endswith("*") else ACLResourcePatternType.LITERAL
         acls.append(allow(ACLOperation.READ, ResourceType.GROUP, prefix + access.group.removesuffix("*"), pattern))
@@ -105,7 +105,7 @@ def grant(admin_settings: Settings) -> int:
     returns how many ACLs there are. Creating an ACL that exists already is a no-op."""
     admin = KafkaAdminClient(**admin_settings.kafka_config(), client_id="acls")
     try:  # (users may not create topics: every one they use, each writer's own members too, is made here)
-        ensure_topics(admin, admin_settings, [*SINGLE_WRITER_TOPICS, *members()])
+        ensure_topics(admin, admin_settings, [*single_writer_topics(WORKFLOWS), *members()])
         for access in ACCESS.values():
             if access.keeps_state:
                 ensure_changelog(admin, access.group.removesuffix("*"), admin_settings)

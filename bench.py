@@ -45,6 +45,7 @@ from rich.console import Console
 
 import acls
 import common
+import contracts
 import local_kafka
 import local_zipkin
 from common import Limits, Orchestration, Record, Store, changelog, ensure_changelog, handle_record
@@ -78,7 +79,8 @@ class Bench:
     def prefix(self, name: str, partitions: int = common.SETTINGS.partitions) -> str:
         """A fresh topic prefix, its topics created with `partitions` partitions each."""
         prefix = f"bench{uuid.uuid4().hex[:6]}_{name}_"
-        self.admin.create_topics([NewTopic(prefix + t, partitions, 1) for t in (*common.SINGLE_WRITER_TOPICS, *acls.members())])
+        self.admin.create_topics([NewTopic(prefix + t, partitions, 1)
+                                  for t in (*common.single_writer_topics(WORKFLOWS), *acls.members())])
         self.partitions[prefix] = partitions
         return prefix
 
@@ -147,7 +149,7 @@ class Bench:
             with console.status(f"{label}: routing {n} detections"):
                 while True:
                     done = self.committed(group)
-                    if first is None and (done or self.written(prefix + common.SEC_COMMAND)):  # (begun: from here)
+                    if first is None and (done or self.written(prefix + contracts.SEC_COMMAND)):  # (begun: from here)
                         first, cpu_first = (time.monotonic(), done), sum(map(cpu_seconds, processes))
                     if done >= n:
                         break
@@ -239,7 +241,7 @@ class Bench:
         prefix = self.prefix("e2e" if system else "hop")
         processes = [self.start(prefix, name) for name in ("orchestrator.py", "security_service.py",
                                                            "notification_service.py")] if system else []
-        path = [DETECTIONS, common.NOTIFICATION_COMMAND, common.THIRD_PARTY] if system else [DETECTIONS]
+        path = [DETECTIONS, contracts.NOTIFICATION_COMMAND, contracts.THIRD_PARTY] if system else [DETECTIONS]
         consumer = KafkaConsumer(*(prefix + name for name in path), bootstrap_servers=self.address,
                                  auto_offset_reset="latest", isolation_level="read_committed", fetch_max_wait_ms=5,
                                  reconnect_backoff_max_ms=1000)
@@ -298,7 +300,7 @@ class Bench:
         share of a core the system used meanwhile (`cpu_share`)."""
         prefix, scratch = self.prefix(key.replace("_", "")[:12] + "hop"), tempfile.mkdtemp(prefix="bench-peer-")
         process = self.start(prefix, argv=filled(command, prefix, prefix + GROUPS[key], scratch), **env)
-        consumer = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address, fetch_max_wait_ms=5,
+        consumer = KafkaConsumer(prefix + contracts.SEC_COMMAND, bootstrap_servers=self.address, fetch_max_wait_ms=5,
                                  auto_offset_reset="earliest", isolation_level="read_committed")
         seen, stop, sent = {}, threading.Event(), {}
 
@@ -359,7 +361,7 @@ class Bench:
         prefix = self.prefix("kill" if kill else "stop", partitions)
         copies = [self.start(prefix, "orchestrator.py", "--example", "2", *NO_ANSWER, INSTANCE_ID=str(i))
                   for i in range(1, instances + 1)]
-        commands = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address,
+        commands = KafkaConsumer(prefix + contracts.SEC_COMMAND, bootstrap_servers=self.address,
                                  auto_offset_reset="earliest", isolation_level="read_committed", fetch_max_wait_ms=5,
                                  reconnect_backoff_max_ms=1000)
         routed: dict[str, list[float]] = {}  # workflow id -> times its command was seen (more than one: a duplicate)
@@ -483,7 +485,7 @@ class Bench:
         """Stop and start the orchestrator while traffic flows; gap = process start -> first waiting message routed."""
         prefix = self.prefix("restart")
         orchestrator = self.start(prefix, "orchestrator.py", *NO_ANSWER)
-        commands = KafkaConsumer(prefix + common.SEC_COMMAND, bootstrap_servers=self.address,
+        commands = KafkaConsumer(prefix + contracts.SEC_COMMAND, bootstrap_servers=self.address,
                                  auto_offset_reset="earliest", isolation_level="read_committed",
                                  reconnect_backoff_max_ms=1000)
         routed, detections, stop, stop_watching = [], [], threading.Event(), threading.Event()
@@ -544,7 +546,7 @@ def spread(latencies: list[float]) -> dict:
     return {f"p{p}": round(percentile(latencies, p), 1) for p in (50, 95, 99)} if latencies else {}
 
 
-HOP_NAMES = {common.NOTIFICATION_COMMAND: "orchestrator", common.THIRD_PARTY: "notification service"}
+HOP_NAMES = {contracts.NOTIFICATION_COMMAND: "orchestrator", contracts.THIRD_PARTY: "notification service"}
 
 
 def hops(prefix: str, path: list[str], sent: dict, seen: dict, done: list[str]) -> dict:
@@ -597,7 +599,7 @@ def raw_pipe() -> None:
         batch = consumer.poll(timeout_ms=500)
         futures = [producer.send(common.topic(name), value=r.value, key=r.key)
                    for records in batch.values() for r in records
-                   for name in (common.SEC_COMMAND, common.NOTIFICATION_COMMAND, common.REPORT_DATA)]
+                   for name in (contracts.SEC_COMMAND, contracts.NOTIFICATION_COMMAND, contracts.REPORT_DATA)]
         common.wait_for_acks(producer, futures)
         if batch:
             consumer.commit({tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in batch.items()})
@@ -675,7 +677,7 @@ def raw_eos_pipe() -> None:
         producer.begin_transaction()
         for records in batch.values():
             for r in records:
-                for name in (common.SEC_COMMAND, common.NOTIFICATION_COMMAND, common.REPORT_DATA):
+                for name in (contracts.SEC_COMMAND, contracts.NOTIFICATION_COMMAND, contracts.REPORT_DATA):
                     producer.send(common.topic(name), value=r.value, key=r.key)
                 producer.send(state, value=entry, key=b"workflow/" + r.key + str(r.offset).encode(), partition=r.partition)
         producer.send_offsets_to_transaction({tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in batch.items()},
@@ -743,7 +745,7 @@ def peers(bench: "Bench", n: int, seconds: float, rounds: int = ROUNDS) -> dict:
             bench.backlog(prefix, n)
         drains[key].append(bench.drain(label, n, prefix + GROUPS[key], prefix,
                                        argv=filled(command, prefix, prefix + GROUPS[key], scratch)))
-        if (commands := bench.committed_records(prefix + common.SEC_COMMAND)) != n:  # (exactly once, or no figure)
+        if (commands := bench.committed_records(prefix + contracts.SEC_COMMAND)) != n:  # (exactly once, or no figure)
             raise SystemExit(f"bench: {label} wrote {commands} security commands for {n} detections")
         hop_runs[key].append(bench.hop(label, key, command, 100, seconds))
         shutil.rmtree(scratch, ignore_errors=True)

@@ -26,11 +26,12 @@ from kafka.errors import AuthorizationError
 from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
-import acls
 from common import (DEAD_LETTER, SETTINGS, DeadLetterPayload, Envelope, Stopper, discard, make_producer, read_all, read_from,
-                    refused, setup_logging, tracing, wait_for_acks, wait_for_kafka)
+                    readers_and_writers, refused, setup_logging, tracing, wait_for_acks, wait_for_kafka)
+from orchestrator import WORKFLOWS
 
 log = logging.getLogger("dead_letters")
+READS = readers_and_writers(WORKFLOWS)  # script -> (the topics it reads, those it writes)
 REPLAYED = "replayed-from"  # the header a replayed original carries: the letter it was replayed from
 
 
@@ -107,7 +108,7 @@ def chosen(letters, reason: str | None, service: str | None, which: list[str] | 
 
 def consumes(writer: str, topic: str) -> bool:
     """Whether `writer`, the service whose dead_letter topic a letter is on, consumes `topic` (a real name)."""
-    reads = acls.ACCESS[writer].reads if writer in acls.ACCESS else []
+    reads = READS.get(writer, ([], []))[0]
     return bool(reads) and re.match(SETTINGS.pattern(reads), topic) is not None
 
 

@@ -30,10 +30,10 @@ from rich.console import Console
 from kafka import KafkaAdminClient
 from kafka.errors import NonEmptyGroupError, KafkaError
 
-from common import (ALL_TOPICS, MESSAGE_STREAM, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
+from common import (MESSAGE_STREAM, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
                     written_by)
 from local_kafka import free_port, port_is_free
-from monitor import Flow, Tail, groups, render
+from monitor import TOPICS, Flow, Tail, groups, render
 
 HERE = Path(__file__).resolve().parent
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_green"]
@@ -205,7 +205,7 @@ def reset(settings: Settings, report_db: str | None = None, patient: bool = True
     group whose scripts stopped just now (still members until their session ends) is left, not waited for."""
     admin = KafkaAdminClient(**settings.kafka_config(), client_id="reset", bootstrap_timeout_ms=10_000)
     try:
-        ours = re.compile(settings.pattern(ALL_TOPICS)[:-2] + "|" + "|".join(
+        ours = re.compile(settings.pattern(TOPICS)[:-2] + "|" + "|".join(
             re.escape(changelog(group)) for group in groups()) + ")$")
         busy, until = [settings.group(group) for group in groups()], time.monotonic() + SESSION_TIMEOUT_MS / 1000 + 2
         while busy:  # (groups first: while a script runs nothing is deleted; one stopped just now is waited out)

@@ -32,9 +32,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from common import (ALL_TOPICS, DEAD_LETTER, FINISHED, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of,
-                    group_for, read_all, refused, replaced, services, setup_logging, wait_for_kafka)
+from common import (DEAD_LETTER, FINISHED, SETTINGS, Envelope, Settings, Stopper, ensure_topics, family_of, first_steps,
+                    group_for, read_all, refused, replaced, services, setup_logging, single_writer_topics, topics,
+                    wait_for_kafka)
 from orchestrator import WORKFLOWS
+
+TOPICS = topics(WORKFLOWS)  # every topic of the application: what the monitor reads
 
 
 ENDED = ("completed", "failed", "cancelled")  # a workflow's states once the orchestrator has ended it
@@ -55,12 +58,15 @@ def weighted(rows: list[tuple], test) -> int:
 
 def milestones(kind: str) -> list[tuple[str, set[str], str, bool]]:
     """A workflow's moments as the topics show them: (name, message types that mark it, the service that should
-    bring it about, whether the workflow needs it to complete). Read from the orchestrator's definition."""
+    bring it about, whether the workflow needs it to complete). Read from the orchestrator's definition: the steps
+    sent as it starts (a step that follows another is sent only if route() says so; the orchestrator says when the
+    workflow has ended)."""
     workflow = WORKFLOWS[kind]
+    first = first_steps(workflow)
     marks = [(workflow.started, {workflow.starts_with}, workflow.source, True),
-             ("routed", {workflow.steps[0].command}, "orchestrator", True)]
+             ("routed", {first[0].command}, "orchestrator", True)]
     return marks + [(step.name, set(step.done + step.failed) or {step.command}, step.service, bool(step.done))
-                    for step in workflow.steps] + [("ended", set(FINISHED), "orchestrator", True)]
+                    for step in first] + [("ended", set(FINISHED), "orchestrator", True)]
 
 
 def groups() -> list[str]:
@@ -191,6 +197,8 @@ class Flow:
                 for name, types, service, needed in milestones(self.kind[workflow])]
 
     def failed(self, workflow: str) -> bool:
+        """Whether it failed: the orchestrator said so, or a step reported a failure (a workflow with a failed step
+        ends failed, once what follows the failure, a compensation say, is done)."""
         steps = WORKFLOWS[self.kind[workflow]].steps
         return "workflow_failed" in self.times[workflow] or any(t in self.times[workflow] for step in steps
                                                                 for t in step.failed)
@@ -274,7 +282,7 @@ class Flow:
 
     def rates(self, seconds: float = 10.0) -> dict[str, float]:
         """Messages per second of each topic (a family's members together) over the last `seconds`."""
-        since, counts = time.time() - seconds, dict.fromkeys(ALL_TOPICS, 0)
+        since, counts = time.time() - seconds, dict.fromkeys(TOPICS, 0)
         for topic_name, arrivals in self.arrivals.items():
             while arrivals and arrivals[0] < since:
                 arrivals.popleft()
@@ -288,14 +296,14 @@ class Tail:
     def __init__(self, flow: Flow):
         self.flow, settings = flow, flow.settings
         admin = KafkaAdminClient(**settings.kafka_config())
-        ensure_topics(admin, settings)
+        ensure_topics(admin, settings, single_writer_topics(WORKFLOWS))
         admin.close()
         # A pattern, so that a member of a family created later (a service started later) is read too.
         # Small fetches, so that reading a long history the topics stay in step (see read_to_end).
         self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, auto_offset_reset="earliest",
                                       isolation_level="read_committed", metadata_max_age_ms=1000,
                                       max_partition_fetch_bytes=16 * 1024)
-        self.consumer.subscribe(pattern=settings.pattern(ALL_TOPICS))
+        self.consumer.subscribe(pattern=settings.pattern(TOPICS))
         self.last_read: dict[TopicPartition, int] = {}  # partition -> timestamp (ms) of the last record read
         self.last_offset: dict[TopicPartition, int] = {}  # partition -> offset of the last record read
 
@@ -326,7 +334,7 @@ class Tail:
 
     def read_to_end(self, stop=None) -> bool:
         """Read everything on the topics now (for --once and reports); False if stopped before the end."""
-        pattern = self.flow.settings.pattern(ALL_TOPICS)
+        pattern = self.flow.settings.pattern(TOPICS)
         topics = {topic for topic in self.consumer.topics() if re.match(pattern, topic)}  # (every topic there is now)
         while not topics <= {partition.topic for partition in self.consumer.assignment()}:
             if stop:
@@ -452,7 +460,7 @@ def messages_of(wanted: str, settings: Settings = SETTINGS) -> tuple[set[str], l
     workflows' ids, rows of (Kafka's time in ms, topic, message, whether it repeats an id seen before on that topic:
     a re-sent command, a replayed event))."""
     found, quick = [], wanted.encode() if wanted.isascii() else b""
-    for record in read_all(ALL_TOPICS, settings=settings):
+    for record in read_all(TOPICS, settings=settings):
         if quick not in (record.value or b""):  # (a quick look first: most records are another workflow's)
             continue
         try:

@@ -7,7 +7,8 @@ Run:      python notification_service.py
 import argparse
 import logging
 
-from common import NOTIFICATION_COMMAND, THIRD_PARTY, Envelope, Output, caused_by, expect, run_service, setup_logging, metrics
+from common import Envelope, Output, caused_by, expect, run_service, setup_logging, metrics
+from contracts import NOTIFICATION_COMMAND, THIRD_PARTY
 
 log = logging.getLogger("notification_service")
 

@@ -3,20 +3,21 @@
 Consumes: message_stream.<writer> of the writers of the workflows active at --example (each may send only its own
           types; a later stage's events wait in Kafka until an orchestrator at that stage reads them), and
           message_stream.operator (a person's requests: python workflows.py cancel ID / retry ID)
-Produces: sec_command, notification_command, report_data, unit_command, dead_letter.orchestrator,
+Produces: the commands of WORKFLOWS' steps (topics and message types: contracts.py), dead_letter.orchestrator,
           message_stream.orchestrator (step_timed_out, workflow_completed, workflow_failed; answers to a person's
           requests: workflow_cancelled, workflow_retried, operator_request_refused)
-Run:      python orchestrator.py --example 1         # the walkthrough's stage: 1, 2 or 3 (default 3)
+Run:      python orchestrator.py --example 1         # the walkthrough's stage: 1, 2, 3 (the default) or 4
           python orchestrator.py --workflows security  # one orchestrator per workflow; each restarts on its own
           python orchestrator.py --step-timeout 2 --attempts 2  # each step's time limit and tries
-          python orchestrator.py --dry-run --example 3 --compare 2  # preview a routing change on the recorded
+          python orchestrator.py --dry-run --example 4 --compare 3  # preview a routing change on the recorded
                                                       # message_stream: produces and commits nothing
 A workflow changes by editing route() and WORKFLOWS here, then restarting this script; the services never change.
-Messages that arrive while it is down wait in message_stream and are routed once it is back.
+Messages that arrive while it is down wait in message_stream and are routed once it is back; a workflow in flight
+goes on as the stage it started under routes it.
 """
 
-from common import (ANSWERS, FINISHED, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, DeadLetter,
-                    Envelope, Output, Step, Workflow, caused_by, reports_done, run_orchestrator)
+from common import ANSWERS, FINISHED, DeadLetter, Envelope, Output, Step, Workflow, caused_by, reports_done, run_orchestrator
+from contracts import NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 
 SOURCE = "orchestrator"
 
@@ -31,7 +32,11 @@ def route(event: Envelope, stage: int = 3) -> list[Output]:
     elif event.type == "unit_event" and stage >= 3:  # EXAMPLE 3: the new unit-event workflow.
         return [(UNIT_COMMAND, unit_command(event)),
                 (REPORT_DATA, report(event, "unit", event.payload["status"], event.payload["unit_id"]))]
-    elif event.type == "security_action_failed":  # compensation is just another route: escalate to a human
+    elif event.type == "security_action_completed" and guarded(event) and stage >= 4:  # EXAMPLE 4: the next step
+        return [(SEC_COMMAND, unlock_zone(event)), (NOTIFICATION_COMMAND, all_clear(event))]
+    elif event.type == "security_action_failed" and guarded(event) and stage >= 4:  # EXAMPLE 4: the compensation
+        return [(SEC_COMMAND, lock_down(event)), (NOTIFICATION_COMMAND, escalate(event))]
+    elif event.type == "security_action_failed":  # a failed action: a person takes over
         return [(NOTIFICATION_COMMAND, escalate(event))]
     elif event.type == "step_timed_out" and event.payload["attempt"] < event.payload["attempts"]:
         return [(event.payload["topic"], Envelope.model_validate(event.payload["command"]))]  # again, same id
@@ -63,6 +68,28 @@ def notify_on_duty(event: Envelope) -> Envelope:
                 f"severity {detection['severity']})"}, SOURCE)
 
 
+def guarded(outcome: Envelope) -> bool:
+    """Whether a security outcome is a guard's: the guard reported the zone clear, or could not be dispatched."""
+    return outcome.payload["action"] == "dispatch_guard"
+
+
+def unlock_zone(event: Envelope) -> Envelope:
+    return caused_by(event, "unlock", "security_command", {"action": "unlock_zone", "zone": event.payload["zone"]},
+                     SOURCE)
+
+
+def lock_down(event: Envelope) -> Envelope:
+    return caused_by(event, "lock-down", "security_command", {"action": "lock_zone", "zone": event.payload["zone"]},
+                     SOURCE)
+
+
+def all_clear(event: Envelope) -> Envelope:
+    zone = event.payload["zone"]
+    return caused_by(event, "all-clear", "notification_command", {
+        "channel": "sms", "recipient": f"on-duty-{zone}", "text": f"all clear at {zone}: the guard found nothing; "
+                                                                 f"the zone is unlocked"}, SOURCE)
+
+
 def escalate(event: Envelope) -> Envelope:
     outcome = event.payload
     return caused_by(event, "escalate", "notification_command", {
@@ -91,20 +118,31 @@ def report(event: Envelope, workflow: str, category: str, entity: str) -> Envelo
         "workflow": workflow, "category": category, "entity": entity, "zone": event.payload.get("zone", "")}, SOURCE)
 
 
-# Each workflow once: route() above sends these steps' commands; the engine keeps each workflow's state from them (a
-# step is pending until its report, tried again past its time limit), and --workflows ownership, the monitor, the
-# dry run and the ACLs read them too. tests/test_routing_table.py checks route() agrees with this table.
+# Each workflow once: every step route() above may send, what each follows (none: sent as the workflow starts) and
+# who does it. The engine keeps each workflow's state from them (a step is pending until its report, tried again
+# past its time limit; a workflow ends when no step is pending), and --workflows ownership, the monitor, the dry run
+# and the ACLs read them too. tests/test_routing_table.py checks route() agrees with this table.
+SECURITY_DONE, SECURITY_FAILED = ("security_action_completed",), ("security_action_failed",)
 WORKFLOWS = {
     "security": Workflow("security_detection", "security_detector", started="detected", steps=(
         Step("acted", "security_command", SEC_COMMAND, "security_service", time_limit=5.0,
-             done=("security_action_completed",), failed=("security_action_failed",)),
+             done=SECURITY_DONE, failed=SECURITY_FAILED),
         Step("notified", "notification_command", NOTIFICATION_COMMAND, "notification_service",
              done=("notification_delivered",), reports_on=THIRD_PARTY),
-        Step("reported", "report_data", REPORT_DATA, "reporting_service", from_stage=2))),
+        Step("reported", "report_data", REPORT_DATA, "reporting_service", from_stage=2),
+        Step("escalated", "notification_command", NOTIFICATION_COMMAND, "notification_service",
+             after=("acted", "unlocked", "locked_down"), when="failed"),
+        Step("unlocked", "security_command", SEC_COMMAND, "security_service", from_stage=4, after="acted",
+             time_limit=5.0, done=SECURITY_DONE, failed=SECURITY_FAILED),
+        Step("told", "notification_command", NOTIFICATION_COMMAND, "notification_service", from_stage=4, after="acted"),
+        Step("locked_down", "security_command", SEC_COMMAND, "security_service", from_stage=4, after="acted",
+             when="failed", time_limit=5.0, done=SECURITY_DONE, failed=SECURITY_FAILED))),
     "unit": Workflow("unit_event", "unit_event_producer", from_stage=3, started="event", steps=(
         Step("applied", "unit_command", UNIT_COMMAND, "unit_event_producer", time_limit=5.0,
              done=("unit_command_applied",)),
-        Step("reported", "report_data", REPORT_DATA, "reporting_service"))),
+        Step("reported", "report_data", REPORT_DATA, "reporting_service"),
+        Step("escalated", "notification_command", NOTIFICATION_COMMAND, "notification_service", after="applied",
+             when="failed"))),
 }
 
 

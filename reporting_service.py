@@ -14,7 +14,8 @@ import os
 import sqlite3
 import time
 
-from common import REPORT_DATA, DeadLetter, Envelope, Output, Unavailable, expect, run_service, setup_logging, metrics
+from common import DeadLetter, Envelope, Output, Unavailable, expect, run_service, setup_logging, metrics
+from contracts import REPORT_DATA
 
 log = logging.getLogger("reporting_service")
 SCHEMA = """

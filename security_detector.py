@@ -9,7 +9,8 @@ import argparse
 import logging
 import random
 
-from common import MESSAGE_STREAM, new_event, run_producer, setup_logging, metrics
+from common import new_event, run_producer, setup_logging, metrics
+from contracts import MESSAGE_STREAM
 
 log = logging.getLogger("security_detector")
 # The sensors of a site: what each one detects (motion sensors fire most), and how severe that kind is.

@@ -11,8 +11,8 @@ import argparse
 import logging
 import random
 
-from common import (MESSAGE_STREAM, UNIT_COMMAND, Envelope, Output, Pacer, caused_by, expect, new_event, run_service,
-    setup_logging, metrics)
+from common import Envelope, Output, Pacer, caused_by, expect, new_event, run_service, setup_logging, metrics
+from contracts import MESSAGE_STREAM, UNIT_COMMAND
 
 log = logging.getLogger("unit_event_producer")
 STATE_AFTER = {"acknowledge": "ok", "power_save": "power_saving", "reboot": "rebooting", "lockdown": "locked_down"}

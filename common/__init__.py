@@ -1,8 +1,9 @@
 """What every script shares, one concern a module; this file only hands the names on, so scripts write
 `from common import ...` and never reach inside. Read them in this order:
 
-  messages     the envelope, a schema per message type, new_event / caused_by / about / parse / dead_letter (no Kafka)
-  settings     one frozen Settings from the environment; topic names; group and transactional-id naming; logging
+  messages     the envelope, the engine's own schemas and contract() for the application's (contracts.py),
+               new_event / caused_by / about / parse / dead_letter (no Kafka)
+  settings     one frozen Settings from the environment; the engine's topics; group and transactional-id naming; logging
   clients      kafka-python producers, consumers and admin made the project's way; topics; read_all; refusals
   service      a consuming service declared (run_service, Service) and started
   loop         its loop, a batch at a time: poll -> handle -> deliver -> commit
@@ -13,8 +14,9 @@
   copies       the copies of a service in its group: leave when stopped, end a gone copy's transaction
   waiting      the stop signal, a poll that outlives an outage, a pause that says what it waits for
   producing    run_producer, the event sources' loop
-  workflow     the workflow table's shape (Workflow, Step) and what can be asked of it
-  orchestration  a workflow's life: routed events, steps, attempts, deadlines, its end; late answers
+  workflow     the workflow table's shape (Workflow, Step: which step follows which) and what can be asked of it
+  orchestration  a workflow's life: routed events at the stage it started under, its timers; late answers
+  progress     a workflow's entry after each event: the step reported on, the steps sent, attempts, its end
   takeover     one orchestrator split in two or joined back: the overlap guard, offsets and state taken over
   dry_run      the orchestrator's preview of a routing change on the recorded message_stream
   orchestrator_cli  the orchestrator's flags and what it runs, handed the table and route()
@@ -34,31 +36,30 @@ from common.changelog import Latest, Record, changelog, ensure_changelog, latest
 from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,
                             read_from, refused, send, wait_for_acks, wait_for_kafka)
 from common.handling import Handler, Unavailable, handle_batch, handle_record
-from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, about,
-                             caused_by, dead_letter, derived_id, expect, new_event, parse)
+from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, Schema,
+                             UnknownType, about, caused_by, contract, dead_letter, derived_id, expect, new_event, parse)
 from common.orchestration import STATES, WORKFLOW, Limits, Orchestration, is_workflow
 from common.orchestrator_cli import run_orchestrator
 from common.producing import Pacer, run_producer
 from common.service import Service, run_service, serve
-from common.settings import (ALL_TOPICS, DEAD_LETTER, FAMILIES, MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA,
-                             SEC_COMMAND, SETTINGS, SINGLE_WRITER_TOPICS, THIRD_PARTY, UNIT_COMMAND, Settings, family_of,
-                             setup_logging, topic, written_by)
+from common.settings import (DEAD_LETTER, FAMILIES, MESSAGE_STREAM, SETTINGS, Settings, family_of, setup_logging, topic,
+                             written_by)
 from common.state import State, Store
 from common.takeover import replaced
 from common.waiting import Stopper
 from common.workarounds import discard
-from common.workflow import (ANSWERS, FINISHED, OPERATOR, REQUESTS, Step, Workflow, command_topics, group_for,
-                             orchestrator_groups, owns, reports_done, senders, services)
+from common.workflow import (ANSWERS, FINISHED, OPERATOR, REQUESTS, Step, Workflow, command_topics, first_steps,
+                             group_for, orchestrator_groups, owns, problems, readers_and_writers, reports_done,
+                             senders, services, single_writer_topics, step_sent, topics)
 
 __all__ = ["Latest", "Record", "changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
            "ensure_topics", "make_consumer", "make_producer", "read_all", "read_from", "refused", "send", "wait_for_acks",
            "wait_for_kafka", "Handler", "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES",
-           "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "about", "caused_by", "derived_id",
-           "dead_letter", "expect",
+           "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "Schema", "UnknownType", "about",
+           "caused_by", "contract", "derived_id", "dead_letter", "expect",
            "new_event", "parse", "STATES", "WORKFLOW", "Limits", "Orchestration", "is_workflow", "run_orchestrator",
-           "Pacer", "run_producer", "Service", "run_service", "serve", "ALL_TOPICS", "DEAD_LETTER", "FAMILIES",
-           "MESSAGE_STREAM", "NOTIFICATION_COMMAND", "REPORT_DATA", "SEC_COMMAND", "SETTINGS", "SINGLE_WRITER_TOPICS",
-           "THIRD_PARTY", "UNIT_COMMAND", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
-           "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "group_for",
-           "orchestrator_groups", "owns", "reports_done", "senders", "services", "FINISHED", "ANSWERS",
-           "OPERATOR", "REQUESTS"]
+           "Pacer", "run_producer", "Service", "run_service", "serve", "DEAD_LETTER", "FAMILIES",
+           "MESSAGE_STREAM", "SETTINGS", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
+           "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "first_steps", "group_for",
+           "orchestrator_groups", "owns", "problems", "readers_and_writers", "reports_done", "senders", "services",
+           "single_writer_topics", "step_sent", "topics", "FINISHED", "ANSWERS", "OPERATOR", "REQUESTS"]

@@ -15,7 +15,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.structs import TopicPartition
 
 from common.messages import Envelope
-from common.settings import FAMILIES, SETTINGS, SINGLE_WRITER_TOPICS, Settings
+from common.settings import FAMILIES, SETTINGS, Settings
 from common.workarounds import (ConnectionWatch, RememberingPartitioner, discard, in_background,
                                 quick_transaction_retries)
 
@@ -116,8 +116,7 @@ def wait_for_acks(producer: KafkaProducer, futures: list, name: str = "", stop=N
         future.get()  # flush() does not raise for a failed record; get() does
 
 
-def ensure_topics(admin: KafkaAdminClient, settings: Settings = SETTINGS,
-                  names: Iterable[str] = SINGLE_WRITER_TOPICS) -> None:
+def ensure_topics(admin: KafkaAdminClient, settings: Settings, names: Iterable[str]) -> None:
     """Create whichever of these project topics (members of a family by their own name) are missing, so every
     script runs against any cluster."""
     missing = {settings.topic(name) for name in names if name not in FAMILIES} - set(admin.list_topics())
@@ -132,8 +131,8 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings = SETTINGS,
 
 def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = True,
                    topics: Iterable[str] = ()) -> KafkaAdminClient | None:
-    """Connect an admin client (saying clearly that we wait if the broker is not up yet) and create any missing
-    project topic (the single-writer ones and `topics`); returns the client, or None if stopped meanwhile. A broker
+    """Connect an admin client (saying clearly that we wait if the broker is not up yet) and create any of `topics`
+    that is missing (the script's own inputs and outputs); returns the client, or None if stopped meanwhile. A broker
     that refuses us (wrong password, or sign-in needed) or forbids a topic ends the script with one clear line:
     waiting would not help. wait=False (the one-shot tools): no broker answering ends the script with one line too."""
     waiting_since, watch, began = None, ConnectionWatch.install(), time.monotonic()
@@ -143,7 +142,7 @@ def wait_for_kafka(stop, what: str, settings: Settings = SETTINGS, wait: bool = 
                 admin = KafkaAdminClient(**settings.kafka_config(), bootstrap_timeout_ms=2000, client_id=what)
                 if waiting_since is not None:
                     log.info("%s: Kafka is up after %.0f s of waiting", what, time.monotonic() - waiting_since)
-                ensure_topics(admin, settings, [*SINGLE_WRITER_TOPICS, *topics])
+                ensure_topics(admin, settings, topics)
                 return admin
             except KafkaTimeoutError:
                 if reason := why_refused(watch, settings):

@@ -1,5 +1,6 @@
-"""The contract every script shares: one JSON envelope for every message, a pydantic schema per message type, and how
-messages are made, read back and rejected. Nothing here talks to Kafka, so it is the first thing to read."""
+"""The contract every script shares: one JSON envelope for every message, a pydantic schema per message type (the
+engine's own here; the application's come from its contracts, contracts.py, through contract()), and how messages
+are made, read back and rejected. Nothing here talks to Kafka, so it is the first thing to read."""
 
 import base64
 import hashlib
@@ -7,73 +8,17 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_MESSAGE_BYTES = 64 * 1024  # larger inputs are dead-lettered, not parsed
-MAX_KEY_BYTES = 256            # a key is an entity id (sensor, unit): anything longer is not one
+MAX_KEY_BYTES = 256            # a key is an entity id (what a workflow is about): anything longer is not one
 MAX_ID = 200                   # characters of a message id; derived ids stay within it (see caused_by)
 
 
 class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SecurityDetection(Schema):
-    sensor_id: str = Field(min_length=1, max_length=64)
-    zone: str = Field(min_length=1, max_length=64)
-    kind: Literal["motion", "door_forced", "glass_break", "smoke"]
-    severity: int = Field(ge=1, le=5)
-
-
-class SecurityCommand(Schema):
-    action: Literal["inspect", "lock_zone", "dispatch_guard"]
-    zone: str = Field(min_length=1, max_length=64)
-    sensor_id: str = Field(min_length=1, max_length=64)
-    severity: int = Field(ge=1, le=5)
-
-
-class SecurityOutcome(Schema):
-    action: str = Field(max_length=32)
-    zone: str = Field(max_length=64)
-    detail: str = Field(default="", max_length=200)
-
-
-class NotificationCommand(Schema):
-    channel: Literal["sms", "email", "pager"]
-    recipient: str = Field(min_length=1, max_length=96)  # e.g. "on-duty-" and a zone
-    text: str = Field(max_length=500)
-
-
-class NotificationDelivered(Schema):
-    channel: str = Field(max_length=16)
-    recipient: str = Field(max_length=96)
-    text: str = Field(max_length=500)
-
-
-class ReportData(Schema):
-    workflow: Literal["security", "unit"]
-    category: str = Field(min_length=1, max_length=32)  # detection kind or unit status
-    entity: str = Field(min_length=1, max_length=64)    # sensor or unit id
-    zone: str = Field(default="", max_length=64)
-
-
-class UnitEvent(Schema):
-    unit_id: str = Field(min_length=1, max_length=64)
-    status: Literal["heartbeat", "battery_low", "offline", "tamper"]
-    battery: int = Field(ge=0, le=100)
-
-
-class UnitCommand(Schema):
-    unit_id: str = Field(min_length=1, max_length=64)
-    command: Literal["acknowledge", "power_save", "reboot", "lockdown"]
-
-
-class UnitCommandApplied(Schema):
-    unit_id: str = Field(max_length=64)
-    command: str = Field(max_length=32)
-    state: str = Field(max_length=32)
 
 
 class StepTimedOut(Schema):  # the orchestrator's own event: a step's time limit passed without its outcome
@@ -108,17 +53,7 @@ class OperatorAnswer(Schema):  # the orchestrator's answer to a request: done (w
     step: str = Field(default="", max_length=64)     # the step tried again (a retry)
 
 
-SCHEMAS: dict[str, type[Schema]] = {
-    "security_detection": SecurityDetection,
-    "security_command": SecurityCommand,
-    "security_action_completed": SecurityOutcome,
-    "security_action_failed": SecurityOutcome,
-    "notification_command": NotificationCommand,
-    "notification_delivered": NotificationDelivered,
-    "report_data": ReportData,
-    "unit_event": UnitEvent,
-    "unit_command": UnitCommand,
-    "unit_command_applied": UnitCommandApplied,
+SCHEMAS: dict[str, type[Schema]] = {  # message type -> its schema: the engine's own, then the application's
     "step_timed_out": StepTimedOut,
     "workflow_completed": WorkflowFinished,
     "workflow_failed": WorkflowFinished,
@@ -128,6 +63,34 @@ SCHEMAS: dict[str, type[Schema]] = {
     "workflow_retried": OperatorAnswer,
     "operator_request_refused": OperatorAnswer,
 }
+ENGINE_TYPES = frozenset(SCHEMAS) | {"dead_letter"}
+TYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+class UnknownType(ValueError):
+    """A message of a type no contract has a schema for (a slip in the application's code: its text says where)."""
+
+
+def contract(schemas: dict[str, type[Schema]]) -> dict[str, type[Schema]]:
+    """The application's message types and their schemas (contracts.py's MESSAGES), known from now on to every
+    function here; the engine's own types cannot be taken. Returns them, as given."""
+    for name, schema in schemas.items():
+        if not TYPE_NAME.fullmatch(name) or name in ENGINE_TYPES:
+            raise ValueError(f"message type {name!r}: " + ("the engine's own; name yours otherwise" if name in
+                             ENGINE_TYPES else "a type is lower-case letters, digits and _, 64 at most"))
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            raise TypeError(f"message type {name!r}: its schema is a pydantic model (a Schema), not {schema!r}")
+    SCHEMAS.update(schemas)
+    return dict(schemas)
+
+
+def schema_of(type_: str) -> type[Schema]:
+    """The schema of a message type, or UnknownType naming it."""
+    try:
+        return SCHEMAS[type_]
+    except KeyError:
+        raise UnknownType(f"no schema for message type {type_!r}: add one to the application's contracts "
+                          "(contracts.py, MESSAGES)") from None
 
 
 class Envelope(BaseModel):
@@ -139,6 +102,7 @@ class Envelope(BaseModel):
     source: str = Field(min_length=1, max_length=64)    # the script that wrote it
     created_at: datetime
     payload: dict[str, Any]
+    cause_id: str | None = Field(default=None, max_length=MAX_ID)  # the message it answers or follows from, if any
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -159,18 +123,19 @@ class DeadLetter(Exception):
 def new_event(type_: str, payload: dict, source: str) -> Envelope:
     """A message that starts a workflow: its own id is the workflow id."""
     event_id = str(uuid.uuid4())
-    return _make(event_id, type_, payload, source, event_id)
+    return _make(event_id, type_, payload, source, event_id, None)
 
 
 def about(workflow_id: str, type_: str, payload: dict, source: str) -> Envelope:
     """A message about a workflow from outside it (a person's request): an id of its own, the workflow's id."""
-    return _make(str(uuid.uuid4()), type_, payload, source, workflow_id)
+    return _make(str(uuid.uuid4()), type_, payload, source, workflow_id, None)
 
 
 def caused_by(cause: Envelope, step: str, type_: str, payload: dict, source: str) -> Envelope:
     """A message caused by another: same workflow, and an id derived from the cause and the step, so that
-    handling the same cause twice yields the same id and receivers can drop the repeat."""
-    return _make(derived_id(cause.id, step), type_, payload, source, cause.workflow_id)
+    handling the same cause twice yields the same id and receivers can drop the repeat. It names its cause (cause_id):
+    an outcome so says which command, and so which step, it reports on."""
+    return _make(derived_id(cause.id, step), type_, payload, source, cause.workflow_id, cause.id)
 
 
 def derived_id(cause_id: str, step: str) -> str:
@@ -183,10 +148,10 @@ def derived_id(cause_id: str, step: str) -> str:
     return f"{cause_id[:MAX_ID - len(step) - 27]}~{digest}.{step}"
 
 
-def _make(id_: str, type_: str, payload: dict, source: str, workflow_id: str) -> Envelope:
-    payload = SCHEMAS[type_].model_validate(payload).model_dump()
+def _make(id_: str, type_: str, payload: dict, source: str, workflow_id: str, cause_id: str | None) -> Envelope:
+    payload = schema_of(type_).model_validate(payload).model_dump()
     return Envelope(id=id_, type=type_, workflow_id=workflow_id, source=source,
-                    created_at=datetime.now(timezone.utc), payload=payload)
+                    created_at=datetime.now(timezone.utc), payload=payload, cause_id=cause_id)
 
 
 def parse(raw: bytes | None) -> Envelope:

@@ -15,7 +15,7 @@ service does, and the orchestrator what only it does (commands routed, open work
     state_entries_set_aside_total{service}      state records read back that are not entries (dead-lettered)
     state_entries_removed_total{service}        state entries a tombstone removed (written by someone else)
     outcomes_of_unknown_workflows_total{type}   outcomes of workflows the orchestrator has no state of
-    messages_produced_total{service}            events an event source (the detector) sent, acknowledged
+    messages_produced_total{service}            events an event source sent, acknowledged
 """
 
 import argparse
@@ -27,9 +27,6 @@ import time
 from kafka.structs import TopicPartition
 
 log = logging.getLogger("common")
-# The ports docs/observability.md, the Prometheus scrape config and the Docker setup give each script (METRICS_PORT=...).
-PORTS = {"orchestrator": 9101, "security_service": 9102, "notification_service": 9103, "reporting_service": 9104,
-         "unit_event_producer": 9105, "security_detector": 9106}
 ON = False
 _metrics: dict = {}
 OPEN_EVERY_S = 5  # how often the open workflows are counted (a scan of the state)

@@ -1,14 +1,16 @@
-"""A workflow's life in the orchestrator: each event is routed by the table's `route()`, and its workflow's entry
-(its steps, their attempts and deadlines, how it ended) is kept in the orchestrator's state, committed with the
-commands. A step is pending until its report, a time limit or a failure; a deadline passing becomes a
-step_timed_out event, routed like any other; an answer that comes too late changes nothing. Handed the table
-(WORKFLOWS) and `route`; it never imports orchestrator.py."""
+"""A workflow's life in the orchestrator: each event is routed by the table's `route()`, at the stage its workflow
+started under, and its workflow's entry (its steps in the order they were sent, their attempts and deadlines, how it
+ended) is kept in the orchestrator's state, committed with the commands. Every command route() sends is a step the
+table declares: one that starts the workflow, or one that follows another step done or failed (the next step, a
+compensation); a command the table has no step for is a dead letter that says what to declare. A step is pending
+until its report (the outcome names the command it answers), a time limit or a failure; a deadline passing becomes a
+step_timed_out event, routed like any other; an answer that comes too late changes nothing. A workflow ends when no
+step is pending: nothing more follows. Handed the table (WORKFLOWS) and `route`; it never imports orchestrator.py."""
 
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from common import metrics, operating
 from common.handling import SEEN, is_repeat, mark
@@ -16,47 +18,34 @@ from common.changelog import unreadable
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
-from common.workflow import FINISHED, REQUESTS, Step, Table, command_topics, pending, steps_by_name
+from common.progress import Limits, Reported, advance, ended, next_deadline, record, reported
+from common.workflow import FINISHED, REQUESTS, Table, command_topics, steps_by_name
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
-ATTEMPTS = 3  # tries of a step that reports back, before a person is asked to take over (--attempts)
 WORKFLOW = "workflow/"  # state key of a workflow, by its id
 STATES = ("running", "completed", "failed", "cancelled")
 LOADED = time.monotonic()
 Route = Callable[[Envelope, int], list[Output]]  # route(event, stage): orchestrator.py's routing table
 
 
-@dataclass(frozen=True)
-class Limits:
-    """How long a step that reports back may take, and how often it is tried (the table's, or the flags')."""
-    step_timeout: float | None = None  # overrides every step's own time_limit
-    attempts: int = ATTEMPTS
-
-    def of(self, step: Step) -> float | None:
-        return self.step_timeout if self.step_timeout is not None else step.time_limit
-
-
 class Orchestration:
-    """The orchestrator's handler and timer: routes events with the table at a stage of the walkthrough, and keeps
-    each workflow's state. `owned`: the workflows this orchestrator runs (the rest belong to a split one)."""
+    """The orchestrator's handler and timer: routes events with the table, a new workflow at this orchestrator's
+    stage of the walkthrough and each one in flight at the stage it started under, and keeps each workflow's state.
+    `owned`: the workflows this orchestrator runs (the rest belong to a split one)."""
 
-    def __init__(self, table: Table, route: Route, stage: int, limits: Limits = Limits(),
+    def __init__(self, table: Table, route: Route, stage: int, limits: Limits | None = None,
                  owned: set[str] | None = None):
-        self.table, self.route, self.stage, self.limits = table, route, stage, limits
+        self.table, self.route, self.stage, self.limits = table, route, stage, limits or Limits()
         self.owned = set(table) if owned is None else owned
-        self.routed_any = False
-        # (the table asked once, not per event: which workflow each event type belongs to, and each command's step)
+        self.routed_any, self.followed = False, ""  # (followed: the steps the last event made follow, for its log line)
+        # (the table asked once, not per event: which workflow each event type belongs to)
         self.commands, self.kind = command_topics(table), {}
         for name, workflow in table.items():
             for event_type in (workflow.starts_with, *(t for step in workflow.steps for t in step.done + step.failed)):
                 self.kind.setdefault(event_type, name)
         self.starts = {workflow.starts_with for workflow in table.values()}
         self.handles = {*self.owned, None}  # (a type no workflow knows: route() dead-letters it)
-        self.steps = {}
-        for workflow in table.values():
-            for step in workflow.steps:
-                self.steps.setdefault(step.command, step)
         self.steps_done = {t for workflow in table.values() for step in workflow.steps for t in step.done}
         self.defined = steps_by_name(table)  # workflow -> step name -> Step
 
@@ -68,9 +57,10 @@ class Orchestration:
         if outputs is None:  # (handled before, or too late: said where it was found)
             return []
         self.count_routed(outputs, self.kind.get(event.type) or event.payload.get("workflow"))
-        log.info("%s %s -> %s", event.type, event.workflow_id[:8],
+        log.info("%s %s -> %s%s", event.type, event.workflow_id[:8],
                  ", ".join(m.type if t == MESSAGE_STREAM else t for t, m, *_ in outputs) or
-                 ("its step is done; nothing follows" if event.type in self.steps_done else "nothing follows"))
+                 ("its step is done; nothing follows" if event.type in self.steps_done else "nothing follows"),
+                 self.followed)
         if outputs and not self.routed_any:  # (the restart gap, to read off by hand)
             self.routed_any = True
             log.info("first message routed %.2f s after this process started", process_age())
@@ -79,7 +69,7 @@ class Orchestration:
     def decide(self, event: Envelope, state: State, now: float | None = None) -> list[Output] | None:
         """Route an event and keep its workflow's state: the commands, plus workflow_completed/failed when it ends
         (or a person's request answered); None if it changes nothing (handled before, too late, another's)."""
-        now, key = now or time.time(), WORKFLOW + event.workflow_id
+        now, key, self.followed = now or time.time(), WORKFLOW + event.workflow_id, ""
         workflow = self.state_of_workflow(event, state)
         if self.skipped(event, state, workflow):
             return None
@@ -99,14 +89,22 @@ class Orchestration:
         return outputs
 
     def routed(self, event: Envelope, state: State, workflow: dict | None, now: float) -> tuple[dict | None, list]:
-        """An event routed by the table: (its workflow, started by it if it starts one; what it sends)."""
-        commands = self.route(event, self.stage)
-        if workflow is None and event.type in self.kind and event.type not in self.starts:  # (a step's outcome)
-            self.say_unknown(event)
-        if workflow is None and event.type in self.starts:
-            workflow = self.started(event, commands, None if state.key is None else
-                                    state.key.decode(errors="surrogateescape"), now)
-        return workflow, commands + (self.track(workflow, event, now) if workflow is not None else [])
+        """An event routed by the table at its workflow's stage: (its workflow, started by it if it starts one;
+        what it sends). An outcome of a workflow unknown here sends nothing."""
+        if workflow is None and event.type not in self.starts:
+            if event.type in self.kind:
+                self.say_unknown(event)
+                return None, []
+            return None, self.route(event, self.stage)  # (no route: a dead letter)
+        if workflow is None:
+            workflow, reported = self.started(event, None if state.key is None else
+                                              state.key.decode(errors="surrogateescape"), now), (None, None)
+        else:
+            reported = self.reported(workflow, event)
+        commands = [] if reported[1] == "removed" else self.route(event, workflow["stage"])
+        advance(workflow, self.defined[workflow["type"]], reported, event, now, self.limits)
+        self.record(workflow, reported, event, commands, now)
+        return workflow, commands + ended(workflow, event, now, SOURCE)
 
     def requested(self, event: Envelope, workflow: dict | None, now: float) -> list[Output]:
         """A person's request (cancel, retry), granted and routed by the table, or refused: with the answer."""
@@ -125,7 +123,9 @@ class Orchestration:
             answer = "workflow_retried"
         log.warning("%s %s by %s (%s): %s", event.type, event.workflow_id[:8], event.payload["by"],
                     event.payload["reason"], done)
-        return self.route(routed, self.stage) + [operating.answer(event, workflow, answer, done, name)]
+        commands = self.route(routed, workflow["stage"])
+        self.record(workflow, (name or None, "requested"), routed, commands, now)  # (a retry: its step's command)
+        return commands + [operating.answer(event, workflow, answer, done, name)]
 
     def state_of_workflow(self, event: Envelope, state: State) -> dict | None:
         """The state of an event's workflow (None: none kept); a dead letter if it was set aside as unreadable."""
@@ -150,60 +150,41 @@ class Orchestration:
     @staticmethod
     def say_unknown(event: Envelope) -> None:
         """An outcome of a workflow with no state here (never started here, expired, or its entry removed): it
-        changes no workflow, and that is said and counted, never taken for a step done."""
+        changes no workflow and sends nothing, and that is said and counted, never taken for a step done."""
         log.warning("%s %s: its workflow is unknown here (never started here, expired, or its state removed); it "
-                    "changes no workflow", event.type, event.workflow_id[:8])
+                    "changes no workflow and nothing follows", event.type, event.workflow_id[:8])
         metrics.count("unknown", type=event.type)
 
-    def started(self, event: Envelope, commands: list[Output], key: str | None, now: float) -> dict:
-        """A new workflow's state: each step it sent that reports back is pending, with its deadline."""
-        steps = {}
-        for topic, command, *_ in commands:
-            step = self.steps.get(command.type)
-            if step is not None and step.tracked:
-                steps[step.name] = pending(now, self.limits.of(step), topic, command.model_dump(mode="json"))
+    def started(self, event: Envelope, key: str | None, now: float) -> dict:
+        """A new workflow's state, under this orchestrator's stage: its steps come as route() sends them."""
         return {"workflow_id": event.workflow_id, "type": self.kind[event.type], "stage": self.stage,
-                "key": key, "started_at": now, "state": "running", "finished_at": None, "steps": steps,
-                "handled": {}}
+                "key": key, "started_at": now, "state": "running", "finished_at": None, "steps": {}, "handled": {}}
 
     def late(self, event: Envelope, workflow: dict | None) -> str | None:
         """Why an event no longer changes its workflow (a timeout after the step's report, an outcome after the
-        workflow finished), or None. Late events are recorded, never routed: no resend, no second escalation."""
+        workflow finished or of an attempt since replaced), or None. Late events are recorded, never routed: no
+        resend, no second escalation, no step followed twice."""
         if workflow is None or event.type in FINISHED or event.type in REQUESTS:  # (a request is always answered)
+            return None
+        if event.type == self.table[workflow["type"]].starts_with:
+            return "its workflow has started already"
+        if workflow["state"] != "running":
+            return f"the workflow had already {workflow['state']}"
+        if self.reported(workflow, event) is not None:
             return None
         if event.type == "step_timed_out":
             step = workflow["steps"].get(event.payload["step"], {})
-            if step.get("state") != "pending" or step.get("attempts") != event.payload["attempt"]:
-                return f"the step is {step.get('state', 'unknown')} (attempt {step.get('attempts')})"
-            return None
-        if workflow["state"] != "running" and event.type != self.table[workflow["type"]].starts_with:
-            return f"the workflow had already {workflow['state']}"
-        return None
+            return f"the step is {step.get('state', 'unknown')} (attempt {step.get('attempts')})"
+        return "it answers no step awaited now (an earlier attempt's, or a step that has ended)"
 
-    def track(self, workflow: dict, event: Envelope, now: float) -> list[Output]:
-        """Update a workflow with an event routed for it; the workflow_completed/workflow_failed it causes, if any."""
-        steps, definitions = workflow["steps"], self.defined[workflow["type"]]
-        for name, step in steps.items():
-            self.advance(step, definitions.get(name), name, event, now)
-        if workflow["state"] != "running" or any(step["state"] == "pending" for step in steps.values()):
-            return []
-        bad = [f"{name} {step['state']}" for name, step in steps.items() if step["state"] not in ("done", "removed")]
-        workflow.update(state="failed" if bad else "completed", finished_at=now)
-        return [(MESSAGE_STREAM, caused_by(event, workflow["state"], f"workflow_{workflow['state']}", {
-            "workflow": workflow["type"], "detail": ", ".join(bad)}, SOURCE))]
+    def reported(self, workflow: dict, event: Envelope) -> Reported | None:
+        return reported(workflow, self.defined[workflow["type"]], event)
 
-    def advance(self, step: dict, definition: Step | None, name: str, event: Envelope, now: float) -> None:
-        """One step of a workflow after an event: done or failed on its report, tried again or timed out."""
-        if definition is None:  # (a step since renamed or removed from the table: nothing reports on it any more)
-            step.update(state="removed" if step["state"] == "pending" else step["state"], deadline=None)
-        elif event.type in definition.done + definition.failed and step["state"] == "pending":
-            step.update(state="done" if event.type in definition.done else "failed", finished_at=now, deadline=None)
-        elif event.type == "step_timed_out" and event.payload["step"] == name:
-            if event.payload["attempt"] < event.payload["attempts"]:
-                limit = self.limits.of(definition)
-                step.update(attempts=step["attempts"] + 1, deadline=now + limit if limit else None)
-            else:
-                step.update(state="timed_out", finished_at=now, deadline=None)
+    def record(self, workflow: dict, reported_: Reported, event: Envelope, commands: list[Output], now: float) -> None:
+        """Each command route() sent, as the step it is (common/progress.py); the steps it made follow, for the log."""
+        followers = record(workflow, self.table[workflow["type"]], reported_, event, commands, now, self.limits)
+        if followers and reported_[0] is not None and reported_[1] in ("done", "failed"):
+            self.followed = f" ({', '.join(followers)} after {reported_[0]} {reported_[1]})"
 
     def timer(self, state: State, key: str, now: float | None = None) -> list[Output]:
         """The loop's timer: each pending step whose deadline passed gets a step_timed_out event, published and
@@ -228,8 +209,9 @@ class Orchestration:
         routed = self.decide(event, state, now) or []
         metrics.count("timeouts", workflow=workflow["type"])
         self.count_routed(routed, workflow["type"])
-        log.info("step_timed_out %s -> %s", workflow["workflow_id"][:8],
-                 ", ".join(m.type if t in (MESSAGE_STREAM, m.type) else f"{t} ({m.type})" for t, m, *_ in routed))
+        log.info("step_timed_out %s -> %s%s", workflow["workflow_id"][:8],
+                 ", ".join(m.type if t in (MESSAGE_STREAM, m.type) else f"{t} ({m.type})" for t, m, *_ in routed),
+                 self.followed)
         return [(MESSAGE_STREAM, event), *routed]
 
     def count_routed(self, outputs: list[Output], workflow: str | None) -> None:
@@ -263,10 +245,6 @@ def is_step(step) -> bool:
         and isinstance(step.get("sent_at"), int | float) and isinstance(step.get("finished_at"), int | float | None) \
         and isinstance(step.get("deadline"), int | float | None) and isinstance(step.get("topic"), str) \
         and isinstance(step.get("command"), dict)
-
-
-def next_deadline(workflow: dict) -> float | None:
-    return min((s["deadline"] for s in workflow["steps"].values() if s["deadline"] is not None), default=None)
 
 
 def process_age() -> float:

@@ -7,24 +7,27 @@ from datetime import datetime
 
 from common import metrics
 from common.dry_run import dry_run
-from common.orchestration import ATTEMPTS, Limits, Orchestration, Route
+from common.orchestration import Orchestration, Route
+from common.progress import ATTEMPTS, Limits
 from common.service import Service, serve
 from common.settings import MESSAGE_STREAM, SETTINGS, setup_logging
 from common.takeover import take_over
-from common.workflow import Table, active, command_topics, group_for, senders
+from common.workflow import Table, active, command_topics, group_for, problems, senders
 
 log = logging.getLogger("orchestrator")
+STAGES = [1, 2, 3, 4]  # the walkthrough's examples (README)
 
 
 def parse_flags(description: str, table: Table) -> argparse.Namespace:
     """The orchestrator's flags, checked: a flag that means nothing here, or cannot be read, ends it in one line."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--example", type=int, choices=[1, 2, 3], help="walkthrough stage (default 3)")
+    parser.add_argument("--example", type=int, choices=STAGES, help="walkthrough stage (default 3; 4 goes beyond the seed: "
+                                                                    "steps that follow steps)")
     parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(table)} (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="preview routing of the recorded message_stream")
     parser.add_argument("--since", help="with --dry-run: only messages from this ISO time on (e.g. 2026-11-27T18:00)")
-    parser.add_argument("--compare", type=int, choices=[1, 2, 3], help="with --dry-run: a second stage to compare")
+    parser.add_argument("--compare", type=int, choices=STAGES, help="with --dry-run: a second stage to compare")
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     parser.add_argument("--step-timeout", type=float, metavar="SECONDS",
                         help="time limit of every step that reports back (default: each step's own, 5 s)")
@@ -42,6 +45,8 @@ def parse_flags(description: str, table: Table) -> argparse.Namespace:
 
 def check_flags(args: argparse.Namespace, table: Table) -> set[str]:
     """The workflows this orchestrator runs; a flag that means nothing here, or cannot be read, ends it in one line."""
+    if wrong := problems(table):
+        refuse(wrong[0] + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
     workflows = set(args.workflows.split(",")) if args.workflows is not None else set(table)
     if not workflows or not workflows <= set(table):
         refuse(f"--workflows takes a comma-separated subset of {','.join(table)}, not {args.workflows!r}")
@@ -77,14 +82,14 @@ def refuse_unreadable(args: argparse.Namespace) -> None:
 
 
 def refuse_short_retention(table: Table, args: argparse.Namespace, retention_s: float) -> None:
-    """End the orchestrator in one line if its state would expire while a workflow still runs: a step's time limit
-    times its attempts, plus a minute for the last timer to fire and be committed."""
+    """End the orchestrator in one line if its state would expire while a workflow still runs: its steps' time
+    limits times their attempts, one after another, plus a minute for the last timer to fire and be committed."""
     limits = args.limits
-    longest = max((limits.of(step) or 0 for workflow in table.values() for step in workflow.steps if step.tracked),
-                  default=0) * limits.attempts
+    longest = max((sum(limits.of(step) or 0 for step in workflow.steps if step.tracked and step.from_stage <= args.example)
+                   for workflow in table.values()), default=0) * limits.attempts
     if longest and retention_s < longest + 60:
-        refuse(f"STATE_RETENTION_S={retention_s:g} is shorter than a workflow may run here ({longest:g} s: each step's "
-               f"time limit times {limits.attempts} attempts), plus a minute: its state would expire while it runs. "
+        refuse(f"STATE_RETENTION_S={retention_s:g} is shorter than a workflow may run here ({longest:g} s: its steps' "
+               f"time limits times {limits.attempts} attempts), plus a minute: its state would expire while it runs. "
                f"Give STATE_RETENTION_S={longest + 60:g} or more (the default is a week), or shorter time limits")
 
 

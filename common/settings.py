@@ -12,19 +12,13 @@ from typing import Any
 from common.workarounds import (ClientWarningsOncePer, HideClientRefusals, HidePassword, QuietClientChatter,
                                 QuietOnceStopping)
 
-# Topics: each has a single writer, so that what a topic carries is bound to who may write it (acls.py).
-MESSAGE_STREAM = "message_stream"        # events in: detections, unit events, service outcomes (a family, below)
-SEC_COMMAND = "sec_command"              # orchestrator -> security_service
-NOTIFICATION_COMMAND = "notification_command"  # orchestrator -> notification_service
-REPORT_DATA = "report_data"              # orchestrator -> reporting_service
-UNIT_COMMAND = "unit_command"            # orchestrator -> unit_event_producer
-THIRD_PARTY = "third_party"              # notification_service -> external systems
-DEAD_LETTER = "dead_letter"              # anything that could not be handled, with the reason (a family, below)
-SINGLE_WRITER_TOPICS = [SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND, THIRD_PARTY]
-# Many scripts write these two: each writes its own member (message_stream.security_detector,
-# dead_letter.reporting_service), and readers read the whole family.
+# The engine's own topics, both families with one member per writer (message_stream.<script>): message_stream
+# carries events and outcomes to the orchestrator (and its own time-outs and answers), dead_letter whatever could not
+# be handled, with the reason. The application names its other topics in its contracts (contracts.py); a
+# workflow's steps say which of them each command goes to.
+MESSAGE_STREAM = "message_stream"
+DEAD_LETTER = "dead_letter"
 FAMILIES = [MESSAGE_STREAM, DEAD_LETTER]
-ALL_TOPICS = [MESSAGE_STREAM, *SINGLE_WRITER_TOPICS, DEAD_LETTER]
 
 
 def written_by(name: str, writer: str) -> str:
@@ -33,7 +27,7 @@ def written_by(name: str, writer: str) -> str:
 
 
 def family_of(topic_name: str) -> str:
-    """The family a topic (name without prefix) belongs to: message_stream.security_detector -> message_stream."""
+    """The family a topic (name without prefix) belongs to: message_stream.<writer> -> message_stream."""
     return topic_name.split(".", 1)[0]
 
 SECURITY_SETTINGS = {  # kafka-python argument <- environment variable

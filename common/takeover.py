@@ -23,9 +23,11 @@ def take_over(admin: KafkaAdminClient, stop, table: Table, workflows: set[str], 
     """Before an orchestrator of `workflows` starts: refuse to run beside an overlapping one, then start where
     those left off (their state first: the offsets say it is done)."""
     refuse_if_overlapping(admin, table, workflows, stop, settings)
-    group, others = group_for(table, workflows), tuple(overlapping(table, workflows))
+    group = group_for(table, workflows)
     rejoin_if_inputs_changed(admin, group, inputs, settings)
-    furthest = furthest_offsets(admin, group, others, inputs, settings) if not stop else {}
+    if stop:
+        return
+    furthest, others = furthest_offsets(admin, group, tuple(overlapping(table, workflows)), inputs, settings)
     if not furthest:
         return
     if state_in_kafka:
@@ -105,23 +107,31 @@ def replaced(admin: KafkaAdminClient, table: Table, settings: Settings = SETTING
 
 
 def furthest_offsets(admin: KafkaAdminClient, group: str, others: tuple[str, ...], inputs: list[str],
-                     settings: Settings = SETTINGS) -> dict:
+                     settings: Settings = SETTINGS) -> tuple[dict, tuple[str, ...]]:
     """Where any of `others` committed further than `group` on its `inputs`, partition by partition: the offsets
-    that let it start where they left off instead of routing again what they routed. Only ever forward: where it is
-    ahead, it keeps its own. Nothing while a copy of the group runs already (it took over when it started)."""
-    if not others or admin.describe_groups([settings.group(group)]).get(settings.group(group), {}).get("members"):
-        return {}
+    that let it start where they left off instead of routing again what they routed; and those of `others` that
+    ran at all (committed any offset there: the ones to take over from). Only ever forward: where it is ahead, it
+    keeps its own. Nothing while a copy of the group runs already (it took over when it started)."""
+    if not others or has_members(admin, group, settings):
+        return {}, ()
     names, reads = [settings.group(name) for name in (group, *others)], {settings.topic(name) for name in inputs}
     offsets = committed_offsets(admin, names)
-    own, furthest = offsets.get(names[0]) or {}, {}
-    for name in names[1:]:
-        for tp, meta in (offsets.get(name) or {}).items():
-            if tp.topic not in reads:  # (another split one's topics: never read here, so never moved on)
-                continue
-            ahead_of = furthest.get(tp, own.get(tp))
-            if ahead_of is None or meta.offset > ahead_of.offset:
-                furthest[tp] = meta
-    return furthest
+    own, furthest, ran = offsets.get(names[0]) or {}, {}, []
+    for other, name in zip(others, names[1:], strict=True):
+        # (another split one's topics are never read here, so never moved on)
+        theirs = {tp: meta for tp, meta in (offsets.get(name) or {}).items() if tp.topic in reads}
+        ran += [other] * bool(theirs)
+        furthest |= {tp: meta for tp, meta in theirs.items() if further(meta, furthest.get(tp, own.get(tp)))}
+    return furthest, tuple(ran)
+
+
+def has_members(admin: KafkaAdminClient, group: str, settings: Settings) -> bool:
+    return bool(admin.describe_groups([settings.group(group)]).get(settings.group(group), {}).get("members"))
+
+
+def further(meta, than) -> bool:
+    """Whether a committed offset is further than another (or than none)."""
+    return than is None or meta.offset > than.offset
 
 
 def committed_offsets(admin: KafkaAdminClient, names: list[str]) -> dict:

@@ -17,7 +17,8 @@ from kafka.errors import TopicAlreadyExistsError
 
 import acls
 import local_kafka
-from common import SINGLE_WRITER_TOPICS, Envelope
+from common import Envelope, single_writer_topics
+from orchestrator import WORKFLOWS
 
 
 def docker_engine_answers() -> bool:
@@ -96,7 +97,7 @@ def topics(env):
 def producer(env):
     """A raw producer, for writing test input (good or bad) straight to this test's topics (created here)."""
     admin = KafkaAdminClient(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
-    for name in [*SINGLE_WRITER_TOPICS, *acls.members()]:
+    for name in [*single_writer_topics(WORKFLOWS), *acls.members()]:
         try:
             admin.create_topics([NewTopic(env["TOPIC_PREFIX"] + name, 1, 1)])
         except TopicAlreadyExistsError:  # a script of this test got there first

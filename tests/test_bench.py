@@ -4,7 +4,7 @@ as routed again after a copy was stopped. (The figures themselves belong to the 
 import pytest
 
 import bench
-from common import NOTIFICATION_COMMAND, THIRD_PARTY
+from contracts import NOTIFICATION_COMMAND, THIRD_PARTY
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 

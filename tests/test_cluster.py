@@ -9,7 +9,8 @@ from helpers import NO_RESENDS, detections, exactly_one_each, wait_completed, wa
 from kafka import KafkaAdminClient
 
 import local_kafka
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
+from common import MESSAGE_STREAM
+from contracts import NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from helpers import detection, ids_of, unit_event
 from playwright.sync_api import expect, sync_playwright
 
 import local_kafka
-from common import MESSAGE_STREAM, SEC_COMMAND
+from common import MESSAGE_STREAM
+from contracts import SEC_COMMAND
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -7,7 +7,8 @@ import time
 from helpers import detection, ids_of, write_raw
 from kafka import KafkaAdminClient
 
-from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, changelog
+from common import DEAD_LETTER, MESSAGE_STREAM, changelog
+from contracts import SEC_COMMAND
 
 JUNK = [  # (key, value): what a careless client can write to a state topic
     (b"not-json", b"{not json"),

@@ -7,7 +7,8 @@ import time
 from helpers import NO_RESENDS, detections, ids_of, unit_event, wait_completed, wait_for_reports
 from kafka import KafkaAdminClient
 
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, new_event
+from common import MESSAGE_STREAM, new_event
+from contracts import NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 
 SERVICES = ("security_service.py", "notification_service.py")
 

@@ -8,7 +8,8 @@ from helpers import detection, ids_of
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, DeadLetter, parse
+from common import MESSAGE_STREAM, DeadLetter, parse
+from contracts import NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 
 INPUT_TOPICS = [MESSAGE_STREAM, SEC_COMMAND, NOTIFICATION_COMMAND, REPORT_DATA, UNIT_COMMAND]
 

@@ -13,16 +13,8 @@ import pytest
 from helpers import ROOT, TopicReader, detection, unit_event, wait_for_reports
 
 import local_kafka
-from common import (
-    DEAD_LETTER,
-    MESSAGE_STREAM,
-    NOTIFICATION_COMMAND,
-    REPORT_DATA,
-    SEC_COMMAND,
-    THIRD_PARTY,
-    UNIT_COMMAND,
-    caused_by,
-)
+from common import DEAD_LETTER, MESSAGE_STREAM, caused_by
+from contracts import NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 from orchestrator import route
 
 SERVICES = {MESSAGE_STREAM: "orchestrator.py", SEC_COMMAND: "security_service.py",

@@ -16,8 +16,13 @@ from helpers import NO_RESENDS, ROOT, detections, wait_completed, wait_for_repor
 from prometheus_client.parser import text_string_to_metric_families
 
 import local_kafka
-from common import MESSAGE_STREAM, THIRD_PARTY
-from common.metrics import PORTS
+from common import MESSAGE_STREAM
+from contracts import THIRD_PARTY
+
+# The ports docs/observability.md, the Prometheus scrape config and the Docker setup give the demo's scripts
+# (METRICS_PORT=...).
+PORTS = {"orchestrator": 9101, "security_service": 9102, "notification_service": 9103, "reporting_service": 9104,
+         "unit_event_producer": 9105, "security_detector": 9106}
 
 DOCUMENTED = {"messages_handled", "dead_letters", "redeliveries_ignored", "handler_seconds", "commit_seconds",
               "consumer_lag", "commands_routed", "open_workflows", "timeouts_fired", "messages_produced"}

@@ -13,7 +13,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 from rich.console import Console
 
-from common import DEAD_LETTER, MESSAGE_STREAM, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND, Envelope, Settings, caused_by, new_event
+from common import DEAD_LETTER, MESSAGE_STREAM, Envelope, Settings, caused_by, new_event
+from contracts import SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 from monitor import Flow, Tail, groups, render
 from common import Step, Workflow, owns
 from orchestrator import WORKFLOWS, route

@@ -2,7 +2,7 @@
 
 from helpers import detection
 
-from common import NOTIFICATION_COMMAND, THIRD_PARTY
+from contracts import NOTIFICATION_COMMAND, THIRD_PARTY
 from orchestrator import route
 
 

@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import local_kafka
 
-from common import MESSAGE_STREAM, OPERATOR, SEC_COMMAND, written_by
+from common import MESSAGE_STREAM, OPERATOR, written_by
+from contracts import SEC_COMMAND
 
 
 def answers(stream, workflow_id: str) -> list[tuple[str, str]]:

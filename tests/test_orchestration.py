@@ -1,13 +1,17 @@
 """What the orchestrator remembers of each workflow, without Kafka: steps pending until their report, time limits
 that try again and then escalate, and events that arrive too late to change anything."""
 
+import logging
+import sys
 from dataclasses import replace
 
 import pytest
 from helpers import detection, unit_event
 
-from common import (MESSAGE_STREAM, NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND, WORKFLOW, DeadLetter,
-                    Limits, Orchestration, Settings, Store, caused_by)
+import orchestrator
+from common import (MESSAGE_STREAM, OPERATOR, WORKFLOW, DeadLetter, Limits, Orchestration, Settings, Store, about,
+                    caused_by, problems)
+from contracts import NOTIFICATION_COMMAND, REPORT_DATA, SEC_COMMAND, UNIT_COMMAND
 from common.handling import serialised
 from common.takeover import overlap_refusal
 from common.workflow import overlapping
@@ -107,7 +111,8 @@ def test_an_answer_after_a_resend_completes_the_workflow_and_a_failed_action_fai
 def test_the_unit_workflow_waits_for_its_command_to_be_applied(store):
     event = unit_event()
     handled(store, event, T0)
-    assert list(workflow(store, event)["steps"]) == ["applied"]
+    steps = workflow(store, event)["steps"]
+    assert {name: step["state"] for name, step in steps.items()} == {"applied": "pending", "reported": "sent"}
     [_, (topic, command, key)] = fire(store, T0 + 2)
     assert topic == UNIT_COMMAND and command.type == "unit_command" and key == "sensor-1"
 
@@ -159,12 +164,13 @@ def test_an_event_handled_before_is_not_routed_again_and_its_id_saying_something
         handled(store, event.model_copy(update={"payload": {**event.payload, "severity": 5}}), T0 + 4)
 
 
-def test_a_repeat_of_an_event_of_no_known_workflow_is_skipped_too(store):
-    # Given a failed action of a workflow this orchestrator does not know (it expired, say): it escalates once
+def test_an_outcome_of_no_known_workflow_sends_nothing_now_or_when_it_comes_again(store, caplog):
+    # Given a failed action of a workflow this orchestrator does not know (it expired, say)
+    caplog.set_level(logging.INFO)
     failed = outcome(detection(), "security_action_failed")
-    assert [topic for topic, _ in handled(store, failed, T0)] == [NOTIFICATION_COMMAND]
-    # Then the same event again escalates nothing more
-    assert handled(store, failed, T0 + 1) == []
+    # Then nothing follows (no step of no workflow can follow it), it is said, and the same event again is a repeat
+    assert handled(store, failed, T0) == [] and "its workflow is unknown here" in caplog.text
+    assert handled(store, failed, T0 + 1) == [] and "already handled" in caplog.text
 
 
 def test_an_outcome_of_a_workflow_with_no_state_changes_nothing_and_says_so(store, caplog):
@@ -179,14 +185,145 @@ def test_an_outcome_of_a_workflow_with_no_state_changes_nothing_and_says_so(stor
 
 @pytest.mark.no_broker
 def test_the_overlap_refusal_advises_only_what_would_start_cleanly_now():
-    others = overlapping(WORKFLOWS, set(WORKFLOWS))
-    # While only the split security orchestrator runs, the single one may be run for the unit workflow instead
-    one = overlap_refusal(set(WORKFLOWS), others, {"orchestrator-security": ["a"]})
-    assert one == ("orchestrator: group orchestrator-security (workflows security) is running (1 copy), and both would "
-                   "route security. Stop it first (Ctrl-C in its terminal), then start this one: it starts where that "
-                   "one left off; or run this one with --workflows unit")
+    table = {"left": WORKFLOWS["security"], "right": WORKFLOWS["unit"]}  # (two workflows, whatever the demo's are)
+    others = overlapping(table, set(table))
+    # While only the split left orchestrator runs, the single one may be run for the right workflow instead
+    one = overlap_refusal(set(table), others, {"orchestrator-left": ["a"]})
+    assert one == ("orchestrator: group orchestrator-left (workflows left) is running (1 copy), and both would "
+                   "route left. Stop it first (Ctrl-C in its terminal), then start this one: it starts where that "
+                   "one left off; or run this one with --workflows right")
     # While both split ones run, nothing but stopping them would start cleanly
-    both = overlap_refusal(set(WORKFLOWS), others, {"orchestrator-security": ["a"], "orchestrator-unit": ["b"]})
-    assert both == ("orchestrator: groups orchestrator-security (workflows security) and orchestrator-unit (workflows "
-                    "unit) are running (2 copies), and each would route security,unit. Stop them first (Ctrl-C in "
+    both = overlap_refusal(set(table), others, {"orchestrator-left": ["a"], "orchestrator-right": ["b"]})
+    assert both == ("orchestrator: groups orchestrator-left (workflows left) and orchestrator-right (workflows "
+                    "right) are running (2 copies), and each would route left,right. Stop them first (Ctrl-C in "
                     "their terminals), then start this one: it starts where they left off")
+
+
+# Steps that follow steps (Example 4: a guard dispatched, then the zone unlocked; or, if the guard's action fails,
+# the zone locked down and the supervisor paged), and what the engine does with any table.
+
+def answered(command, type_="security_action_completed", detail="zone guard_dispatched"):
+    """The security service's answer to one of the orchestrator's commands."""
+    return caused_by(command, "done", type_, {"action": command.payload["action"], "zone": command.payload["zone"],
+                                              "detail": detail}, "security_service")
+
+
+def states(store, event):
+    return {name: step["state"] for name, step in workflow(store, event)["steps"].items()}
+
+
+def test_example_4_a_guards_report_is_followed_by_the_zones_unlocking_and_the_workflow_ends_after_it(store):
+    # Given a severity-5 detection routed at Example 4: a guard is dispatched
+    event = detection(severity=5)
+    [(_, guard), *_] = handled(store, event, T0, stage=4)
+    assert guard.payload["action"] == "dispatch_guard"
+    # When the guard reports the zone clear: the zone is unlocked and the on-duty person told, each a step
+    outputs = handled(store, answered(guard), T0 + 1)
+    assert [(t, m.type) for t, m in outputs] == [(SEC_COMMAND, "security_command"), (NOTIFICATION_COMMAND,
+                                                                                     "notification_command")]
+    unlock, told = outputs[0][1], outputs[1][1]
+    assert unlock.payload["action"] == "unlock_zone" and told.payload["recipient"] == "on-duty-zone-1"
+    assert states(store, event) == {"acted": "done", "notified": "sent", "reported": "sent", "unlocked": "pending",
+                                    "told": "sent"}
+    assert workflow(store, event)["steps"]["unlocked"]["deadline"] == T0 + 1 + 2.0  # (a step's own time limit)
+    # Then the workflow ends only when the unlocking is done
+    assert [m.type for _, m in handled(store, answered(unlock, detail="zone normal"), T0 + 2)] == ["workflow_completed"]
+    steps = workflow(store, event)["steps"]
+    assert [(name, step["sent_at"], step["finished_at"]) for name, step in steps.items()] == [
+        ("acted", T0, T0 + 1), ("notified", T0, T0), ("reported", T0, T0), ("unlocked", T0 + 1, T0 + 2),
+        ("told", T0 + 1, T0 + 1)]
+
+
+def test_example_4_a_failed_guard_is_compensated_the_zone_locked_down_and_the_supervisor_paged(store):
+    # Given a guard dispatched at Example 4, whose action fails
+    event = detection(severity=5)
+    [(_, guard), *_] = handled(store, event, T0, stage=4)
+    outputs = handled(store, answered(guard, "security_action_failed", "no guard available"), T0 + 1)
+    # Then the compensation locks the zone down, and the supervisor is paged
+    [(_, lock), (_, page)] = outputs
+    assert (lock.payload["action"], page.payload["recipient"]) == ("lock_zone", "security-supervisor")
+    assert states(store, event) | {} == {"acted": "failed", "notified": "sent", "reported": "sent",
+                                         "locked_down": "pending", "escalated": "sent"}
+    # And the workflow ends failed once the zone is locked down, saying which step failed
+    [(_, end)] = handled(store, answered(lock, detail="zone locked"), T0 + 2)
+    assert (end.type, end.payload["detail"]) == ("workflow_failed", "acted failed")
+
+
+def test_a_step_that_follows_has_its_time_limit_and_attempts_and_then_its_failure_is_followed_too(store):
+    # Given the zone's unlocking sent after a guard's report, and never answered
+    event = detection(severity=5)
+    [(_, guard), *_] = handled(store, event, T0, stage=4)
+    [(_, unlock), _] = handled(store, answered(guard), T0 + 1)
+    # When its limit passes: the same command again (same id); then once more: the supervisor paged, the workflow failed
+    assert [(t, m.id) for t, m, _ in fire(store, T0 + 3)][1:] == [(SEC_COMMAND, unlock.id)]
+    last = fire(store, T0 + 5)
+    assert [(t, m.type) for t, m, _ in last][1:] == [(NOTIFICATION_COMMAND, "notification_command"),
+                                                     (MESSAGE_STREAM, "workflow_failed")]
+    assert states(store, event)["unlocked"] == "timed_out" and states(store, event)["escalated"] == "sent"
+
+
+@pytest.mark.parametrize("started, now", [(3, 4), (4, 3)])
+def test_a_workflow_in_flight_follows_the_routing_of_the_stage_it_started_under(store, started, now):
+    # Given a guard dispatched by an orchestrator at one stage, which is then restarted at another
+    event = detection(severity=5)
+    [(_, guard), *_] = handled(store, event, T0, stage=started)
+    # When the guard reports, the path is the one of the stage the workflow started under
+    outputs = handled(store, answered(guard), T0 + 1, stage=now)
+    assert [m.type for _, m in outputs] == (["workflow_completed"] if started < 4 else
+                                            ["security_command", "notification_command"])
+
+
+def test_an_outcome_of_an_earlier_attempt_changes_nothing_once_a_retry_sent_the_step_anew(store):
+    # Given a workflow whose action got no answer in time, retried by a person: the step is sent again, a new id
+    event = detection()
+    [(_, first), *_] = handled(store, event, T0)
+    fire(store, T0 + 2), fire(store, T0 + 4)
+    retry = about(event.workflow_id, "workflow_retry_requested", {"reason": "fixed", "by": "me", "workflow": "security"},
+                  OPERATOR)
+    [(_, again), _] = handled(store, retry, T0 + 5)
+    assert again.id != first.id and states(store, event)["acted"] == "pending"
+    # When the first attempt's outcome comes after all (the service was slow): it is late, and changes nothing
+    assert handled(store, answered(first), T0 + 6) == [] and states(store, event)["acted"] == "pending"
+    # Then only the new attempt's outcome ends the step, and the workflow
+    assert [m.type for _, m in handled(store, answered(again), T0 + 7)] == ["workflow_completed"]
+
+
+def test_a_command_the_table_has_no_step_for_is_a_dead_letter_that_says_what_to_declare(store, monkeypatch):
+    # Given a table without the escalation step (route() still escalates a failed action)
+    security = WORKFLOWS["security"]
+    monkeypatch.setitem(WORKFLOWS, "security", replace(security, steps=tuple(
+        step for step in security.steps if step.name != "escalated")))
+    event = detection()
+    [(_, command), *_] = handled(store, event, T0)
+    # When the action fails, the outcome is a dead letter saying which step to add, and nothing is sent or changed
+    with pytest.raises(DeadLetter, match=r"has no step that sends it then: add Step\(NAME, 'notification_command', "
+                                         r"'notification_command', SERVICE, after='acted', when='failed'\)"):
+        handled(store, answered(command, "security_action_failed"), T0 + 1)
+    assert states(store, event)["acted"] == "pending"
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda steps: (replace(steps[0], done=("security_action_done",)), *steps[1:]),
+     "step 'acted''s report is 'security_action_done', which no contract has a schema for: add one to contracts.py "
+     "(MESSAGES)"),
+    (lambda steps: (*steps, replace(steps[1], name="acted")),
+     "two steps are called 'acted': each step has a name of its own"),
+    (lambda steps: (*steps, replace(steps[2], name="summed", after="notified")),
+     "step 'summed' follows 'notified', which reports nothing back: nothing can follow it"),
+    (lambda steps: (*steps, replace(steps[2], name="summed", after="nowhere")),
+     "step 'summed' follows 'nowhere', which is no step of it"),
+    (lambda steps: (*steps, replace(steps[4], name="unlocked2")),
+     "steps 'unlocked' and 'unlocked2' both send 'security_command' at the same moment, so a command could be either: "
+     "give one another command type, or make them follow different steps or outcomes"),
+    (lambda steps: tuple(replace(step, after="acted") for step in steps),
+     "no step starts it (each step names a step it follows)"),
+])
+def test_a_table_the_engine_cannot_follow_is_said_a_problem_at_a_time_and_refused_at_start(change, problem, monkeypatch):
+    security = WORKFLOWS["security"]
+    broken = {"security": replace(security, steps=change(security.steps))}
+    assert f"WORKFLOWS['security']: {problem}" in problems(broken)
+    # And the orchestrator refuses to start on it, in one line
+    monkeypatch.setattr(sys, "argv", ["orchestrator.py"])
+    monkeypatch.setattr(orchestrator, "WORKFLOWS", broken)
+    with pytest.raises(SystemExit, match="^orchestrator: WORKFLOWS\\['security'\\]: "):
+        orchestrator.main()

@@ -7,7 +7,8 @@ import time
 import pytest
 from helpers import unit_event
 
-from common import MESSAGE_STREAM, UNIT_COMMAND
+from common import MESSAGE_STREAM
+from contracts import UNIT_COMMAND
 from orchestrator import route
 from security_detector import SEVERITY, detection
 from unit_event_producer import Field

@@ -11,7 +11,8 @@ from helpers import (NO_RESENDS, detections, exactly_one_each, report_summary, u
                      wait_for_reports)
 
 import local_kafka
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
+from common import MESSAGE_STREAM
+from contracts import NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
 
 SERVICES = ("security_service.py", "notification_service.py", "reporting_service.py")
 

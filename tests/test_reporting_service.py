@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, detection, unit_event, wait_for_reports
 
-from common import REPORT_DATA
+from contracts import REPORT_DATA
 from orchestrator import route
 from reporting_service import SCHEMA
 

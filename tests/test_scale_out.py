@@ -13,7 +13,8 @@ from helpers import (NO_RESENDS, detection, detections, envelope_of, exactly_one
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError
 
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, Settings
+from common import MESSAGE_STREAM, Settings
+from contracts import NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
 from common.copies import members
 
 

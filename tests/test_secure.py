@@ -16,20 +16,8 @@ from kafka.structs import TopicPartition
 
 import acls
 import local_kafka
-from common import (
-    DEAD_LETTER,
-    MESSAGE_STREAM,
-    NOTIFICATION_COMMAND,
-    OPERATOR,
-    SEC_COMMAND,
-    THIRD_PARTY,
-    UNIT_COMMAND,
-    Settings,
-    about,
-    caused_by,
-    dead_letter,
-    written_by,
-)
+from common import DEAD_LETTER, MESSAGE_STREAM, OPERATOR, Settings, about, caused_by, dead_letter, written_by
+from contracts import NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 from orchestrator import route
 
 

@@ -2,7 +2,8 @@
 
 from helpers import detection
 
-from common import MESSAGE_STREAM, SEC_COMMAND
+from common import MESSAGE_STREAM
+from contracts import SEC_COMMAND
 from orchestrator import route
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 from helpers import detection, ids_of, unit_event, write_raw
 
-from common import MESSAGE_STREAM, NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
+from common import MESSAGE_STREAM
+from contracts import NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
 from orchestrator import route
 
 SERVICES = {  # script -> (its command topic, a new command, where its effect shows, the effect's type)

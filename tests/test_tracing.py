@@ -17,7 +17,8 @@ from helpers import NO_RESENDS, ROOT, detections, unit_event, wait_completed, wa
 
 import local_kafka
 import local_zipkin
-from common import MESSAGE_STREAM, THIRD_PARTY, tracing
+from common import MESSAGE_STREAM, tracing
+from contracts import THIRD_PARTY
 
 
 @pytest.fixture(scope="module")

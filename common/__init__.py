@@ -17,7 +17,7 @@
   workflow     the workflow table's shape (Workflow, Step: which step follows which) and what can be asked of it
   orchestration  a workflow's life: routed events at the stage it started under, its timers; late answers
   progress     a workflow's entry after each event: the step reported on, the steps sent, attempts, its end
-  takeover     one orchestrator split in two or joined back: the overlap guard, offsets and state taken over
+  takeover     one orchestrator split in two or joined back: the overlap refusal, offsets and state taken over
   dry_run      the orchestrator's preview of a routing change on the recorded message_stream
   orchestrator_cli  the orchestrator's flags and what it runs, handed the table and route()
   workarounds  every workaround of a kafka-python behaviour, each saying which and why

@@ -39,7 +39,7 @@ def make_producer(transactional_id: str | None = None, settings: Settings = SETT
                   # A batch's transaction takes well under a second. If its process dies, the broker aborts it after
                   # this long (default 60 s), and until then readers (read_committed) wait behind it.
                   transaction_timeout_ms=10_000,
-                  metrics_enabled=False,  # (kafka-python's own sensors: nobody reads them, and they cost CPU a record)
+                  metrics_enabled=False,  # (kafka-python's own metrics: nobody reads them, and they cost CPU a record)
                   partitioner=RememberingPartitioner())
     config.update(overrides)
     producer = quick_transaction_retries(KafkaProducer(**config))
@@ -170,7 +170,7 @@ def why_refused(watch: ConnectionWatch, settings: Settings = SETTINGS) -> str | 
     if watch.sign_in_error:
         return (f"Kafka at {servers} refused to sign in user {settings.user!r} ({watch.sign_in_error}); "
                 f"check KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
-    if "security_protocol" not in settings.security and watch.disconnects >= 2 and answers_kafka(servers):
+    if "security_protocol" not in settings.sign_in and watch.disconnects >= 2 and answers_kafka(servers):
         return (f"Kafka at {servers} accepts connections but closes ours: it wants clients to sign in; "
                 f"set KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
     return None

@@ -65,7 +65,7 @@ def handle_batch(name: str, batch: dict, handle: Handler, store, stop, accepts: 
     early when the service is stopping or a handler's resource is unavailable; the rest is handled again later.
     `handle(message, state)`; `store`: the service's state (common/state.py), None if it keeps none.
     `accepts`: real topic -> the message types its writer may send; any other type from there is a dead letter.
-    `doing`: what handling a message is, for its span's name ("act on security_command", "route ...")."""
+    `doing`: what handling a message is, for its span's name ("act on <type>", "route <type>")."""
     handled: list[Handled] = []
     until = time.monotonic() + BATCH_BUDGET_S
     for records in batch.values():

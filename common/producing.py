@@ -1,4 +1,4 @@
-"""The producer loop of the event sources (security_detector.py): make messages at a rate and send each to the
+"""The producer loop of the event sources (a script that only makes events): make messages at a rate and send each to the
 topic the script writes for it, saying so while the broker is away."""
 
 import logging
@@ -9,7 +9,7 @@ from kafka.errors import AuthorizationError, KafkaError
 
 from common import metrics, tracing
 from common.clients import make_producer, refused, send, wait_for_acks, wait_for_kafka
-from common.messages import Envelope
+from common.messages import Envelope, UnknownType
 from common.settings import MESSAGE_STREAM, SETTINGS, Settings, written_by
 from common.waiting import Stopper
 from common.workarounds import discard
@@ -36,7 +36,7 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
     try:
         while not stop and not pacer.finished:
             futures = [sent(producer, written_by(topic, name), message, key, settings)
-                       for topic, message, key in (make() for _ in range(pacer.due()))]
+                       for topic, message, key in made(name, make, pacer.due())]
             try:
                 wait_for_acks(producer, futures, name)
                 delivered += len(futures)
@@ -50,6 +50,14 @@ def run_producer(name: str, make: Callable[[], tuple[str, Envelope, str]], count
         discard(producer, timeout=10)
         log.info("%s: produced %d message%s", name, delivered, "" if delivered == 1 else "s")
     return delivered
+
+
+def made(name: str, make: Callable[[], tuple[str, Envelope, str]], count: int) -> list[tuple[str, Envelope, str]]:
+    """`count` of make()'s messages; one of a type no contract has a schema for ends the script in one line."""
+    try:
+        return [make() for _ in range(count)]
+    except UnknownType as error:
+        raise SystemExit(f"{name}: {error}") from None
 
 
 def sent(producer, topic: str, message: Envelope, key: str, settings: Settings):

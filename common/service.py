@@ -40,7 +40,7 @@ class Service:
     before_start: Callable[[KafkaAdminClient, Stopper], None] | None = None  # once Kafka answers; may end the script
     open_count: Callable[[Store], int] | None = None  # how many workflows run (a metric)
     metrics_port: int | None = None
-    doing: str = "act on"           # what handling a message is, for its trace span ("act on security_command")
+    doing: str = "act on"           # what handling a message is, for its trace span ("act on <type>")
 
 
 def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[str, ...] = (),

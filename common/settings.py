@@ -30,7 +30,7 @@ def family_of(topic_name: str) -> str:
     """The family a topic (name without prefix) belongs to: message_stream.<writer> -> message_stream."""
     return topic_name.split(".", 1)[0]
 
-SECURITY_SETTINGS = {  # kafka-python argument <- environment variable
+SIGN_IN = {  # kafka-python argument <- environment variable: how a script signs in to a secured cluster
     "security_protocol": "KAFKA_SECURITY_PROTOCOL",
     "sasl_mechanism": "KAFKA_SASL_MECHANISM",
     "sasl_plain_username": "KAFKA_SASL_USERNAME",
@@ -50,7 +50,7 @@ class Settings:
     state_retention_s: float = 7 * 24 * 3600  # state entries (handled ids, workflows) not written for this long go
     accept_state_loss: bool = False  # start once on empty state where a group's state topic is gone (said, not silent)
     commit_window_s: float = 0.0  # a batch keeps gathering records this long before its one transaction commits
-    security: Mapping[str, str] = field(default_factory=dict)  # kafka-python SASL/TLS arguments
+    sign_in: Mapping[str, str] = field(default_factory=dict)  # kafka-python SASL/TLS arguments (KAFKA_SASL_*, ...)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -63,17 +63,17 @@ class Settings:
                    state_retention_s=float(environ.get("STATE_RETENTION_S", 7 * 24 * 3600)),
                    accept_state_loss=environ.get("ACCEPT_STATE_LOSS", "") not in ("", "0"),
                    commit_window_s=float(environ.get("COMMIT_WINDOW_MS", "0")) / 1000,
-                   security=MappingProxyType({arg: environ[env] for arg, env in SECURITY_SETTINGS.items()
+                   sign_in=MappingProxyType({arg: environ[env] for arg, env in SIGN_IN.items()
                                               if environ.get(env)}))
 
     def kafka_config(self) -> dict[str, Any]:
         """Connection settings for every client: bootstrap address plus any SASL/TLS settings."""
         return {"bootstrap_servers": self.bootstrap_servers.split(","), "reconnect_backoff_max_ms": 1000,
-                **self.security}
+                **self.sign_in}
 
     @property
     def user(self) -> str | None:
-        return self.security.get("sasl_plain_username")
+        return self.sign_in.get("sasl_plain_username")
 
     def topic(self, name: str) -> str:
         """The real topic name of a project topic (or of one member of a family)."""
@@ -118,4 +118,4 @@ def setup_logging() -> None:
         handler.addFilter(QuietClientChatter())
         handler.addFilter(QuietOnceStopping())
         handler.addFilter(ClientWarningsOncePer(30.0))
-        handler.addFilter(HidePassword(SETTINGS.security.get("sasl_plain_password")))
+        handler.addFilter(HidePassword(SETTINGS.sign_in.get("sasl_plain_password")))

@@ -71,7 +71,7 @@ def overlap_refusal(workflows: set[str], others: dict[str, set[str]], running: d
 
 def rejoin_if_inputs_changed(admin: KafkaAdminClient, group: str, inputs: list[str], settings: Settings = SETTINGS):
     """A static member restarted within its session gets its old partitions back, even when it now reads more
-    topics (an orchestrator moved from example 2 to 3 reads the unit producer's events too): the new topics' events
+    topics (an orchestrator moved to a later stage reads the source of a workflow that stage adds): the new topics' events
     would wait for the next rebalance. So when its last subscription differs, its old place is given up first."""
     try:
         mine = ours(admin, group, settings)

@@ -1,8 +1,8 @@
 """Traces an operator's tools can read: one trace per workflow, across every script, with OpenTelemetry.
 
 The W3C trace context travels in each Kafka record's headers (`traceparent`, `tracestate`). The event sources start
-a trace per event; the shared loop makes one span per record it handles, named for what happened (`route
-security_detection`, `act on security_command`; `process <topic>` for a record that cannot be read), parented by the
+a trace per event; the shared loop makes one span per record it handles, named for what happened (`route <the
+event's type>`, `act on <the command's type>`; `process <topic>` for a record that cannot be read), parented by the
 context in the record's headers, and writes that span's context into the headers of everything the record causes.
 A state entry keeps the context of the record that last wrote it, so what a timer sends later (a step timed out)
 stays in the workflow's trace; a replayed dead letter carries its original's headers, so it does too.
@@ -94,7 +94,7 @@ def resumed(context: str | None, name: str) -> Any:
 
 def about(span, message, doing: str | None = None) -> None:
     """Name the message a span handled or sent: its id, type and workflow; and the span for what happened (`doing`
-    its message type: "route security_detection", "act on security_command"), the topic staying an attribute."""
+    its message type: "route <type>", "act on <type>"), the topic staying an attribute."""
     if span is not None and message is not None:
         span.set_attributes({"messaging.message.id": message.id, "message.type": message.type,
                              "workflow.id": message.workflow_id})

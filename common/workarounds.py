@@ -56,7 +56,7 @@ def quick_transaction_retries(producer: KafkaProducer) -> KafkaProducer:
     commit often meets CONCURRENT_TRANSACTIONS: the coordinator is still writing the last commit's markers, which
     takes a millisecond or two. Back-to-back transactions are the normal case for a busy service, so each hop waited
     20 ms more. (Its produce requests keep the 20 ms.) With the producer's linger cut from 20 to 5 ms, this took
-    the end-to-end p50 and p95 at 100 detections/s about 15% lower (three paired runs of bench.py's latency)."""
+    the end-to-end p50 and p95 at 100 events/s about 15% lower (three paired runs of bench.py's latency)."""
     manager = producer._transaction_manager  # noqa: SLF001 -- the backoff is only set from the producer's config
     if manager is not None:
         manager.retry_backoff_ms = TRANSACTION_RETRY_MS
@@ -224,7 +224,7 @@ class QuietClientChatter(logging.Filter):
 
 class RememberingPartitioner(DefaultPartitioner):
     """Kafka's default partitioner (murmur2 of the key, as the Java client), each key's hash remembered: the keys
-    are entities (sensors, units, workflows), few and repeated, and kafka-python 3.0.12's murmur2 is pure Python
+    are entities (what a workflow is about), few and repeated, and kafka-python 3.0.12's murmur2 is pure Python
     (about 8 µs a record here). A record without a key is placed as by the default partitioner."""
 
     def partition(self, topic, key, serialized_key, value, serialized_value, cluster):

@@ -44,7 +44,7 @@ class Step:
 
     @property
     def tracked(self) -> bool:
-        """Whether the orchestrator waits for this step's report (it reads message_stream, not third_party)."""
+        """Whether the orchestrator waits for this step's report (it reads message_stream, not an outbound feed)."""
         return self.reports_on == MESSAGE_STREAM and bool(self.done + self.failed)
 
     def follows(self, step: str | None, outcome: str | None) -> bool:

@@ -3,6 +3,7 @@ only through `from common import ...`, and the engine stays in modules and funct
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,19 @@ def test_a_service_is_declared_in_at_most_eight_parameters():
 
 def test_the_face_hands_on_every_name_it_lists():
     assert all(hasattr(common, name) for name in common.__all__)
+
+
+def test_the_engine_names_no_type_topic_script_or_workflow_of_the_demo():
+    # (read from the application's contracts and table, and the words of the demo's domain: a new workflow's names
+    # go beside the table too)
+    import contracts
+    from orchestrator import WORKFLOWS
+    names = {*contracts.MESSAGES, *WORKFLOWS, "zone", "zones", "sensor", "sensors", "detection", "detections",
+             "detector", "units"}
+    names |= {value for name, value in vars(contracts).items() if name.isupper() and isinstance(value, str)}
+    names |= {script for workflow in WORKFLOWS.values() for script in (workflow.source, *(s.service for s in workflow.steps))}
+    names -= set(common.FAMILIES)  # (message_stream and dead_letter are the engine's)
+    word = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")(?!\w)", re.I)
+    found = [f"common/{module.name}:{number}: {hit.group(0)}" for module in ENGINE
+             for number, line in enumerate(module.read_text().splitlines(), 1) for hit in word.finditer(line)]
+    assert found == [], "common/ names the demo; its names belong in contracts.py or orchestrator.py: " + ", ".join(found)

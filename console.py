@@ -197,7 +197,7 @@ def replayed(which: str, settings: Settings) -> int:
 
 def actions_off(settings: Settings) -> str | None:
     """Why the page's buttons are off (a secured cluster, and no operator credentials given), or None."""
-    if settings.security.get("sasl_plain_username") and workflows.operator_settings(settings) is settings:
+    if settings.sign_in.get("sasl_plain_username") and workflows.operator_settings(settings) is settings:
         return (f"read only: acting needs the operator's credentials (KAFKA_OPERATOR_USERNAME and "
                 f"KAFKA_OPERATOR_PASSWORD), which may write {written_by(MESSAGE_STREAM, OPERATOR)}")
     return None
@@ -233,7 +233,8 @@ def app(watch: Watch, hosts: list[str]) -> Starlette:
         return JSONResponse({"actions_off": actions_off(settings), "replay_off": replay_off(settings),
                              "workflows": list(WORKFLOWS),
                              "flow": [{"name": name, "source": w.source, "starts_with": w.starts_with,
-                                       "steps": [{"name": s.name, "topic": s.topic, "service": s.service} for s in w.steps]}
+                                       "steps": [{"name": s.name, "topic": s.topic, "service": s.service,
+                                                  "follows": workflows.follows(s)} for s in w.steps]}
                                       for name, w in WORKFLOWS.items()]})
 
     async def listing(request: Request):
@@ -320,7 +321,7 @@ def refusal(asked: dict | None, needed: str) -> str | None:
 def replay_off(settings: Settings) -> str | None:
     """Why the replay buttons are off: on a secured cluster a replay needs a user that may write the original's topic
     (admin, as dead_letters.py runs)."""
-    user = settings.security.get("sasl_plain_username")
+    user = settings.sign_in.get("sasl_plain_username")
     if user and user != "admin":
         return f"replaying needs the admin user (this console reads as {user}): python dead_letters.py replay, as admin"
     return None

@@ -1,4 +1,4 @@
-"""Demo: walks Examples 1 -> 2 -> 3 as the README tells a user to do by hand, with every service as a child process.
+"""Demo: walks Examples 1 -> 2 -> 3 -> 4 as the README tells a user to do by hand, every service a child process.
 
 Reads:  every project topic (to follow each workflow)   Needs: a broker (`make kafka-up`; `make demo` does it)
 Run:    python demo.py            # about a minute; Ctrl-C stops everything it started
@@ -6,8 +6,8 @@ Run:    python demo.py            # about a minute; Ctrl-C stops everything it s
         python demo.py --tmux     # the examples by hand: a tmux session, one window per script (`make walkthrough`)
         python demo.py --reset    # start the walkthrough over: delete its topics, consumer groups, state and
                                   # reports.db (those of TOPIC_PREFIX; `make reset`)
-Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 reports=N restart_gap_s=X.X (exit 1 if anything
-was lost).
+Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 reports=N restart_gap_s=X.X followed=N (the
+steps Example 4 sent after another step; exit 1 if anything was lost).
 """
 
 import argparse
@@ -77,7 +77,7 @@ def say(text: str) -> None:
 
 
 class Walkthrough:
-    """Examples 1 -> 2 -> 3, one method a stage, each doing what the README tells a user to do by hand."""
+    """Examples 1 -> 2 -> 3 -> 4, one method a stage, each doing what the README tells a user to do by hand."""
 
     def __init__(self, children: Children, tail: Tail, env: dict, stage: float):
         self.children, self.tail, self.flow, self.env, self.stage = children, tail, tail.flow, env, stage
@@ -132,6 +132,16 @@ class Walkthrough:
                       if routed else "[bold red]no unit workflow completed within 60 s of the orchestrator's restart")
         self.tail.wait(lambda: False, timeout=self.stage)
 
+    def example_4(self) -> None:
+        say("Example 4 (beyond the seed): steps that follow steps; only the orchestrator changes (stop, then start at "
+            "--example 4): a guard's report is followed by the zone's unlocking and a word to the on-duty person")
+        self.children.stop("orchestrator")
+        self.children.start("orchestrator", "orchestrator.py", "--example", "4")
+        followed = self.tail.wait(lambda: any(self.flow.completed(w) for w in self.flow.followed), timeout=60)
+        console.print("[bold]a guard dispatched, then the zone unlocked: a workflow of steps one after another completed"
+                      if followed else "[bold red]no workflow with a step that followed another completed within 60 s")
+        self.tail.wait(lambda: False, timeout=self.stage)
+
     def finish(self, gap: float) -> int:
         """Stop the producers, let every workflow finish, count; 1 if anything was lost or doubled."""
         say("Stopping the producers and letting every workflow finish")
@@ -150,7 +160,7 @@ class Walkthrough:
             console.print(f"[red]incomplete {flow.kind[workflow]} workflow {workflow}: {sorted(flow.times[workflow])}")
         lost = started - completed + max(0, routed_reports - reports)
         print(f"demo: workflows={started} completed={completed} lost={lost} duplicates={flow.duplicates} "
-              f"reports={reports} restart_gap_s={gap:.1f}", flush=True)
+              f"reports={reports} restart_gap_s={gap:.1f} followed={flow.followed_total}", flush=True)
         if tracing.EXPORTER == "zipkin":  # (OTEL_TRACES_EXPORTER=zipkin: one workflow, as Zipkin shows it)
             first = next(iter(read_all(written_by(MESSAGE_STREAM, "security_detector"), settings=self.flow.settings)),
                          None)
@@ -264,6 +274,7 @@ def main() -> int:
         walk.example_1()
         gap = walk.example_2()
         walk.example_3()
+        walk.example_4()
         return walk.finish(gap)
     except KeyboardInterrupt:
         console.print("[bold]Ctrl-C: stopping every process the demo started")

@@ -119,6 +119,8 @@ class Flow:
         self.resent = 0                                       # a command sent again (a timeout's retry, a re-route)
         self.timeouts: dict[str, int] = defaultdict(int)      # workflow id -> its steps' timeouts (step_timed_out)
         self.timeouts_total = 0
+        self.followed: dict[str, int] = defaultdict(int)      # workflow id -> commands of steps that followed a step
+        self.followed_total = 0
         self.commands = {step.topic for workflow in WORKFLOWS.values() for step in workflow.steps}
         self.arrivals: dict[str, deque] = defaultdict(deque)  # topic -> recent arrival times, for rates
         self.dead_letters, self.last_reason = 0, "-"
@@ -147,6 +149,10 @@ class Flow:
         if message.type == "step_timed_out":
             self.timeouts[message.workflow_id] += 1
             self.timeouts_total += 1
+        if first and message.cause_id not in (None, message.workflow_id) and \
+                topic_name.removeprefix(self.settings.topic_prefix) in self.commands:  # (caused by an outcome)
+            self.followed[message.workflow_id] += 1
+            self.followed_total += 1
         self.seen[(topic_name, message.id)] = None
         if len(self.seen) > 8 * self.window:
             self.seen.popitem(last=False)
@@ -189,6 +195,7 @@ class Flow:
             if len(self.gone) > 8 * self.window:
                 self.gone.popitem(last=False)
             self.timeouts.pop(workflow, None)
+            self.followed.pop(workflow, None)
             self.skewed.discard(workflow)
 
     def step_times(self, workflow: str) -> list[tuple[str, float | None, str, bool]]:
@@ -255,7 +262,8 @@ class Flow:
                      "cancelled": states["cancelled"] + sum(f.cancelled for f in folded),
                      "stuck": states["stuck"], "running": states["running"] + self.unknown_fate}
         return {"workflows": workflows, "duplicate_effects": self.duplicates, "resent_ignored": self.resent,
-                "steps_timed_out": self.timeouts_total, "dead_letters": self.dead_letters, "clock_skew": self.skew}
+                "steps_timed_out": self.timeouts_total, "steps_followed": self.followed_total,
+                "dead_letters": self.dead_letters, "clock_skew": self.skew}
 
     def sla_report(self, window: float | None = None) -> dict:
         """Per workflow type: completed and failed counts, p50/p95/p99 latency (s) of the completed ones and breaches
@@ -414,6 +422,7 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15, figures
         state = flow.state(workflow, now)
         colour = {"completed": "green", "running": "yellow", "failed": "red", "cancelled": "blue"}.get(state, "bold red")
         timeouts = f" ({flow.timeouts[workflow]} timed out)" if workflow in flow.timeouts else ""
+        timeouts += f" (then {flow.followed[workflow]} more)" if workflow in flow.followed else ""
         timeouts += " (clock skew)" if workflow in flow.skewed else ""
         table.add_row(workflow[:8], flow.kind[workflow], path, f"{latency:.2f} s" if latency is not None else "",
                       f"[{colour}]{state}[/]{timeouts}")
@@ -434,7 +443,7 @@ def render(flow: Flow, lag: dict[str, int] | str | None, rows: int = 15, figures
                      f"(their writers' clocks are off: their workflows are left out of the latency percentiles)")
     lines += [f"dead letters: {flow.dead_letters} (last: {last})", f"workflows: {counts}",
               f"duplicate effects {flow.duplicates}; commands re-sent {flow.resent} (same id: a service that acted "
-              f"ignores it); steps timed out {flow.timeouts_total}"]
+              f"ignores it); steps timed out {flow.timeouts_total}; steps that followed a step {flow.followed_total}"]
     return Group(*lines, table) if figures_first else Group(table, *lines)
 
 

@@ -148,18 +148,27 @@ def operator_settings(settings: Settings = SETTINGS) -> Settings:
     user = os.environ.get("KAFKA_OPERATOR_USERNAME")
     if not user:
         return settings
-    return replace(settings, security={**settings.security, "sasl_plain_username": user,
+    return replace(settings, sign_in={**settings.sign_in, "sasl_plain_username": user,
                                        "sasl_plain_password": os.environ.get("KAFKA_OPERATOR_PASSWORD", "")})
 
 
 def summary(workflow: dict) -> dict:
-    """One workflow as show --json prints it."""
+    """One workflow as show --json prints it: its steps in the order they were sent, each with what it follows."""
+    defined = {step.name: step for step in WORKFLOWS[workflow["type"]].steps}
     return {"workflow_id": workflow["workflow_id"], "type": workflow["type"], "state": workflow["state"],
             "retries": workflow.get("retries", 0), "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
             "finished_at": stamp(workflow["finished_at"]),
             "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
                        "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
-                       "deadline": stamp(step["deadline"])} for name, step in workflow["steps"].items()]}
+                       "deadline": stamp(step["deadline"]), "follows": follows(defined.get(name))}
+                      for name, step in workflow["steps"].items()]}
+
+
+def follows(step) -> str:
+    """What a step follows, said: "" for one sent as its workflow starts (or one the table no longer has)."""
+    if step is None or not step.after:
+        return ""
+    return f"{' or '.join(step.after)} {step.when}"
 
 
 def stamp(seconds: float | None) -> str | None:
@@ -186,11 +195,12 @@ def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
           f"{clock(workflow['started_at'])} under example {workflow['stage']}"
           f"{'' if workflow['finished_at'] is None else ', finished ' + clock(workflow['finished_at'])}"
           f"{f', retried {retries} time' + 's' * (retries > 1) if retries else ''}")
-    for step in workflow["steps"]:
-        print(f"  {step['name']:<10} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}  "
-              f"finished {clock(step['finished_at'])}  deadline {clock(step['deadline'])}")
+    for step in workflow["steps"]:  # (in the order they were sent)
+        print(f"  {step['name']:<11} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}  "
+              f"answered {clock(step['finished_at'] if step['state'] != 'sent' else None)}  deadline "
+              f"{clock(step['deadline'])}" + (f"  (after {step['follows']})" if step["follows"] else ""))
     if not workflow["steps"]:
-        print("  (no step that reports back: done once its commands were sent)")
+        print("  (no step: nothing was sent)")
     return 0
 
 

@@ -35,10 +35,11 @@ def unit_event(status="battery_low"):
 
 class Scripts:
     """Runs the project's scripts as subprocesses, each with its log file; ends them all when the test ends.
-    On a secure cluster (`users` set: user -> password) each script signs in as the user named after it."""
+    On a secure cluster (`users` set: user -> password) each script signs in as the user named after it. `root`: the
+    project whose scripts they are (a copy of this one, say)."""
 
-    def __init__(self, env: dict, logs: Path, users: dict[str, str] | None = None):
-        self.env, self.logs, self.running, self.users = env, logs, [], users
+    def __init__(self, env: dict, logs: Path, users: dict[str, str] | None = None, root: Path = ROOT):
+        self.env, self.logs, self.running, self.users, self.root = env, logs, [], users, root
 
     def env_for(self, script: str, **extra: str) -> dict:
         user = Path(script).stem
@@ -48,8 +49,8 @@ class Scripts:
 
     def start(self, script: str, *args: str, **extra_env: str) -> subprocess.Popen:
         log = open(self.logs / f"{script}-{len(self.running)}.log", "w")
-        process = subprocess.Popen([sys.executable, str(ROOT / script), *args], env=self.env_for(script, **extra_env),
-                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, str(self.root / script), *args],
+                                   env=self.env_for(script, **extra_env), cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         process.log_path, process.extra_env = log.name, extra_env
         self.running.append(process)
         return process
@@ -58,8 +59,8 @@ class Scripts:
             check: bool = True) -> subprocess.CompletedProcess:
         """Run a script to completion (a producer with --count, a summary); check: fail the test unless it exits 0.
         `env`: instead of the script's own environment."""
-        result = subprocess.run([sys.executable, str(ROOT / script), *args], env=env or self.env_for(script), cwd=ROOT,
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run([sys.executable, str(self.root / script), *args], env=env or self.env_for(script),
+                                cwd=self.root, capture_output=True, text=True, timeout=timeout)
         assert not check or result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
         return result
 

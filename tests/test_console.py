@@ -97,7 +97,7 @@ def test_the_console_refuses_a_port_in_use_with_one_line(scripts):
 def test_the_buttons_are_off_on_a_secured_cluster_without_the_operators_credentials(monkeypatch):
     import console
     from common import Settings
-    secured = Settings(security={"sasl_plain_username": "monitor", "sasl_plain_password": "x"})
+    secured = Settings(sign_in={"sasl_plain_username": "monitor", "sasl_plain_password": "x"})
     monkeypatch.delenv("KAFKA_OPERATOR_USERNAME", raising=False)
     assert console.actions_off(Settings()) is None
     assert "KAFKA_OPERATOR_USERNAME" in console.actions_off(secured)

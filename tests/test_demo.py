@@ -10,7 +10,7 @@ from helpers import NO_RESENDS, ROOT, wait_for_reports
 from kafka import KafkaAdminClient
 
 
-def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
+def test_the_demo_walks_examples_1_to_4_and_loses_nothing(env):
     # When the demo runs its short version, under a topic prefix of its own (as for a user who sets none)
     own = {name: value for name, value in env.items() if name != "TOPIC_PREFIX"}
     result = subprocess.run([sys.executable, "demo.py", "--quick"], cwd=ROOT, env=own, capture_output=True, text=True,
@@ -18,11 +18,13 @@ def test_the_demo_walks_examples_1_to_3_and_loses_nothing(env):
     # Then it ends with the summary line: every workflow completed, none lost, none doubled
     last = result.stdout.strip().splitlines()[-1]
     found = re.fullmatch(r"demo: workflows=(\d+) completed=(\d+) lost=(\d+) duplicates=(\d+) reports=(\d+) "
-                         r"restart_gap_s=(\d+\.\d)", last)
+                         r"restart_gap_s=(\d+\.\d) followed=(\d+)", last)
     assert found, f"unexpected last line {last!r}\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
     workflows, completed, lost, duplicates = map(int, found.groups()[:4])
     assert workflows > 20 and completed == workflows and lost == 0 and duplicates == 0
     assert "Example 3" in result.stdout and "waited in Kafka were routed" in result.stdout
+    # And Example 4's steps that follow steps were sent, and their workflows completed with them
+    assert int(found.group(7)) > 0 and "a workflow of steps one after another completed" in result.stdout
     assert re.search(r"Watch it in a browser: http://127\.0\.0\.1:\d+ \(the web console", result.stdout)
     assert result.returncode == 0
     # And it deleted the topics it made under its prefix

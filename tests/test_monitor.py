@@ -134,8 +134,8 @@ def test_a_command_sent_again_after_a_timeout_is_a_resend_and_a_failed_workflow_
     text = screen.export_text()
     assert "failed (1 timed out)" in text and "commands re-sent 1" in text and "steps timed out 1" in text
     assert flow.figures() == {"workflows": {"started": 1, "completed": 0, "failed": 1, "cancelled": 0, "stuck": 0, "running": 0},
-                              "duplicate_effects": 0, "resent_ignored": 1, "steps_timed_out": 1, "dead_letters": 0,
-                              "clock_skew": 0}
+                              "duplicate_effects": 0, "resent_ignored": 1, "steps_timed_out": 1, "steps_followed": 0,
+                              "dead_letters": 0, "clock_skew": 0}
 
 
 @pytest.mark.no_broker

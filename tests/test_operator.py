@@ -58,7 +58,8 @@ def test_a_cancelled_workflow_ends_once_its_timers_stop_and_a_late_outcome_chang
     ended = [m.type for m in stream.messages() if m.workflow_id == first.workflow_id and m.type.startswith("workflow_")]
     assert ended.count("workflow_cancelled") == 1 and "workflow_completed" not in ended
     shown = json.loads(scripts.run("workflows.py", "show", first.workflow_id, "--json").stdout)
-    assert shown["state"] == "cancelled" and [(s["name"], s["state"]) for s in shown["steps"]] == [("acted", "cancelled")]
+    assert shown["state"] == "cancelled" and [(s["name"], s["state"]) for s in shown["steps"]] == [
+        ("acted", "cancelled"), ("notified", "sent")]
     # And the orchestrator's metrics count the request granted and the one refused
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         served = {(sample.name, sample.labels.get("outcome")): sample.value for family in
@@ -90,7 +91,8 @@ def test_a_failed_workflow_retried_sends_its_step_again_under_a_new_id_and_compl
     assert [m.type for m in stream.messages() if m.type.startswith("security_action_")] == [
         "security_action_failed", "security_action_completed"]
     shown = json.loads(scripts.run("workflows.py", "show", event.workflow_id, "--json").stdout)
-    assert shown["state"] == "completed" and [(s["state"], s["attempts"]) for s in shown["steps"]] == [("done", 1)]
+    assert shown["state"] == "completed" and [(s["name"], s["state"], s["attempts"]) for s in shown["steps"]] == [
+        ("acted", "done", 1), ("notified", "sent", 1), ("escalated", "sent", 1)]
     # And retrying a completed workflow is refused with the reason
     again = scripts.run("workflows.py", "retry", event.workflow_id, "--reason", "once more", check=False)
     assert again.returncode == 1 and "refused: the workflow is completed: only a failed one can be retried" in again.stdout

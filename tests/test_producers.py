@@ -2,10 +2,12 @@
 
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from helpers import unit_event
+from helpers import ROOT, unit_event
 
 from common import MESSAGE_STREAM
 from contracts import UNIT_COMMAND
@@ -75,3 +77,19 @@ def test_each_simulated_sensor_detects_its_own_kind_with_a_severity_that_fits_it
         low, high = SEVERITY[event.payload["kind"]]
         assert low <= event.payload["severity"] <= high
     assert all(len(found) == 1 for found in kinds.values()) and len(kinds) == 8
+
+
+def test_an_event_of_a_type_no_contract_knows_ends_its_source_in_one_line(env, tmp_path):
+    # Given an event source whose message type has no schema in the contracts (a slip: a typo, a schema not added)
+    source = tmp_path / "typo_source.py"
+    source.write_text("import contracts  # noqa: F401\nfrom common import new_event, run_producer\n"
+                      "run_producer('typo_source', lambda: ('message_stream', new_event('maintenance_du', {}, "
+                      "'typo_source'), 'k'), 1, 1.0)\n")
+    # When it runs
+    ended = subprocess.run([sys.executable, str(source)], env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True,
+                           text=True, timeout=60)
+    # Then it ends with one line that names the type and where its schema goes, having sent nothing
+    assert ended.returncode == 1 and ended.stderr.splitlines()[-1] == (
+        "typo_source: no schema for message type 'maintenance_du': add one to the application's contracts "
+        "(contracts.py, MESSAGES)")
+    assert "Traceback" not in ended.stderr

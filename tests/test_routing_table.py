@@ -189,6 +189,7 @@ def test_the_orchestrators_one_line_refusal_is_all_a_user_sees():
 def test_a_state_retention_shorter_than_a_workflow_may_run_is_refused_in_one_line_before_it_starts(monkeypatch):
     # (a workflow's state would expire while it still waits: no retry, no escalation, no word)
     monkeypatch.setattr(orchestrator_cli, "SETTINGS", replace(orchestrator_cli.SETTINGS, state_retention_s=60))
+    monkeypatch.setattr(orchestrator, "WORKFLOWS", {"security": WORKFLOWS["security"]})  # (at example 3: one step)
     monkeypatch.setattr(sys, "argv", ["orchestrator.py", "--step-timeout", "30", "--attempts", "3"])
     with pytest.raises(SystemExit) as ended:
         orchestrator.main()

@@ -32,8 +32,9 @@ function drawFlow() {  // each workflow's lane: who starts it, the orchestrator,
   $("#flow").innerHTML = config.flow.map((w) => `<div class="lane" data-workflow="${escape(w.name)}"><b>${escape(w.name)}</b>
       <span class="box">${escape(w.source)}</span>→<span class="box topic">message_stream ${rate("message_stream")}</span>→
       <span class="box">orchestrator ${lag("orchestrator")}</span>→
-      ${w.steps.map((s) => `<span class="box topic">${escape(s.topic)} ${rate(s.topic)}</span>→<span class="box">${escape(s.service)}
-        ${lag(s.service)}</span>`).join(" · ")}</div>`).join("") +
+      ${w.steps.filter((s) => !s.follows).map((s) => `<span class="box topic">${escape(s.topic)} ${rate(s.topic)}</span>→<span class="box">${escape(s.service)}
+        ${lag(s.service)}</span>`).join(" · ")}${w.steps.some((s) => s.follows) ? ` <small>then ${w.steps.filter((s) => s.follows)
+        .map((s) => `${escape(s.name)} (after ${escape(s.follows)})`).join(", ")}</small>` : ""}</div>`).join("") +
     (typeof snapshot.lag === "string" ? `<div class="lane">consumer lag: ${escape(snapshot.lag)}</div>` : "");
 }
 
@@ -87,9 +88,11 @@ async function showWorkflow(id) {
       <button id="retry" ${retryWhy ? "disabled" : ""} title="${escape(retryWhy)}">Retry…</button>
       <small>${escape(off || "")}</small></p>
     <p id="answer" class="answer" hidden></p>
-    <h3>Steps</h3><table><thead><tr><th>step</th><th>state</th><th>attempts</th><th>sent</th><th>ended</th><th>deadline</th></tr></thead>
-    <tbody>${w.steps.map((s) => `<tr><td>${escape(s.name)}</td><td class="${escape(s.state)}">${escape(s.state)}</td><td>${escape(s.attempts)}</td>
-      <td>${clock(s.sent_at)}</td><td>${clock(s.finished_at)}</td><td>${clock(s.deadline)}</td></tr>`).join("")}</tbody></table>
+    <h3>Steps, in the order they were sent</h3><table id="steps"><thead><tr><th>step</th><th>follows</th><th>state</th><th>attempts</th><th>sent</th>
+      <th>answered</th><th>deadline</th></tr></thead>
+    <tbody>${w.steps.map((s) => `<tr><td>${escape(s.name)}</td><td>${escape(s.follows || "the start")}</td>
+      <td class="${escape(s.state)}">${escape(s.state)}</td><td>${escape(s.attempts)}</td>
+      <td>${clock(s.sent_at)}</td><td>${s.state === "sent" ? "–" : clock(s.finished_at)}</td><td>${clock(s.deadline)}</td></tr>`).join("")}</tbody></table>
     <h3>Its messages, in the order Kafka got them</h3>
     <table id="messages"><thead><tr><th>time</th><th>topic</th><th>type</th><th>from</th><th>what it says</th></tr></thead>
     <tbody>${w.messages.map((m) => `<tr><td>${clock(m.at / 1000)}</td><td>${escape(m.topic)}</td><td>${escape(m.type)}</td>

@@ -135,5 +135,11 @@ def test_a_workflow_added_runs_end_to_end_and_the_tools_show_it(project, env, tm
         seen = json.loads(scripts.run("monitor.py", "--once", "--json").stdout)
         assert seen["workflows"] == {"started": 3, "completed": 3, "failed": 0, "cancelled": 0, "stuck": 0, "running": 0}
         assert seen["steps_followed"] == 3 and seen["duplicate_effects"] == 0
+        # And an orchestrator of its own (--workflows maintenance) takes over from the one group that ran, only
+        scripts.stop(orchestrator)
+        split = scripts.start("orchestrator.py", "--workflows", "maintenance", *NO_RESENDS)
+        scripts.wait_for_output(split, "orchestrator-maintenance: took over")
+        took = next(line for line in scripts.output(split).splitlines() if "took over" in line)
+        assert took.endswith(" of orchestrator"), took
     finally:
         scripts.stop_all()

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from helpers import TopicReader, detection, unit_event
+from helpers import NO_RESENDS, TopicReader, detection, unit_event
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 from rich.console import Console
@@ -266,6 +266,23 @@ def test_dry_run_previews_a_routing_change_and_produces_and_commits_nothing(env,
     group = env["TOPIC_PREFIX"] + "orchestrator"
     assert not admin.list_group_offsets({group: None}).get(group)
     admin.close()
+
+
+def test_the_dry_run_says_which_workflows_in_flight_a_restart_would_meet(scripts, topics, producer):
+    # Given two security workflows still waiting for their action (no security service), routed at Example 3
+    orchestrator = scripts.start("orchestrator.py", "--example", "3", *NO_RESENDS)
+    waiting = [detection(), detection()]
+    for event in waiting:
+        producer(MESSAGE_STREAM, event)
+    topics(SEC_COMMAND).read_count(2)
+    scripts.stop(orchestrator)
+    # When a change to Example 4 is previewed
+    preview = json.loads(scripts.run("orchestrator.py", "--dry-run", "--example", "4", "--json").stdout)
+    said = scripts.run("orchestrator.py", "--dry-run", "--example", "4").stdout
+    # Then it counts them, by the stage each started under: they keep that stage's routing
+    assert preview["in_flight"] == [{"workflow": "security", "stage": 3, "count": 2}]
+    assert "in flight: 2 running workflows, each routed on at the stage it started under (a restart at example 4 " \
+           "changes the path of new workflows only):\n  security                     2 started under example 3" in said
 
 
 def test_a_failed_security_action_is_escalated_end_to_end(scripts, topics, producer):

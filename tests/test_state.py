@@ -73,7 +73,8 @@ def test_a_step_without_answer_is_sent_attempts_times_then_escalated_and_the_wor
     shown = json.loads(scripts.run("workflows.py", "show", event.workflow_id[:8], "--json").stdout)
     assert (shown["workflow_id"], shown["type"], shown["state"], shown["stage"]) == (event.workflow_id, "security",
                                                                                      "failed", 1)
-    assert [(s["name"], s["state"], s["attempts"]) for s in shown["steps"]] == [("acted", "timed_out", 3)]
+    assert [(s["name"], s["state"], s["attempts"]) for s in shown["steps"]] == [
+        ("acted", "timed_out", 3), ("notified", "sent", 1), ("escalated", "sent", 1)]
     # And the monitor's timeline of it shows each timeout and marks the commands sent again as repeats
     lines = scripts.run("monitor.py", "--workflow", event.workflow_id[:8]).stdout.splitlines()
     assert lines[0] == f"workflow {event.workflow_id}: 10 messages"  # (1 + 3 + 2 + 3 + 1)

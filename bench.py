@@ -88,7 +88,8 @@ class Bench:
         return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.address, TOPIC_PREFIX=prefix, LOG_LEVEL="WARNING",
                     COMMIT_WINDOW_MS="0",  # (the default, whatever the shell says: a run asks for another itself)
                     TOPIC_PARTITIONS=str(self.partitions[prefix]),
-                    REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"), PYTHONUNBUFFERED="1") | extra
+                    REPORT_DB=os.path.join(tempfile.gettempdir(), f"{prefix}reports.db"),
+                    SECURITY_DB=os.path.join(tempfile.gettempdir(), f"{prefix}security.db"), PYTHONUNBUFFERED="1") | extra
 
     def start(self, prefix: str, *args: str, log: Path | None = None, argv: list[str] | None = None,
               **extra: str) -> subprocess.Popen:

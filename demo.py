@@ -30,7 +30,7 @@ from rich.console import Console
 from kafka import KafkaAdminClient
 from kafka.errors import NonEmptyGroupError, KafkaError
 
-from common import (MESSAGE_STREAM, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
+from common import (MESSAGE_STREAM, REVOKED, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
                     written_by)
 from local_kafka import free_port, port_is_free
 from monitor import TOPICS, Flow, Tail, groups, render
@@ -209,13 +209,14 @@ def walkthrough(attach: bool) -> int:
     return subprocess.run(["tmux", inside, "-t", SESSION]).returncode
 
 
-def reset(settings: Settings, report_db: str | None = None, patient: bool = True) -> list[str]:
-    """Delete the walkthrough's topics (every project topic and family member of settings.topic_prefix, and the state
-    topics of its groups), its consumer groups and its report store; returns the topics deleted. patient=False: a
-    group whose scripts stopped just now (still members until their session ends) is left, not waited for."""
+def reset(settings: Settings, stores: tuple[str, ...] = (), patient: bool = True) -> list[str]:
+    """Delete the walkthrough's topics (every project topic and family member of settings.topic_prefix, the
+    revocations, and the state topics of its groups), its consumer groups and its SQLite files (`stores`: the report
+    store, the zones); returns the topics deleted. patient=False: a group whose scripts stopped just now (still
+    members until their session ends) is left, not waited for."""
     admin = KafkaAdminClient(**settings.kafka_config(), client_id="reset", bootstrap_timeout_ms=10_000)
     try:
-        ours = re.compile(settings.pattern(TOPICS)[:-2] + "|" + "|".join(
+        ours = re.compile(settings.pattern([*TOPICS, REVOKED])[:-2] + "|" + "|".join(
             re.escape(changelog(group)) for group in groups()) + ")$")
         busy, until = [settings.group(group) for group in groups()], time.monotonic() + SESSION_TIMEOUT_MS / 1000 + 2
         while busy:  # (groups first: while a script runs nothing is deleted; one stopped just now is waited out)
@@ -233,8 +234,9 @@ def reset(settings: Settings, report_db: str | None = None, patient: bool = True
             raise SystemExit(f"demo: could not delete {', '.join(sorted(failed))}: {next(iter(failed.values()))}")
     finally:
         admin.close()
-    if report_db and os.path.exists(report_db):
-        os.remove(report_db)
+    for store in stores:
+        if os.path.exists(store):
+            os.remove(store)
     return topics
 
 
@@ -252,18 +254,19 @@ def main() -> int:
         return walkthrough(attach=sys.stdout.isatty())
     if args.reset:
         try:
-            topics = reset(SETTINGS, os.environ.get("REPORT_DB", "reports.db"))
+            topics = reset(SETTINGS, (os.environ.get("REPORT_DB", "reports.db"), os.environ.get("SECURITY_DB", "security.db")))
         except KafkaError as error:
             raise SystemExit(f"demo: could not reset at {SETTINGS.bootstrap_servers}: {error}") from None
         prefixed = f" prefixed {SETTINGS.topic_prefix!r}" if SETTINGS.topic_prefix else ""
-        print(f"reset: deleted {len(topics)} topics{prefixed}, the consumer groups and the report store; the "
+        print(f"reset: deleted {len(topics)} topics{prefixed}, the consumer groups, the report store and the zones; the "
               "walkthrough starts over")
         return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too stops everything the demo started
     own_prefix = not os.environ.get("TOPIC_PREFIX")
     prefix = os.environ.get("TOPIC_PREFIX") or f"demo{uuid.uuid4().hex[:6]}_"
     workdir = tempfile.mkdtemp(prefix="orchestration-demo-")
-    env = dict(os.environ, TOPIC_PREFIX=prefix, REPORT_DB=os.path.join(workdir, "reports.db"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TOPIC_PREFIX=prefix, REPORT_DB=os.path.join(workdir, "reports.db"),
+               SECURITY_DB=os.path.join(workdir, "security.db"), PYTHONUNBUFFERED="1")
     settings = Settings.from_env(env)
     children, tail = Children(env), None
     console.print(f"Demo on Kafka at {settings.bootstrap_servers}, topics prefixed {prefix!r}, reports in {workdir}"

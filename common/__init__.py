@@ -13,6 +13,8 @@
   changelog    the Kafka side of that state: the compacted state.<group> topic, made and read back
   copies       the copies of a service in its group: leave when stopped, end a gone copy's transaction
   waiting      the stop signal, a poll that outlives an outage, a pause that says what it waits for
+  gate         what stands between a command and its effect: its workflow cancelled, its deadline passed
+  effects      an action outside Kafka, applied once per command (a SQLite file of the effects applied)
   producing    run_producer, the event sources' loop
   workflow     the workflow table's shape (Workflow, Step: which step follows which) and what can be asked of it
   orchestration  a workflow's life: routed events at the stage it started under, its timers; late answers
@@ -35,6 +37,8 @@ except ModuleNotFoundError as missing:
 from common.changelog import Latest, Record, changelog, ensure_changelog, latest_entries
 from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,
                             read_from, refused, send, wait_for_acks, wait_for_kafka)
+from common.effects import Effects
+from common.gate import Expired, Gate, Revocations
 from common.handling import Handler, Unavailable, handle_batch, handle_record
 from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, Schema,
                              UnknownType, about, caused_by, contract, dead_letter, derived_id, expect, new_event, parse)
@@ -42,8 +46,8 @@ from common.orchestration import STATES, WORKFLOW, Limits, Orchestration, is_wor
 from common.orchestrator_cli import run_orchestrator
 from common.producing import Pacer, run_producer
 from common.service import Service, run_service, serve
-from common.settings import (DEAD_LETTER, FAMILIES, MESSAGE_STREAM, SETTINGS, Settings, family_of, setup_logging, topic,
-                             written_by)
+from common.settings import (DEAD_LETTER, FAMILIES, MESSAGE_STREAM, REVOKED, SETTINGS, Settings, family_of,
+                             setup_logging, topic, written_by)
 from common.state import State, Store
 from common.takeover import replaced
 from common.waiting import Stopper
@@ -52,14 +56,15 @@ from common.workflow import (ANSWERS, FINISHED, OPERATOR, REQUESTS, Step, Workfl
                              group_for, orchestrator_groups, owns, problems, readers_and_writers, reports_done,
                              senders, services, single_writer_topics, step_sent, topics)
 
-__all__ = ["Latest", "Record", "changelog", "ensure_changelog", "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
+__all__ = ["Effects", "Expired", "Gate", "Revocations", "Latest", "Record", "changelog", "ensure_changelog",
+           "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
            "ensure_topics", "make_consumer", "make_producer", "read_all", "read_from", "refused", "send", "wait_for_acks",
            "wait_for_kafka", "Handler", "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES",
            "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "Schema", "UnknownType", "about",
            "caused_by", "contract", "derived_id", "dead_letter", "expect",
            "new_event", "parse", "STATES", "WORKFLOW", "Limits", "Orchestration", "is_workflow", "run_orchestrator",
            "Pacer", "run_producer", "Service", "run_service", "serve", "DEAD_LETTER", "FAMILIES",
-           "MESSAGE_STREAM", "SETTINGS", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
+           "MESSAGE_STREAM", "REVOKED", "SETTINGS", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
            "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "first_steps", "group_for",
            "orchestrator_groups", "owns", "problems", "readers_and_writers", "reports_done", "senders", "services",
            "single_writer_topics", "step_sent", "topics", "FINISHED", "ANSWERS", "OPERATOR", "REQUESTS"]

@@ -234,11 +234,9 @@ def ensure_changelog(admin: KafkaAdminClient, group: str, settings: Settings = S
     real = settings.topic(changelog(group))
     if real in admin.list_topics():
         return
-    retention_ms = int(settings.state_retention_s * 1000)
-    config = {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms),
-              "segment.ms": str(min(retention_ms, 24 * 3600 * 1000))}  # (a segment is deleted whole, once all expired)
     try:
-        admin.create_topics([NewTopic(real, settings.partitions, settings.replication_factor, topic_configs=config)])
+        admin.create_topics([NewTopic(real, settings.partitions, settings.replication_factor,
+                                      topic_configs=settings.kept())])
         log.info("created state topic %s", real)
     except TopicAlreadyExistsError:
         pass

@@ -15,7 +15,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.structs import TopicPartition
 
 from common.messages import Envelope
-from common.settings import FAMILIES, SETTINGS, Settings
+from common.settings import FAMILIES, REVOKED, SETTINGS, Settings
 from common.workarounds import (ConnectionWatch, RememberingPartitioner, discard, in_background,
                                 quick_transaction_retries)
 
@@ -122,8 +122,10 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings, names: Iterable[s
     missing = {settings.topic(name) for name in names if name not in FAMILIES} - set(admin.list_topics())
     if not missing:
         return
-    try:
-        admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor) for name in sorted(missing)])
+    try:  # (the revocations keep the last record of each workflow, as a state topic does)
+        admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor,
+                                      topic_configs=settings.kept() if name == settings.topic(REVOKED) else {})
+                             for name in sorted(missing)])
         log.info("created topics %s", ", ".join(sorted(missing)))
     except TopicAlreadyExistsError:  # another script created them at the same moment
         pass

@@ -18,6 +18,7 @@ from pydantic_core import PydanticSerializationError
 
 from common import metrics, tracing
 from common.changelog import unreadable
+from common.gate import Expired, Gate, Revoked
 from common.messages import SCHEMAS, DeadLetter, Envelope, Output, check_key, dead_letter, digest, parse
 from common.settings import DEAD_LETTER, written_by
 
@@ -60,14 +61,20 @@ class Handled:
 
 
 def handle_batch(name: str, batch: dict, handle: Handler, store, stop, accepts: dict[str, frozenset] | None = None,
-                 doing: str = "act on") -> tuple[list[Handled], str | None]:
+                 doing: str = "act on", gate: Gate | None = None) -> tuple[list[Handled], str | None]:
     """Handle the records of a poll in order: (the records handled, why handling stopped early or None). It stops
     early when the service is stopping or a handler's resource is unavailable; the rest is handled again later.
     `handle(message, state)`; `store`: the service's state (common/state.py), None if it keeps none.
     `accepts`: real topic -> the message types its writer may send; any other type from there is a dead letter.
-    `doing`: what handling a message is, for its span's name ("act on <type>", "route <type>")."""
+    `doing`: what handling a message is, for its span's name ("act on <type>", "route <type>"). `gate`: a service's
+    checks before it acts (common/gate.py): the revocations are read to their end first."""
     handled: list[Handled] = []
     until = time.monotonic() + BATCH_BUDGET_S
+    if gate is not None and any(batch.values()):
+        try:
+            gate.read()
+        except KafkaError as error:  # (not known whether a command was revoked: none is acted on now)
+            return handled, f"the revocations cannot be read now ({type(error).__name__}: {error})"
     for records in batch.values():
         for record in records:
             if stop:
@@ -75,16 +82,16 @@ def handle_batch(name: str, batch: dict, handle: Handler, store, stop, accepts: 
             if time.monotonic() > until:  # (slow handling: commit what is done, handle the rest next)
                 return handled, f"handling took over {BATCH_BUDGET_S:.0f} s; the rest of the batch comes next"
             try:
-                handled.append(handle_record(name, record, handle, store, stop, accepts, doing))
+                handled.append(handle_record(name, record, handle, store, stop, accepts, doing, gate))
             except Unavailable as reason:
                 return handled, str(reason)
     return handled, None
 
 
 def handle_record(name: str, record, handle: Handler, store, stop, accepts: dict[str, frozenset] | None = None,
-                  doing: str = "act on") -> Handled:
-    """Check, parse, skip a repeat, handle, serialise: one record's outputs (each to the topic `name` writes for
-    it) and state changes, or its dead letter."""
+                  doing: str = "act on", gate: Gate | None = None) -> Handled:
+    """Check, parse, skip a repeat, pass the gate, handle, serialise: one record's outputs (each to the topic `name`
+    writes for it) and state changes, or its dead letter, or what is said of a command not acted on."""
     span = tracing.consumed(record)
     carried = tracing.headers(span)  # (what its outputs carry: its context, when tracing is on)
     state = store.view(record.partition, record.key, tracing.traceparent(carried)) if store is not None else None
@@ -94,15 +101,16 @@ def handle_record(name: str, record, handle: Handler, store, stop, accepts: dict
         tracing.about(span, message, doing)
         refuse_if_not_theirs(record, message, accepts)
         kind = message.type if message.type in SCHEMAS else "(other)"  # (a label per known type only)
-        if store is not None and store.dedupe:
-            if is_repeat(name, message, state.get(SEEN + message.id)):
-                return Handled(record, span=span, counted=("repeats", kind))
-            state.put(SEEN + message.id, mark(message))  # (committed with the outputs, or not at all)
+        if repeated(name, message, store, state, gate):
+            return Handled(record, span=span, counted=("repeats", kind))
         outputs = call_handler(name, message, lambda m: handle(m, state), stop)
-        outs = [serialised(written_by(t, name), m, record.key, carried) for t, m, *_ in outputs]
+        outs = [serialised(written_by(t, name), m, next(iter(key), None) or record.key, carried) for t, m, *key in outputs]
         if state is None:
             return Handled(record, outs, span=span, counted=("handled", kind))
         return Handled(record, outs + store.outs(state.changes), state.changes, span, ("handled", kind))
+    except (Revoked, Expired) as why:  # (not marked handled: a resend with a later deadline is acted on)
+        undo(store, state)
+        return not_acted(name, record, message, why, gate, carried, span)
     except DeadLetter as reason:
         undo(store, state)
         return Handled(record, [rejected(name, record, str(reason), span)], span=span,
@@ -116,6 +124,30 @@ def handle_record(name: str, record, handle: Handler, store, stop, accepts: dict
         undo(store, state)
         tracing.ended(span)  # (handled again later: that is another span)
         raise
+
+
+def repeated(name: str, message: Envelope, store, state, gate: Gate | None) -> bool:
+    """Whether a message was handled before (its id kept in the service's state); if not, it passes the gate
+    (Revoked, Expired) and its id is kept, committed with its outputs or not at all."""
+    dedupe = store is not None and store.dedupe
+    if dedupe and is_repeat(name, message, state.get(SEEN + message.id)):
+        return True
+    if gate is not None:
+        gate.check(message)
+    if dedupe:
+        state.put(SEEN + message.id, mark(message))
+    return False
+
+
+def not_acted(name: str, record, message: Envelope, why: Exception, gate: Gate, carried, span) -> Handled:
+    """A command the service does not act on, said: its workflow was cancelled, or its deadline had passed (and then
+    the orchestrator is told, where it can be)."""
+    if isinstance(why, Revoked):
+        log.warning("%s: %s %s not acted on: %s (workflow %s)", name, message.type, message.id[:8], why,
+                    message.workflow_id[:8])
+        return Handled(record, span=span, counted=("revoked", message.type))
+    outs = [serialised(written_by(t, name), m, record.key, carried) for t, m in gate.expired(message, why)]
+    return Handled(record, outs, span=span, counted=("expired", message.type))
 
 
 def refuse_if_not_theirs(record, message: Envelope, accepts: dict[str, frozenset] | None) -> None:
@@ -155,7 +187,7 @@ def call_handler(name: str, message: Envelope, handle: Handler, stop) -> list[Ou
         began = time.perf_counter()
         try:
             return handle(message)
-        except (DeadLetter, Unavailable):
+        except (DeadLetter, Unavailable, Expired):  # (Expired: the deadline passed as it was about to act)
             raise
         except TRANSIENT as error:
             if attempt == QUICK_ATTEMPTS or stop.wait(0.2 * attempt):

@@ -16,8 +16,9 @@ from common import metrics, tracing
 from common.clients import join
 from common.copies import Copies
 from common.delivery import Delivery
+from common.gate import Gate
 from common.handling import Handled, Serialised, dead_letter_of, handle_batch, serialise_own
-from common.settings import FAMILIES, Settings
+from common.settings import FAMILIES, MESSAGE_STREAM, Settings
 from common.changelog import first_of_each_partition
 from common.state import Store
 from common.waiting import Pause, Poller
@@ -49,6 +50,7 @@ class Loop:
         self.spans: list = []  # the timers' spans of this batch (tracing on)
         self.count, self.expired_at = 0, time.monotonic()
         self.window_s = settings.commit_window_s if self.delivery.transactional else 0.0
+        self.gate = Gate(self.name, settings, MESSAGE_STREAM in service.writes) if service.gated else None
         log.info("%s: started; consuming %s as group %s%s from %s", self.name, ", ".join(map(settings.topic, service.inputs)),
                  group, f", exactly once as transactional id {self.delivery.transactional_id}"
                  if self.delivery.transactional else ", at least once", settings.bootstrap_servers)
@@ -60,7 +62,7 @@ class Loop:
             return
         self.take_tick()
         handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts,
-                                       self.service.doing)
+                                       self.service.doing, self.gate)
         timed, changes, offsets = self.fire_timers(batch, holdup)
         done, sent = self.deliver(self.unsent + timed, handled, offsets)
         self.remember_committed(done, changes if sent else [], sent)
@@ -262,6 +264,8 @@ class Loop:
         self.delivery.close()
         if self.store is not None:
             self.store.close()
+        if self.gate is not None:
+            self.gate.close()
         self.copies.close()
 
 

@@ -35,6 +35,17 @@ class WorkflowFinished(Schema):  # the orchestrator's own event: a workflow comp
     detail: str = Field(default="", max_length=200)
 
 
+class CommandExpired(Schema):  # a service's word that it read a command after its deadline, and did not act on it
+    command: str = Field(min_length=1, max_length=64)  # its type
+    deadline: datetime
+    service: str = Field(min_length=1, max_length=64)
+
+
+class WorkflowRevoked(Schema):  # the orchestrator's word to the services: a person cancelled the workflow
+    by: str = Field(max_length=64)
+    reason: str = Field(max_length=500)
+
+
 class OperatorRequest(Schema):  # a person's request about one workflow (workflows.py cancel/retry, the console)
     reason: str = Field(min_length=1, max_length=500)  # why: it stays in the workflow's history
     by: str = Field(min_length=1, max_length=64)        # who asked
@@ -55,6 +66,8 @@ class OperatorAnswer(Schema):  # the orchestrator's answer to a request: done (w
 
 SCHEMAS: dict[str, type[Schema]] = {  # message type -> its schema: the engine's own, then the application's
     "step_timed_out": StepTimedOut,
+    "command_expired": CommandExpired,
+    "workflow_revoked": WorkflowRevoked,
     "workflow_completed": WorkflowFinished,
     "workflow_failed": WorkflowFinished,
     "workflow_cancel_requested": OperatorRequest,
@@ -103,6 +116,13 @@ class Envelope(BaseModel):
     created_at: datetime
     payload: dict[str, Any]
     cause_id: str | None = Field(default=None, max_length=MAX_ID)  # the message it answers or follows from, if any
+    deadline: datetime | None = None  # a command: no service acts on it after this (its attempt's time limit)
+    retry_of: str | None = Field(default=None, max_length=MAX_ID)  # a retried command: the one it sends again (an
+    # effect applied for that one counts for this one: see effect_key)
+
+    def effect_key(self) -> str:
+        """The key a service applies this command's effect under, once: its id, or a retry's first command's."""
+        return self.retry_of or self.id
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

@@ -5,6 +5,8 @@ service does, and the orchestrator what only it does (commands routed, open work
     messages_handled_total{service,type}        records handled by the handler, counted once their batch is committed
     dead_letters_total{service,reason}          records dead-lettered, by the kind of reason (its first words)
     redeliveries_ignored_total{service}         messages handled before, skipped
+    commands_revoked_total{service,type}        commands not acted on: a person cancelled their workflow
+    commands_expired_total{service,type}        commands not acted on: read after their deadline
     handler_seconds{service}                    the handler's time per message (histogram)
     commit_seconds{service}                     a batch's delivery: its transaction, or acks and commit (histogram)
     consumer_lag{service,topic,partition}       records not yet handled, per assigned partition
@@ -53,6 +55,8 @@ def start(name: str, port: int | None) -> None:
         handled=Counter("messages_handled", "Records handled", ["service", "type"]),
         dead=Counter("dead_letters", "Records dead-lettered, by the kind of reason", ["service", "reason"]),
         repeats=Counter("redeliveries_ignored", "Messages handled before, skipped", ["service"]),
+        revoked=Counter("commands_revoked", "Commands not acted on: their workflow was cancelled", ["service", "type"]),
+        expired=Counter("commands_expired", "Commands not acted on: read after their deadline", ["service", "type"]),
         handler=Histogram("handler_seconds", "The handler's time per message", ["service"], buckets=buckets),
         commit=Histogram("commit_seconds", "A batch's delivery (transaction, or acks and commit)", ["service"],
                          buckets=buckets),

@@ -3,13 +3,17 @@ failed one from its failed step. A request is an event like any other (workflow_
 workflow_retry_requested, written to message_stream.operator by workflows.py or the console): checked against the
 workflow's state, routed by the table's route() when it is granted, and answered on message_stream.orchestrator
 (workflow_cancelled, workflow_retried, or operator_request_refused with the reason), all in one transaction with the
-workflow's new state: once each, whatever fails. No Kafka."""
+workflow's new state: once each, whatever fails. A cancel is said to the services too (a workflow_revoked on the
+revoked topic), so that none acts on a command of the workflow that it reads after the cancel. A retry is granted
+only for a step whose command can no longer be acted on (it failed, or its deadline passed) and that was not done
+after all (an outcome that came late). No Kafka."""
 
 from datetime import datetime, timezone
 
 from common.messages import Envelope, Output, caused_by, derived_id
-from common.settings import MESSAGE_STREAM
-from common.workflow import pending
+from common.progress import done_late
+from common.settings import MESSAGE_STREAM, REVOKED
+from common.workflow import Step, pending
 
 SOURCE = "orchestrator"
 RETRIABLE = ("failed", "timed_out")  # a step in one of these states can be tried again
@@ -27,8 +31,8 @@ def owner(event: Envelope, workflow: dict | None) -> str:
     return (workflow or {}).get("type") or event.payload["workflow"]
 
 
-def refusal(event: Envelope, workflow: dict | None) -> str | None:
-    """Why a request cannot be granted, or None."""
+def refusal(event: Envelope, workflow: dict | None, definitions: dict[str, Step]) -> str | None:
+    """Why a request cannot be granted, or None (`definitions`: the workflow's steps by name)."""
     if workflow is None:
         return "no such workflow here (never started, expired, or its state removed)"
     state = workflow["state"]
@@ -38,12 +42,22 @@ def refusal(event: Envelope, workflow: dict | None) -> str | None:
         return f"the workflow is {state}: only a failed one can be retried"
     if event.type == "workflow_retry_requested" and not retriable(workflow):
         return "none of its steps failed or ran out of attempts"
+    if event.type == "workflow_retry_requested" and (at := done_late(workflow["steps"][retriable(workflow)],
+                                                                     definitions.get(retriable(workflow)))):
+        return (f"step {retriable(workflow)} was done after all: its outcome came late, at "
+                f"{datetime.fromtimestamp(at, timezone.utc):%H:%M:%S} UTC; nothing to retry")
     return None
 
 
 def retriable(workflow: dict) -> str | None:
     """The first step of a workflow that failed or ran out of attempts."""
     return next((name for name, step in workflow["steps"].items() if step["state"] in RETRIABLE), None)
+
+
+def revocation(event: Envelope) -> Output:
+    """What the services are told of a cancel: keyed by the workflow, on the revoked topic (it keeps the last)."""
+    return Output(REVOKED, caused_by(event, "revoked", "workflow_revoked", {
+        "by": event.payload["by"], "reason": event.payload["reason"]}, SOURCE), event.workflow_id)
 
 
 def cancel(workflow: dict, now: float) -> str:
@@ -62,9 +76,11 @@ def retry(event: Envelope, workflow: dict, name: str, limit: float | None, now: 
     done."""
     retries = workflow.get("retries", 0) + 1
     step = workflow["steps"][name]
+    first = step["command"].get("retry_of") or step["command"]["id"]  # (its effect, if applied, counts for the retry)
     command = Envelope.model_validate({**step["command"], "id": derived_id(workflow["workflow_id"], f"{name}.retry-{retries}"),
-                                       "created_at": datetime.fromtimestamp(now, timezone.utc)})
-    step.update(pending(now, limit, step["topic"], command.model_dump(mode="json")))
+                                       "created_at": datetime.fromtimestamp(now, timezone.utc), "retry_of": first})
+    earlier = [*step.get("earlier", ()), step["command"]["id"]]  # (an outcome of one of them is late)
+    step.update(pending(now, limit, step["topic"], command.model_dump(mode="json")), earlier=earlier)
     workflow.update(state="running", finished_at=None, retries=retries)
     routed = event.model_copy(update={"payload": {**event.payload, "workflow": workflow["type"], "step": name,
                                                   "topic": step["topic"], "command": step["command"]}})

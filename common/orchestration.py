@@ -18,8 +18,8 @@ from common.changelog import unreadable
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
-from common.progress import Limits, Reported, advance, ended, next_deadline, record, reported
-from common.workflow import FINISHED, REQUESTS, Table, command_topics, steps_by_name
+from common.progress import Limits, Reported, advance, ended, next_deadline, noted, record, reported
+from common.workflow import EXPIRED, FINISHED, REQUESTS, Table, command_topics, steps_by_name
 
 log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
@@ -77,6 +77,9 @@ class Orchestration:
             if operating.owner(event, workflow) not in self.owned:
                 return None  # (another orchestrator's workflow: it answers)
             outputs = self.requested(event, workflow, now)
+        elif why := self.late(event, workflow):  # (kept beside its step, but nothing follows)
+            self.say_late(event, workflow, why, now)
+            outputs = []
         else:
             workflow, outputs = self.routed(event, state, workflow, now)
         # (a workflow's entry keeps the ids of its events; an event of no workflow, say an outcome after its
@@ -103,12 +106,13 @@ class Orchestration:
             reported = self.reported(workflow, event)
         commands = [] if reported[1] == "removed" else self.route(event, workflow["stage"])
         advance(workflow, self.defined[workflow["type"]], reported, event, now, self.limits)
-        self.record(workflow, reported, event, commands, now)
-        return workflow, commands + ended(workflow, event, now, SOURCE)
+        sent = self.record(workflow, reported, event, commands, now)
+        return workflow, sent + ended(workflow, event, now, SOURCE)
 
     def requested(self, event: Envelope, workflow: dict | None, now: float) -> list[Output]:
-        """A person's request (cancel, retry), granted and routed by the table, or refused: with the answer."""
-        why = operating.refusal(event, workflow)
+        """A person's request (cancel, retry), granted and routed by the table, or refused: with the answer. A
+        cancel is also said to the services (revoked), so none acts on a command of the workflow it reads later."""
+        why = operating.refusal(event, workflow, self.defined.get((workflow or {}).get("type"), {}))
         metrics.count("operator", request=event.type, outcome="refused" if why else "granted")
         if why is not None:
             log.warning("%s %s refused: %s", event.type, event.workflow_id[:8], why)
@@ -123,9 +127,9 @@ class Orchestration:
             answer = "workflow_retried"
         log.warning("%s %s by %s (%s): %s", event.type, event.workflow_id[:8], event.payload["by"],
                     event.payload["reason"], done)
-        commands = self.route(routed, workflow["stage"])
-        self.record(workflow, (name or None, "requested"), routed, commands, now)  # (a retry: its step's command)
-        return commands + [operating.answer(event, workflow, answer, done, name)]
+        sent = self.record(workflow, (name or None, "requested"), routed, self.route(routed, workflow["stage"]), now)
+        revoked = [operating.revocation(event)] if answer == "workflow_cancelled" else []
+        return sent + revoked + [operating.answer(event, workflow, answer, done, name)]
 
     def state_of_workflow(self, event: Envelope, state: State) -> dict | None:
         """The state of an event's workflow (None: none kept); a dead letter if it was set aside as unreadable."""
@@ -137,15 +141,22 @@ class Orchestration:
         return workflow
 
     def skipped(self, event: Envelope, state: State, workflow: dict | None) -> bool:
-        """Whether an event changes nothing: handled before, or too late for its workflow (each said)."""
+        """Whether an event was handled before (said), or is another orchestrator's to note."""
         known = (workflow or {}).get("handled", {}).get(event.id) or state.get(SEEN + event.id)
         if is_repeat(SOURCE, event, known):
             metrics.count("repeats", service=SOURCE)
             return True
-        why = self.late(event, workflow)
-        if why:
-            log.info("%s %s arrived late (%s); nothing follows", event.type, event.workflow_id[:8], why)
-        return bool(why)
+        return event.type == EXPIRED and workflow is not None and workflow["type"] not in self.owned
+
+    def say_late(self, event: Envelope, workflow: dict | None, why: str, now: float) -> None:
+        """An answer that changes no step, said and kept beside the step it answers (the console and workflows.py
+        show it there: a command not acted on, an action done after all)."""
+        step = noted(workflow, event, now) if workflow is not None else None
+        if event.type == EXPIRED:
+            log.warning("%s %s: %s%s", event.type, event.workflow_id[:8], why, f" (step {step})" if step else "")
+        else:
+            log.info("%s %s arrived late (%s); nothing follows%s", event.type, event.workflow_id[:8], why,
+                     f"; kept beside step {step}" if step else "")
 
     @staticmethod
     def say_unknown(event: Envelope) -> None:
@@ -163,7 +174,10 @@ class Orchestration:
     def late(self, event: Envelope, workflow: dict | None) -> str | None:
         """Why an event no longer changes its workflow (a timeout after the step's report, an outcome after the
         workflow finished or of an attempt since replaced), or None. Late events are recorded, never routed: no
-        resend, no second escalation, no step followed twice."""
+        resend, no second escalation, no step followed twice. A service's word that it did not act on a command (its
+        deadline had passed) changes no step either: the step's own time limit, the same deadline, moves it on."""
+        if event.type == EXPIRED:
+            return f"{event.source} read its command after its deadline and did not act on it"
         if workflow is None or event.type in FINISHED or event.type in REQUESTS:  # (a request is always answered)
             return None
         if event.type == self.table[workflow["type"]].starts_with:
@@ -180,11 +194,14 @@ class Orchestration:
     def reported(self, workflow: dict, event: Envelope) -> Reported | None:
         return reported(workflow, self.defined[workflow["type"]], event)
 
-    def record(self, workflow: dict, reported_: Reported, event: Envelope, commands: list[Output], now: float) -> None:
-        """Each command route() sent, as the step it is (common/progress.py); the steps it made follow, for the log."""
-        followers = record(workflow, self.table[workflow["type"]], reported_, event, commands, now, self.limits)
+    def record(self, workflow: dict, reported_: Reported, event: Envelope, commands: list[Output],
+               now: float) -> list[Output]:
+        """Each command route() sent, as the step it is (common/progress.py): the commands as they go out, each with
+        its deadline; the steps it made follow, for the log."""
+        sent, followers = record(workflow, self.table[workflow["type"]], reported_, event, commands, now, self.limits)
         if followers and reported_[0] is not None and reported_[1] in ("done", "failed"):
             self.followed = f" ({', '.join(followers)} after {reported_[0]} {reported_[1]})"
+        return sent
 
     def timer(self, state: State, key: str, now: float | None = None) -> list[Output]:
         """The loop's timer: each pending step whose deadline passed gets a step_timed_out event, published and

@@ -10,7 +10,7 @@ from common.dry_run import dry_run
 from common.orchestration import Orchestration, Route
 from common.progress import ATTEMPTS, Limits
 from common.service import Service, serve
-from common.settings import MESSAGE_STREAM, SETTINGS, setup_logging
+from common.settings import MESSAGE_STREAM, REVOKED, SETTINGS, setup_logging
 from common.takeover import take_over
 from common.workflow import Table, active, command_topics, group_for, problems, senders
 
@@ -113,7 +113,7 @@ def run_orchestrator(description: str, table: Table, route: Route) -> None:
     orchestration = Orchestration(table, route, args.example, args.limits, running)
     accepts = senders(table, running)  # (a later stage's events wait in Kafka until a stage that routes them)
     exactly_once = not args.no_transactions
-    serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM),
+    serve(Service("orchestrator", list(accepts), orchestration.handle, (*command_topics(table), MESSAGE_STREAM, REVOKED),
                   exactly_once=exactly_once, keeps_state=True, group=group_for(table, args.workflows), accepts=accepts,
                   timer=orchestration.timer, open_count=orchestration.open_workflows, metrics_port=args.metrics_port,
                   doing="route",

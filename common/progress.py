@@ -5,6 +5,7 @@ end once no step is pending. Plain functions on the entry (a dict, as the state 
 the orchestration (common/orchestration.py) calls them. No Kafka."""
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
@@ -12,6 +13,7 @@ from common.workflow import Step, Workflow, pending, step_sent
 
 ATTEMPTS = 3  # tries of a step that reports back, before a person is asked to take over (--attempts)
 ENDED_WELL = ("done", "sent", "removed")  # a step's states that leave its workflow completed
+MAX_NOTES = 10  # late answers kept beside a step
 Reported = tuple[str | None, str | None]  # (the step an event reports on, how it ended: "done", "failed", or None)
 
 
@@ -72,24 +74,53 @@ def advance(workflow: dict, definitions: dict[str, Step], reported_: Reported, e
 
 
 def record(workflow: dict, definition: Workflow, reported_: Reported, event: Envelope, commands: list[Output],
-           now: float, limits: Limits) -> list[str]:
+           now: float, limits: Limits) -> tuple[list[Output], list[str]]:
     """Each command route() sent for an event, as the step of the table it is: pending until its report (sent, if it
-    reports nothing back); returns the steps added. A step's own command sent again (the same id: a time limit's
-    resend, a retry) changes nothing. A command the table has no step for, or a step sent while it is pending, is a
-    DeadLetter that says what to change."""
-    steps = workflow["steps"]
-    awaited = {step["command"].get("id") for step in steps.values() if step["state"] == "pending"}
-    added = []
-    for topic, command, *_ in commands:
-        if command.id in awaited:
-            continue
-        step = step_sent(definition, *reported_, command.type, workflow["stage"])
-        if step is None or step.topic != topic or steps.get(step.name, {}).get("state") == "pending":
-            raise DeadLetter(undeclared(workflow, reported_, event, topic, command.type, step))
-        steps.pop(step.name, None)  # (a step run again once its earlier run is over: it goes last, in the order sent)
-        steps[step.name] = pending(now, limits.of(step), topic, command.model_dump(mode="json"), step.tracked)
-        added.append(step.name)
-    return added
+    reports nothing back). Returns the commands as they go out, each with its deadline (its attempt's time limit, or
+    the step's own `expires_after`), and the steps added. A step's own command sent again (the same id: a time
+    limit's resend, a retry) carries its new deadline. A command the table has no step for, or a step sent while it
+    is pending, is a DeadLetter that says what to change."""
+    steps, out, added = workflow["steps"], [], []
+    awaited = {step["command"].get("id"): step for step in steps.values() if step["state"] == "pending"}
+    for topic, command, *key in commands:
+        if command.id in awaited:  # (sent again: its deadline moved on)
+            record_ = awaited[command.id]
+            command = stamped(command, record_["deadline"])
+            record_["command"] = command.model_dump(mode="json")
+        else:
+            step = step_sent(definition, *reported_, command.type, workflow["stage"])
+            if step is None or step.topic != topic or steps.get(step.name, {}).get("state") == "pending":
+                raise DeadLetter(undeclared(workflow, reported_, event, topic, command.type, step))
+            limit = limits.of(step)
+            command = stamped(command, now + limit if limit and step.tracked else now + step.expires_after
+                              if step.expires_after else None)
+            steps.pop(step.name, None)  # (a step run again once its earlier run is over: it goes last, in order sent)
+            steps[step.name] = pending(now, limit, topic, command.model_dump(mode="json"), step.tracked)
+            added.append(step.name)
+        out.append((topic, command, *key))  # (as route() gave it: a pair keeps the input's key)
+    return out, added
+
+
+def stamped(command: Envelope, deadline: float | None) -> Envelope:
+    """The command with its deadline (epoch seconds; None: it may be carried out at any time)."""
+    return command.model_copy(update={"deadline": None if deadline is None else
+                                      datetime.fromtimestamp(deadline, timezone.utc)})
+
+
+def noted(workflow: dict, event: Envelope, now: float) -> str | None:
+    """An answer that changes no step, kept beside the step it answers (by the command it names: this attempt's or
+    an earlier retry's): a service's word that it did not act in time (command_expired), or an outcome that came
+    late. Returns the step's name, or None if it answers none."""
+    for name, step in workflow["steps"].items():
+        if event.cause_id is not None and event.cause_id in (step["command"].get("id"), *step.get("earlier", ())):
+            step["late"] = [*step.get("late", ())[-(MAX_NOTES - 1):], [event.type, round(now, 3)]]
+            return name
+    return None
+
+
+def done_late(step: dict, definition: Step | None) -> float | None:
+    """When a step's outcome said it was done after all, though it came late (a retry would do it again), or None."""
+    return next((at for type_, at in step.get("late", ()) if definition and type_ in definition.done), None)
 
 
 def undeclared(workflow: dict, reported_: Reported, event: Envelope, topic: str, command: str,

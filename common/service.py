@@ -41,15 +41,17 @@ class Service:
     open_count: Callable[[Store], int] | None = None  # how many workflows run (a metric)
     metrics_port: int | None = None
     doing: str = "act on"           # what handling a message is, for its trace span ("act on <type>")
+    gated: bool = False             # it acts on commands: none of a cancelled workflow, none past its deadline (gate.py)
 
 
 def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[str, ...] = (),
                 tick: Callable[[], list[Output]] | None = None, exactly_once: bool = False,
                 metrics_port: int | None = None, settings: Settings = SETTINGS) -> None:
     """Consume `inputs`, handle each message, produce what the handler returns, then commit. exactly_once: each
-    message has its effect once (outputs and offsets in one transaction, repeats skipped); else at least once."""
+    message has its effect once (outputs and offsets in one transaction, repeats skipped); else at least once. A
+    command of a cancelled workflow, or read after its deadline, is not handed to `handle` (common/gate.py)."""
     serve(Service(name, inputs, handle, writes, exactly_once=exactly_once, dedupe=exactly_once, tick=tick,
-                  metrics_port=metrics_port), settings)
+                  metrics_port=metrics_port, gated=True), settings)
 
 
 def serve(service: Service, settings: Settings = SETTINGS) -> None:

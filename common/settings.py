@@ -19,6 +19,7 @@ from common.workarounds import (ClientWarningsOncePer, HideClientRefusals, HideP
 MESSAGE_STREAM = "message_stream"
 DEAD_LETTER = "dead_letter"
 FAMILIES = [MESSAGE_STREAM, DEAD_LETTER]
+REVOKED = "revoked"  # the orchestrator -> every service: the workflows a person cancelled (kept: compacted, by workflow)
 
 
 def written_by(name: str, writer: str) -> str:
@@ -65,6 +66,13 @@ class Settings:
                    commit_window_s=float(environ.get("COMMIT_WINDOW_MS", "0")) / 1000,
                    sign_in=MappingProxyType({arg: environ[env] for arg, env in SIGN_IN.items()
                                               if environ.get(env)}))
+
+    def kept(self) -> dict[str, str]:
+        """The config of a topic that keeps the last record of each key (a state topic, the revocations), and drops
+        those not written for the state's retention."""
+        retention_ms = int(self.state_retention_s * 1000)
+        return {"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms),
+                "segment.ms": str(min(retention_ms, 24 * 3600 * 1000))}  # (a segment is deleted whole, once all expired)
 
     def kafka_config(self) -> dict[str, Any]:
         """Connection settings for every client: bootstrap address plus any SASL/TLS settings."""

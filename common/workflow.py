@@ -15,6 +15,7 @@ FINISHED = ("workflow_completed", "workflow_failed", "workflow_cancelled")  # th
 OPERATOR = "operator"  # the writer of a person's requests (workflows.py cancel/retry, the console)
 REQUESTS = ("workflow_cancel_requested", "workflow_retry_requested")  # what a person may ask of a workflow
 ANSWERS = ("workflow_cancelled", "workflow_retried", "operator_request_refused")  # the orchestrator's answers
+EXPIRED = "command_expired"  # a service's word: it read a command after its deadline, and did not act on it
 
 
 OUTCOMES = ("done", "failed")  # what a step that follows another waits for: that one done, or failed (a compensation)
@@ -37,6 +38,8 @@ class Step:
     time_limit: float | None = None  # seconds to wait for the report before trying again (--step-timeout)
     after: tuple[str, ...] | str = ()  # the steps it follows (a name, or several); none: it starts with the workflow
     when: str = "done"            # on which outcome of those: "done" or "failed"
+    expires_after: float | None = None  # a step that reports nothing back: how long its command may still be carried
+    # out (a notification of no use an hour later, say); none: whenever its service reads it
 
     def __post_init__(self):
         if isinstance(self.after, str):  # (one name, as a table writes it most often)
@@ -158,8 +161,8 @@ def senders(table: Table, workflows: set[str]) -> dict[str, frozenset]:
         workflow = table[name]
         may_send.setdefault(workflow.source, set()).add(workflow.starts_with)
         for step in workflow.steps:
-            if step.tracked:
-                may_send.setdefault(step.service, set()).update(step.done + step.failed)
+            if step.tracked:  # (and its word that it did not act on a command: its deadline had passed)
+                may_send.setdefault(step.service, set()).update((*step.done, *step.failed, EXPIRED))
     return {written_by(MESSAGE_STREAM, writer): frozenset(types) for writer, types in may_send.items()}
 
 

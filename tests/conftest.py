@@ -74,9 +74,11 @@ def kafka_container():
 
 @pytest.fixture
 def env(kafka, tmp_path):
-    """Environment for scripts run by this test: the session broker, a unique topic prefix, its own report store."""
+    """Environment for scripts run by this test: the session broker, a unique topic prefix, its own report store and
+    zones."""
     return dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka, TOPIC_PREFIX=f"t{uuid.uuid4().hex[:10]}_",
-                REPORT_DB=str(tmp_path / "reports.db"), LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+                REPORT_DB=str(tmp_path / "reports.db"), SECURITY_DB=str(tmp_path / "security.db"), LOG_LEVEL="INFO",
+                PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture

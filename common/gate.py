@@ -1,0 +1,108 @@
+"""What stands between a command and its effect: a service acts on no command whose workflow a person cancelled (the
+orchestrator's revocations, read to their end before each batch is handled) and on none read after its deadline
+(its attempt's time limit: the orchestrator has tried again, or given up, by then). A command so stopped is said in
+the service's log and changes nothing; one past its deadline is also reported to the orchestrator (command_expired,
+to the service's member of message_stream, when it writes there), which keeps it beside its step. A handler raises
+Expired where the deadline passes at the moment of the effect itself (common/effects.py)."""
+
+import logging
+import time
+from datetime import timezone
+
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+from pydantic import ValidationError
+
+from common.messages import Envelope, Output, caused_by
+from common.settings import MESSAGE_STREAM, REVOKED, Settings
+from common.workflow import EXPIRED
+
+log = logging.getLogger("common")
+
+
+class Expired(Exception):
+    """A command's deadline passed before its effect: it is not acted on (the text says when)."""
+
+
+class Revoked(Exception):
+    """A command of a workflow a person cancelled: it is not acted on (the text says who and why)."""
+
+
+class Revocations:
+    """The workflows a person cancelled, as the orchestrator said on the revoked topic: workflow id -> who and why.
+    Read from where the last read ended to the end now (the topic keeps the last record of each workflow)."""
+
+    def __init__(self, settings: Settings):
+        self.settings, self.topic, self.consumer, self.revoked = settings, settings.topic(REVOKED), None, {}
+        self.next: dict[TopicPartition, int] = {}
+
+    def read(self) -> None:
+        """Everything revoked until now; KafkaError if that cannot be read now (then no command may be acted on)."""
+        if self.consumer is None:
+            self.consumer = KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False,
+                                          isolation_level="read_committed")
+        partitions = {TopicPartition(self.topic, p) for p in self.consumer.partitions_for_topic(self.topic) or ()}
+        if not partitions:  # (no cancel yet: the orchestrator makes the topic)
+            return
+        if partitions != self.consumer.assignment():
+            self.consumer.assign(list(partitions))
+            for tp in partitions:
+                self.consumer.seek(tp, self.next.get(tp, 0))
+        end, until = self.consumer.end_offsets(list(partitions), timeout_ms=5000), time.monotonic() + 10
+        while any(self.consumer.position(tp) < end[tp] for tp in partitions):
+            if time.monotonic() > until:
+                raise KafkaError(f"reading {self.topic} made no progress for 10 s")
+            for tp, records in self.consumer.poll(timeout_ms=200).items():
+                self.keep(records)
+                self.next[tp] = records[-1].offset + 1
+
+    def keep(self, records: list) -> None:
+        for record in records:
+            try:
+                said = Envelope.model_validate_json(record.value)
+                self.revoked[said.workflow_id] = f"by {said.payload.get('by')}: {said.payload.get('reason')}"
+            except ValidationError:  # (only the orchestrator may write here; anything else is no revocation)
+                log.warning("%s:%d:%d is not a revocation; ignored", record.topic, record.partition, record.offset)
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+
+
+class Gate:
+    """The checks a service's command passes before its handler acts on it. `reports`: the service writes
+    message_stream, so the orchestrator is told of a command it did not act on in time."""
+
+    def __init__(self, name: str, settings: Settings, reports: bool):
+        self.name, self.reports, self.revocations = name, reports, Revocations(settings)
+
+    def read(self) -> None:
+        self.revocations.read()
+
+    def check(self, command: Envelope, now: float | None = None) -> None:
+        """Revoked if its workflow was cancelled, Expired if its deadline has passed; nothing if it may be acted on."""
+        if (why := self.revocations.revoked.get(command.workflow_id)) is not None:
+            raise Revoked(f"its workflow was cancelled ({why})")
+        refuse_if_expired(command, now)
+
+    def expired(self, command: Envelope, why: Expired) -> list[Output]:
+        """What is said of a command not acted on in time: a line, and the orchestrator told (if it can be)."""
+        log.warning("%s: %s %s not acted on: %s (workflow %s)", self.name, command.type, command.id[:8], why,
+                    command.workflow_id[:8])
+        if not self.reports or command.deadline is None:
+            return []
+        deadline = command.deadline
+        return [(MESSAGE_STREAM, caused_by(command, f"expired-{int(deadline.timestamp() * 1000)}", EXPIRED, {
+            "command": command.type, "deadline": deadline, "service": self.name}, self.name))]
+
+    def close(self) -> None:
+        self.revocations.close()
+
+
+def refuse_if_expired(command: Envelope, now: float | None = None) -> None:
+    """Expired if a command's deadline has passed (a command without one may be acted on at any time)."""
+    if command.deadline is not None and (now or time.time()) > command.deadline.timestamp():
+        late = (now or time.time()) - command.deadline.timestamp()
+        raise Expired(f"its deadline, {command.deadline.astimezone(timezone.utc):%H:%M:%S.%f}"[:-3] +
+                      f" UTC, had passed {late:.1f} s before")

@@ -1,12 +1,16 @@
 """Delivering a handled batch: its outputs and its input offsets, in one Kafka transaction (exactly once) or
 acknowledged first and committed after (at least once). The Delivery owns the producer; when a delivery fails it
-recovers the producer and answers plainly: the batch is committed, or it must be handled again."""
+recovers the producer and answers plainly: the batch is committed, or it must be handled again. A commit whose result
+is not known (it timed out: the broker may have committed it all the same) is found out, never guessed, before
+anything is written again: by the group's committed offsets when the batch consumed records, else by reading one of
+its outputs back once the transaction is settled (a tick's events, a batch of timers alone)."""
 
 import logging
 import time
 from collections.abc import Callable
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
 from kafka.errors import (AuthorizationError, CorruptRecordError, FencedInstanceIdError, InvalidRecordError,
                           InvalidTimestampError, KafkaError, MessageSizeTooLargeError, ProducerFencedError,
                           RecordListTooLargeError)
@@ -56,7 +60,7 @@ class Delivery:
         committed, in order, or None if none could be; whether its own messages went out). A batch Kafka refuses for
         good is split: each record on its own, and one Kafka never takes is dead-lettered."""
         offsets = offsets or {}
-        if self.write(consumer, own + outputs_of(handled), {**offsets, **offsets_of(handled)}):
+        if self.write(consumer, own + outputs_of(handled), {**offsets, **offsets_of(handled)}, offsets_of(handled)):
             return handled, True
         if not self.undeliverable:
             return None, False
@@ -68,33 +72,35 @@ class Delivery:
                       self.trouble)
         done: list[Handled] = []
         for item in handled:
-            if not self.write(consumer, item.outputs, offsets_of([item])):
+            if not self.write(consumer, item.outputs, offsets_of([item]), offsets_of([item])):
                 if not self.undeliverable:
                     break
                 reason = f"its output could not be delivered: {self.trouble}"
                 item = Handled(item.record, [rejected(self.name, item.record, reason, item.span)], span=item.span,
                                counted=("dead", metrics.reason_kind(reason)))
-                if not self.write(consumer, item.outputs, offsets_of([item])):
+                if not self.write(consumer, item.outputs, offsets_of([item]), offsets_of([item])):
                     break
             done.append(item)
         return done, sent
 
-    def write(self, consumer: KafkaConsumer, outputs: list[Serialised], offsets: dict) -> bool:
-        """Produce `outputs` and commit `offsets`; True if committed, False if they must be handled again."""
+    def write(self, consumer: KafkaConsumer, outputs: list[Serialised], offsets: dict, consumed: dict | None = None) -> bool:
+        """Produce `outputs` and commit `offsets` (`consumed`: those of records handled in the batch, which advance
+        the group's; by default all of them); True if committed, False if they must be handled again."""
         self.undeliverable = False
         if not outputs and not offsets:
             return True
+        sent: list = []  # (the outputs' futures: what Kafka acknowledged of them, should the commit be unclear)
         try:
             producer = self._ready()
             if self.transactional:
-                in_one_transaction(producer, consumer, outputs, offsets, self.settings)
+                in_one_transaction(producer, consumer, outputs, offsets, self.settings, sent)
             else:
                 acknowledged_then_committed(producer, consumer, outputs, offsets, self.settings, self.stop)
             return True
         except FencedInstanceIdError:
             raise
         except KafkaError as error:  # includes a transaction the broker aborted (timed out) and a stuck step
-            return self._recover(error, consumer, offsets)
+            return self._recover(error, consumer, offsets if consumed is None else consumed, sent)
 
     def close(self) -> None:
         if self.producer is not None:
@@ -106,8 +112,9 @@ class Delivery:
             self.producer = starting(PRODUCER_START_S) if starting else self.new_producer()
         return self.producer
 
-    def _recover(self, error: KafkaError, consumer: KafkaConsumer, offsets: dict) -> bool:
-        """After a failed delivery: a usable producer again, and whether the batch was committed after all."""
+    def _recover(self, error: KafkaError, consumer: KafkaConsumer, consumed: dict, sent: list) -> bool:
+        """After a failed delivery: a usable producer again, and whether the batch was committed after all (asked
+        once the failed transaction is settled: the new producer's start has finished or aborted it)."""
         cause = underlying(error, self.producer)
         self.undeliverable, self.trouble = isinstance(cause, UNDELIVERABLE), f"{type(cause).__name__}: {cause}"
         if isinstance(cause, AuthorizationError):  # e.g. writing a topic this user does not own
@@ -119,10 +126,27 @@ class Delivery:
             self.producer = self._settle()
             if self.producer is None:  # stopped meanwhile: the batch waits in Kafka for the next start
                 return False
-        if self.transactional and offsets and committed_after_all(consumer, offsets):
+        if self.transactional and self.committed(consumer, consumed, sent):
             log.info("%s: a batch whose commit seemed to fail (%s) had been committed; going on", self.name, error)
             return True
         log.info("%s: could not deliver a batch (%s); it will be handled again", self.name, error)
+        return False
+
+    def committed(self, consumer: KafkaConsumer, consumed: dict, sent: list) -> bool:
+        """Whether a settled transaction committed: the group's offsets say so where it consumed records; else one
+        of its outputs read back (none acknowledged, or one refused: it cannot have committed)."""
+        if consumed:
+            return committed_after_all(consumer, consumed)
+        acknowledged = [future.value for future in sent if future.is_done and future.succeeded()]
+        if not acknowledged or len(acknowledged) < len(sent):
+            return False
+        while not self.stop:  # (found out, never guessed: nothing is written again until it is known)
+            known = read_back(self.settings, acknowledged[0], self.stop)
+            if known is not None:
+                return known
+            log.warning("%s: it is not known yet whether a batch of its own messages was committed (%s:%d:%d); "
+                        "finding out before anything is written again", self.name, acknowledged[0].topic,
+                        acknowledged[0].partition, acknowledged[0].offset)
         return False
 
     def _fenced(self, cause: ProducerFencedError) -> None:
@@ -162,10 +186,12 @@ class Delivery:
 
 
 def in_one_transaction(producer: KafkaProducer, consumer: KafkaConsumer, outputs: list[Serialised], offsets: dict,
-                       settings: Settings) -> None:
-    """Exactly once: the outputs and the consumed offsets commit together, or neither does."""
+                       settings: Settings, sent: list | None = None) -> None:
+    """Exactly once: the outputs and the consumed offsets commit together, or neither does. `sent`: the outputs'
+    futures are added to it as they are sent."""
     producer.begin_transaction()
-    futures = [send(producer, *out[:3], settings, *out[3:]) for out in outputs]  # (partition, headers)
+    futures = sent if sent is not None else []
+    futures += [send(producer, *out[:3], settings, *out[3:]) for out in outputs]  # (partition, headers)
     for future in futures:  # kafka-python fails a record refused before it was batched (say, an unknown topic) only
         if future.is_done and future.failed():  # in its future: the transaction would commit without it
             raise future.exception
@@ -180,6 +206,29 @@ def acknowledged_then_committed(producer: KafkaProducer, consumer: KafkaConsumer
     wait_for_acks(producer, [send(producer, *out[:3], settings, *out[3:]) for out in outputs], "batch", stop)
     if offsets:
         consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
+
+
+def read_back(settings: Settings, written, stop, wait_s: float = 30.0) -> bool | None:
+    """Whether the record Kafka acknowledged at `written` (its topic, partition and offset) was committed: a
+    read_committed read returns it, or passes over it (aborted); None if that is not known within `wait_s` (another
+    transaction holds the partition's stable end back, or the broker is away) or once stopped."""
+    reader = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
+    tp = TopicPartition(written.topic, written.partition)
+    try:
+        reader.assign([tp])
+        reader.seek(tp, written.offset)
+        until = time.monotonic() + wait_s
+        while not stop and time.monotonic() < until:
+            records = reader.poll(timeout_ms=500).get(tp)
+            if records:
+                return records[0].offset == written.offset
+            if reader.position(tp) > written.offset:
+                return False
+        return None
+    except KafkaError:  # (the broker away: asked again)
+        return None
+    finally:
+        reader.close(autocommit=False)
 
 
 def committed_after_all(consumer: KafkaConsumer, offsets: dict) -> bool:

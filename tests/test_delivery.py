@@ -3,6 +3,7 @@ kafka-python does (a failed commit, a stuck transaction step, fencing, a refusal
 The same recoveries against a real broker: test_reliability.py, test_scale_out.py and test_cluster.py."""
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 from kafka.errors import (
@@ -17,6 +18,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+import common.delivery
 import common.workarounds
 from common.delivery import Delivery
 from common.messages import new_event
@@ -28,14 +30,17 @@ OFFSETS = {PARTITION: OffsetAndMetadata(10, "", -1)}
 
 
 class Done:
-    """A send's future, already settled: acknowledged, or failed with `exception`."""
+    """A send's future, already settled: acknowledged (at `value`: topic, partition, offset), or failed."""
     is_done = True
 
-    def __init__(self, exception: Exception | None = None):
-        self.exception = exception
+    def __init__(self, exception: Exception | None = None, value=None):
+        self.exception, self.value = exception, value
 
     def failed(self) -> bool:
         return self.exception is not None
+
+    def succeeded(self) -> bool:
+        return self.exception is None
 
     def get(self, timeout=None):
         if self.exception:
@@ -64,7 +69,7 @@ class FakeProducer:
 
     def send(self, topic, value=None, key=None, partition=None, headers=None):
         self.sent.append(topic)
-        return Done(self.fail.pop("send", None))
+        return Done(self.fail.pop("send", None), SimpleNamespace(topic=topic, partition=0, offset=len(self.sent) - 1))
 
     def send_offsets_to_transaction(self, offsets, group_metadata):
         self._step("send_offsets")
@@ -160,6 +165,35 @@ def test_a_stuck_commit_that_did_not_go_through_is_handled_again(monkeypatch):
     assert d.write(consumer, outputs(), OFFSETS) is False
     stuck.released.set()
     assert len(made) == 2 and ("committed", 6000) in consumer.timeouts  # the look-up is bounded too
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_stuck_commit_of_a_batch_that_consumed_nothing_is_found_out_by_reading_an_output_back(monkeypatch, committed):
+    # Given a tick's events (no record consumed: no committed offset can tell), whose commit step never returns
+    monkeypatch.setattr(common.workarounds, "TRANSACTION_STEP_TIMEOUT_S", 0.2)
+    asked = []
+    monkeypatch.setattr(common.delivery, "read_back", lambda settings, written, stop: asked.append(written) or committed)
+    stuck = FakeProducer(fail={"commit": "block"})
+    d, made = delivery(stuck, FakeProducer())
+    # When they are delivered
+    result = d.write(FakeConsumer(committed=10), outputs(), {}, {})
+    stuck.released.set()
+    # Then whether they committed is read back from the first of them, once a new producer settled the transaction:
+    # written again only if they did not (a tick's events were written twice after an unclear commit)
+    assert result is committed and len(made) == 2 and [(w.topic, w.offset) for w in asked] == [("sec_command", 0)]
+
+
+def test_a_batch_of_timers_alone_is_not_taken_for_committed_by_its_fencing_offsets(monkeypatch):
+    # Given timers' messages whose offsets only fence them (the group's position, committed before), a stuck commit
+    monkeypatch.setattr(common.workarounds, "TRANSACTION_STEP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(common.delivery, "read_back", lambda settings, written, stop: False)
+    stuck = FakeProducer(fail={"commit": "block"})
+    d, _ = delivery(stuck, FakeProducer())
+    # When they are delivered: the committed offsets cover those offsets, as they did before the batch
+    result = d.write(FakeConsumer(committed=10), outputs(), OFFSETS, {})
+    stuck.released.set()
+    # Then that is no sign the batch committed: its output read back says it did not, so it is written again
+    assert result is False
 
 
 def test_fenced_once_takes_a_new_producer_and_fenced_again_soon_means_another_copy_runs():

@@ -1,18 +1,27 @@
 """Delivery guarantees against a real broker: crashes, a broker outage, replay (a store that fails: test_hardening.py)."""
 
+import json
+import os
 import random
 import re
 import signal
 import time
+from collections import Counter
 
 import pytest
 
-from helpers import (NO_RESENDS, detections, exactly_one_each, report_summary, unit_event, wait_completed,
+from helpers import (NO_RESENDS, detection, detections, exactly_one_each, report_summary, unit_event, wait_completed,
                      wait_for_reports)
+from kafka import KafkaAdminClient
 
+import common.workarounds
 import local_kafka
-from common import MESSAGE_STREAM
+from common import MESSAGE_STREAM, Settings, Stopper, ensure_topics, make_producer, new_event, read_all, written_by
+from common.delivery import Delivery
+from common.handling import serialised
+from common import topics as topics_of
 from contracts import NOTIFICATION_COMMAND, SEC_COMMAND, THIRD_PARTY
+from orchestrator import WORKFLOWS
 
 SERVICES = ("security_service.py", "notification_service.py", "reporting_service.py")
 
@@ -123,3 +132,86 @@ def test_a_fixed_and_replayed_dead_letter_has_its_effect_once(scripts, topics, p
     scripts.wait_for_output(reporting, "already stored; ignoring the redelivery")
     # Then it had no second effect: one report
     assert report_summary(scripts)["workflows"] == {"unit": 1}
+
+
+def test_a_broker_stalled_during_commits_doubles_no_record_on_any_topic(tmp_path, env, scripts, topics):
+    # Given Example 3 on a broker of this test's own: events of both workflows streaming in, each a transaction of
+    # its own at the unit producer (its ticks consume nothing: no committed offset can tell whether one committed)
+    port = local_kafka.free_port()
+    broker, _ = local_kafka.start(port, tmp_path / "kafka")
+    env["KAFKA_BOOTSTRAP_SERVERS"] = broker.address
+    pid = local_kafka.status(tmp_path / "kafka").nodes[0].pid
+    try:
+        for name in SERVICES:
+            scripts.start(name, *(("--example", "3") if name == "reporting_service.py" else ()))
+        scripts.start("orchestrator.py", "--example", "3", *NO_RESENDS)
+        scripts.start("unit_event_producer.py", "--count", "60", "--rate", "4", "--seed", "3")
+        scripts.start("security_detector.py", "--count", "60", "--rate", "4", "--seed", "3")
+        stream = topics(MESSAGE_STREAM)
+        stream.read_count(8, timeout=120, type_="workflow_completed")
+        # When the broker freezes (SIGSTOP) for longer than a transaction step may take, three times, mid-commit
+        for _ in range(3):
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(8)  # (the fault itself: how long the broker is frozen)
+            os.kill(pid, signal.SIGCONT)
+            stream.read_count(len(stream.messages()) + 1, timeout=120)  # (it goes on before the next freeze)
+        # Then every workflow completes
+        stream.read_count(120, timeout=240, type_="workflow_completed")
+        # And on every topic every id is there once: no event, command, outcome or end written twice
+        everything = topics_of_the_test(env)
+        counted = Counter((record.topic.removeprefix(env["TOPIC_PREFIX"]), message_id(record)) for record in everything)
+        doubled = {key: n for key, n in counted.items() if n > 1}
+        assert not doubled, f"written twice: {sorted(doubled)[:10]}"
+        per_topic = Counter(topic for topic, _ in counted)
+        assert per_topic["message_stream.unit_event_producer"] == 60 + 60  # (its events, and each command applied)
+        assert per_topic[SEC_COMMAND] == 60 and per_topic[NOTIFICATION_COMMAND] == 60
+        print(f"broker stalled 3 x 8 s during commits: records {sum(per_topic.values())} on {len(per_topic)} topics, "
+              f"none twice; workflows completed 120")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        scripts.stop_all()
+        local_kafka.stop(tmp_path / "kafka")
+
+
+def topics_of_the_test(env) -> list:
+    """Every record on this test's topics (not its state topics), read_committed, from the beginning."""
+    settings = Settings.from_env(env)
+    return [record for record in read_all([*topics_of(WORKFLOWS)], timeout=60, settings=settings)]
+
+
+def message_id(record) -> str:
+    try:
+        return json.loads(record.value)["id"]
+    except (ValueError, KeyError, TypeError):
+        return f"(not an envelope at offset {record.offset})"
+
+
+def test_a_commit_that_answered_too_late_after_it_committed_is_found_committed_and_not_written_again(env, monkeypatch):
+    # Given a service's own events in a transaction (a tick: no record consumed, so no committed offset can tell)
+    # whose commit goes through at the broker but answers later than a transaction step may take (a stalled broker)
+    monkeypatch.setattr(common.workarounds, "TRANSACTION_STEP_TIMEOUT_S", 1.0)
+    settings = Settings.from_env(env)
+    member = written_by(MESSAGE_STREAM, "ticking")
+    admin = KafkaAdminClient(**settings.kafka_config())
+    ensure_topics(admin, settings, [member])
+    admin.close()
+    made = []
+
+    def new_producer(transactional_id, settings):
+        producer = make_producer(transactional_id=transactional_id, settings=settings)
+        if not made:  # (the first commits, then answers 3 s late; the next ones are as they should be)
+            committing = producer.commit_transaction
+            producer.commit_transaction = lambda: (committing(), time.sleep(3))
+        made.append(producer)
+        return producer
+    delivery = Delivery("ticking", Stopper(), settings.transactional_id("ticking"), settings, new_producer=new_producer)
+    events = [new_event("security_detection", detection().payload, "ticking") for _ in range(3)]
+    try:
+        # When they are delivered
+        done = delivery.write(None, [serialised(member, event, b"k") for event in events], {})
+        # Then the delivery found out that they were committed, so nothing is written again: each is there once
+        assert done is True and len(made) == 2
+        written = Counter(message_id(record) for record in read_all(member, settings=settings))
+        assert written == Counter(event.id for event in events)
+    finally:
+        delivery.close()

@@ -167,7 +167,8 @@ class Watch:
 def waiting_row(workflow_id: str, kind: str, started: float | None = None) -> dict:
     """A workflow the topics show but no orchestrator has routed yet, in workflows.py list --json's shape."""
     return {"workflow_id": workflow_id, "type": kind, "state": "waiting", "retries": 0, "stage": None,
-            "started_at": None if started is None else workflows.stamp(started), "finished_at": None, "steps": []}
+            "started_at": None if started is None else workflows.stamp(started), "finished_at": None, "steps": [],
+            "retry_refused": None}
 
 
 def note(message) -> str:

@@ -165,17 +165,19 @@ class Flow:
             self.skew += 1
             self.skewed.add(message.workflow_id)
         if message.type == "workflow_retried" and message.workflow_id in self.kind:  # (its step runs again)
-            self.rerun(message.workflow_id, str(message.payload.get("step", "")))
+            self.rerun(message.workflow_id, str(message.payload.get("step", "")), written if at is None else at)
         self.times[message.workflow_id].setdefault(message.type, written if at is None else at)
         if len(self.times) > self.next_fold:
             self.fold()
             self.next_fold = len(self.times) + self.window // 5  # (a scan every window/5 adds at most)
 
-    def rerun(self, workflow: str, name: str) -> None:
+    def rerun(self, workflow: str, name: str, retried_at: float) -> None:
         """A failed workflow a person retried: the step tried again is to report again, and the workflow to end
-        again (the rest stays as it was)."""
+        again (the rest stays as it was). What the topics said of them after the retry stands: the monitor reads the
+        topics side by side, so the new outcome may be read before the retry's answer."""
         again = {t for step in WORKFLOWS[self.kind[workflow]].steps if step.name == name for t in step.done + step.failed}
-        self.times[workflow] = {t: at for t, at in self.times[workflow].items() if t not in again | {*FINISHED}}
+        self.times[workflow] = {t: at for t, at in self.times[workflow].items()
+                                if t not in again | {*FINISHED} or at >= retried_at}
 
     def fold(self) -> None:
         """Fold the oldest finished workflows into the counts until the window holds `window`; past twice that,

@@ -30,8 +30,8 @@ from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from common import (MESSAGE_STREAM, OPERATOR, SETTINGS, STATES, WORKFLOW, Settings, Stopper, about, derived_id,
-                    is_workflow, latest_entries, make_producer, orchestrator_groups, refused, setup_logging,
-                    wait_for_kafka, written_by)
+                    is_workflow, latest_entries, make_producer, not_retriable, orchestrator_groups, refused,
+                    setup_logging, wait_for_kafka, written_by)
 from orchestrator import WORKFLOWS
 
 log = logging.getLogger("workflows")
@@ -153,15 +153,26 @@ def operator_settings(settings: Settings = SETTINGS) -> Settings:
 
 
 def summary(workflow: dict) -> dict:
-    """One workflow as show --json prints it: its steps in the order they were sent, each with what it follows."""
+    """One workflow as show --json prints it: its steps in the order they were sent, each with what it follows and
+    the answers that came too late to change it (an outcome after its time limit; a service's word that it did not
+    act on a command read after its deadline); and why it cannot be retried now, if it cannot."""
     defined = {step.name: step for step in WORKFLOWS[workflow["type"]].steps}
     return {"workflow_id": workflow["workflow_id"], "type": workflow["type"], "state": workflow["state"],
             "retries": workflow.get("retries", 0), "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
-            "finished_at": stamp(workflow["finished_at"]),
+            "finished_at": stamp(workflow["finished_at"]), "retry_refused": not_retriable(workflow, defined),
             "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
                        "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
-                       "deadline": stamp(step["deadline"]), "follows": follows(defined.get(name))}
+                       "deadline": stamp(step["deadline"]), "follows": follows(defined.get(name)),
+                       "late": [{"type": type_, "at": stamp(at), "meaning": meaning(type_, defined.get(name))}
+                                for type_, at in step.get("late", ())]}
                       for name, step in workflow["steps"].items()]}
+
+
+def meaning(type_: str, step) -> str:
+    """What an answer that came late says of its step's action."""
+    if type_ == "command_expired":
+        return "not acted on: its service read it after its deadline"
+    return "done after all" if step is not None and type_ in step.done else "answered late"
 
 
 def follows(step) -> str:
@@ -199,6 +210,10 @@ def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
         print(f"  {step['name']:<11} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}  "
               f"answered {clock(step['finished_at'] if step['state'] != 'sent' else None)}  deadline "
               f"{clock(step['deadline'])}" + (f"  (after {step['follows']})" if step["follows"] else ""))
+        for late in step["late"]:
+            print(f"  {'':<11} then, at {clock(late['at'])}: {late['type']} ({late['meaning']})")
+    if workflow["state"] == "failed" and workflow["retry_refused"]:
+        print(f"  not to be retried: {workflow['retry_refused']}")
     if not workflow["steps"]:
         print("  (no step: nothing was sent)")
     return 0

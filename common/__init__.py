@@ -42,6 +42,7 @@ from common.gate import Expired, Gate, Revocations
 from common.handling import Handler, Unavailable, handle_batch, handle_record
 from common.messages import (MAX_MESSAGE_BYTES, SCHEMAS, DeadLetter, DeadLetterPayload, Envelope, Output, Schema,
                              UnknownType, about, caused_by, contract, dead_letter, derived_id, expect, new_event, parse)
+from common.operating import not_retriable
 from common.orchestration import STATES, WORKFLOW, Limits, Orchestration, is_workflow
 from common.orchestrator_cli import run_orchestrator
 from common.producing import Pacer, run_producer
@@ -62,7 +63,8 @@ __all__ = ["Effects", "Expired", "Gate", "Revocations", "Latest", "Record", "cha
            "wait_for_kafka", "Handler", "Unavailable", "handle_batch", "handle_record", "MAX_MESSAGE_BYTES",
            "SCHEMAS", "DeadLetter", "DeadLetterPayload", "Envelope", "Output", "Schema", "UnknownType", "about",
            "caused_by", "contract", "derived_id", "dead_letter", "expect",
-           "new_event", "parse", "STATES", "WORKFLOW", "Limits", "Orchestration", "is_workflow", "run_orchestrator",
+           "new_event", "parse", "not_retriable", "STATES", "WORKFLOW", "Limits", "Orchestration", "is_workflow",
+           "run_orchestrator",
            "Pacer", "run_producer", "Service", "run_service", "serve", "DEAD_LETTER", "FAMILIES",
            "MESSAGE_STREAM", "REVOKED", "SETTINGS", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
            "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "first_steps", "group_for",

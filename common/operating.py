@@ -35,16 +35,21 @@ def refusal(event: Envelope, workflow: dict | None, definitions: dict[str, Step]
     """Why a request cannot be granted, or None (`definitions`: the workflow's steps by name)."""
     if workflow is None:
         return "no such workflow here (never started, expired, or its state removed)"
-    state = workflow["state"]
-    if event.type == "workflow_cancel_requested" and state != "running":
-        return f"the workflow has already {state}: only a running one can be cancelled"
-    if event.type == "workflow_retry_requested" and state != "failed":
-        return f"the workflow is {state}: only a failed one can be retried"
-    if event.type == "workflow_retry_requested" and not retriable(workflow):
+    if event.type == "workflow_cancel_requested" and workflow["state"] != "running":
+        return f"the workflow has already {workflow['state']}: only a running one can be cancelled"
+    if event.type == "workflow_retry_requested":
+        return not_retriable(workflow, definitions)
+    return None
+
+
+def not_retriable(workflow: dict, definitions: dict[str, Step]) -> str | None:
+    """Why a workflow cannot be retried now (a console greys its button with it), or None."""
+    if workflow["state"] != "failed":
+        return f"the workflow is {workflow['state']}: only a failed one can be retried"
+    if not (name := retriable(workflow)):
         return "none of its steps failed or ran out of attempts"
-    if event.type == "workflow_retry_requested" and (at := done_late(workflow["steps"][retriable(workflow)],
-                                                                     definitions.get(retriable(workflow)))):
-        return (f"step {retriable(workflow)} was done after all: its outcome came late, at "
+    if at := done_late(workflow["steps"][name], definitions.get(name)):
+        return (f"step {name} was done after all: its outcome came late, at "
                 f"{datetime.fromtimestamp(at, timezone.utc):%H:%M:%S} UTC; nothing to retry")
     return None
 

@@ -60,6 +60,24 @@ def test_a_workflow_is_running_then_stuck_naming_the_missing_step_then_completed
 
 
 @pytest.mark.no_broker
+def test_a_retried_workflow_completes_even_when_its_new_outcome_is_read_before_the_retrys_answer():
+    # Given a failed workflow, retried; the monitor reads the topics side by side, so the retried step's outcome and
+    # the workflow's end are read before the orchestrator's answer to the retry (an earlier record time)
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
+                   (SEC_COMMAND, envelope("security_command", "w1", 9, ".security")),
+                   (THIRD_PARTY, envelope("notification_delivered", "w1", 9, ".delivered")),
+                   (MESSAGE_STREAM, envelope("step_timed_out", "w1", 8, ".timeout-1")),
+                   (MESSAGE_STREAM, envelope("workflow_failed", "w1", 8, ".failed")),
+                   (SEC_COMMAND, envelope("security_command", "w1", 2, ".acted.retry-1")),
+                   (MESSAGE_STREAM, envelope("security_action_completed", "w1", 1, ".retry-1.done")),
+                   (MESSAGE_STREAM, envelope("workflow_completed", "w1", 1, ".completed")))
+    flow.add(MESSAGE_STREAM, envelope("workflow_retried", "w1", 2, ".retry").model_copy(
+        update={"payload": {"step": "acted"}}))
+    # Then it is completed, as the orchestrator says, and not stuck waiting for an outcome already read
+    assert flow.state("w1", time.time()) == "completed"
+
+
+@pytest.mark.no_broker
 def test_a_writers_clock_is_not_trusted_for_latency_and_a_skewed_workflow_is_left_out_of_the_percentiles():
     # Given a workflow whose writer's clock is decades off, read with Kafka's record times 1.5 s apart
     flow = Flow(settings=Settings())

@@ -56,7 +56,8 @@ function stepsOf(row) {
   if (row.state === "waiting") {
     return `<small>${row.stuck ? escape(row.monitor) + ": " : ""}its event waits in Kafka until an orchestrator routes it</small>`;
   }
-  return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}</span>
+  return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}${
+    s.late.length ? " · " + escape(s.late.at(-1).meaning) : ""}</span>
     <small>×${escape(s.attempts)} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
 }
 
@@ -78,7 +79,8 @@ async function showWorkflow(id) {
   const w = await api("/api/workflows/" + encodeURIComponent(id));
   const off = config.actions_off;
   const cancelWhy = off || (w.state !== "running" ? `only a running workflow can be cancelled (this one is ${w.state})` : "");
-  const retryWhy = off || (w.state !== "failed" ? `only a failed workflow can be retried (this one is ${w.state})` : "");
+  const retryWhy = off || (w.state !== "failed" ? `only a failed workflow can be retried (this one is ${w.state})` :
+    w.retry_refused || "");
   $("#view").innerHTML = `<h2>${escape(w.type)} workflow <span class="id">${escape(w.workflow_id)}</span>
       <span class="state ${escape(w.state)}" id="state">${escape(w.state)}</span></h2>
     <p>${w.state === "waiting" ? "its event waits in Kafka: the orchestrator has not routed it (yet)" :
@@ -91,7 +93,8 @@ async function showWorkflow(id) {
     <h3>Steps, in the order they were sent</h3><table id="steps"><thead><tr><th>step</th><th>follows</th><th>state</th><th>attempts</th><th>sent</th>
       <th>answered</th><th>deadline</th></tr></thead>
     <tbody>${w.steps.map((s) => `<tr><td>${escape(s.name)}</td><td>${escape(s.follows || "the start")}</td>
-      <td class="${escape(s.state)}">${escape(s.state)}</td><td>${escape(s.attempts)}</td>
+      <td class="${escape(s.state)}">${escape(s.state)}${s.late.map((l) => `<br><small class="late">then ${clock(l.at)}:
+        ${escape(l.type)} (${escape(l.meaning)})</small>`).join("")}</td><td>${escape(s.attempts)}</td>
       <td>${clock(s.sent_at)}</td><td>${s.state === "sent" ? "–" : clock(s.finished_at)}</td><td>${clock(s.deadline)}</td></tr>`).join("")}</tbody></table>
     <h3>Its messages, in the order Kafka got them</h3>
     <table id="messages"><thead><tr><th>time</th><th>topic</th><th>type</th><th>from</th><th>what it says</th></tr></thead>
@@ -124,7 +127,8 @@ async function act(id, kind) {
   busy = true;
   try {
     const asked = await ask(`${kind === "cancel" ? "Cancel" : "Retry"} workflow ${id.slice(0, 8)}?`, kind === "cancel" ?
-      "It ends cancelled: its pending steps are no longer awaited, and nothing is tried again." :
+      "It ends cancelled: its pending steps are no longer awaited, nothing is tried again, and no service acts on " +
+      "its commands after this." :
       "Its failed step's command is sent again under a new id, and the workflow runs again.");
     if (!asked) return;
     answer(id, "asking the orchestrator…", false);

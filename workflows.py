@@ -162,7 +162,7 @@ def summary(workflow: dict) -> dict:
             "finished_at": stamp(workflow["finished_at"]), "retry_refused": not_retriable(workflow, defined),
             "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
                        "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
-                       "deadline": stamp(step["deadline"]), "follows": follows(defined.get(name)),
+                       "deadline": stamp(step["deadline"]), "follows": step.get("after") or follows(defined.get(name)),
                        "late": [{"type": type_, "at": stamp(at), "meaning": meaning(type_, defined.get(name))}
                                 for type_, at in step.get("late", ())]}
                       for name, step in workflow["steps"].items()]}

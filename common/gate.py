@@ -104,5 +104,5 @@ def refuse_if_expired(command: Envelope, now: float | None = None) -> None:
     """Expired if a command's deadline has passed (a command without one may be acted on at any time)."""
     if command.deadline is not None and (now or time.time()) > command.deadline.timestamp():
         late = (now or time.time()) - command.deadline.timestamp()
-        raise Expired(f"its deadline, {command.deadline.astimezone(timezone.utc):%H:%M:%S.%f}"[:-3] +
-                      f" UTC, had passed {late:.1f} s before")
+        raise Expired(f"read {late:.1f} s after its deadline ({command.deadline.astimezone(timezone.utc):%H:%M:%S.%f}"[:-3]
+                      + " UTC)")

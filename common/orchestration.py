@@ -77,9 +77,9 @@ class Orchestration:
             if operating.owner(event, workflow) not in self.owned:
                 return None  # (another orchestrator's workflow: it answers)
             outputs = self.requested(event, workflow, now)
-        elif why := self.late(event, workflow):  # (kept beside its step, but nothing follows)
+        elif why := self.late(event, workflow):  # (kept beside its step, but nothing follows: said here)
             self.say_late(event, workflow, why, now)
-            outputs = []
+            outputs = None
         else:
             workflow, outputs = self.routed(event, state, workflow, now)
         # (a workflow's entry keeps the ids of its events; an event of no workflow, say an outcome after its

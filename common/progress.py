@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
-from common.workflow import Step, Workflow, pending, step_sent
+from common.workflow import OUTCOMES, Step, Workflow, pending, step_sent
 
 ATTEMPTS = 3  # tries of a step that reports back, before a person is asked to take over (--attempts)
 ENDED_WELL = ("done", "sent", "removed")  # a step's states that leave its workflow completed
@@ -96,6 +96,8 @@ def record(workflow: dict, definition: Workflow, reported_: Reported, event: Env
                               if step.expires_after else None)
             steps.pop(step.name, None)  # (a step run again once its earlier run is over: it goes last, in order sent)
             steps[step.name] = pending(now, limit, topic, command.model_dump(mode="json"), step.tracked)
+            if reported_[1] in OUTCOMES:  # (what it was sent after, as it happened)
+                steps[step.name]["after"] = f"{reported_[0]} {reported_[1]}"
             added.append(step.name)
         out.append((topic, command, *key))  # (as route() gave it: a pair keeps the input's key)
     return out, added

@@ -84,8 +84,9 @@ def test_a_step_without_answer_is_sent_attempts_times_then_escalated_and_the_wor
 
 def test_a_service_started_before_the_attempts_run_out_acts_once_and_the_workflow_completes(scripts, topics,
                                                                                             producer):
-    # Given a detection whose security action got no answer in time (the service is not running)
-    scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "2", "--attempts", "6")
+    # Given a detection whose security action got no answer in time (the service is not running); tries enough that
+    # no loaded machine can start the service after the last
+    scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "4", "--attempts", "15")
     stream, event = topics(MESSAGE_STREAM), detection()
     producer(MESSAGE_STREAM, event, key=b"sensor-1")
     stream.read_until(lambda ms: "step_timed_out" in {m.type for m in ms})
@@ -124,11 +125,12 @@ def test_killing_the_orchestrator_around_deadlines_fires_every_timeout_exactly_o
 
 
 def test_a_surviving_orchestrator_restores_a_killed_ones_partitions_and_fires_their_timers(env, scripts, topics):
-    # Given two orchestrators sharing two partitions, with a 6 s limit and one try
+    # Given two orchestrators sharing two partitions, with one try each and a limit no loaded machine crosses before
+    # the test kills one
     env["TOPIC_PARTITIONS"] = "2"
-    dying = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "6", "--attempts", "1")
+    dying = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "25", "--attempts", "1")
     scripts.wait_for_output(dying, "read back")
-    survivor = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "6", "--attempts", "1",
+    survivor = scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "25", "--attempts", "1",
                              INSTANCE_ID="2")
     scripts.wait_for_output(survivor, "read back")
     # When 20 detections are routed, and one orchestrator is killed before any limit passes

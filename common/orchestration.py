@@ -261,7 +261,8 @@ def is_step(step) -> bool:
     return isinstance(step, dict) and isinstance(step.get("state"), str) and isinstance(step.get("attempts"), int) \
         and isinstance(step.get("sent_at"), int | float) and isinstance(step.get("finished_at"), int | float | None) \
         and isinstance(step.get("deadline"), int | float | None) and isinstance(step.get("topic"), str) \
-        and isinstance(step.get("command"), dict)
+        and isinstance(step.get("command"), dict) and isinstance(step.get("late", []), list) \
+        and isinstance(step.get("earlier", []), list)
 
 
 def process_age() -> float:

@@ -92,8 +92,7 @@ def record(workflow: dict, definition: Workflow, reported_: Reported, event: Env
             if step is None or step.topic != topic or steps.get(step.name, {}).get("state") == "pending":
                 raise DeadLetter(undeclared(workflow, reported_, event, topic, command.type, step))
             limit = limits.of(step)
-            command = stamped(command, now + limit if limit and step.tracked else now + step.expires_after
-                              if step.expires_after else None)
+            command = stamped(command, deadline_of(step, limit, now))
             steps.pop(step.name, None)  # (a step run again once its earlier run is over: it goes last, in order sent)
             steps[step.name] = pending(now, limit, topic, command.model_dump(mode="json"), step.tracked)
             if reported_[1] in OUTCOMES:  # (what it was sent after, as it happened)
@@ -101,6 +100,14 @@ def record(workflow: dict, definition: Workflow, reported_: Reported, event: Env
             added.append(step.name)
         out.append((topic, command, *key))  # (as route() gave it: a pair keeps the input's key)
     return out, added
+
+
+def deadline_of(step: Step, limit: float | None, now: float) -> float | None:
+    """Until when a step's command sent now may be carried out: its first attempt's time limit if it reports back,
+    else the step's own expires_after; None: at any time."""
+    if step.tracked and limit:
+        return now + limit
+    return now + step.expires_after if step.expires_after else None
 
 
 def stamped(command: Envelope, deadline: float | None) -> Envelope:

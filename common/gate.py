@@ -41,7 +41,8 @@ class Revocations:
         """Everything revoked until now; KafkaError if that cannot be read now (then no command may be acted on)."""
         if self.consumer is None:
             self.consumer = KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False,
-                                          isolation_level="read_committed")
+                                          isolation_level="read_committed",
+                                          allow_auto_create_topics=False)  # (the orchestrator makes it, compacted)
         partitions = {TopicPartition(self.topic, p) for p in self.consumer.partitions_for_topic(self.topic) or ()}
         if not partitions:  # (no cancel yet: the orchestrator makes the topic)
             return

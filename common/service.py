@@ -15,7 +15,7 @@ from common.clients import refused, wait_for_kafka
 from common.handling import Handler
 from common.loop import Loop
 from common.messages import Output
-from common.settings import DEAD_LETTER, SETTINGS, Settings, written_by
+from common.settings import DEAD_LETTER, REVOKED, SETTINGS, Settings, written_by
 from common.state import State, Store
 from common.waiting import Stopper
 
@@ -62,7 +62,8 @@ def serve(service: Service, settings: Settings = SETTINGS) -> None:
     own = [written_by(topic, service.name) for topic in (*service.writes, DEAD_LETTER)]
     store = Store(group, settings, durable=service.exactly_once, dedupe=service.dedupe, stop=stop) \
         if service.dedupe or service.keeps_state else None
-    if not prepare(stop, service, settings, [*service.inputs, *own], store):
+    revoked = [REVOKED] if service.gated else []  # (read before each batch: made now, so it is never looked for)
+    if not prepare(stop, service, settings, [*service.inputs, *own, *revoked], store):
         return
     loop = Loop(service, stop, settings, store, writes=[*own, *service.writes])
     fenced = False

@@ -3,6 +3,7 @@ Imported by conftest.py (the fixtures) and by the test files; no test file impor
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -174,6 +175,15 @@ def wait_for_reports(scripts: Scripts, count: int, workflow: str | None = None, 
             return summary
         if time.monotonic() > deadline:
             pytest.fail(f"the report store holds {stored} {workflow or ''} reports, not {count}: {summary}")
+
+
+def actions(scripts: Scripts) -> int:
+    """How many security actions the zones have had applied (the security service's SQLite file, SECURITY_DB)."""
+    path = scripts.env["SECURITY_DB"]
+    if not Path(path).exists():
+        return 0
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT COUNT(*) FROM applied").fetchone()[0]
 
 
 def ids_of(messages, type_):

@@ -5,22 +5,11 @@ test_operator.py; a broker stalled during commits: test_reliability.py.)"""
 
 import json
 import signal
-import sqlite3
-from pathlib import Path
 
-from helpers import NO_RESENDS, detection
+from helpers import NO_RESENDS, actions, detection
 
 from common import MESSAGE_STREAM
 from contracts import NOTIFICATION_COMMAND, SEC_COMMAND
-
-
-def actions(scripts) -> int:
-    """How many actions the zones have had applied (the security service's SQLite file)."""
-    path = scripts.env["SECURITY_DB"]
-    if not Path(path).exists():
-        return 0
-    with sqlite3.connect(path) as db:
-        return db.execute("SELECT COUNT(*) FROM applied").fetchone()[0]
 
 
 def pages(notes) -> int:

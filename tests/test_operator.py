@@ -4,13 +4,11 @@ apply; and only the operator may send them."""
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
-from helpers import NO_RESENDS, ROOT, detection, ids_of
+from helpers import NO_RESENDS, ROOT, actions, detection, ids_of
 from prometheus_client.parser import text_string_to_metric_families
 
 import local_kafka
@@ -58,7 +56,7 @@ def test_a_cancelled_workflow_ends_once_its_timers_stop_and_no_service_acts_on_i
     security = scripts.start("security_service.py")
     scripts.wait_for_output(security, f"not acted on: its workflow was cancelled (by ann: sensor replaced) (workflow "
                                       f"{first.workflow_id[:8]})")
-    assert "-> zone now" not in scripts.output(security) and applied(scripts) == 0
+    assert "-> zone now" not in scripts.output(security) and actions(scripts) == 0
     # And an outcome that comes after the cancel all the same (an action already under way) changes nothing
     producer(MESSAGE_STREAM, outcome(commands.messages()[0]), key=b"sensor-1")
     scripts.wait_for_output(orchestrator, f"security_action_completed {first.workflow_id[:8]} arrived late")
@@ -71,15 +69,6 @@ def test_a_cancelled_workflow_ends_once_its_timers_stop_and_no_service_acts_on_i
                   if sample.labels.get("request") == "workflow_cancel_requested"}
     assert set(served) == {("operator_requests_total", "granted"), ("operator_requests_total", "refused")}
     assert all(count >= 1 for count in served.values())  # (counted as handled: a batch handled again counts again)
-
-
-def applied(scripts) -> int:
-    """How many security actions the zones had applied to them (the security service's SQLite file)."""
-    path = scripts.env["SECURITY_DB"]
-    if not Path(path).exists():
-        return 0
-    with sqlite3.connect(path) as db:
-        return db.execute("SELECT COUNT(*) FROM applied").fetchone()[0]
 
 
 def outcome(command, type_="security_action_completed"):

@@ -1,4 +1,4 @@
-# make demo   -- start Kafka if needed, then walk Examples 1 -> 2 -> 3 (the main job)
+# make demo   -- start Kafka if needed, then walk Examples 1 -> 2 -> 3 -> 4 (the main job)
 # make test   -- the tests, against a throwaway Kafka they start themselves
 # make check  -- lint and the tests that need no broker (seconds): the inner loop while changing code
 # make kafka-up / kafka-down -- a broker on localhost:9092: Docker compose where a Docker engine answers, else local_kafka

@@ -120,6 +120,7 @@ class Flow:
         self.timeouts: dict[str, int] = defaultdict(int)      # workflow id -> its steps' timeouts (step_timed_out)
         self.timeouts_total = 0
         self.followed: dict[str, int] = defaultdict(int)      # workflow id -> commands of steps that followed a step
+        self.retried: dict[str, tuple[float, str]] = {}       # workflow id -> (its last retry's time, the step retried)
         self.followed_total = 0
         self.commands = {step.topic for workflow in WORKFLOWS.values() for step in workflow.steps}
         self.arrivals: dict[str, deque] = defaultdict(deque)  # topic -> recent arrival times, for rates
@@ -164,20 +165,29 @@ class Flow:
         if at is not None and first and abs(written - at) > SKEW_S:  # (a replay or a re-sent command is sent later)
             self.skew += 1
             self.skewed.add(message.workflow_id)
-        if message.type == "workflow_retried" and message.workflow_id in self.kind:  # (its step runs again)
-            self.rerun(message.workflow_id, str(message.payload.get("step", "")), written if at is None else at)
+        if message.type == "workflow_retried":  # (its step runs again: see standing())
+            when = written if at is None else at
+            if when >= self.retried.get(message.workflow_id, (0.0, ""))[0]:
+                self.retried[message.workflow_id] = (when, str(message.payload.get("step", "")))
         self.times[message.workflow_id].setdefault(message.type, written if at is None else at)
         if len(self.times) > self.next_fold:
             self.fold()
             self.next_fold = len(self.times) + self.window // 5  # (a scan every window/5 adds at most)
 
-    def rerun(self, workflow: str, name: str, retried_at: float) -> None:
-        """A failed workflow a person retried: the step tried again is to report again, and the workflow to end
-        again (the rest stays as it was). What the topics said of them after the retry stands: the monitor reads the
-        topics side by side, so the new outcome may be read before the retry's answer."""
-        again = {t for step in WORKFLOWS[self.kind[workflow]].steps if step.name == name for t in step.done + step.failed}
-        self.times[workflow] = {t: at for t, at in self.times[workflow].items()
-                                if t not in again | {*FINISHED} or at >= retried_at}
+    def standing(self, workflow: str) -> dict[str, float]:
+        """What the topics said of a workflow, as it stands: after a person's retry, the retried step's failure (and
+        a first step's report) and the workflow's end from before it count no more (the step reports again, the
+        workflow ends again). Asked of the record times, so it holds whatever order the topics were read in (the
+        monitor reads them side by side)."""
+        times = self.times.get(workflow, {})
+        if workflow not in self.retried or workflow not in self.kind:
+            return times
+        retried_at, name = self.retried[workflow]
+        workflow_ = WORKFLOWS[self.kind[workflow]]
+        first = {step.name for step in first_steps(workflow_)}  # (a later step's report may be an earlier one's too)
+        again = {t for step in workflow_.steps if step.name == name
+                 for t in step.failed + (step.done if name in first else ())} | {*FINISHED}
+        return {t: at for t, at in times.items() if t not in again or at >= retried_at}
 
     def fold(self) -> None:
         """Fold the oldest finished workflows into the counts until the window holds `window`; past twice that,
@@ -198,29 +208,29 @@ class Flow:
                 self.gone.popitem(last=False)
             self.timeouts.pop(workflow, None)
             self.followed.pop(workflow, None)
+            self.retried.pop(workflow, None)
             self.skewed.discard(workflow)
 
     def step_times(self, workflow: str) -> list[tuple[str, float | None, str, bool]]:
-        times = self.times[workflow]
+        times = self.standing(workflow)
         return [(name, min((times[t] for t in types if t in times), default=None), service, needed)
                 for name, types, service, needed in milestones(self.kind[workflow])]
 
     def failed(self, workflow: str) -> bool:
         """Whether it failed: the orchestrator said so, or a step reported a failure (a workflow with a failed step
         ends failed, once what follows the failure, a compensation say, is done)."""
-        steps = WORKFLOWS[self.kind[workflow]].steps
-        return "workflow_failed" in self.times[workflow] or any(t in self.times[workflow] for step in steps
-                                                                for t in step.failed)
+        steps, times = WORKFLOWS[self.kind[workflow]].steps, self.standing(workflow)
+        return "workflow_failed" in times or any(t in times for step in steps for t in step.failed)
 
     def verdict(self, workflow: str, now: float) -> str:
         """A workflow's state as it leaves the window: as the topics show it, or else the orchestrator's word on how
         it ended (the monitor reads the topics side by side, not in time order: a command may not be read yet)."""
-        state, times = self.state(workflow, now), self.times.get(workflow, {})
+        state, times = self.state(workflow, now), self.standing(workflow)
         said = [end for message, end in VERDICTS.items() if message in times]
         return state if state in ENDED or not said else said[0]
 
     def state(self, workflow: str, now: float) -> str:
-        times = self.times.get(workflow, {})
+        times = self.standing(workflow)
         if "workflow_cancelled" in times:  # (a person ended it)
             return "cancelled"
         if self.failed(workflow):
@@ -229,7 +239,7 @@ class Flow:
         missing = [(name, service) for name, at, service, needed in steps if needed and at is None]
         if not missing:
             return "completed"
-        if now - max(steps[0][1], times.get("workflow_retried", 0)) > self.sla:  # (since it began again)
+        if now - max(steps[0][1], self.retried.get(workflow, (0.0, ""))[0]) > self.sla:  # (since it began again)
             name, service = missing[0]
             return f"STUCK: no '{name}' from {service}"
         return "running"

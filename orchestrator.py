@@ -98,12 +98,12 @@ def escalate(event: Envelope) -> Envelope:
 
 
 def escalate_timeout(event: Envelope) -> Envelope:
-    timeout, command = event.payload, event.payload["command"]["payload"]
-    where = command.get("zone") or command.get("unit_id", "")
+    timeout = event.payload  # (any workflow's step: its command said in a few words)
+    command = ", ".join(f"{name} {value}" for name, value in timeout["command"]["payload"].items() if value is not None)
     return caused_by(event, "escalate", "notification_command", {
         "channel": "pager", "recipient": f"{timeout['workflow']}-supervisor",
-        "text": f"ESCALATION: {command.get('action') or command.get('command')} at {where} got no answer after "
-                f"{timeout['attempts']} attempts"}, SOURCE)
+        "text": f"ESCALATION: {timeout['step']} ({command[:300]}) got no answer after {timeout['attempts']} attempts"},
+        SOURCE)
 
 
 def unit_command(event: Envelope) -> Envelope:

@@ -206,12 +206,14 @@ def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
           f"{clock(workflow['started_at'])} under example {workflow['stage']}"
           f"{'' if workflow['finished_at'] is None else ', finished ' + clock(workflow['finished_at'])}"
           f"{f', retried {retries} time' + 's' * (retries > 1) if retries else ''}")
+    width = max((len(step["name"]) for step in workflow["steps"]), default=0) + 1
     for step in workflow["steps"]:  # (in the order they were sent)
-        print(f"  {step['name']:<11} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}  "
-              f"answered {clock(step['finished_at'] if step['state'] != 'sent' else None)}  deadline "
-              f"{clock(step['deadline'])}" + (f"  (after {step['follows']})" if step["follows"] else ""))
-        for late in step["late"]:
-            print(f"  {'':<11} then, at {clock(late['at'])}: {late['type']} ({late['meaning']})")
+        ended = {"done": "answered", "failed": "answered", "sent": None}.get(step["state"], "ended")
+        print(f"  {step['name']:<{width}} {step['state']:<10} attempts {step['attempts']}  sent {clock(step['sent_at'])}"
+              + (f"  {ended} {clock(step['finished_at'])}" if ended else "") + f"  deadline {clock(step['deadline'])}"
+              + (f"  (after {step['follows']})" if step["follows"] else ""))
+        for late in step["late"]:  # (answers that changed nothing, when they came: before a retry, say)
+            print(f"  {'':<{width}} · {clock(late['at'])} {late['type']}: {late['meaning']}")
     if workflow["state"] == "failed" and workflow["retry_refused"]:
         print(f"  not to be retried: {workflow['retry_refused']}")
     if not workflow["steps"]:

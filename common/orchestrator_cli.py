@@ -44,14 +44,15 @@ def parse_flags(description: str, table: Table) -> argparse.Namespace:
 
 
 def check_flags(args: argparse.Namespace, table: Table) -> set[str]:
-    """The workflows this orchestrator runs; a flag that means nothing here, or cannot be read, ends it in one line."""
-    if wrong := problems(table):
-        refuse(wrong[0] + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    """The workflows this orchestrator runs; a flag that means nothing here, or cannot be read, or a table it cannot
+    follow, ends it in one line (the flags first: they are the user's at hand)."""
     workflows = set(args.workflows.split(",")) if args.workflows is not None else set(table)
     if not workflows or not workflows <= set(table):
         refuse(f"--workflows takes a comma-separated subset of {','.join(table)}, not {args.workflows!r}")
     refuse_meaningless(args)
     refuse_unreadable(args)
+    if wrong := problems(table):
+        refuse(wrong[0] + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
     if not args.dry_run:
         refuse_short_retention(table, args, SETTINGS.state_retention_s)
     later = {w: table[w].from_stage for w in sorted(workflows - active(table, workflows, args.example))}

@@ -115,7 +115,7 @@ def same_moment(a: Step, b: Step) -> bool:
 def types_of(workflow: Workflow) -> list[tuple[str, str]]:
     """Every message type a workflow names, and where: (type, what it is)."""
     return [(workflow.starts_with, "its starting event")] + [
-        (type_, f"step {step.name!r}'s {what}") for step in workflow.steps
+        (type_, f"the {what} of step {step.name!r}") for step in workflow.steps
         for type_, what in [(step.command, "command")] + [(t, "report") for t in step.done + step.failed]]
 
 

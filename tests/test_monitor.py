@@ -78,6 +78,37 @@ def test_a_retried_workflow_completes_even_when_its_new_outcome_is_read_before_t
 
 
 @pytest.mark.no_broker
+def test_a_retry_read_before_its_workflows_first_event_still_counts():
+    # (the topics are read side by side: the orchestrator's answer may be read before the detection it is about)
+    retried = envelope("workflow_retried", "w1", 2, ".retry").model_copy(update={"payload": {"step": "acted"}})
+    flow = flow_of((MESSAGE_STREAM, retried), (MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
+                   (SEC_COMMAND, envelope("security_command", "w1", 9, ".security")),
+                   (THIRD_PARTY, envelope("notification_delivered", "w1", 9, ".delivered")),
+                   (MESSAGE_STREAM, envelope("workflow_failed", "w1", 8, ".failed")),
+                   (MESSAGE_STREAM, envelope("security_action_completed", "w1", 1, ".retry-1.done")),
+                   (MESSAGE_STREAM, envelope("workflow_completed", "w1", 1, ".completed")))
+    assert flow.state("w1", time.time()) == "completed"
+
+
+@pytest.mark.no_broker
+def test_a_later_steps_retry_keeps_the_report_an_earlier_step_shares_with_it():
+    # Given Example 4's guard reported (acted done), the unlocking after it failed, and the unlocking retried
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
+                   (SEC_COMMAND, envelope("security_command", "w1", 9, ".security")),
+                   (THIRD_PARTY, envelope("notification_delivered", "w1", 9, ".delivered")),
+                   (MESSAGE_STREAM, envelope("security_action_completed", "w1", 8, ".security.done")),
+                   (SEC_COMMAND, envelope("security_command", "w1", 8, ".unlock")),
+                   (MESSAGE_STREAM, envelope("security_action_failed", "w1", 7, ".unlock.done")),
+                   (MESSAGE_STREAM, envelope("workflow_failed", "w1", 7, ".failed")))
+    flow.add(MESSAGE_STREAM, envelope("workflow_retried", "w1", 5, ".retry").model_copy(
+        update={"payload": {"step": "unlocked"}}))
+    # When the retried unlocking is done and the workflow completes
+    flow.add(MESSAGE_STREAM, envelope("workflow_completed", "w1", 3, ".completed"))
+    # Then it is completed: the guard's report (the same type as the unlocking's) still counts for acted
+    assert flow.state("w1", time.time()) == "completed"
+
+
+@pytest.mark.no_broker
 def test_a_writers_clock_is_not_trusted_for_latency_and_a_skewed_workflow_is_left_out_of_the_percentiles():
     # Given a workflow whose writer's clock is decades off, read with Kafka's record times 1.5 s apart
     flow = Flow(settings=Settings())

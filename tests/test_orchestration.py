@@ -304,7 +304,7 @@ def test_a_command_the_table_has_no_step_for_is_a_dead_letter_that_says_what_to_
 
 @pytest.mark.parametrize("change, problem", [
     (lambda steps: (replace(steps[0], done=("security_action_done",)), *steps[1:]),
-     "step 'acted''s report is 'security_action_done', which no contract has a schema for: add one to contracts.py "
+     "the report of step 'acted' is 'security_action_done', which no contract has a schema for: add one to contracts.py "
      "(MESSAGES)"),
     (lambda steps: (*steps, replace(steps[1], name="acted")),
      "two steps are called 'acted': each step has a name of its own"),

@@ -131,8 +131,10 @@ def test_every_path_of_every_workflow_sends_only_the_steps_it_declares_and_ends(
         assert path.entry["state"] in ("completed", "failed"), f"a path that does not end: {path}"
     # And every step the table has at this stage is sent on some path (else route() never sends it, or it follows a
     # moment that never comes)
-    sent = set().union(*(path.sent for path in paths))
-    assert sent == {step.name for step in workflow.steps if step.from_stage <= stage}, sent
+    sent, declared = set().union(*(path.sent for path in paths)), {s.name for s in workflow.steps if s.from_stage <= stage}
+    assert sent == declared, (f"WORKFLOWS[{name!r}] declares steps that no path sends at example {stage}: "
+                              f"{sorted(declared - sent)}: does route() send them, in a branch before any that takes "
+                              "the same event first (the branch of steps reported done, say)?")
 
 
 def test_the_table_has_no_problem_the_orchestrator_would_refuse_to_start_on():

@@ -37,6 +37,7 @@ def weight(value) -> float:
 def payloads(type_: str) -> list[dict]:
     """Valid payloads of a message type, made from its contract: each field at its first edge, then each field at
     each of its other edges, then every field at its longest (whose commands must still be valid)."""
+    assert type_ in SCHEMAS, f"message type {type_!r} has no schema: add one to contracts.py (MESSAGES)"
     schema = SCHEMAS[type_]
     options = {name: edges(prop) for name, prop in schema.model_json_schema().get("properties", {}).items()}
     first = {name: values[0] for name, values in options.items()}

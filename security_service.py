@@ -70,7 +70,7 @@ def main() -> None:
     fail_zones, fail_actions = (frozenset(filter(None, flag.split(","))) for flag in (args.fail_zones, args.fail_actions))
     run_service("security_service", [SEC_COMMAND],
                 lambda command: carry_out(command, zones, fail_zones, fail_actions, args.confirm_after),
-                writes=(MESSAGE_STREAM,), exactly_once=True, metrics_port=args.metrics_port)
+                writes=(MESSAGE_STREAM,), exactly_once=True, metrics_port=args.metrics_port, effects=zones)
 
 
 if __name__ == "__main__":

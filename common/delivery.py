@@ -57,35 +57,36 @@ class Delivery:
     def deliver(self, consumer: KafkaConsumer, own: list[Serialised], handled: list[Handled],
                 offsets: dict | None = None) -> tuple[list[Handled] | None, bool]:
         """Deliver a handled batch and the loop's own messages (a tick's, a timer's; `offsets`: theirs): (the records
-        committed, in order, or None if none could be; whether its own messages went out). A batch Kafka refuses for
-        good is split: each record on its own, and one Kafka never takes is dead-lettered."""
+        committed, in order, or None if none could be; whether its own messages went out). The loop's own go after
+        the records' outputs: a timer's state change is made after the batch's, from it, and must land last. A batch
+        Kafka refuses for good is split: each record on its own, and one Kafka never takes is dead-lettered."""
         offsets = offsets or {}
-        if self.write(consumer, own + outputs_of(handled), {**offsets, **offsets_of(handled)}, offsets_of(handled)):
+        if self.write(consumer, outputs_of(handled) + own, {**offsets, **offsets_of(handled)}, offsets_of(handled),
+                      len(own)):
             return handled, True
         if not self.undeliverable:
             return None, False
-        sent = not own or self.write(consumer, own, offsets)
-        if not sent and not self.undeliverable:
-            return None, False
-        if not sent:
-            log.error("%s: dropped %d messages of its own that Kafka refuses for good (%s)", self.name, len(own),
-                      self.trouble)
         done: list[Handled] = []
         for item in handled:
             if not self.write(consumer, item.outputs, offsets_of([item]), offsets_of([item])):
                 if not self.undeliverable:
-                    break
+                    return done, False
                 reason = f"its output could not be delivered: {self.trouble}"
                 item = Handled(item.record, [rejected(self.name, item.record, reason, item.span)], span=item.span,
                                counted=("dead", metrics.reason_kind(reason)))
                 if not self.write(consumer, item.outputs, offsets_of([item]), offsets_of([item])):
-                    break
+                    return done, False
             done.append(item)
+        sent = not own or self.write(consumer, own, offsets, {}, len(own))
+        if not sent and self.undeliverable:
+            log.error("%s: %d messages of its own are refused by Kafka for good (%s)", self.name, len(own), self.trouble)
         return done, sent
 
-    def write(self, consumer: KafkaConsumer, outputs: list[Serialised], offsets: dict, consumed: dict | None = None) -> bool:
+    def write(self, consumer: KafkaConsumer, outputs: list[Serialised], offsets: dict, consumed: dict | None = None,
+              own: int = 0) -> bool:
         """Produce `outputs` and commit `offsets` (`consumed`: those of records handled in the batch, which advance
-        the group's; by default all of them); True if committed, False if they must be handled again."""
+        the group's, by default all of them; `own`: how many of the outputs, the last, are the loop's own, made from
+        no record); True if committed, False if they must be handled again."""
         self.undeliverable = False
         if not outputs and not offsets:
             return True
@@ -100,7 +101,8 @@ class Delivery:
         except FencedInstanceIdError:
             raise
         except KafkaError as error:  # includes a transaction the broker aborted (timed out) and a stuck step
-            return self._recover(error, consumer, offsets if consumed is None else consumed, sent)
+            return self._recover(error, consumer, offsets if consumed is None else consumed, sent[len(sent) - own:]
+                                 if own else [], sent)
 
     def close(self) -> None:
         if self.producer is not None:
@@ -112,7 +114,7 @@ class Delivery:
             self.producer = starting(PRODUCER_START_S) if starting else self.new_producer()
         return self.producer
 
-    def _recover(self, error: KafkaError, consumer: KafkaConsumer, consumed: dict, sent: list) -> bool:
+    def _recover(self, error: KafkaError, consumer: KafkaConsumer, consumed: dict, own: list, sent: list) -> bool:
         """After a failed delivery: a usable producer again, and whether the batch was committed after all (asked
         once the failed transaction is settled: the new producer's start has finished or aborted it)."""
         cause = underlying(error, self.producer)
@@ -126,27 +128,31 @@ class Delivery:
             self.producer = self._settle()
             if self.producer is None:  # stopped meanwhile: the batch waits in Kafka for the next start
                 return False
-        if self.transactional and self.committed(consumer, consumed, sent):
-            log.info("%s: a batch whose commit seemed to fail (%s) had been committed; going on", self.name, error)
+        if self.transactional and self.committed(consumer, consumed, own, sent):
+            log.info("%s: a batch whose commit seemed to fail (%s) had been committed, or its records handled by the "
+                     "copy that took them over; going on", self.name, error)
             return True
         log.info("%s: could not deliver a batch (%s); it will be handled again", self.name, error)
         return False
 
-    def committed(self, consumer: KafkaConsumer, consumed: dict, sent: list) -> bool:
-        """Whether a settled transaction committed: the group's offsets say so where it consumed records; else one
-        of its outputs read back (none acknowledged, or one refused: it cannot have committed)."""
-        if consumed:
+    def committed(self, consumer: KafkaConsumer, consumed: dict, own: list, sent: list) -> bool:
+        """Whether a settled transaction's work is done: where it carried the loop's own messages (made from no record:
+        nothing else would make them again), one of those read back tells; else, where it consumed records, the
+        group's committed offsets (this copy's, or a copy's that took the records over and handled them); else one of
+        its outputs read back. Nothing acknowledged, or one refused: it cannot have committed."""
+        if consumed and not own:
             return committed_after_all(consumer, consumed)
-        acknowledged = [future.value for future in sent if future.is_done and future.succeeded()]
-        if not acknowledged or len(acknowledged) < len(sent):
+        futures = own or sent
+        acknowledged = [future.value for future in futures if future.is_done and future.succeeded()]
+        if not acknowledged or len(acknowledged) < len(futures):
             return False
         while not self.stop:  # (found out, never guessed: nothing is written again until it is known)
             known = read_back(self.settings, acknowledged[0], self.stop)
             if known is not None:
                 return known
-            log.warning("%s: it is not known yet whether a batch of its own messages was committed (%s:%d:%d); "
-                        "finding out before anything is written again", self.name, acknowledged[0].topic,
-                        acknowledged[0].partition, acknowledged[0].offset)
+            log.warning("%s: it is not known yet whether a batch was committed (%s:%d:%d); finding out before "
+                        "anything is written again", self.name, acknowledged[0].topic, acknowledged[0].partition,
+                        acknowledged[0].offset)
         return False
 
     def _fenced(self, cause: ProducerFencedError) -> None:

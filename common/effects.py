@@ -45,3 +45,12 @@ class Effects:
                     db.execute("ROLLBACK")
         finally:
             db.close()
+
+    def applied(self, command: Envelope) -> bool:
+        """Whether a command's effect was applied already (by this copy or another, before a restart)."""
+        db = sqlite3.connect(self.path, timeout=1.0)
+        try:
+            db.executescript(self.schema)
+            return db.execute("SELECT 1 FROM applied WHERE key = ?", (command.effect_key(),)).fetchone() is not None
+        finally:
+            db.close()

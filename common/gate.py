@@ -19,6 +19,7 @@ from common.settings import MESSAGE_STREAM, REVOKED, Settings
 from common.workflow import EXPIRED
 
 log = logging.getLogger("common")
+FRESH_S = 0.2  # revocations read longer ago than this are read again before a command is acted on
 
 
 class Expired(Exception):
@@ -62,9 +63,14 @@ class Revocations:
         for record in records:
             try:
                 said = Envelope.model_validate_json(record.value)
-                self.revoked[said.workflow_id] = f"by {said.payload.get('by')}: {said.payload.get('reason')}"
-            except ValidationError:  # (only the orchestrator may write here; anything else is no revocation)
-                log.warning("%s:%d:%d is not a revocation; ignored", record.topic, record.partition, record.offset)
+            except ValidationError:  # (anything but the orchestrator's revocation is none: said, and passed over)
+                said = None
+            if said is None or said.type != "workflow_revoked" or said.source != "orchestrator" or \
+                    record.key != said.workflow_id.encode():
+                log.warning("%s:%d:%d is not a revocation of the orchestrator's; ignored", record.topic,
+                            record.partition, record.offset)
+                continue
+            self.revoked[said.workflow_id] = f"by {said.payload.get('by')}: {said.payload.get('reason')}"
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -73,19 +79,36 @@ class Revocations:
 
 class Gate:
     """The checks a service's command passes before its handler acts on it. `reports`: the service writes
-    message_stream, so the orchestrator is told of a command it did not act on in time."""
+    message_stream, so the orchestrator is told of a command it did not act on in time. `applied`: whether a
+    command's effect was applied already (a copy acted, then died before it could say so): then its handler is
+    called all the same, past the deadline, to say what was done (common/effects.py)."""
 
-    def __init__(self, name: str, settings: Settings, reports: bool):
-        self.name, self.reports, self.revocations = name, reports, Revocations(settings)
+    def __init__(self, name: str, settings: Settings, reports: bool, applied=None):
+        self.name, self.reports, self.applied, self.revocations = name, reports, applied, Revocations(settings)
+        self.read_at = float("-inf")
+
+    @classmethod
+    def of(cls, service, settings: Settings) -> "Gate":
+        """A declared service's gate (common/service.py's Service)."""
+        return cls(service.name, settings, MESSAGE_STREAM in service.writes, service.effects and service.effects.applied)
 
     def read(self) -> None:
         self.revocations.read()
+        self.read_at = time.monotonic()
 
     def check(self, command: Envelope, now: float | None = None) -> None:
-        """Revoked if its workflow was cancelled, Expired if its deadline has passed; nothing if it may be acted on."""
+        """Revoked if its workflow was cancelled (the revocations read again if the last read is older than FRESH_S:
+        a slow handler's batch outlasts a cancel), Expired if its deadline has passed and its effect was not applied
+        already; nothing if it may be acted on. KafkaError if the revocations cannot be read now."""
+        if time.monotonic() - self.read_at > FRESH_S:
+            self.read()
         if (why := self.revocations.revoked.get(command.workflow_id)) is not None:
             raise Revoked(f"its workflow was cancelled ({why})")
-        refuse_if_expired(command, now)
+        try:
+            refuse_if_expired(command, now)
+        except Expired:
+            if self.applied is None or not self.applied(command):
+                raise
 
     def expired(self, command: Envelope, why: Expired) -> list[Output]:
         """What is said of a command not acted on in time: a line, and the orchestrator told (if it can be)."""
@@ -106,4 +129,4 @@ def refuse_if_expired(command: Envelope, now: float | None = None) -> None:
     if command.deadline is not None and (now or time.time()) > command.deadline.timestamp():
         late = (now or time.time()) - command.deadline.timestamp()
         raise Expired(f"read {late:.1f} s after its deadline ({command.deadline.astimezone(timezone.utc):%H:%M:%S.%f}"[:-3]
-                      + " UTC)")
+                      + " UTC)")  # (a deadline is checked for its range as the envelope is read: messages.py)

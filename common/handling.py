@@ -133,7 +133,10 @@ def repeated(name: str, message: Envelope, store, state, gate: Gate | None) -> b
     if dedupe and is_repeat(name, message, state.get(SEEN + message.id)):
         return True
     if gate is not None:
-        gate.check(message)
+        try:
+            gate.check(message)
+        except KafkaError as error:  # (not known whether it was revoked: not acted on now)
+            raise Unavailable(f"the revocations cannot be read now ({type(error).__name__}: {error})") from None
     if dedupe:
         state.put(SEEN + message.id, mark(message))
     return False

@@ -18,7 +18,7 @@ from common.copies import Copies
 from common.delivery import Delivery
 from common.gate import Gate
 from common.handling import Handled, Serialised, dead_letter_of, handle_batch, serialise_own
-from common.settings import FAMILIES, MESSAGE_STREAM, Settings
+from common.settings import FAMILIES, Settings
 from common.changelog import first_of_each_partition
 from common.state import Store
 from common.waiting import Pause, Poller
@@ -50,7 +50,7 @@ class Loop:
         self.spans: list = []  # the timers' spans of this batch (tracing on)
         self.count, self.expired_at = 0, time.monotonic()
         self.window_s = settings.commit_window_s if self.delivery.transactional else 0.0
-        self.gate = Gate(self.name, settings, MESSAGE_STREAM in service.writes) if service.gated else None
+        self.gate = Gate.of(service, settings) if service.gated else None
         log.info("%s: started; consuming %s as group %s%s from %s", self.name, ", ".join(map(settings.topic, service.inputs)),
                  group, f", exactly once as transactional id {self.delivery.transactional_id}"
                  if self.delivery.transactional else ", at least once", settings.bootstrap_servers)
@@ -120,7 +120,8 @@ class Loop:
         if done is None:
             self.store.abandon()
         else:
-            self.store.commit([*changes, *(change for item in done for change in item.changes)], fired=sent)
+            # (the records' changes first: a timer's were made after them, from them)
+            self.store.commit([*(change for item in done for change in item.changes), *changes], fired=sent)
 
     def stop_if_state_gone(self, done: list[Handled] | None) -> None:
         """After a batch that could not be delivered: if the state topic is gone (deleted), say what is lost and end

@@ -25,6 +25,7 @@ log = logging.getLogger("orchestrator")
 SOURCE = "orchestrator"
 WORKFLOW = "workflow/"  # state key of a workflow, by its id
 STATES = ("running", "completed", "failed", "cancelled")
+CLOCK_SKEW_S = 5.0  # how far ahead a service's clock may be of the orchestrator's
 LOADED = time.monotonic()
 Route = Callable[[Envelope, int], list[Output]]  # route(event, stage): orchestrator.py's routing table
 
@@ -177,6 +178,9 @@ class Orchestration:
         resend, no second escalation, no step followed twice. A service's word that it did not act on a command (its
         deadline had passed) changes no step either: the step's own time limit, the same deadline, moves it on."""
         if event.type == EXPIRED:
+            if event.payload["deadline"].timestamp() > time.time() + CLOCK_SKEW_S:  # (no service says that)
+                raise DeadLetter(f"it says its command expired at {event.payload['deadline'].isoformat()}, which is "
+                                 "still to come")
             return f"{event.source} read its command after its deadline and did not act on it"
         if workflow is None or event.type in FINISHED or event.type in REQUESTS:  # (a request is always answered)
             return None

@@ -38,7 +38,7 @@ def parse_flags(description: str, table: Table) -> argparse.Namespace:
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
     args.defaulted, args.example = args.example is None, args.example or 3
-    args.limits = Limits(args.step_timeout, args.attempts or ATTEMPTS)
+    args.limits = Limits(args.step_timeout, args.attempts or ATTEMPTS, SETTINGS.state_retention_s)
     args.workflows = check_flags(args, table)
     return args
 

@@ -19,9 +19,12 @@ Reported = tuple[str | None, str | None]  # (the step an event reports on, how i
 
 @dataclass(frozen=True)
 class Limits:
-    """How long a step that reports back may take, and how often it is tried (the table's, or the flags')."""
+    """How long a step that reports back may take, and how often it is tried (the table's, or the flags'); and how
+    long the command of a step with no limit of its own may still be carried out (the state's retention, so that a
+    cancel's revocation, kept as long, outlives every command)."""
     step_timeout: float | None = None  # overrides every step's own time_limit
     attempts: int = ATTEMPTS
+    expires: float = 7 * 24 * 3600
 
     def of(self, step: Step) -> float | None:
         return self.step_timeout if self.step_timeout is not None else step.time_limit
@@ -85,14 +88,14 @@ def record(workflow: dict, definition: Workflow, reported_: Reported, event: Env
     for topic, command, *key in commands:
         if command.id in awaited:  # (sent again: its deadline moved on)
             record_ = awaited[command.id]
-            command = stamped(command, record_["deadline"])
+            command = stamped(command, record_["deadline"] or now + limits.expires)
             record_["command"] = command.model_dump(mode="json")
         else:
             step = step_sent(definition, *reported_, command.type, workflow["stage"])
             if step is None or step.topic != topic or steps.get(step.name, {}).get("state") == "pending":
                 raise DeadLetter(undeclared(workflow, reported_, event, topic, command.type, step))
             limit = limits.of(step)
-            command = stamped(command, deadline_of(step, limit, now))
+            command = stamped(command, deadline_of(step, limit, now, limits))
             steps.pop(step.name, None)  # (a step run again once its earlier run is over: it goes last, in order sent)
             steps[step.name] = pending(now, limit, topic, command.model_dump(mode="json"), step.tracked)
             if reported_[1] in OUTCOMES:  # (what it was sent after, as it happened)
@@ -102,12 +105,12 @@ def record(workflow: dict, definition: Workflow, reported_: Reported, event: Env
     return out, added
 
 
-def deadline_of(step: Step, limit: float | None, now: float) -> float | None:
+def deadline_of(step: Step, limit: float | None, now: float, limits: Limits) -> float:
     """Until when a step's command sent now may be carried out: its first attempt's time limit if it reports back,
-    else the step's own expires_after; None: at any time."""
+    else the step's own expires_after, else the limits' (the state's retention)."""
     if step.tracked and limit:
         return now + limit
-    return now + step.expires_after if step.expires_after else None
+    return now + (step.expires_after or limits.expires)
 
 
 def stamped(command: Envelope, deadline: float | None) -> Envelope:

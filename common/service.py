@@ -11,6 +11,7 @@ from kafka.errors import AuthorizationError, FencedInstanceIdError, KafkaError
 
 from common import metrics, tracing
 from common.changelog import ensure_changelog, refuse_if_state_lost
+from common.effects import Effects
 from common.clients import refused, wait_for_kafka
 from common.handling import Handler
 from common.loop import Loop
@@ -42,16 +43,18 @@ class Service:
     metrics_port: int | None = None
     doing: str = "act on"           # what handling a message is, for its trace span ("act on <type>")
     gated: bool = False             # it acts on commands: none of a cancelled workflow, none past its deadline (gate.py)
+    effects: Effects | None = None  # where it keeps the effects it applied, if it acts outside Kafka (effects.py)
 
 
 def run_service(name: str, inputs: list[str], handle: Handler, *, writes: tuple[str, ...] = (),
                 tick: Callable[[], list[Output]] | None = None, exactly_once: bool = False,
-                metrics_port: int | None = None, settings: Settings = SETTINGS) -> None:
+                metrics_port: int | None = None, effects: Effects | None = None) -> None:
     """Consume `inputs`, handle each message, produce what the handler returns, then commit. exactly_once: each
     message has its effect once (outputs and offsets in one transaction, repeats skipped); else at least once. A
-    command of a cancelled workflow, or read after its deadline, is not handed to `handle` (common/gate.py)."""
+    command of a cancelled workflow, or read after its deadline, is not handed to `handle` (common/gate.py), but
+    one whose effect `effects` says was applied already is (to say what was done)."""
     serve(Service(name, inputs, handle, writes, exactly_once=exactly_once, dedupe=exactly_once, tick=tick,
-                  metrics_port=metrics_port, gated=True), settings)
+                  metrics_port=metrics_port, gated=True, effects=effects))
 
 
 def serve(service: Service, settings: Settings = SETTINGS) -> None:

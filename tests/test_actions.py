@@ -101,3 +101,42 @@ def test_a_copy_replaced_mid_action_leaves_one_effect(scripts, topics, producer)
     assert actions(scripts) == 1 and "-> zone now" not in scripts.output(second)
     assert "lock_zone in zone-1 was done before under" in scripts.output(second)
     assert [m.type for m in topics(SEC_COMMAND).read_count(1)] == ["security_command"]
+
+
+def test_a_cancel_while_the_service_is_acting_on_an_earlier_command_reaches_the_later_ones(scripts, topics, producer):
+    # Given three commands queued for a slow security service (each action confirmed 15 s late), all in one batch
+    scripts.start("orchestrator.py", "--example", "1", *NO_RESENDS)
+    commands, events = topics(SEC_COMMAND), [detection() for _ in range(3)]
+    for event in events:
+        producer(MESSAGE_STREAM, event, key=b"sensor-1")
+    commands.read_count(3)
+    security = scripts.start("security_service.py", "--confirm-after", "15")
+    scripts.wait_for_output(security, f"-> zone now locked (workflow {events[0].workflow_id[:8]})")
+    # When, as it confirms the first, the other two workflows are cancelled
+    for event in events[1:]:
+        assert "done: cancelled" in scripts.run("workflows.py", "cancel", event.workflow_id, "--reason", "drill").stdout
+    # Then it acts on neither of them: it reads the revocations again before each command, not once a batch
+    for event in events[1:]:
+        scripts.wait_for_output(security, f"not acted on: its workflow was cancelled (by root: drill) (workflow "
+                                          f"{event.workflow_id[:8]})", timeout=120)
+    assert actions(scripts) == 1 and scripts.output(security).count("-> zone now") == 1
+
+
+def test_a_successor_reading_past_its_deadline_a_command_its_predecessor_acted_on_says_it_was_done(scripts, topics,
+                                                                                                 producer):
+    # Given a copy that acts, then is killed (kill -9) before it can report; the step's one try has 3 s
+    scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "3", "--attempts", "1")
+    first = scripts.start("security_service.py", "--confirm-after", "30")
+    stream, event = topics(MESSAGE_STREAM), detection()
+    producer(MESSAGE_STREAM, event, key=b"sensor-1")
+    scripts.wait_for_output(first, f"-> zone now locked (workflow {event.workflow_id[:8]})")
+    scripts.stop(first, signal.SIGKILL)
+    stream.read_until(lambda ms: any(m.type == "workflow_failed" for m in ms), timeout=90)
+    # When its successor reads the command, after its deadline (the copy's session had to end first)
+    second = scripts.start("security_service.py", INSTANCE_ID="2")
+    stream.read_until(lambda ms: any(m.type == "security_action_completed" for m in ms), timeout=120)
+    # Then it says the action was done (it was: once), not that it was not acted on; and no retry is offered for it
+    assert "was done before under" in scripts.output(second) and "not acted on" not in scripts.output(second)
+    assert actions(scripts) == 1
+    refused = scripts.run("workflows.py", "retry", event.workflow_id, "--reason", "x", check=False)
+    assert refused.returncode == 1 and "was done after all" in refused.stdout

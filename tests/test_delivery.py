@@ -270,3 +270,32 @@ def test_a_batch_kafka_refuses_for_good_is_delivered_record_by_record_and_the_re
     assert [item.record.offset for item in done] == [0, 1, 2] and own
     assert done[0] is handled[0] and done[2] is handled[2]
     assert [out.topic for out in done[1].outputs] == ["dead_letter.svc"]
+
+
+def test_a_batchs_own_messages_go_after_its_records_outputs_and_their_state_changes_after_the_records():
+    # (a timer fired in the same batch as an event of its workflow builds on the event's change: it must land last,
+    # in Kafka and in memory, or the older entry wins and the timer fires again)
+    from common.handling import Handled, serialised
+    from common.loop import Loop
+    d, made = delivery(FakeProducer())
+    record = SimpleNamespace(topic="t_message_stream.svc", partition=0, offset=3)
+    event = outputs()[0][1]
+    handled = [Handled(record, [serialised("from_the_record", event, b"k")], ["record's change"])]
+    d.deliver(FakeConsumer(), [serialised("the_timers", event, b"k")], handled, {})
+    assert made[0].sent == ["from_the_record", "the_timers"]
+    committed = []
+    loop = SimpleNamespace(unsent=[], count=0, store=SimpleNamespace(commit=lambda changes, fired: committed.extend(changes)))
+    Loop.remember_committed(loop, handled, ["timer's change"], True)
+    assert committed == ["record's change", "timer's change"]
+
+
+def test_a_batch_of_records_and_messages_of_its_own_is_found_out_by_its_own_not_by_the_groups_offsets(monkeypatch):
+    # Given a tick's event in the same transaction as a handled record; the transaction aborted (it outlived its
+    # time while the copy was frozen), and the copy that took the record over committed the group's offset past it
+    asked = []
+    monkeypatch.setattr(common.delivery, "read_back", lambda settings, written, stop: asked.append(written) or False)
+    d, _ = delivery(FakeProducer(fail={"commit": ProducerFencedError("fenced")}), FakeProducer())
+    # When it is delivered
+    result = d.write(FakeConsumer(committed=10), outputs(), OFFSETS, OFFSETS, own=1)
+    # Then its own event, read back, says it did not commit: it is sent again (the offsets alone would have lost it)
+    assert result is False and [written.topic for written in asked] == ["notification_command"]

@@ -3,6 +3,7 @@ deadline (it says so, and tells the orchestrator) or on one of a cancelled workf
 applied once per command, a retry's once with the command it repeats; the orchestrator stamps each command with its
 attempt's deadline and keeps what came late beside its step."""
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -98,7 +99,7 @@ def test_no_effect_is_applied_once_the_commands_deadline_has_passed(tmp_path):
     assert effects.once(command(deadline=None), lambda db: "done") == ("done", True)  # (and it was not recorded)
 
 
-def test_the_orchestrator_stamps_each_command_with_its_attempts_deadline_and_a_resend_with_the_next():
+def test_the_orchestrator_stamps_every_command_with_a_deadline_and_a_resend_with_the_next_attempts():
     store = Store("orchestrator", Settings(), durable=False)
     store.restore({0})
     engine = Orchestration(WORKFLOWS, route, 1, Limits(step_timeout=2.0, attempts=2))
@@ -106,7 +107,8 @@ def test_the_orchestrator_stamps_each_command_with_its_attempts_deadline_and_a_r
     state = store.view(0, b"s")
     [(_, sent), (_, note)] = engine.decide(event, state, T0)
     store.commit(state.changes)
-    assert sent.deadline.timestamp() == T0 + 2 and note.deadline is None  # (a notification has no time limit)
+    # (a notification has no time limit: it may be carried out as long as the state is kept, the limits' expires)
+    assert sent.deadline.timestamp() == T0 + 2 and note.deadline.timestamp() == T0 + 7 * 24 * 3600
     [(partition, key)] = store.due(T0 + 2)
     state = store.view(partition)
     [_, (_, again, _)] = engine.timer(state, key, T0 + 2)
@@ -120,3 +122,57 @@ def test_the_orchestrator_stamps_each_command_with_its_attempts_deadline_and_a_r
     store.commit(state.changes)
     step = store.view(0).get(WORKFLOW + event.workflow_id)["steps"]["acted"]
     assert (step["state"], step["attempts"], step["late"]) == ("pending", 2, [["command_expired", T0 + 3]])
+
+
+def revocation(workflow_id: str, source: str = "orchestrator", type_: str = "workflow_revoked", key: str | None = None):
+    said = Envelope(id=f"{workflow_id}.revoked", type=type_, workflow_id=workflow_id, source=source,
+                    created_at=datetime.now(timezone.utc), payload={"by": "ann", "reason": "drill"})
+    return type("Record", (), {"topic": "revoked", "partition": 0, "offset": 0, "value": said.to_bytes(),
+                               "key": (key or workflow_id).encode()})()
+
+
+def test_only_the_orchestrators_revocation_of_its_own_workflow_counts():
+    gate = Gate("svc", Settings(), True)
+    gate.revocations.keep([revocation("w1"), revocation("w2", source="mallory"), revocation("w3", type_="x_y"),
+                           revocation("w4", key="w5")])
+    assert gate.revocations.revoked == {"w1": "by ann: drill"}
+
+
+def test_the_revocations_are_read_again_before_a_command_once_the_last_read_is_stale(monkeypatch):
+    # (a slow handler's batch outlasts a cancel: the next command of it must see the cancel)
+    gate, reads = Gate("svc", Settings(), True), []
+    monkeypatch.setattr(gate.revocations, "read", lambda: reads.append(1))
+    gate.read()
+    gate.check(command(deadline=None))
+    gate.read_at -= 1.0  # (a second has passed: another command of the same batch)
+    gate.check(command(deadline=None))
+    assert len(reads) == 2
+
+
+def test_a_command_past_its_deadline_whose_effect_was_applied_is_handled_to_say_what_was_done():
+    # (a copy acted, then died before it could report: its successor must not say "not acted on")
+    Gate("svc", Settings(), True, applied=lambda command: True).check(command(deadline=1.0))
+    with pytest.raises(Expired):
+        Gate("svc", Settings(), True, applied=lambda command: False).check(command(deadline=1.0))
+
+
+@pytest.mark.parametrize("deadline, why", [("0001-01-01T00:00:00+14:00", "a deadline from 1970"),
+                                           ("2026-12-08T10:00:00", "timezone"), ("tomorrow", "datetime")])
+def test_a_deadline_a_clock_cannot_be_compared_with_is_a_dead_letter(deadline, why):
+    from common import DeadLetter, parse
+    raw = command(deadline=None).model_dump(mode="json") | {"deadline": deadline}
+    with pytest.raises(DeadLetter, match=why):
+        parse(json.dumps(raw).encode())
+
+
+def test_a_services_word_that_a_command_expired_at_a_time_still_to_come_is_a_dead_letter():
+    from common import DeadLetter
+    store = Store("orchestrator", Settings(), durable=False)
+    store.restore({0})
+    engine, event = Orchestration(WORKFLOWS, route, 1, Limits()), detection()
+    [(_, sent), _] = engine.decide(event, store.view(0, b"s"))
+    future = datetime.now(timezone.utc) + timedelta(hours=1)
+    forged = caused_by(sent, "expired-x", "command_expired", {"command": sent.type, "deadline": future,
+                                                             "service": "security_service"}, "security_service")
+    with pytest.raises(DeadLetter, match="which is still to come"):
+        engine.decide(forged, store.view(0, b"s"))

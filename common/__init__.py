@@ -7,6 +7,7 @@
   clients      kafka-python producers, consumers and admin made the project's way; topics; read_all; refusals
   service      a consuming service declared (run_service, Service) and started
   loop         its loop, a batch at a time: poll -> handle -> deliver -> commit
+  firing       its timers, fired after a batch is handled (a step's time limit)
   handling     one poll batch: parse, skip repeats (dedupe), call the handler with retries, dead-letter what fails
   delivery     a batch's outputs and offsets, in one transaction or acknowledged then committed, and recovery
   state        state that survives a restart: a keyed store per group, its changes committed with the work

@@ -3,20 +3,20 @@ the way is behind those names: bad input becomes a dead letter in handle_batch (
 delivery is recovered by the Delivery (common/delivery.py), which says which records were committed; whatever was
 not is handled again (the loop rewinds to it) after a pause that says why. A service that keeps state reads a
 partition's state back before its first record (common/state.py, from common/changelog.py) and fires the timers that
-come due."""
+come due (common/firing.py)."""
 
 import logging
 import time
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.errors import FencedInstanceIdError, KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from common import metrics, tracing
 from common.clients import join
 from common.copies import Copies
 from common.delivery import Delivery
 from common.gate import Gate
+from common.firing import Firing
 from common.handling import Handled, Serialised, dead_letter_of, handle_batch, serialise_own
 from common.settings import FAMILIES, Settings
 from common.changelog import first_of_each_partition
@@ -47,7 +47,7 @@ class Loop:
         self.consumer = join(stop, group, service.inputs, settings, listener)  # (meanwhile the producer starts)
         self.poller, self.pause = Poller(self.consumer, self.name, stop, settings), Pause(self.name, settings.group(group), stop)
         self.unsent: list[Serialised] = []  # a tick's messages, until Kafka takes them
-        self.spans: list = []  # the timers' spans of this batch (tracing on)
+        self.firing = Firing(service, store, self.consumer) if service.timer else None
         self.count, self.expired_at = 0, time.monotonic()
         self.window_s = settings.commit_window_s if self.delivery.transactional else 0.0
         self.gate = Gate.of(service, settings) if service.gated else None
@@ -63,12 +63,11 @@ class Loop:
         self.take_tick()
         handled, holdup = handle_batch(self.name, batch, self.handle, self.store, self.stop, self.accepts,
                                        self.service.doing, self.gate)
-        timed, changes, offsets = self.fire_timers(batch, holdup)
+        timed, changes, offsets = self.firing.due(batch, holdup) if self.firing else ([], [], {})
         done, sent = self.deliver(self.unsent + timed, handled, offsets)
         self.remember_committed(done, changes if sent else [], sent)
         self.stop_if_state_gone(done)
-        tracing.end_batch(handled, done, self.spans, sent, self.delivery.trouble)
-        self.spans = []
+        tracing.end_batch(handled, done, self.spans(), sent, self.delivery.trouble)
         metrics.batch_committed(self.name, self.consumer, done or [], self.store, self.service.open_count)
         if holdup or done is None or len(done) < len(handled):
             rewind(self.consumer, batch, done or [])
@@ -103,10 +102,14 @@ class Loop:
             done, sent = self.delivery.deliver(self.consumer, own, handled, offsets)
         except FencedInstanceIdError:  # (another copy runs as this one: the script stops, the batch is not committed)
             self.delivery.trouble = "fenced: another copy runs with this INSTANCE_ID"
-            tracing.end_batch(handled, None, self.spans, False, self.delivery.trouble)
+            tracing.end_batch(handled, None, self.spans(), False, self.delivery.trouble)
             raise
         metrics.observe("commit", time.perf_counter() - began, service=self.name)
         return done, sent
+
+    def spans(self) -> list:
+        """The spans of this batch's timers (tracing on), handed over to be ended with the batch."""
+        return self.firing.taken() if self.firing else []
 
     def remember_committed(self, done: list[Handled] | None, changes: list, sent: bool) -> None:
         """The commit's other half: apply what Kafka committed to what the loop remembers (its state; a timer whose
@@ -201,58 +204,6 @@ class Loop:
                         record.offset, record.key.decode(), more)
         for _ in removed:
             metrics.count("removed", service=self.name)
-
-    def fire_timers(self, batch: dict, holdup: str | None) -> tuple[list[Serialised], list, dict]:
-        """What the timers due now send, the state changes they make, and the offsets that fence them (a copy that
-        lost the partition meanwhile cannot commit them). A partition still catching up waits: the answer a timer
-        waits for may be further on."""
-        if self.service.timer is None or not self.store.any_due(time.time()):
-            return [], [], {}  # (the usual batch: nothing more to ask the consumer)
-        positions = self.positions()
-        if positions is None:
-            return [], [], {}
-        outs, changes, fired = [], [], set()
-        behind = {tp.partition for tp in batch if holdup or self.catching_up(tp, positions)}
-        for partition, key in self.store.due(time.time(), skip=behind):
-            state = self.fire(partition, key, outs)
-            if state is not None:
-                outs += self.store.outs(state.changes)
-                changes += state.changes
-                fired.add(partition)
-        offsets = {tp: OffsetAndMetadata(position, "", -1) for tp, position in positions.items()
-                   if tp.partition in fired and tp not in batch}
-        return outs, changes, offsets
-
-    def fire(self, partition: int, key: str, outs: list[Serialised]):
-        """Call the timer of one entry, in the entry's trace, adding what it sends to `outs`: its state view, or None
-        if it failed (a bug in one timer, say a step renamed, must not stop the loop: it is dropped)."""
-        span = tracing.resumed(self.store.trace_of(partition, key), f"timer {key}")
-        self.spans.append(span)
-        carried = tracing.headers(span)
-        state = self.store.view(partition, trace=tracing.traceparent(carried))
-        try:
-            outputs = self.service.timer(state, key)
-            tracing.about(span, outputs[0][1] if outputs else None, "fire")
-            outs += serialise_own(self.name, outputs, carried)
-            return state
-        except Exception as error:  # noqa: BLE001 -- see the docstring
-            log.error("%s: the timer of %s failed and is dropped: %s: %s", self.name, key, type(error).__name__, error)
-            tracing.failed(span, f"the timer failed: {type(error).__name__}: {error}")
-            state.undo()
-            return None
-
-    def catching_up(self, tp, positions: dict) -> bool:
-        """Whether a partition of the batch has records after it (a partition taken away counts as catching up)."""
-        return positions.get(tp, 0) < (self.consumer.highwater(tp) or 0)
-
-    def positions(self) -> dict | None:
-        """Where each assigned partition stands; None while the broker cannot say (a position kafka-python must
-        validate first, during an outage): no timer fires until it can."""
-        try:
-            return {tp: self.consumer.position(tp) for tp in self.consumer.assignment()}
-        except KafkaError as error:
-            log.info("%s: timers wait: the positions of its partitions are not known now (%s)", self.name, error)
-            return None
 
     def close(self, fenced: bool = False) -> None:
         """Stop; fenced: another copy runs with this one's INSTANCE_ID, and must keep its place in the group."""

@@ -97,7 +97,8 @@ def record(workflow: dict, definition: Workflow, reported_: Reported, event: Env
             limit = limits.of(step)
             command = stamped(command, deadline_of(step, limit, now, limits))
             steps.pop(step.name, None)  # (a step run again once its earlier run is over: it goes last, in order sent)
-            steps[step.name] = pending(now, limit, topic, command.model_dump(mode="json"), step.tracked)
+            kept = command.model_dump(mode="json") if step.tracked else {"id": command.id}  # (sent again, or retried)
+            steps[step.name] = pending(now, limit, topic, kept, step.tracked)
             if reported_[1] in OUTCOMES:  # (what it was sent after, as it happened)
                 steps[step.name]["after"] = f"{reported_[0]} {reported_[1]}"
             added.append(step.name)

@@ -24,7 +24,7 @@ from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatter
                          UserScramCredentialUpsertion)
 from kafka.errors import KafkaError
 
-from common import (FAMILIES, MESSAGE_STREAM, REVOKED, SETTINGS, Settings, changelog, ensure_changelog, ensure_topics,
+from common import (FAMILIES, MESSAGE_STREAM, SETTINGS, Settings, changelog, ensure_changelog, ensure_topics,
                     readers_and_writers, setup_logging, single_writer_topics, topics, written_by)
 from orchestrator import WORKFLOWS
 
@@ -49,9 +49,7 @@ def access_of(table) -> dict[str, Access]:
     users = {}
     for script, (reads, writes) in readers_and_writers(table).items():
         group = f"{script}*" if script == "orchestrator" else script  # (the split ones: orchestrator-security, ...)
-        orchestrator = script == "orchestrator"  # (it says a cancel on the revoked topic, which each service reads)
-        users[script] = Access(reads=reads + [REVOKED] * (bool(reads) and not orchestrator),
-                               writes=writes + [REVOKED] * orchestrator, group=group if reads else None,
+        users[script] = Access(reads=reads, writes=writes, group=group if reads else None,
                                transactional_id=script if reads else None, keeps_state=bool(reads))
     users["monitor"] = Access(reads=topics(table), sees_groups=True,  # joins no group
                               reads_state="orchestrator*")  # the workflows (workflows.py, the console), not the services' ids
@@ -78,8 +76,8 @@ def acls_for(user: str, access: Access, prefix: str) -> list[ACL]:
         return [allow(operation, ResourceType.TOPIC, prefix + name + ".", ACLResourcePatternType.PREFIXED)
                 if name in FAMILIES and operation != ACLOperation.WRITE else
                 allow(operation, ResourceType.TOPIC, prefix + written_by(name, user)) for name in names]
-    acls = on_topics(ACLOperation.DESCRIBE, [*topics(WORKFLOWS), REVOKED]) + on_topics(ACLOperation.READ, access.reads)
-    acls += on_topics(ACLOperation.WRITE, access.writes)  # (DESCRIBE: see that they exist)
+    acls = on_topics(ACLOperation.DESCRIBE, topics(WORKFLOWS)) + on_topics(ACLOperation.READ, access.reads)  # (see
+    acls += on_topics(ACLOperation.WRITE, access.writes)                                                  # they exist)
     if access.group:  # "name*" is every group whose name starts so
         pattern = ACLResourcePatternType.PREFIXED if access.group.endswith("*") else ACLResourcePatternType.LITERAL
         acls.append(allow(ACLOperation.READ, ResourceType.GROUP, prefix + access.group.removesuffix("*"), pattern))
@@ -107,7 +105,7 @@ def grant(admin_settings: Settings) -> int:
     returns how many ACLs there are. Creating an ACL that exists already is a no-op."""
     admin = KafkaAdminClient(**admin_settings.kafka_config(), client_id="acls")
     try:  # (users may not create topics: every one they use, each writer's own members too, is made here)
-        ensure_topics(admin, admin_settings, [*single_writer_topics(WORKFLOWS), REVOKED, *members()])
+        ensure_topics(admin, admin_settings, [*single_writer_topics(WORKFLOWS), *members()])
         for access in ACCESS.values():
             if access.keeps_state:
                 ensure_changelog(admin, access.group.removesuffix("*"), admin_settings)

@@ -30,7 +30,7 @@ from rich.console import Console
 from kafka import KafkaAdminClient
 from kafka.errors import NonEmptyGroupError, KafkaError
 
-from common import (MESSAGE_STREAM, REVOKED, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
+from common import (MESSAGE_STREAM, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
                     written_by)
 from local_kafka import free_port, port_is_free
 from monitor import TOPICS, Flow, Tail, groups, render
@@ -216,7 +216,7 @@ def reset(settings: Settings, stores: tuple[str, ...] = (), patient: bool = True
     members until their session ends) is left, not waited for."""
     admin = KafkaAdminClient(**settings.kafka_config(), client_id="reset", bootstrap_timeout_ms=10_000)
     try:
-        ours = re.compile(settings.pattern([*TOPICS, REVOKED])[:-2] + "|" + "|".join(
+        ours = re.compile(settings.pattern(TOPICS)[:-2] + "|" + "|".join(
             re.escape(changelog(group)) for group in groups()) + ")$")
         busy, until = [settings.group(group) for group in groups()], time.monotonic() + SESSION_TIMEOUT_MS / 1000 + 2
         while busy:  # (groups first: while a script runs nothing is deleted; one stopped just now is waited out)

@@ -10,8 +10,8 @@ from common.changelog import latest_entries
 from common.clients import read_all
 from common.messages import DeadLetter, parse
 from common.settings import DEAD_LETTER, MESSAGE_STREAM, SETTINGS, written_by
-from common.orchestration import SOURCE, WORKFLOW, is_workflow
-from common.workflow import REQUESTS, Table, active, orchestrator_groups, owns, senders
+from common.orchestration import WORKFLOW, is_workflow
+from common.workflow import REQUESTS, SOURCE, Table, active, orchestrator_groups, owns, senders
 
 
 WAITS = "(waits in Kafka: read from a later example)"

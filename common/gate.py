@@ -110,11 +110,12 @@ class Gate:
             if self.applied is None or not self.applied(command):
                 raise
 
-    def expired(self, command: Envelope, why: Expired) -> list[Output]:
-        """What is said of a command not acted on in time: a line, and the orchestrator told (if it can be)."""
+    def not_acted(self, command: Envelope, why: Expired | Revoked) -> list[Output]:
+        """What is said of a command not acted on: a line; and for one read after its deadline, the orchestrator
+        told (if it can be)."""
         log.warning("%s: %s %s not acted on: %s (workflow %s)", self.name, command.type, command.id[:8], why,
                     command.workflow_id[:8])
-        if not self.reports or command.deadline is None:
+        if isinstance(why, Revoked) or not self.reports or command.deadline is None:
             return []
         deadline = command.deadline
         return [(MESSAGE_STREAM, caused_by(command, f"expired-{int(deadline.timestamp() * 1000)}", EXPIRED, {

@@ -145,12 +145,8 @@ def repeated(name: str, message: Envelope, store, state, gate: Gate | None) -> b
 def not_acted(name: str, record, message: Envelope, why: Exception, gate: Gate, carried, span) -> Handled:
     """A command the service does not act on, said: its workflow was cancelled, or its deadline had passed (and then
     the orchestrator is told, where it can be)."""
-    if isinstance(why, Revoked):
-        log.warning("%s: %s %s not acted on: %s (workflow %s)", name, message.type, message.id[:8], why,
-                    message.workflow_id[:8])
-        return Handled(record, span=span, counted=("revoked", message.type))
-    outs = [serialised(written_by(t, name), m, record.key, carried) for t, m in gate.expired(message, why)]
-    return Handled(record, outs, span=span, counted=("expired", message.type))
+    outs = [serialised(written_by(t, name), m, record.key, carried) for t, m in gate.not_acted(message, why)]
+    return Handled(record, outs, span=span, counted=("revoked" if isinstance(why, Revoked) else "expired", message.type))
 
 
 def refuse_if_not_theirs(record, message: Envelope, accepts: dict[str, frozenset] | None) -> None:

@@ -13,9 +13,8 @@ from datetime import datetime, timezone
 from common.messages import Envelope, Output, caused_by, derived_id
 from common.progress import done_late
 from common.settings import MESSAGE_STREAM, REVOKED
-from common.workflow import Step, pending
+from common.workflow import SOURCE, Step, pending
 
-SOURCE = "orchestrator"
 RETRIABLE = ("failed", "timed_out")  # a step in one of these states can be tried again
 
 

@@ -19,10 +19,9 @@ from common.messages import DeadLetter, Envelope, Output, caused_by
 from common.settings import MESSAGE_STREAM
 from common.state import State
 from common.progress import Limits, Reported, advance, ended, next_deadline, noted, record, reported
-from common.workflow import EXPIRED, FINISHED, REQUESTS, Table, command_topics, steps_by_name
+from common.workflow import EXPIRED, FINISHED, REQUESTS, SOURCE, Table, command_topics, steps_by_name
 
 log = logging.getLogger("orchestrator")
-SOURCE = "orchestrator"
 WORKFLOW = "workflow/"  # state key of a workflow, by its id
 STATES = ("running", "completed", "failed", "cancelled")
 CLOCK_SKEW_S = 5.0  # how far ahead a service's clock may be of the orchestrator's
@@ -78,11 +77,13 @@ class Orchestration:
             if operating.owner(event, workflow) not in self.owned:
                 return None  # (another orchestrator's workflow: it answers)
             outputs = self.requested(event, workflow, now)
-        elif why := self.late(event, workflow):  # (kept beside its step, but nothing follows: said here)
-            self.say_late(event, workflow, why, now)
-            outputs = None
-        else:
-            workflow, outputs = self.routed(event, state, workflow, now)
+        else:  # (the step it reports on, asked once)
+            reported_ = self.reported(workflow, event) if workflow is not None and event.type != EXPIRED else None
+            if why := self.late(event, workflow, reported_):  # (kept beside its step, but nothing follows: said here)
+                self.say_late(event, workflow, why, now)
+                outputs = None
+            else:
+                workflow, outputs = self.routed(event, state, workflow, reported_, now)
         # (a workflow's entry keeps the ids of its events; an event of no workflow, say an outcome after its
         # workflow expired, is kept on its own)
         if workflow is not None:
@@ -92,9 +93,11 @@ class Orchestration:
             state.put(SEEN + event.id, mark(event))
         return outputs
 
-    def routed(self, event: Envelope, state: State, workflow: dict | None, now: float) -> tuple[dict | None, list]:
+    def routed(self, event: Envelope, state: State, workflow: dict | None, reported_: Reported | None,
+               now: float) -> tuple[dict | None, list]:
         """An event routed by the table at its workflow's stage: (its workflow, started by it if it starts one;
-        what it sends). An outcome of a workflow unknown here sends nothing."""
+        what it sends). `reported_`: the step it reports on (its workflow known). An outcome of a workflow unknown
+        here sends nothing."""
         if workflow is None and event.type not in self.starts:
             if event.type in self.kind:
                 self.say_unknown(event)
@@ -103,8 +106,8 @@ class Orchestration:
         if workflow is None:
             workflow, reported = self.started(event, None if state.key is None else
                                               state.key.decode(errors="surrogateescape"), now), (None, None)
-        else:
-            reported = self.reported(workflow, event)
+        else:  # (an event of its workflow that reports on no step, say its end, has no step follow it)
+            reported = reported_ or (None, "unreported")
         commands = [] if reported[1] == "removed" else self.route(event, workflow["stage"])
         advance(workflow, self.defined[workflow["type"]], reported, event, now, self.limits)
         sent = self.record(workflow, reported, event, commands, now)
@@ -172,7 +175,7 @@ class Orchestration:
         return {"workflow_id": event.workflow_id, "type": self.kind[event.type], "stage": self.stage,
                 "key": key, "started_at": now, "state": "running", "finished_at": None, "steps": {}, "handled": {}}
 
-    def late(self, event: Envelope, workflow: dict | None) -> str | None:
+    def late(self, event: Envelope, workflow: dict | None, reported_: Reported | None) -> str | None:
         """Why an event no longer changes its workflow (a timeout after the step's report, an outcome after the
         workflow finished or of an attempt since replaced), or None. Late events are recorded, never routed: no
         resend, no second escalation, no step followed twice. A service's word that it did not act on a command (its
@@ -188,7 +191,7 @@ class Orchestration:
             return "its workflow has started already"
         if workflow["state"] != "running":
             return f"the workflow had already {workflow['state']}"
-        if self.reported(workflow, event) is not None:
+        if reported_ is not None:
             return None
         if event.type == "step_timed_out":
             step = workflow["steps"].get(event.payload["step"], {})

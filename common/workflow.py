@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from common.messages import SCHEMAS
-from common.settings import DEAD_LETTER, FAMILIES, MESSAGE_STREAM, written_by
+from common.settings import DEAD_LETTER, FAMILIES, MESSAGE_STREAM, REVOKED, written_by
 
 Table = dict  # workflow name -> Workflow, as orchestrator.py's WORKFLOWS
 SOURCE = "orchestrator"  # the script that routes: it reads message_stream and writes every step's command
@@ -39,7 +39,7 @@ class Step:
     after: tuple[str, ...] | str = ()  # the steps it follows (a name, or several); none: it starts with the workflow
     when: str = "done"            # on which outcome of those: "done" or "failed"
     expires_after: float | None = None  # a step that reports nothing back: how long its command may still be carried
-    # out (a notification of no use an hour later, say); none: whenever its service reads it
+    # out (a notification of no use an hour later, say); none: as long as the state is kept (STATE_RETENTION_S)
 
     def __post_init__(self):
         if isinstance(self.after, str):  # (one name, as a table writes it most often)
@@ -172,10 +172,11 @@ def command_topics(table: Table) -> tuple[str, ...]:
 
 
 def topics(table: Table) -> list[str]:
-    """Every topic of the application: message_stream, each step's topic, where each step's service reports, and
-    dead_letter (the families stand for all their members). What the tools read and the ACLs grant."""
+    """Every topic of the application: message_stream, each step's topic, where each step's service reports,
+    dead_letter (the families stand for all their members) and the revocations. What the tools read and the ACLs
+    grant."""
     reports = [step.reports_on for workflow in table.values() for step in workflow.steps if step.done + step.failed]
-    return list(dict.fromkeys([MESSAGE_STREAM, *command_topics(table), *reports, DEAD_LETTER]))
+    return list(dict.fromkeys([MESSAGE_STREAM, *command_topics(table), *reports, DEAD_LETTER, REVOKED]))
 
 
 def single_writer_topics(table: Table) -> list[str]:
@@ -190,16 +191,16 @@ def first_steps(workflow: Workflow) -> tuple[Step, ...]:
 
 def readers_and_writers(table: Table) -> dict[str, tuple[list[str], list[str]]]:
     """Who reads and who writes what, as the table says: script -> (the topics it reads, the topics it writes; a
-    family stands for the script's own member). The orchestrator reads message_stream and writes each step's topic;
-    a workflow's source writes message_stream; a step's service reads the step's topic and writes where it reports;
-    every script that consumes writes its dead letters."""
+    family stands for the script's own member). The orchestrator reads message_stream and writes each step's topic
+    and the revocations; a workflow's source writes message_stream; a step's service reads the step's topic and the
+    revocations and writes where it reports; every script that consumes writes its dead letters."""
     scripts: dict[str, tuple[list[str], list[str]]] = {
-        SOURCE: ([MESSAGE_STREAM], [*command_topics(table), MESSAGE_STREAM, DEAD_LETTER])}
+        SOURCE: ([MESSAGE_STREAM], [*command_topics(table), MESSAGE_STREAM, REVOKED, DEAD_LETTER])}
     for workflow in table.values():
         scripts.setdefault(workflow.source, ([], []))[1].append(MESSAGE_STREAM)
         for step in workflow.steps:
             reads, writes = scripts.setdefault(step.service, ([], []))
-            reads.append(step.topic)
+            reads += [step.topic, REVOKED]
             writes += [step.reports_on] * bool(step.done + step.failed) + [DEAD_LETTER]
     return {script: (list(dict.fromkeys(reads)), list(dict.fromkeys(writes))) for script, (reads, writes) in
             scripts.items()}

@@ -35,6 +35,18 @@ def envelope(type_: str, workflow_id: str, seconds_ago: float, step: str = "") -
                     created_at=MOMENT - timedelta(seconds=seconds_ago), payload={})
 
 
+def routed_and_notified(workflow_id: str, seconds_ago: float) -> list[tuple[str, Envelope]]:
+    """A security workflow's detection, its command and its notification delivered, all `seconds_ago`."""
+    return [(MESSAGE_STREAM, envelope("security_detection", workflow_id, seconds_ago)),
+            (SEC_COMMAND, envelope("security_command", workflow_id, seconds_ago, ".security")),
+            (THIRD_PARTY, envelope("notification_delivered", workflow_id, seconds_ago, ".delivered"))]
+
+
+def retried(workflow_id: str, seconds_ago: float, step: str) -> Envelope:
+    """The orchestrator's answer to a person's retry of a workflow's step."""
+    return envelope("workflow_retried", workflow_id, seconds_ago, ".retry").model_copy(update={"payload": {"step": step}})
+
+
 MOMENT = datetime.now(timezone.utc)
 
 
@@ -63,16 +75,13 @@ def test_a_workflow_is_running_then_stuck_naming_the_missing_step_then_completed
 def test_a_retried_workflow_completes_even_when_its_new_outcome_is_read_before_the_retrys_answer():
     # Given a failed workflow, retried; the monitor reads the topics side by side, so the retried step's outcome and
     # the workflow's end are read before the orchestrator's answer to the retry (an earlier record time)
-    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
-                   (SEC_COMMAND, envelope("security_command", "w1", 9, ".security")),
-                   (THIRD_PARTY, envelope("notification_delivered", "w1", 9, ".delivered")),
+    flow = flow_of(*routed_and_notified("w1", 9),
                    (MESSAGE_STREAM, envelope("step_timed_out", "w1", 8, ".timeout-1")),
                    (MESSAGE_STREAM, envelope("workflow_failed", "w1", 8, ".failed")),
                    (SEC_COMMAND, envelope("security_command", "w1", 2, ".acted.retry-1")),
                    (MESSAGE_STREAM, envelope("security_action_completed", "w1", 1, ".retry-1.done")),
                    (MESSAGE_STREAM, envelope("workflow_completed", "w1", 1, ".completed")))
-    flow.add(MESSAGE_STREAM, envelope("workflow_retried", "w1", 2, ".retry").model_copy(
-        update={"payload": {"step": "acted"}}))
+    flow.add(MESSAGE_STREAM, retried("w1", 2, "acted"))
     # Then it is completed, as the orchestrator says, and not stuck waiting for an outcome already read
     assert flow.state("w1", time.time()) == "completed"
 
@@ -80,10 +89,7 @@ def test_a_retried_workflow_completes_even_when_its_new_outcome_is_read_before_t
 @pytest.mark.no_broker
 def test_a_retry_read_before_its_workflows_first_event_still_counts():
     # (the topics are read side by side: the orchestrator's answer may be read before the detection it is about)
-    retried = envelope("workflow_retried", "w1", 2, ".retry").model_copy(update={"payload": {"step": "acted"}})
-    flow = flow_of((MESSAGE_STREAM, retried), (MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
-                   (SEC_COMMAND, envelope("security_command", "w1", 9, ".security")),
-                   (THIRD_PARTY, envelope("notification_delivered", "w1", 9, ".delivered")),
+    flow = flow_of((MESSAGE_STREAM, retried("w1", 2, "acted")), *routed_and_notified("w1", 9),
                    (MESSAGE_STREAM, envelope("workflow_failed", "w1", 8, ".failed")),
                    (MESSAGE_STREAM, envelope("security_action_completed", "w1", 1, ".retry-1.done")),
                    (MESSAGE_STREAM, envelope("workflow_completed", "w1", 1, ".completed")))
@@ -93,15 +99,12 @@ def test_a_retry_read_before_its_workflows_first_event_still_counts():
 @pytest.mark.no_broker
 def test_a_later_steps_retry_keeps_the_report_an_earlier_step_shares_with_it():
     # Given Example 4's guard reported (acted done), the unlocking after it failed, and the unlocking retried
-    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
-                   (SEC_COMMAND, envelope("security_command", "w1", 9, ".security")),
-                   (THIRD_PARTY, envelope("notification_delivered", "w1", 9, ".delivered")),
+    flow = flow_of(*routed_and_notified("w1", 9),
                    (MESSAGE_STREAM, envelope("security_action_completed", "w1", 8, ".security.done")),
                    (SEC_COMMAND, envelope("security_command", "w1", 8, ".unlock")),
                    (MESSAGE_STREAM, envelope("security_action_failed", "w1", 7, ".unlock.done")),
                    (MESSAGE_STREAM, envelope("workflow_failed", "w1", 7, ".failed")))
-    flow.add(MESSAGE_STREAM, envelope("workflow_retried", "w1", 5, ".retry").model_copy(
-        update={"payload": {"step": "unlocked"}}))
+    flow.add(MESSAGE_STREAM, retried("w1", 5, "unlocked"))
     # When the retried unlocking is done and the workflow completes
     flow.add(MESSAGE_STREAM, envelope("workflow_completed", "w1", 3, ".completed"))
     # Then it is completed: the guard's report (the same type as the unlocking's) still counts for acted

@@ -149,7 +149,7 @@ WORKFLOWS = {
 def main() -> None:
     # Everything beyond the table (flags, the workflows' state and time limits, exactly once, splitting) is the
     # engine's, in common/: it is handed the table and route().
-    run_orchestrator(__doc__, WORKFLOWS, route)
+    run_orchestrator(__doc__, WORKFLOWS, route, default_stage=3)  # (the seed's last example; 4 goes beyond it)
 
 
 if __name__ == "__main__":

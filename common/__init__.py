@@ -56,7 +56,7 @@ from common.waiting import Stopper
 from common.workarounds import discard
 from common.workflow import (ANSWERS, FINISHED, OPERATOR, REQUESTS, Step, Workflow, command_topics, first_steps,
                              group_for, orchestrator_groups, owns, problems, readers_and_writers, reports_done,
-                             senders, services, single_writer_topics, step_sent, topics)
+                             senders, services, single_writer_topics, stages, step_sent, topics)
 
 __all__ = ["Effects", "Expired", "Gate", "Revocations", "Latest", "Record", "changelog", "ensure_changelog",
            "latest_entries", "SESSION_TIMEOUT_MS", "answers_kafka",
@@ -70,4 +70,4 @@ __all__ = ["Effects", "Expired", "Gate", "Revocations", "Latest", "Record", "cha
            "MESSAGE_STREAM", "REVOKED", "SETTINGS", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
            "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "first_steps", "group_for",
            "orchestrator_groups", "owns", "problems", "readers_and_writers", "reports_done", "senders", "services",
-           "single_writer_topics", "step_sent", "topics", "FINISHED", "ANSWERS", "OPERATOR", "REQUESTS"]
+           "single_writer_topics", "stages", "step_sent", "topics", "FINISHED", "ANSWERS", "OPERATOR", "REQUESTS"]

@@ -12,22 +12,22 @@ from common.progress import ATTEMPTS, Limits
 from common.service import Service, serve
 from common.settings import MESSAGE_STREAM, REVOKED, SETTINGS, setup_logging
 from common.takeover import take_over
-from common.workflow import Table, active, command_topics, group_for, problems, senders
+from common.workflow import Table, active, command_topics, group_for, problems, senders, stages
 
 log = logging.getLogger("orchestrator")
-STAGES = [1, 2, 3, 4]  # the walkthrough's examples (README)
 
 
-def parse_flags(description: str, table: Table) -> argparse.Namespace:
+def parse_flags(description: str, table: Table, default_stage: int) -> argparse.Namespace:
     """The orchestrator's flags, checked: a flag that means nothing here, or cannot be read, ends it in one line."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--example", type=int, choices=STAGES, help="walkthrough stage (default 3; 4 goes beyond the seed: "
-                                                                    "steps that follow steps)")
+    choices = sorted({*stages(table), default_stage})
+    parser.add_argument("--example", type=int, choices=choices,
+                        help=f"the stage of the walkthrough the table routes at (default {default_stage})")
     parser.add_argument("--workflows", help=f"comma-separated subset of {','.join(table)} (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="preview routing of the recorded message_stream")
     parser.add_argument("--since", help="with --dry-run: only messages from this ISO time on (e.g. 2026-11-27T18:00)")
-    parser.add_argument("--compare", type=int, choices=STAGES, help="with --dry-run: a second stage to compare")
+    parser.add_argument("--compare", type=int, choices=choices, help="with --dry-run: a second stage to compare")
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     parser.add_argument("--step-timeout", type=float, metavar="SECONDS",
                         help="time limit of every step that reports back (default: each step's own, 5 s)")
@@ -37,7 +37,8 @@ def parse_flags(description: str, table: Table) -> argparse.Namespace:
     parser.add_argument("--no-transactions", action="store_true",
                         help="at least once instead of exactly once (for comparison in the benchmark)")
     args = parser.parse_args()
-    args.defaulted, args.example = args.example is None, args.example or 3
+    args.defaulted, args.example = args.example is None, args.example or default_stage
+    args.others = [stage for stage in choices if stage != args.example]  # (said when the default is taken)
     args.limits = Limits(args.step_timeout, args.attempts or ATTEMPTS, SETTINGS.state_retention_s)
     args.workflows = check_flags(args, table)
     return args
@@ -98,19 +99,21 @@ def refuse(why: str):
     raise SystemExit(f"orchestrator: {why}")
 
 
-def run_orchestrator(description: str, table: Table, route: Route) -> None:
+def run_orchestrator(description: str, table: Table, route: Route, default_stage: int = 1) -> None:
     """Parse the flags, then preview (--dry-run) or route: exactly once, the commands routed from a batch and its
     offsets and workflow state in one Kafka transaction. It reads only the writers of the workflows active at its
     stage (--example), each allowed only its own message types, and fires only their time limits (a later stage's
     events, and a workflow of a later stage still in flight, wait for a stage that runs them). It refuses to start
-    beside an orchestrator of other but overlapping workflows."""
-    args = parse_flags(description, table)
+    beside an orchestrator of other but overlapping workflows. `default_stage`: the stage when --example is not
+    given (the stages are those the table's workflows and steps start at)."""
+    args = parse_flags(description, table, default_stage)
     setup_logging()
     if args.dry_run:
         return dry_run(table, route, args, args.workflows)
     running = active(table, args.workflows, args.example)
     log.info("routing table: example %d%s, workflows %s", args.example,
-             " (the default; --example 1 or 2 for an earlier stage)" if args.defaulted else "", ", ".join(sorted(running)))
+             f" (the default; --example {' or '.join(map(str, args.others))} for another)" if args.defaulted and args.others
+             else "", ", ".join(sorted(running)))
     orchestration = Orchestration(table, route, args.example, args.limits, running)
     accepts = senders(table, running)  # (a later stage's events wait in Kafka until a stage that routes them)
     exactly_once = not args.no_transactions

@@ -146,6 +146,12 @@ def owns(table: Table, event_type: str, workflows: set[str]) -> bool:
     return workflow_of(table, event_type) in {*workflows, None}
 
 
+def stages(table: Table) -> list[int]:
+    """The stages of the walkthrough a table has (--example): from 1 to the latest a workflow or a step starts at."""
+    return list(range(1, 1 + max((stage for workflow in table.values()
+                                  for stage in (workflow.from_stage, *(s.from_stage for s in workflow.steps))), default=1)))
+
+
 def active(table: Table, workflows: set[str], stage: int) -> set[str]:
     """Those of `workflows` that run at a stage of the walkthrough (--example): an orchestrator reads only their
     writers, so a later stage's events wait in Kafka."""

@@ -11,7 +11,7 @@ from common.clients import read_all
 from common.messages import DeadLetter, parse
 from common.settings import DEAD_LETTER, MESSAGE_STREAM, SETTINGS, written_by
 from common.orchestration import WORKFLOW, is_workflow
-from common.workflow import REQUESTS, SOURCE, Table, active, orchestrator_groups, owns, senders
+from common.workflow import EXPIRED, REQUESTS, SOURCE, Table, active, orchestrator_groups, owns, senders
 
 
 WAITS = "(waits in Kafka: read from a later example)"
@@ -47,6 +47,8 @@ def outputs(event, route, stage: int, table: Table, workflows: set[str], allowed
         return [DEAD_LETTER if event.type not in allowed else "(another orchestrator)"]
     if event.type in REQUESTS:  # (granted or refused by the workflow's state then: the engine's, not route()'s)
         return ["(a person's request: answered by the orchestrator)"]
+    if event.type == EXPIRED:  # (the engine's too: kept beside its step, never routed)
+        return ["(a command not acted on in time: kept beside its step)"]
     try:
         return [name for name, *_ in route(event, stage)] or ["(nothing: step done)"]
     except DeadLetter:

@@ -12,9 +12,8 @@ from datetime import timezone
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
-from pydantic import ValidationError
 
-from common.messages import Envelope, Output, caused_by
+from common.messages import DeadLetter, Envelope, Output, caused_by, parse
 from common.settings import MESSAGE_STREAM, REVOKED, Settings
 from common.workflow import EXPIRED
 
@@ -61,9 +60,9 @@ class Revocations:
 
     def keep(self, records: list) -> None:
         for record in records:
-            try:
-                said = Envelope.model_validate_json(record.value)
-            except ValidationError:  # (anything but the orchestrator's revocation is none: said, and passed over)
+            try:  # (checked as every message is: its size, its envelope, its payload's schema)
+                said = parse(record.value)
+            except DeadLetter:  # (anything but the orchestrator's revocation is none: said, and passed over)
                 said = None
             if said is None or said.type != "workflow_revoked" or said.source != "orchestrator" or \
                     record.key != said.workflow_id.encode():

@@ -8,14 +8,24 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 MAX_MESSAGE_BYTES = 64 * 1024  # larger inputs are dead-lettered, not parsed
 MAX_KEY_BYTES = 256            # a key is an entity id (what a workflow is about): anything longer is not one
 MAX_ID = 200                   # characters of a message id; derived ids stay within it (see caused_by)
-EPOCH, LAST = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9998, 12, 31, tzinfo=timezone.utc)
+EPOCH, LAST = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9998, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+
+
+def within_reach(deadline: datetime) -> datetime:
+    """A deadline a clock can be compared with: from 1970 to the end of 9998 (UTC), so anywhere on Earth."""
+    if not (EPOCH <= deadline <= LAST):
+        raise ValueError(f"a deadline from 1970 to 9998 (UTC), not {deadline.isoformat()}")
+    return deadline
+
+
+Deadline = Annotated[AwareDatetime, AfterValidator(within_reach)]
 
 
 class Schema(BaseModel):
@@ -38,7 +48,7 @@ class WorkflowFinished(Schema):  # the orchestrator's own event: a workflow comp
 
 class CommandExpired(Schema):  # a service's word that it read a command after its deadline, and did not act on it
     command: str = Field(min_length=1, max_length=64)  # its type
-    deadline: datetime
+    deadline: Deadline
     service: str = Field(min_length=1, max_length=64)
 
 
@@ -117,17 +127,9 @@ class Envelope(BaseModel):
     created_at: datetime
     payload: dict[str, Any]
     cause_id: str | None = Field(default=None, max_length=MAX_ID)  # the message it answers or follows from, if any
-    deadline: AwareDatetime | None = None  # a command: no service acts on it after this (its attempt's time limit)
+    deadline: Deadline | None = None  # a command: no service acts on it after this (its attempt's time limit)
     retry_of: str | None = Field(default=None, max_length=MAX_ID)  # a retried command: the one it sends again (an
     # effect applied for that one counts for this one: see effect_key)
-
-    @field_validator("deadline")
-    @classmethod
-    def within_reach(cls, deadline: datetime | None) -> datetime | None:
-        """A deadline a clock can be compared with: from 1970 on, not past the year 9999 anywhere on Earth."""
-        if deadline is not None and not (EPOCH <= deadline <= LAST):
-            raise ValueError(f"a deadline from 1970 to 9998 (UTC), not {deadline.isoformat()}")
-        return deadline
 
     def effect_key(self) -> str:
         """The key a service applies this command's effect under, once: its id, or a retry's first command's."""

@@ -94,14 +94,14 @@ class Orchestration:
         return outputs
 
     def routed(self, event: Envelope, state: State, workflow: dict | None, reported_: Reported | None,
-               now: float) -> tuple[dict | None, list]:
+               now: float) -> tuple[dict | None, list | None]:
         """An event routed by the table at its workflow's stage: (its workflow, started by it if it starts one;
         what it sends). `reported_`: the step it reports on (its workflow known). An outcome of a workflow unknown
         here sends nothing."""
         if workflow is None and event.type not in self.starts:
             if event.type in self.kind:
                 self.say_unknown(event)
-                return None, []
+                return None, None  # (said there: nothing follows)
             return None, self.route(event, self.stage)  # (no route: a dead letter)
         if workflow is None:
             workflow, reported = self.started(event, None if state.key is None else

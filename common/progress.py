@@ -34,19 +34,25 @@ def reported(workflow: dict, definitions: dict[str, Step], event: Envelope) -> R
     """The step awaited now that an event reports on, and how that step ended ("done", "failed"; None: a time limit
     passed with attempts left; "removed": the table has it no more); None if it reports on none. An outcome names the
     command it answers (cause_id); one that does not (written before outcomes did) is taken for the first pending
-    step that reports so."""
+    step that reports so. A retried step is done by its earlier command's success too: its service applies both
+    under one key, so that action is the retry's (a failure of the earlier one is old news)."""
     steps = workflow["steps"]
     if event.type == "step_timed_out":
         return timed_out(steps, event)
     for name, step in steps.items():
-        definition, answers = definitions.get(name), event.cause_id in (None, step["command"].get("id"))
-        if step["state"] != "pending" or not answers:
-            continue
-        if definition is None and event.cause_id is not None:  # (a step the table no longer has: nothing follows it)
-            return name, "removed"
-        if definition is not None and event.type in definition.done + definition.failed:
-            return name, "done" if event.type in definition.done else "failed"
+        if step["state"] == "pending" and (outcome := answered(step, definitions.get(name), event)):
+            return name, outcome
     return None
+
+
+def answered(step: dict, definition: Step | None, event: Envelope) -> str | None:
+    """How an event ends a pending step ("done", "failed", "removed": the table has the step no more), or None."""
+    answers = event.cause_id in (None, step["command"].get("id"))
+    if definition is None:
+        return "removed" if answers and event.cause_id is not None else None
+    if event.type in definition.done and (answers or event.cause_id in step.get("earlier", ())):
+        return "done"
+    return "failed" if answers and event.type in definition.failed else None
 
 
 def timed_out(steps: dict, event: Envelope) -> Reported | None:

@@ -138,6 +138,17 @@ def test_only_the_orchestrators_revocation_of_its_own_workflow_counts():
     assert gate.revocations.revoked == {"w1": "by ann: drill"}
 
 
+def test_a_revocation_is_checked_as_every_message_is_and_one_that_fails_is_passed_over():
+    gate = Gate("svc", Settings(), True)
+    unsigned, huge = revocation("w6"), revocation("w7")
+    unsigned.value = unsigned.value.replace(b'"by":"ann",', b"")   # (its payload lacks who cancelled)
+    huge.value = huge.value.replace(b'"drill"', b'"' + b"x" * 70_000 + b'"')  # (past the size every reader takes)
+    junk = revocation("w9")
+    junk.value = b"junk"
+    gate.revocations.keep([unsigned, huge, revocation("w8"), junk])
+    assert gate.revocations.revoked == {"w8": "by ann: drill"}
+
+
 def test_the_revocations_are_read_again_before_a_command_once_the_last_read_is_stale(monkeypatch):
     # (a slow handler's batch outlasts a cancel: the next command of it must see the cancel)
     gate, reads = Gate("svc", Settings(), True), []
@@ -162,6 +173,17 @@ def test_a_deadline_a_clock_cannot_be_compared_with_is_a_dead_letter(deadline, w
     from common import DeadLetter, parse
     raw = command(deadline=None).model_dump(mode="json") | {"deadline": deadline}
     with pytest.raises(DeadLetter, match=why):
+        parse(json.dumps(raw).encode())
+
+
+@pytest.mark.parametrize("deadline", ["0001-01-01T00:00:00+14:00", "2026-12-08T10:00:00"])
+def test_a_services_word_that_a_command_expired_at_a_time_no_clock_can_compare_is_a_dead_letter(deadline):
+    from common import DeadLetter, parse
+    said = caused_by(command(deadline=None), "expired-x", "command_expired", {
+        "command": "security_command", "deadline": datetime.now(timezone.utc), "service": "security_service"}, "svc")
+    raw = said.model_dump(mode="json")
+    raw["payload"]["deadline"] = deadline
+    with pytest.raises(DeadLetter, match="deadline"):
         parse(json.dumps(raw).encode())
 
 

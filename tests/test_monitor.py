@@ -294,6 +294,17 @@ def test_sla_report_gives_percentiles_and_breaches_of_known_latencies_by_kafkas_
     assert recent["unit"]["count"] == 0
 
 
+@pytest.mark.no_broker
+def test_dry_run_says_a_services_word_that_it_did_not_act_in_time_is_kept_and_not_dead_lettered():
+    from common.dry_run import preview
+    sent = route(detection(), 1)[0][1]
+    said = caused_by(sent, "expired-1", "command_expired", {"command": sent.type, "deadline": sent.created_at,
+                                                           "service": "security_service"}, "security_service")
+    record = type("Record", (), {"topic": "message_stream.security_service", "value": said.to_bytes()})()
+    emitted = preview([record], WORKFLOWS, route, 1, {"security"})
+    assert dict(emitted["command_expired"]) == {"(a command not acted on in time: kept beside its step)": 1}
+
+
 def test_dry_run_previews_a_routing_change_and_produces_and_commits_nothing(env, scripts, producer):
     # Given recorded traffic: three detections, two unit events and one junk message
     events = [detection() for _ in range(3)] + [unit_event() for _ in range(2)]

@@ -273,7 +273,7 @@ def test_a_workflow_in_flight_follows_the_routing_of_the_stage_it_started_under(
                                             ["security_command", "notification_command"])
 
 
-def test_an_outcome_of_an_earlier_attempt_changes_nothing_once_a_retry_sent_the_step_anew(store):
+def test_a_late_success_of_the_command_a_retry_repeats_ends_the_retried_step_and_no_page_follows(store):
     # Given a workflow whose action got no answer in time, retried by a person: the step is sent again, a new id
     event = detection()
     [(_, first), *_] = handled(store, event, T0)
@@ -281,11 +281,21 @@ def test_an_outcome_of_an_earlier_attempt_changes_nothing_once_a_retry_sent_the_
     retry = about(event.workflow_id, "workflow_retry_requested", {"reason": "fixed", "by": "me", "workflow": "security"},
                   OPERATOR)
     [(_, again), _] = handled(store, retry, T0 + 5)
-    assert again.id != first.id and states(store, event)["acted"] == "pending"
-    # When the first attempt's outcome comes after all (the service was slow): it is late, and changes nothing
-    assert handled(store, answered(first), T0 + 6) == [] and states(store, event)["acted"] == "pending"
-    # Then only the new attempt's outcome ends the step, and the workflow
-    assert [m.type for _, m in handled(store, answered(again), T0 + 7)] == ["workflow_completed"]
+    assert again.id != first.id and again.retry_of == first.id and states(store, event)["acted"] == "pending"
+    # When the first command's success comes after all (the service was slow): the services apply both commands
+    # under one key, so that action is the retry's: the step is done and the workflow completes, no timer left
+    assert [m.type for _, m in handled(store, answered(first), T0 + 6)] == ["workflow_completed"]
+    assert fire(store, T0 + 100) == []
+    # Then the retry's own answer, when it comes (its service saw the action done), changes nothing
+    assert handled(store, answered(again), T0 + 7) == [] and states(store, event)["acted"] == "done"
+    # And an earlier command's failure never ends a retried step
+    other = detection()
+    [(_, sent), *_] = handled(store, other, T0)
+    fire(store, T0 + 2), fire(store, T0 + 4)
+    handled(store, about(other.workflow_id, "workflow_retry_requested", {"reason": "x", "by": "me",
+                                                                         "workflow": "security"}, OPERATOR), T0 + 5)
+    assert handled(store, answered(sent, "security_action_failed"), T0 + 6) == []
+    assert states(store, other)["acted"] == "pending"
 
 
 def test_a_command_the_table_has_no_step_for_is_a_dead_letter_that_says_what_to_declare(store, monkeypatch):

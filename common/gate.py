@@ -69,7 +69,7 @@ class Revocations:
                 log.warning("%s:%d:%d is not a revocation of the orchestrator's; ignored", record.topic,
                             record.partition, record.offset)
                 continue
-            self.revoked[said.workflow_id] = f"by {said.payload.get('by')}: {said.payload.get('reason')}"
+            self.revoked[said.workflow_id] = f"by {said.payload['by']}: {said.payload['reason']}"
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -126,7 +126,7 @@ class Gate:
 
 def refuse_if_expired(command: Envelope, now: float | None = None) -> None:
     """Expired if a command's deadline has passed (a command without one may be acted on at any time)."""
-    if command.deadline is not None and (now or time.time()) > command.deadline.timestamp():
-        late = (now or time.time()) - command.deadline.timestamp()
-        raise Expired(f"read {late:.1f} s after its deadline ({command.deadline.astimezone(timezone.utc):%H:%M:%S.%f}"[:-3]
-                      + " UTC)")  # (a deadline is checked for its range as the envelope is read: messages.py)
+    late = (time.time() if now is None else now) - command.deadline.timestamp() if command.deadline else 0.0
+    if late > 0:  # (a deadline is checked for its range as the envelope is read: messages.py)
+        at = command.deadline.astimezone(timezone.utc)
+        raise Expired(f"read {late:.1f} s after its deadline ({at:%H:%M:%S}.{at.microsecond // 1000:03d} UTC)")

@@ -130,8 +130,10 @@ def noted(workflow: dict, event: Envelope, now: float) -> str | None:
     """An answer that changes no step, kept beside the step it answers (by the command it names: this attempt's or
     an earlier retry's): a service's word that it did not act in time (command_expired), or an outcome that came
     late. Returns the step's name, or None if it answers none."""
+    if event.cause_id is None:
+        return None
     for name, step in workflow["steps"].items():
-        if event.cause_id is not None and event.cause_id in (step["command"].get("id"), *step.get("earlier", ())):
+        if event.cause_id in (step["command"].get("id"), *step.get("earlier", ())):
             step["late"] = [*step.get("late", ())[-(MAX_NOTES - 1):], [event.type, round(now, 3)]]
             return name
     return None

@@ -4,7 +4,7 @@
 # make kafka-up / kafka-down -- a broker on localhost:9092: Docker compose where a Docker engine answers, else local_kafka
 # make lint   -- ruff
 # make bench  -- bench.py: throughput, latency, failover, restart gap and memory, side by side (about 8 minutes)
-# make reset  -- start the walkthrough over: delete its topics, consumer groups, state and reports.db
+# make reset  -- start the walkthrough over: delete its topics, consumer groups, state, reports.db and security.db
 # make walkthrough -- a tmux session with one window per script of Example 1, for the examples by hand
 PYTHON ?= python3
 VENV := .venv

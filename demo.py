@@ -4,8 +4,8 @@ Reads:  every project topic (to follow each workflow)   Needs: a broker (`make k
 Run:    python demo.py            # about a minute; Ctrl-C stops everything it started
         python demo.py --quick    # shorter stages (used by the tests)
         python demo.py --tmux     # the examples by hand: a tmux session, one window per script (`make walkthrough`)
-        python demo.py --reset    # start the walkthrough over: delete its topics, consumer groups, state and
-                                  # reports.db (those of TOPIC_PREFIX; `make reset`)
+        python demo.py --reset    # start the walkthrough over: delete its topics, consumer groups, state,
+                                  # reports.db and security.db (those of TOPIC_PREFIX; `make reset`)
 Ends with one line: demo: workflows=N completed=N lost=0 duplicates=0 reports=N restart_gap_s=X.X followed=N (the
 steps Example 4 sent after another step; exit 1 if anything was lost).
 """
@@ -247,8 +247,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the demo's report store and topics")
     parser.add_argument("--tmux", action="store_true", help="open a tmux session with a window per script of the "
                                                             "examples by hand, then exit")
-    parser.add_argument("--reset", action="store_true", help="delete the walkthrough's topics, groups, state and "
-                                                             "report store (those of TOPIC_PREFIX), then exit")
+    parser.add_argument("--reset", action="store_true", help="delete the walkthrough's topics, groups, state, "
+                                                             "report store and zones (those of TOPIC_PREFIX), then exit")
     args = parser.parse_args()
     if args.tmux:
         return walkthrough(attach=sys.stdout.isatty())

@@ -3,7 +3,9 @@
 The broker: KAFKA_BOOTSTRAP_SERVERS if set; else a throwaway apache/kafka container where a Docker engine answers;
 else `local_kafka` on a free port in a temp dir, stopped when the session ends. Every test gets its own topic
 prefix (so its own topics) and its own report store, so tests never see each other's messages.
-Tests marked `no_broker` (run by `make check`) may not ask for the broker: the `kafka` fixture fails them.
+Tests marked `no_broker` (run by `make check`) may not ask for the broker, nor reach one: the `kafka` fixture fails
+them, and so does any Kafka client they make (a broker a user runs on localhost:9092 would otherwise answer it, and
+the test would pass there and fail where none runs).
 """
 
 import os
@@ -14,6 +16,7 @@ from helpers import KAFKA_IMAGE, Scripts, topic_readers, writer_of
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.net.manager import KafkaConnectionManager
 
 import acls
 import local_kafka
@@ -28,6 +31,15 @@ def docker_engine_answers() -> bool:
         return True
     except Exception:  # noqa: BLE001 -- any failure here just means "no Docker engine": fall back to local_kafka
         return False
+
+
+@pytest.fixture(autouse=True)
+def no_kafka_client_without_a_broker(request, monkeypatch):
+    """A test marked no_broker fails at once if anything it runs makes a Kafka client (producer, consumer, admin)."""
+    if request.node.get_closest_marker("no_broker"):
+        def refused(*args, **kwargs):
+            pytest.fail("a test marked no_broker made a Kafka client: give it what it would read instead")
+        monkeypatch.setattr(KafkaConnectionManager, "__init__", refused)
 
 
 @pytest.fixture

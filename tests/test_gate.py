@@ -31,14 +31,21 @@ def command(deadline: float | None, id_: str = "w.security") -> Envelope:
                                                           datetime.fromtimestamp(deadline, timezone.utc)})
 
 
+def gate(reports: bool = True, revoked: dict | None = None, applied=None) -> Gate:
+    """A service's gate whose revocations are given, not read from Kafka (tests/test_operator.py reads them)."""
+    made = Gate("svc", Settings(), reports, applied)
+    made.revocations.revoked = revoked or {}
+    made.revocations.read = lambda: None
+    return made
+
+
 class Gated:
     """A service's handling as the loop does it, its gate's revocations given, its handler counting calls."""
 
     def __init__(self, reports: bool = True, revoked: dict | None = None):
         self.store = Store("svc", Settings(), durable=False, dedupe=True)
         self.store.restore({0})
-        self.gate = Gate("svc", Settings(), reports)
-        self.gate.revocations.revoked = revoked or {}
+        self.gate = gate(reports, revoked)
         self.acted = []
 
     def handle(self, message: Envelope, offset: int = 0):
@@ -162,9 +169,9 @@ def test_the_revocations_are_read_again_before_a_command_once_the_last_read_is_s
 
 def test_a_command_past_its_deadline_whose_effect_was_applied_is_handled_to_say_what_was_done():
     # (a copy acted, then died before it could report: its successor must not say "not acted on")
-    Gate("svc", Settings(), True, applied=lambda command: True).check(command(deadline=1.0))
+    gate(applied=lambda command: True).check(command(deadline=1.0))
     with pytest.raises(Expired):
-        Gate("svc", Settings(), True, applied=lambda command: False).check(command(deadline=1.0))
+        gate(applied=lambda command: False).check(command(deadline=1.0))
 
 
 @pytest.mark.parametrize("deadline, why", [("0001-01-01T00:00:00+14:00", "a deadline from 1970"),

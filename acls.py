@@ -19,6 +19,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
+import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 from kafka import KafkaAdminClient
 from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePattern, ResourceType,
                          UserScramCredentialUpsertion)

@@ -3,17 +3,22 @@
 Reads:    every project topic (as monitor.py does) and the orchestrators' state (as workflows.py does); joins no group
 Produces: message_stream.operator (cancel, retry: workflows.py's requests) and a dead letter's source topic (replay)
 Run:      python console.py                         # then open http://127.0.0.1:8080
-          python console.py --port 8090 --host 0.0.0.0
+          python console.py --port 8090 --host 0.0.0.0 --users users.json   # off loopback: a login (or CONSOLE_TOKEN)
 The page shows the flow (each topic's messages per second, each group's lag), the workflows (newest first, by
 state), one workflow (its messages in the order Kafka got them, its state entry, its trace) with buttons to cancel or
 retry it, and the dead letters with a button to replay one. It updates itself (server-sent events). On a secured
 cluster it reads as KAFKA_SASL_USERNAME (the monitor) and acts as KAFKA_OPERATOR_USERNAME/_PASSWORD; without those
-its buttons are off and say why. Its files: web/.
+its buttons are off and say why. Off loopback it asks for a login and acts as the signed-in name (docs/observability.md).
+Its files: web/.
 """
 
 import argparse
 import asyncio
+import base64
+import hmac
+import ipaddress
 import json
+import os
 import logging
 import socket
 import sys
@@ -21,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 import uvicorn
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.errors import KafkaError
@@ -204,34 +210,92 @@ def actions_off(settings: Settings) -> str | None:
     return None
 
 
-class SameOrigin:
-    """A POST (an action) only from the console's own page: JSON, and from its own origin when the browser says one
-    (a page of another site cannot send one through the operator's browser)."""
+BODY_LIMIT = 16 * 1024  # bytes: an action's body is a reason and a name; a longer one is refused before it is read
 
-    def __init__(self, app):
-        self.app = app
+
+class Login:
+    """Who may use the console where a login is set up: the users of a JSON file ({"name": "password", ...}, as
+    `acls.py --users FILE` writes it), or anyone with the one token (CONSOLE_TOKEN) under the name they give. The
+    browser asks for it (HTTP Basic)."""
+
+    def __init__(self, users: dict[str, str] | None = None, token: str | None = None):
+        self.users, self.token = users or {}, token
+
+    @classmethod
+    def from_file(cls, path: str, token: str | None = None) -> "Login":
+        try:
+            with open(path, encoding="utf-8") as file:
+                users = json.load(file)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"console: cannot read the users of {path}: {error}") from None
+        if not isinstance(users, dict) or not users or \
+                not all(isinstance(v, str) and v and isinstance(k, str) and k for k, v in users.items()):
+            raise SystemExit(f"console: {path} is not a JSON object of user names and their passwords")
+        return cls(users, token)
+
+    def who(self, authorization: str | None) -> str | None:
+        """The signed-in name an Authorization header proves, or None."""
+        scheme, _, encoded = (authorization or "").partition(" ")
+        try:
+            name, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if scheme.lower() != "basic" or not name.strip() or len(name) > 64:
+            return None
+        known = self.users.get(name)
+        if known is not None and hmac.compare_digest(known.encode(), password.encode()):
+            return name
+        if self.token and hmac.compare_digest(self.token.encode(), password.encode()):
+            return name
+        return None
+
+
+class Guard:
+    """What every request passes before the console answers it: a login where one is set up (the name it proves is
+    the one every request the console sends is made by), and for a POST (an action) JSON, from the console's own page
+    (a page of another site cannot send one through the operator's browser), with a declared length of at most
+    BODY_LIMIT bytes. (The Host check before it, Starlette's TrustedHostMiddleware: a name the console answers to.)"""
+
+    def __init__(self, app, login: Login | None = None):
+        self.app, self.login = app, login
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-            origin, host = headers.get("origin"), headers.get("host", "")
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        if self.login is not None:
+            if (name := self.login.who(headers.get("authorization"))) is None:
+                return await refuse(scope, receive, send, 401, "sign in: the console's login (user and password)",
+                                    {"WWW-Authenticate": 'Basic realm="console", charset="UTF-8"'})
+            scope.setdefault("state", {})["login"] = name
+        if scope["method"] == "POST":
+            origin, host, length = headers.get("origin"), headers.get("host", ""), headers.get("content-length", "")
             if not headers.get("content-type", "").startswith("application/json") or \
                     (origin is not None and origin.split("://", 1)[-1] != host):
-                response = JSONResponse({"error": "an action comes from the console's own page (JSON, same origin)"},
-                                        status_code=403)
-                return await response(scope, receive, send)
+                return await refuse(scope, receive, send, 403, "an action comes from the console's own page (JSON, "
+                                                                "same origin)")
+            if not (length.isascii() and length.isdecimal()):
+                return await refuse(scope, receive, send, 411, "an action says its length (Content-Length)")
+            if int(length) > BODY_LIMIT:
+                return await refuse(scope, receive, send, 413, f"an action's body is at most {BODY_LIMIT} bytes")
         return await self.app(scope, receive, send)
 
 
-def app(watch: Watch, hosts: list[str]) -> Starlette:
-    """The console's web application; `hosts`: the names it answers to (others are refused: DNS rebinding)."""
+async def refuse(scope, receive, send, status: int, why: str, headers: dict | None = None) -> None:
+    await JSONResponse({"error": why}, status_code=status, headers=headers)(scope, receive, send)
+
+
+def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette:
+    """The console's web application; `hosts`: the names it answers to (others are refused: DNS rebinding); `login`:
+    who may use it (None: anyone who reaches it, as on loopback)."""
     settings = watch.settings
 
     async def page(_: Request):
         return FileResponse(WEB / "index.html")
 
-    async def config(_: Request):
+    async def config(request: Request):
         return JSONResponse({"actions_off": actions_off(settings), "replay_off": replay_off(settings),
+                             "signed_in": request.scope.get("state", {}).get("login"),
                              "workflows": list(WORKFLOWS),
                              "flow": [{"name": name, "source": w.source, "starts_with": w.starts_with,
                                        "steps": [{"name": s.name, "topic": s.topic, "service": s.service,
@@ -255,9 +319,11 @@ def app(watch: Watch, hosts: list[str]) -> Starlette:
         if why := refusal(asked, "reason") or (kind not in ("cancel", "retry") and f"no such action: {kind} (cancel or retry)"):
             return JSONResponse({"error": why}, status_code=400)
 
+        by = request.scope.get("state", {}).get("login") or str(asked.get("by") or "console")  # (signed in: that name)
+
         def ask() -> dict:  # (a reason over 500 characters, a name over 64: workflows.request says so)
-            granted, said = workflows.request(kind, request.path_params["id"], str(asked["reason"]).strip(),
-                                              str(asked.get("by") or "console"), 5.0, settings, watch.located())
+            granted, said = workflows.request(kind, request.path_params["id"], str(asked["reason"]).strip(), by, 5.0,
+                                              settings, watch.located())
             return {"granted": granted, "answer": said}
         return await answered(ask)
 
@@ -280,7 +346,7 @@ def app(watch: Watch, hosts: list[str]) -> Starlette:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return Starlette(middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
-                                 Middleware(SameOrigin)], routes=[
+                                 Middleware(Guard, login=login)], routes=[
         Route("/", page), Route("/api/config", config), Route("/api/workflows", listing),
         Route("/api/workflows/{id}", showing), Route("/api/workflows/{id}/{kind:str}", acting, methods=["POST"]),
         Route("/api/dead-letters", dead), Route("/api/dead-letters/replay", replay, methods=["POST"]),
@@ -288,13 +354,17 @@ def app(watch: Watch, hosts: list[str]) -> Starlette:
 
 
 async def answered(function, *args) -> JSONResponse:
-    """A blocking question, asked off the event loop; a one-line error as a 4xx (no such workflow, a bad request:
-    the line the scripts print; a right Kafka refused: said in the console's log) or a 503 (Kafka away)."""
+    """A blocking question, asked off the event loop; a one-line error as a 404 (no such workflow), a 400 (a request
+    that cannot be sent as asked), a 403 (a right Kafka refused: said in the console's log) or a 503 (Kafka away)."""
     try:
         return JSONResponse(await run_in_threadpool(function, *args))
-    except SystemExit as error:
+    except workflows.NotFound as error:
+        return JSONResponse({"error": str(error)}, status_code=404)
+    except workflows.BadRequest as error:
+        return JSONResponse({"error": str(error)}, status_code=400)
+    except SystemExit as error:  # (common.refused: a right refused, exit code 3; read_from: a read that made no progress)
         if isinstance(error.code, str):
-            return JSONResponse({"error": error.code}, status_code=404)
+            return JSONResponse({"error": error.code}, status_code=503)
         return JSONResponse({"error": "Kafka refused it: this console's user may not (see the console's log)"},
                             status_code=403)
     except KafkaError as error:
@@ -335,32 +405,69 @@ class Serving(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started:
-            log.info("console: http://%s:%d (Ctrl-C stops it)", self.config.host, self.config.port)
+            log.info("console: %s://%s:%d (Ctrl-C stops it)", "https" if self.config.ssl_certfile else "http",
+                     self.config.host, self.config.port)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--port", type=int, default=8080, help="the port to serve on (default 8080)")
-    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default 127.0.0.1: this machine)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default 127.0.0.1: this machine; "
+                                                            "another needs a login: --users or CONSOLE_TOKEN)")
+    parser.add_argument("--users", metavar="FILE", help='who may sign in: a JSON object {"name": "password", ...} '
+                                                        "(as acls.py --users writes it)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a name the console answers to besides this machine's (repeat for more)")
+    parser.add_argument("--certfile", help="serve HTTPS with this certificate (PEM; with --keyfile)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--sla", type=float, default=5.0, help="seconds a workflow may take before it is stuck")
     args = parser.parse_args()
     setup_logging()
-    with socket.socket() as probe:  # (a port in use: one line, before anything is started)
+    token = os.environ.get("CONSOLE_TOKEN") or None
+    login = Login.from_file(args.users, token) if args.users else Login(token=token) if token else None
+    if login is None and not loopback(args.host):
+        raise SystemExit(f"console: serving on {args.host} opens it to the network, and it has no login: give --users "
+                         "FILE or set CONSOLE_TOKEN (or serve on 127.0.0.1)")
+    if bool(args.certfile) != bool(args.keyfile):
+        raise SystemExit("console: --certfile and --keyfile go together")
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:  # (a port in use: one line)
         try:
             probe.bind((args.host, args.port))
         except OSError as error:
             raise SystemExit(f"console: cannot serve on {args.host}:{args.port}: {error.strerror or error} "
                              "(give another with --port)") from None
+    hosts = answers_to(args.host, args.allow_host)
+    if not loopback(args.host):
+        log.info("console: answers to %s (--allow-host adds a name)%s", ", ".join(hosts),
+                 "" if args.certfile else "; without --certfile the login travels in clear: serve it on a network "
+                                          "that is yours, or behind HTTPS")
     wait_for_kafka(Stopper(), "console", wait=False).close()
     watch = Watch(SETTINGS, args.sla)
     watch.tail.feed(watch.tail.fetch(0))  # (a right it lacks: one line, here)
     threading.Thread(target=watch.run, daemon=True, name="console-watch").start()
-    hosts = ["127.0.0.1", "localhost", "[::1]"] + ([] if args.host in ("127.0.0.1", "localhost") else
-                                                   ["*"] if args.host in ("0.0.0.0", "::") else [args.host])
-    Serving(uvicorn.Config(app(watch, hosts), host=args.host, port=args.port, log_level="warning")).run()
+    Serving(uvicorn.Config(app(watch, hosts, login), host=args.host, port=args.port, log_level="warning",
+                           ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)).run()
     watch.stop.set()
     return 0
+
+
+def loopback(host: str) -> bool:
+    """Whether an address to serve on is this machine only."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def answers_to(host: str, allowed: list[str]) -> list[str]:
+    """The names the console answers to (a Host header of another is refused): this machine's loopback names; off
+    loopback the address it serves on, or for every address (0.0.0.0, ::) the machine's names; and those allowed."""
+    names = ["127.0.0.1", "localhost", "[::1]"]
+    if not loopback(host):
+        wildcard = host in ("0.0.0.0", "::", "[::]")
+        names += [socket.gethostname(), socket.getfqdn()] if wildcard else [f"[{host}]" if ":" in host else host]
+    return list(dict.fromkeys(names + allowed))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ message of a type named nowhere is a clear error, not a guess.
 
 from typing import Literal
 
+import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 from pydantic import Field
 
 from common import DEAD_LETTER, MESSAGE_STREAM, Schema, contract  # noqa: F401 -- (the two families: named here too)

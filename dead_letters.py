@@ -21,6 +21,7 @@ import sys
 import time
 from datetime import datetime
 
+import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 from kafka import KafkaConsumer
 from kafka.errors import AuthorizationError
 from kafka.structs import TopicPartition

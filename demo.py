@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 from rich.console import Console
 
 from kafka import KafkaAdminClient

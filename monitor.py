@@ -24,6 +24,7 @@ from array import array
 from collections import Counter, OrderedDict, defaultdict, deque
 from datetime import datetime
 
+import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.errors import AuthorizationError, KafkaError
 from kafka.structs import TopicPartition

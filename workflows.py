@@ -24,6 +24,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import NamedTuple
 
+import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
@@ -72,11 +73,19 @@ def trace_of(raw: bytes) -> str | None:
     return trace if isinstance(trace, str) else None
 
 
+class NotFound(LookupError):
+    """No workflow, or more than one, has the id asked for (the text says which)."""
+
+
+class BadRequest(ValueError):
+    """A request that cannot be sent as asked: an empty or overlong reason or name (the text says which)."""
+
+
 def one(found: dict, wanted: str) -> str:
     """The id of the one workflow `wanted` names (its id, or a beginning of 8 or more characters only it has)."""
     matches = [w for w in found if w == wanted or (len(wanted) >= 8 and w.startswith(wanted))]
     if len(matches) != 1:
-        raise SystemExit(f"workflows: {len(matches) or 'no'} workflows have an id {wanted!r}"
+        raise NotFound(f"{len(matches) or 'no'} workflows have an id {wanted!r}"
                          f"{' or starting so' if len(wanted) >= 8 else ' (give the whole id, or 8 characters or more)'}"
                          f"{': ' + ', '.join(sorted(matches)[:5]) if matches else ''}")
     return matches[0]
@@ -97,7 +106,7 @@ def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0, s
                       OPERATOR)
     except ValidationError as error:  # (an empty or overlong reason, say)
         wrong = error.errors()[0]
-        raise SystemExit(f"workflows: --{wrong['loc'][0]}: {wrong['msg']}; nothing was sent") from None
+        raise BadRequest(f"{wrong['loc'][0]}: {wrong['msg']}; nothing was sent") from None
     answers = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
     producer = make_producer(settings=operator_settings(settings))
     try:
@@ -242,13 +251,18 @@ def main() -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (`workflows.py list | head` ends quietly, as other commands do)
     setup_logging()
     wait_for_kafka(Stopper(), "workflows", wait=False).close()
-    if args.command in ("cancel", "retry"):
-        granted, said = request(args.command, args.workflow_id, args.reason, args.by or login_name(), args.wait)
-        print(said)
-        return 0 if granted else 1
-    found = workflows()
-    if args.command == "show":
-        return show(found, args.workflow_id, args.json)
+    try:
+        if args.command in ("cancel", "retry"):
+            granted, said = request(args.command, args.workflow_id, args.reason, args.by or login_name(), args.wait)
+            print(said)
+            return 0 if granted else 1
+        found = workflows()
+        if args.command == "show":
+            return show(found, args.workflow_id, args.json)
+    except BadRequest as error:  # (said as the flags say it)
+        raise SystemExit(f"workflows: --{error}") from None
+    except NotFound as error:
+        raise SystemExit(f"workflows: {error}") from None
     chosen = sorted((w for w in found.values() if args.state in (None, w["state"])), key=lambda w: w["started_at"])
     for workflow in chosen:
         if args.json:

@@ -26,14 +26,10 @@
   workarounds  every workaround of a kafka-python behaviour, each saying which and why
   tracing      OpenTelemetry: a trace per workflow, its context in the record headers (off unless asked)
   metrics      Prometheus metrics on METRICS_PORT (off unless a port is given)
+  installed    the requirements asked for first: outside the virtual environment, one line instead of a traceback
 """
 
-try:
-    import kafka  # noqa: F401 -- (only to say in one line what is missing, instead of a traceback)
-    import pydantic  # noqa: F401
-except ModuleNotFoundError as missing:
-    raise SystemExit(f"{missing.name} is not installed here: run the scripts in the project's virtual environment "
-                     f"(`make check` makes it in .venv; then `. .venv/bin/activate`)") from None
+from common import installed  # noqa: F401 -- (first: outside the virtual environment, one line, not a traceback)
 
 from common.changelog import Latest, Record, changelog, ensure_changelog, latest_entries
 from common.clients import (SESSION_TIMEOUT_MS, answers_kafka, ensure_topics, make_consumer, make_producer, read_all,

@@ -111,12 +111,13 @@ function ask(title, text) {  // a confirmation with a reason: {reason, by}, or n
   $("#ask-title").textContent = title;
   $("#ask-text").textContent = text;
   $("#ask-reason").value = "";
-  $("#ask-by").value = localStorage.getItem("console-by") || "";
+  $("#ask-by").value = config.signed_in || localStorage.getItem("console-by") || "";
+  $("#ask-by").disabled = Boolean(config.signed_in);  // (signed in: the console acts as that name)
   const dialog = $("#ask");
   return new Promise((resolve) => {
     dialog.onclose = () => {
       if (dialog.returnValue !== "go") return resolve(null);
-      localStorage.setItem("console-by", $("#ask-by").value);
+      if (!config.signed_in) localStorage.setItem("console-by", $("#ask-by").value);
       resolve({reason: $("#ask-reason").value, by: $("#ask-by").value || "console"});
     };
     dialog.showModal();

@@ -49,7 +49,7 @@ import contracts
 import local_kafka
 import local_zipkin
 from common import Limits, Orchestration, Record, Store, changelog, ensure_changelog, handle_record
-from monitor import percentile
+from views.flow import percentile
 from orchestrator import WORKFLOWS, route
 
 HERE = Path(__file__).resolve().parent

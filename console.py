@@ -28,9 +28,8 @@ from pathlib import Path
 
 import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 import uvicorn
-from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
-from kafka.structs import TopicPartition
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -40,13 +39,11 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-import dead_letters
-import monitor
-import workflows
-from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, STATES, Latest,
-                    Settings, Stopper, changelog, orchestrator_groups, read_all, setup_logging, tracing, wait_for_kafka,
-                    written_by)
+from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, STATES, Settings, Stopper,
+                    read_all, setup_logging, tracing, wait_for_kafka, written_by)
 from orchestrator import WORKFLOWS
+from views import flow, letters, requests, workflows
+from views.workflows import Following
 
 log = logging.getLogger("console")
 WEB = Path(__file__).resolve().parent / "web"
@@ -54,37 +51,6 @@ EVERY_S = 1.0  # how often the page is told what changed
 LAG_EVERY_S = 2.0
 
 
-class Following:
-    """The orchestrators' state topics, followed: each look reads only what was written since the last (workflows.py
-    reads them whole each time)."""
-
-    def __init__(self, settings: Settings):
-        self.settings, self.latest = settings, Latest()
-        self.groups = {settings.topic(changelog(group)): group for group in orchestrator_groups(WORKFLOWS)}
-        for group in self.groups.values():  # (in workflows.py's order: on a tie, the same entry wins)
-            self.latest.kept[group] = {}
-        self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False,
-                                      isolation_level="read_committed")
-
-    def entries(self) -> dict:
-        """The state now, as latest_entries gives it (a state topic made since is read from its beginning)."""
-        wanted = [TopicPartition(t, p) for t in sorted(set(self.consumer.topics()) & set(self.groups))
-                  for p in self.consumer.partitions_for_topic(t) or ()]
-        end, assigned = self.consumer.end_offsets(wanted), self.consumer.assignment()
-        if set(wanted) != assigned or any(self.consumer.position(tp) > end[tp] for tp in assigned if tp in end):
-            for group in self.latest.kept:  # (a state topic made, or deleted and made again: all read anew)
-                self.latest.kept[group] = {}
-            self.consumer.assign(wanted)
-            if wanted:
-                self.consumer.seek_to_beginning(*wanted)
-        stalled_at = time.monotonic() + 30
-        while any(self.consumer.position(tp) < end[tp] for tp in wanted):
-            if time.monotonic() > stalled_at:
-                raise KafkaError("reading the orchestrators' state made no progress for 30 s")
-            for tp, records in self.consumer.poll(timeout_ms=200).items():
-                self.latest.add(self.groups[tp.topic], records)
-                stalled_at = time.monotonic() + 30  # (a long topic may take long; a stuck read may not)
-        return self.latest.entries()
 
 
 class Watch:
@@ -92,8 +58,8 @@ class Watch:
     clients), and the orchestrators' state, read again at most once a second; requests read both under a lock."""
 
     def __init__(self, settings: Settings, sla: float):
-        self.settings, self.flow = settings, monitor.Flow(sla, settings)
-        self.tail, self.admin = monitor.Tail(self.flow), KafkaAdminClient(**settings.kafka_config())
+        self.settings, self.flow = settings, flow.Flow(sla, settings)
+        self.tail, self.admin = flow.Tail(self.flow), KafkaAdminClient(**settings.kafka_config())
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.read, self.lag, self.problem = 0, {}, None
         self.state_lock, self.states, self.states_at, self.states_read = threading.Lock(), {}, 0.0, -1
@@ -161,7 +127,7 @@ class Watch:
         with self.lock:
             waiting = {w: waiting_row(w, kind) for w, kind in self.flow.kind.items() if w not in found}
         workflow_id = workflows.one({**waiting, **found}, wanted)  # (one the orchestrator has not routed yet, too)
-        _, rows = monitor.messages_of(workflow_id, self.settings)
+        _, rows = flow.messages_of(workflow_id, self.settings)
         shown = workflows.summary(found[workflow_id].workflow) if workflow_id in found else waiting[workflow_id]
         return shown | {
             "entry": found[workflow_id].workflow if workflow_id in found else None,
@@ -185,26 +151,26 @@ def note(message) -> str:
     return str(said.get("detail", "")) if message.type in ANSWERS + FINISHED else ""
 
 
-def letters(settings: Settings) -> list[dict]:
+def letter_rows(settings: Settings) -> list[dict]:
     """dead_letters.py list's letters, newest first: where each came from, why, and whether and when it was replayed."""
-    found, _ = dead_letters.load(read_all(DEAD_LETTER, settings=settings))
-    replayed = dead_letters.replays(found)
+    found, _ = letters.load(read_all(DEAD_LETTER, settings=settings))
+    replayed = letters.replays(found)
     return [{"letter": which, "at": made.timestamp(), "service": which.split(":")[0],
-             "workflow": dead_letters.workflow_of(letter), "reason": letter.reason,
+             "workflow": letters.workflow_of(letter), "reason": letter.reason,
              "from": f"{letter.topic}:{letter.partition}:{letter.offset}",
-             "replayed": sorted(replayed.get(dead_letters.original_of(letter), []))}
+             "replayed": sorted(replayed.get(letters.original_of(letter), []))}
             for which, letter, made in sorted(found, key=lambda row: row[2], reverse=True)]
 
 
 def replayed(which: str, settings: Settings) -> int:
-    found, _ = dead_letters.load(read_all(DEAD_LETTER, settings=settings))
-    todo = dead_letters.originals(dead_letters.chosen(found, None, None, [which]))
-    return dead_letters.replay(todo) if todo else 0
+    found, _ = letters.load(read_all(DEAD_LETTER, settings=settings))
+    todo = letters.originals(letters.chosen(found, None, None, [which]))
+    return letters.replay(todo) if todo else 0
 
 
 def actions_off(settings: Settings) -> str | None:
     """Why the page's buttons are off (a secured cluster, and no operator credentials given), or None."""
-    if settings.sign_in.get("sasl_plain_username") and workflows.operator_settings(settings) is settings:
+    if settings.sign_in.get("sasl_plain_username") and requests.operator_settings(settings) is settings:
         return (f"read only: acting needs the operator's credentials (KAFKA_OPERATOR_USERNAME and "
                 f"KAFKA_OPERATOR_PASSWORD), which may write {written_by(MESSAGE_STREAM, OPERATOR)}")
     return None
@@ -321,14 +287,14 @@ def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette
 
         by = request.scope.get("state", {}).get("login") or str(asked.get("by") or "console")  # (signed in: that name)
 
-        def ask() -> dict:  # (a reason over 500 characters, a name over 64: workflows.request says so)
-            granted, said = workflows.request(kind, request.path_params["id"], str(asked["reason"]).strip(), by, 5.0,
+        def ask() -> dict:  # (a reason over 500 characters, a name over 64: views.requests says so)
+            granted, said = requests.request(kind, request.path_params["id"], str(asked["reason"]).strip(), by, 5.0,
                                               settings, watch.located())
             return {"granted": granted, "answer": said}
         return await answered(ask)
 
     async def dead(_: Request):
-        return await answered(letters, settings)
+        return await answered(letter_rows, settings)
 
     async def replay(request: Request):
         asked = await body(request)
@@ -360,7 +326,7 @@ async def answered(function, *args) -> JSONResponse:
         return JSONResponse(await run_in_threadpool(function, *args))
     except workflows.NotFound as error:
         return JSONResponse({"error": str(error)}, status_code=404)
-    except workflows.BadRequest as error:
+    except requests.BadRequest as error:
         return JSONResponse({"error": str(error)}, status_code=400)
     except SystemExit as error:  # (common.refused: a right refused, exit code 3; read_from: a read that made no progress)
         if isinstance(error.code, str):

@@ -34,7 +34,8 @@ from kafka.errors import NonEmptyGroupError, KafkaError
 from common import (MESSAGE_STREAM, SESSION_TIMEOUT_MS, SETTINGS, Settings, changelog, read_all, tracing,
                     written_by)
 from local_kafka import free_port, port_is_free
-from monitor import TOPICS, Flow, Tail, groups, render
+from views.board import render
+from views.flow import TOPICS, Flow, Tail, groups
 
 HERE = Path(__file__).resolve().parent
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_green"]

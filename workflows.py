@@ -16,132 +16,34 @@ import argparse
 import getpass
 import json
 import logging
-import os
 import signal
 import sys
-import time
-from dataclasses import replace
-from datetime import datetime
-from typing import NamedTuple
 
 import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
-from kafka import KafkaConsumer
-from kafka.errors import KafkaError
-from kafka.structs import TopicPartition
-from pydantic import ValidationError
 
-from common import (MESSAGE_STREAM, OPERATOR, SETTINGS, STATES, WORKFLOW, Settings, Stopper, about, derived_id,
-                    is_workflow, latest_entries, make_producer, not_retriable, orchestrator_groups, refused,
-                    setup_logging, wait_for_kafka, written_by)
-from orchestrator import WORKFLOWS
+from common import STATES, Stopper, setup_logging, wait_for_kafka
+from views.requests import BadRequest, request
+from views.workflows import NotFound, stamp, summary, workflows
 
 log = logging.getLogger("workflows")
 
 
-def workflows(settings=SETTINGS) -> dict[str, dict]:
-    """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
-    written for it (a later one wins); those past the retention are gone."""
-    return {id_: found.workflow for id_, found in located(settings).items()}
 
 
-class Located(NamedTuple):
-    partition: int        # of the state topic that holds it (and of the topics its events come on)
-    workflow: dict        # the workflow, as its state entry holds it
-    raw: bytes            # its entry as stored (the trace context of the record that wrote it last: trace_of)
 
 
-def located(settings=SETTINGS, quiet: bool = False, entries: dict | None = None) -> dict[str, Located]:
-    """Every workflow, by id, with where its state is (quiet: entries set aside are not said). `entries`: the state
-    as latest_entries gives it, if read already (the console follows it)."""
-    cutoff = time.time() - settings.state_retention_s
-    entries = latest_entries(orchestrator_groups(WORKFLOWS), settings) if entries is None else entries
-    found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, raw)
-             for (partition, key), (at, _, raw, value) in entries.items()
-             if key.startswith(WORKFLOW.encode()) and at >= cutoff}
-    unreadable = [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]
-    if unreadable and not quiet:
-        print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
-              f"unreadable, e.g. {unreadable[0]}: what each held is lost (the orchestrator dead-letters it, or else the next "
-              f"event of its workflow; see dead_letters.py list)",
-              file=sys.stderr)
-    return {id_: found[id_] for id_ in found if id_ not in unreadable}
 
 
-def trace_of(raw: bytes) -> str | None:
-    """The trace context a stored entry keeps (tracing on), or None."""
-    trace = json.loads(raw).get("trace")
-    return trace if isinstance(trace, str) else None
 
 
-class NotFound(LookupError):
-    """No workflow, or more than one, has the id asked for (the text says which)."""
 
 
-class BadRequest(ValueError):
-    """A request that cannot be sent as asked: an empty or overlong reason or name (the text says which)."""
 
 
-def one(found: dict, wanted: str) -> str:
-    """The id of the one workflow `wanted` names (its id, or a beginning of 8 or more characters only it has)."""
-    matches = [w for w in found if w == wanted or (len(wanted) >= 8 and w.startswith(wanted))]
-    if len(matches) != 1:
-        raise NotFound(f"{len(matches) or 'no'} workflows have an id {wanted!r}"
-                         f"{' or starting so' if len(wanted) >= 8 else ' (give the whole id, or 8 characters or more)'}"
-                         f"{': ' + ', '.join(sorted(matches)[:5]) if matches else ''}")
-    return matches[0]
 
 
-def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0, settings: Settings = SETTINGS,
-            found: dict[str, Located] | None = None) -> tuple[bool, str]:
-    """Ask the orchestrator to cancel or retry one workflow: the request goes to message_stream.operator, in the
-    partition of the workflow's state (so to the orchestrator that holds it); (granted, its answer said in a line)
-    once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka all the same). `found`:
-    the workflows, if read already."""
-    located_ = located(settings) if found is None else found
-    workflow_id = one(located_, wanted)
-    state_partition, workflow, raw = located_[workflow_id]
-    trace = trace_of(raw)
-    try:
-        event = about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": workflow["type"]},
-                      OPERATOR)
-    except ValidationError as error:  # (an empty or overlong reason, say)
-        wrong = error.errors()[0]
-        raise BadRequest(f"{wrong['loc'][0]}: {wrong['msg']}; nothing was sent") from None
-    answers = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
-    producer = make_producer(settings=operator_settings(settings))
-    try:
-        inbox = settings.topic(written_by(MESSAGE_STREAM, "orchestrator"))
-        partitions = [TopicPartition(inbox, p) for p in answers.partitions_for_topic(inbox) or ()]
-        answers.assign(partitions)
-        answers.seek_to_end(*partitions)
-        for partition in partitions:
-            answers.position(partition)  # (from here: its answer comes after the request)
-        topic = settings.topic(written_by(MESSAGE_STREAM, OPERATOR))
-        key = (workflow.get("key") or "").encode(errors="surrogateescape") or None
-        headers = [("traceparent", trace.encode())] if trace else None  # (tracing on: the request joins its trace)
-        producer.send(topic, event.to_bytes(), key=key, partition=state_partition, headers=headers).get(timeout=30)
-        return awaited(answers, derived_id(event.id, "answer"), workflow_id, wait_s)
-    except KafkaError as error:
-        raise refused(f"asking the orchestrator to {kind} {workflow_id}", error, settings) from None
-    finally:
-        producer.close(timeout=5)
-        answers.close(autocommit=False)
 
 
-def awaited(answers: KafkaConsumer, answer_id: str, workflow_id: str, wait_s: float) -> tuple[bool, str]:
-    """The orchestrator's answer to a request, said in a line: (granted, the line)."""
-    until = time.monotonic() + wait_s
-    while time.monotonic() < until:
-        for records in answers.poll(timeout_ms=200).values():
-            for record in records:
-                answer = json.loads(record.value)
-                if answer.get("id") == answer_id:
-                    said = answer["payload"]
-                    granted = answer["type"] != "operator_request_refused"
-                    return granted, (f"workflow {workflow_id}: {'done' if granted else 'refused'}: {said['detail']} "
-                                     f"(asked by {said['by']}: {said['reason']})")
-    return False, (f"workflow {workflow_id}: the request was sent, but the orchestrator did not answer within "
-                   f"{wait_s:.0f} s (is it running?); it waits in Kafka and is answered when the orchestrator reads it")
 
 
 def login_name() -> str:
@@ -152,47 +54,14 @@ def login_name() -> str:
         return "someone"
 
 
-def operator_settings(settings: Settings = SETTINGS) -> Settings:
-    """Settings to send a person's request with: as the operator user where KAFKA_OPERATOR_USERNAME says so."""
-    user = os.environ.get("KAFKA_OPERATOR_USERNAME")
-    if not user:
-        return settings
-    return replace(settings, sign_in={**settings.sign_in, "sasl_plain_username": user,
-                                       "sasl_plain_password": os.environ.get("KAFKA_OPERATOR_PASSWORD", "")})
 
 
-def summary(workflow: dict) -> dict:
-    """One workflow as show --json prints it: its steps in the order they were sent, each with what it follows and
-    the answers that came too late to change it (an outcome after its time limit; a service's word that it did not
-    act on a command read after its deadline); and why it cannot be retried now, if it cannot."""
-    defined = {step.name: step for step in WORKFLOWS[workflow["type"]].steps}
-    return {"workflow_id": workflow["workflow_id"], "type": workflow["type"], "state": workflow["state"],
-            "retries": workflow.get("retries", 0), "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
-            "finished_at": stamp(workflow["finished_at"]), "retry_refused": not_retriable(workflow, defined),
-            "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
-                       "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
-                       "deadline": stamp(step["deadline"]), "follows": step.get("after") or follows(defined.get(name)),
-                       "late": [{"type": type_, "at": stamp(at), "meaning": meaning(type_, defined.get(name))}
-                                for type_, at in step.get("late", ())]}
-                      for name, step in workflow["steps"].items()]}
 
 
-def meaning(type_: str, step) -> str:
-    """What an answer that came late says of its step's action."""
-    if type_ == "command_expired":
-        return "not acted on: its service read it after its deadline"
-    return "done after all" if step is not None and type_ in step.done else "answered late"
 
 
-def follows(step) -> str:
-    """What a step follows, said: "" for one sent as its workflow starts (or one the table no longer has)."""
-    if step is None or not step.after:
-        return ""
-    return f"{' or '.join(step.after)} {step.when}"
 
 
-def stamp(seconds: float | None) -> str | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="milliseconds")
 
 
 def clock(iso: str | None) -> str:

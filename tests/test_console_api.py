@@ -12,8 +12,8 @@ from helpers import ROOT
 from starlette.testclient import TestClient
 
 import console
-import workflows
 from common import Settings
+from views import requests, workflows
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 HOSTS = console.answers_to("127.0.0.1", [])
@@ -73,7 +73,7 @@ def test_with_a_login_every_request_asks_for_it_and_a_wrong_one_is_refused():
 
 def test_a_request_sent_from_a_signed_in_console_is_made_by_the_signed_in_name(monkeypatch):
     sent = []
-    monkeypatch.setattr(workflows, "request", lambda kind, wanted, reason, by, *_: sent.append((kind, by)) or
+    monkeypatch.setattr(requests, "request", lambda kind, wanted, reason, by, *_: sent.append((kind, by)) or
                         (True, "done"))
     watch_id = Watch.workflow_id
     answer = client(console.Login({"ann": "s3cret"})).post(f"/api/workflows/{watch_id}/cancel", headers=basic(

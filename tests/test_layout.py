@@ -16,6 +16,8 @@ pytestmark = pytest.mark.no_broker  # runs in `make check`
 HERE = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for p in HERE.glob("*.py"))
 ENGINE = sorted((HERE / "common").glob("*.py"))
+VIEWS = sorted((HERE / "views").glob("*.py"))
+TABLE = {"orchestrator", "contracts"}  # the application's table and contracts: what every script may import
 
 
 def imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -44,7 +46,15 @@ def test_a_script_reaches_the_engine_only_through_its_face(script):
 def test_the_engine_never_imports_a_script():
     scripts = {p.stem for p in SCRIPTS}
     for module in ENGINE:
-        assert not {name for name, _ in imports(module)} & scripts, module.name
+        assert not {name.split(".")[0] for name, _ in imports(module)} & (scripts | {"views"}), module.name
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name != "bench.py"] + VIEWS, ids=lambda p: p.name)
+def test_a_tool_reads_the_views_and_imports_no_other_tool(script):
+    # (the read model is views/, once: monitor.py, workflows.py, dead_letters.py, console.py and demo.py share it;
+    # bench.py, like the tests, runs the others, acls.py's set-up included)
+    others = {p.stem for p in SCRIPTS} - TABLE - {script.stem}
+    assert not {name.split(".")[0] for name, _ in imports(script)} & others, script.name
 
 
 @pytest.mark.parametrize("module", ENGINE, ids=lambda p: p.name)

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from common import DEAD_LETTER, MESSAGE_STREAM, Envelope, Settings, caused_by, new_event
 from contracts import SEC_COMMAND, THIRD_PARTY, UNIT_COMMAND
-from monitor import Flow, Tail, groups, render
+from views.board import render
+from views.flow import Flow, Tail, groups
 from common import Step, Workflow, owns
 from orchestrator import WORKFLOWS, route
 
@@ -444,7 +445,7 @@ def test_the_live_view_goes_on_when_the_broker_does_not_answer_and_says_the_lag_
 @pytest.mark.no_broker
 def test_the_live_view_in_a_small_terminal_shows_its_figures_and_as_many_workflows_as_fit():
     # (found by hand: in an 80x24 tmux window the table's wrapped rows pushed every figure off the screen)
-    from monitor import fitting
+    from views.board import fitting
     small = Console(width=80, height=24, record=True)
     flow = flow_of(*[(MESSAGE_STREAM, envelope("security_detection", f"w{i}", 1)) for i in range(15)])
     small.print(render(flow, None, fitting(small, 15), figures_first=True))

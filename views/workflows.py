@@ -1,0 +1,134 @@
+"""What each workflow is doing, as the orchestrators' state says: the state topics (state.orchestrator, and a split
+orchestrator's state.orchestrator-security...) read from the beginning, or followed (each look reads only what was
+written since); one workflow found by its id or a beginning of it; a workflow as one object of one vocabulary
+(workflows.py list --json, the console's API), with why it is stuck as data. Joins no group, commits nothing."""
+
+import json
+import sys
+import time
+from datetime import datetime
+from typing import NamedTuple
+
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+
+from common import (SETTINGS, WORKFLOW, Latest, Settings, changelog, is_workflow, latest_entries, not_retriable,
+                    orchestrator_groups)
+from orchestrator import WORKFLOWS
+
+
+def workflows(settings=SETTINGS) -> dict[str, dict]:
+    """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
+    written for it (a later one wins); those past the retention are gone."""
+    return {id_: found.workflow for id_, found in located(settings).items()}
+
+
+class Located(NamedTuple):
+    partition: int        # of the state topic that holds it (and of the topics its events come on)
+    workflow: dict        # the workflow, as its state entry holds it
+    raw: bytes            # its entry as stored (the trace context of the record that wrote it last: trace_of)
+
+
+def located(settings=SETTINGS, quiet: bool = False, entries: dict | None = None) -> dict[str, Located]:
+    """Every workflow, by id, with where its state is (quiet: entries set aside are not said). `entries`: the state
+    as latest_entries gives it, if read already (the console follows it)."""
+    cutoff = time.time() - settings.state_retention_s
+    entries = latest_entries(orchestrator_groups(WORKFLOWS), settings) if entries is None else entries
+    found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, raw)
+             for (partition, key), (at, _, raw, value) in entries.items()
+             if key.startswith(WORKFLOW.encode()) and at >= cutoff}
+    unreadable = [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]
+    if unreadable and not quiet:
+        print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
+              f"unreadable, e.g. {unreadable[0]}: what each held is lost (the orchestrator dead-letters it, or else the next "
+              f"event of its workflow; see dead_letters.py list)",
+              file=sys.stderr)
+    return {id_: found[id_] for id_ in found if id_ not in unreadable}
+
+
+def trace_of(raw: bytes) -> str | None:
+    """The trace context a stored entry keeps (tracing on), or None."""
+    trace = json.loads(raw).get("trace")
+    return trace if isinstance(trace, str) else None
+
+
+class NotFound(LookupError):
+    """No workflow, or more than one, has the id asked for (the text says which)."""
+
+
+def one(found: dict, wanted: str) -> str:
+    """The id of the one workflow `wanted` names (its id, or a beginning of 8 or more characters only it has)."""
+    matches = [w for w in found if w == wanted or (len(wanted) >= 8 and w.startswith(wanted))]
+    if len(matches) != 1:
+        raise NotFound(f"{len(matches) or 'no'} workflows have an id {wanted!r}"
+                         f"{' or starting so' if len(wanted) >= 8 else ' (give the whole id, or 8 characters or more)'}"
+                         f"{': ' + ', '.join(sorted(matches)[:5]) if matches else ''}")
+    return matches[0]
+
+
+def summary(workflow: dict) -> dict:
+    """One workflow as show --json prints it: its steps in the order they were sent, each with what it follows and
+    the answers that came too late to change it (an outcome after its time limit; a service's word that it did not
+    act on a command read after its deadline); and why it cannot be retried now, if it cannot."""
+    defined = {step.name: step for step in WORKFLOWS[workflow["type"]].steps}
+    return {"workflow_id": workflow["workflow_id"], "type": workflow["type"], "state": workflow["state"],
+            "retries": workflow.get("retries", 0), "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
+            "finished_at": stamp(workflow["finished_at"]), "retry_refused": not_retriable(workflow, defined),
+            "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
+                       "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
+                       "deadline": stamp(step["deadline"]), "follows": step.get("after") or follows(defined.get(name)),
+                       "late": [{"type": type_, "at": stamp(at), "meaning": meaning(type_, defined.get(name))}
+                                for type_, at in step.get("late", ())]}
+                      for name, step in workflow["steps"].items()]}
+
+
+def meaning(type_: str, step) -> str:
+    """What an answer that came late says of its step's action."""
+    if type_ == "command_expired":
+        return "not acted on: its service read it after its deadline"
+    return "done after all" if step is not None and type_ in step.done else "answered late"
+
+
+def follows(step) -> str:
+    """What a step follows, said: "" for one sent as its workflow starts (or one the table no longer has)."""
+    if step is None or not step.after:
+        return ""
+    return f"{' or '.join(step.after)} {step.when}"
+
+
+def stamp(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="milliseconds")
+
+
+class Following:
+    """The orchestrators' state topics, followed: each look reads only what was written since the last (workflows.py
+    reads them whole each time)."""
+
+    def __init__(self, settings: Settings):
+        self.settings, self.latest = settings, Latest()
+        self.groups = {settings.topic(changelog(group)): group for group in orchestrator_groups(WORKFLOWS)}
+        for group in self.groups.values():  # (in workflows.py's order: on a tie, the same entry wins)
+            self.latest.kept[group] = {}
+        self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False,
+                                      isolation_level="read_committed")
+
+    def entries(self) -> dict:
+        """The state now, as latest_entries gives it (a state topic made since is read from its beginning)."""
+        wanted = [TopicPartition(t, p) for t in sorted(set(self.consumer.topics()) & set(self.groups))
+                  for p in self.consumer.partitions_for_topic(t) or ()]
+        end, assigned = self.consumer.end_offsets(wanted), self.consumer.assignment()
+        if set(wanted) != assigned or any(self.consumer.position(tp) > end[tp] for tp in assigned if tp in end):
+            for group in self.latest.kept:  # (a state topic made, or deleted and made again: all read anew)
+                self.latest.kept[group] = {}
+            self.consumer.assign(wanted)
+            if wanted:
+                self.consumer.seek_to_beginning(*wanted)
+        stalled_at = time.monotonic() + 30
+        while any(self.consumer.position(tp) < end[tp] for tp in wanted):
+            if time.monotonic() > stalled_at:
+                raise KafkaError("reading the orchestrators' state made no progress for 30 s")
+            for tp, records in self.consumer.poll(timeout_ms=200).items():
+                self.latest.add(self.groups[tp.topic], records)
+                stalled_at = time.monotonic() + 30  # (a long topic may take long; a stuck read may not)
+        return self.latest.entries()

@@ -39,10 +39,11 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, STATES, Settings, Stopper,
+from common import (ANSWERS, DEAD_LETTER, FINISHED, MESSAGE_STREAM, OPERATOR, REQUESTS, SETTINGS, Settings, Stopper,
                     read_all, setup_logging, tracing, wait_for_kafka, written_by)
 from orchestrator import WORKFLOWS
-from views import flow, letters, requests, workflows
+from views import flow, letters, requests, search, workflows
+from views.search import PER_PAGE, Filter
 from views.workflows import Following
 
 log = logging.getLogger("console")
@@ -58,7 +59,8 @@ class Watch:
     clients), and the orchestrators' state, read again at most once a second; requests read both under a lock."""
 
     def __init__(self, settings: Settings, sla: float):
-        self.settings, self.flow = settings, flow.Flow(sla, settings)
+        self.settings, self.sla, self.flow = settings, sla, flow.Flow(sla, settings)
+        self.index, self.unread, self.answered_at = search.Index(), 1, time.time()
         self.tail, self.admin = flow.Tail(self.flow), KafkaAdminClient(**settings.kafka_config())
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.read, self.lag, self.problem = 0, {}, None
@@ -74,9 +76,11 @@ class Watch:
                     self.tail.feed(batches)
                     self.read += sum(map(len, batches.values()))
                 if time.monotonic() - lagged > LAG_EVERY_S:
-                    lagged, lag = time.monotonic(), self.tail.lag(self.admin)
+                    lagged, lag, unread = time.monotonic(), self.tail.lag(self.admin), self.tail.unread()
                     with self.lock:
-                        self.lag, self.problem = lag, None
+                        self.lag, self.unread = lag, self.unread if unread is None else unread
+                        self.problem = self.stale() if unread is None else None
+                        self.answered_at = self.answered_at if unread is None else time.time()
             except (KafkaError, SystemExit) as error:  # (the broker away, a right taken: said on the page)
                 self.problem = f"reading the topics: {error}"
                 self.stop.wait(1)
@@ -85,10 +89,16 @@ class Watch:
                 self.problem = f"reading the topics failed: {type(error).__name__}: {error}"
                 self.stop.wait(1)
 
+    def stale(self) -> str:
+        at = time.strftime("%H:%M:%S", time.localtime(self.answered_at))
+        return f"Kafka does not answer: the figures are as of {at}, when it last did"
+
     def snapshot(self) -> dict:
-        """What the page's live parts show: the flow, the totals, and a count that changes when anything was read."""
+        """What the page's live parts show: the flow, the totals, and a count that changes when anything was read;
+        whether the topics are still being read to their end; a problem (Kafka away: since when the figures are)."""
         with self.lock:
             return {"read": self.read, "figures": self.flow.figures(), "lag": self.lag, "problem": self.problem,
+                    "reading": self.unread, "answered_at": self.answered_at,
                     "rates": {name: round(rate, 1) for name, rate in self.flow.rates().items()}}
 
     def located(self) -> dict[str, workflows.Located]:
@@ -100,35 +110,55 @@ class Watch:
                 self.states_at = time.monotonic()
             return self.states
 
-    def listed(self, state: str | None, limit: int) -> list[dict]:
-        """workflows.py list --json's objects, newest first, each with what the monitor says of it (stuck, say); and
-        the workflows the topics show but the orchestrator has no state of yet (its events wait in Kafka: state
-        "waiting")."""
-        found, now, rows = self.located(), time.time(), []
+    def listed(self, wanted: Filter, page: int, per_page: int = PER_PAGE) -> dict:
+        """One page of the workflows the filter finds, newest first, as workflows.py list --json prints them (each
+        with why it is stuck, as data, or None); and the total. A workflow the orchestrator has state of is as that
+        state says; one whose first event the topics show but no orchestrator has routed is "waiting" (or
+        "dead_lettered": its event is a dead letter). While the topics are still being read to their end, a waiting
+        one is not called stuck."""
+        found, now = self.located(), time.time()
+        with self.state_lock:
+            self.index.update(found)
+            routed = [(self.index.facts[w][1].started_at, w) for w in
+                      self.index.find(wanted, lambda w: workflows.stuck_of(found[w].workflow, self.sla, now) is not None)]
         with self.lock:
-            waiting = {w: (self.flow.times[w].get(WORKFLOWS[kind].starts_with, now), kind)
-                       for w, kind in self.flow.kind.items() if w not in found}
-        starts = sorted([(found_.workflow["started_at"], w) for w, found_ in found.items()] +
-                        [(at, w) for w, (at, _) in waiting.items()], reverse=True)
-        for started, w in starts:
-            with self.lock:
-                seen = self.flow.state(w, now) if w in self.flow.kind else "not seen on the topics"
-            row = workflows.summary(found[w].workflow) if w in found else waiting_row(w, waiting[w][1], started)
-            row |= {"monitor": seen, "stuck": seen.startswith("STUCK")}
-            if state in (None, row["state"]) or (state == "stuck" and row["stuck"]):
-                rows.append(row)
-            if len(rows) == limit:
-                break
-        return rows
+            before = {w: self.before(w, kind, now) for w, kind in self.flow.kind.items() if w not in found}
+        unrouted = [(row["started"], w) for w, row in before.items()
+                    if wanted.holds(search.Facts(row["started"], w, row["type"], row["state"], frozenset()),
+                                    row["stuck"] is not None)]
+        ids, pages = search.paged([w for _, w in sorted(routed + unrouted, reverse=True)], page, per_page)
+        rows = [workflows.summary(found[w].workflow) | {"stuck": workflows.stuck_of(found[w].workflow, self.sla, now)}
+                if w in found else waiting_row(w, before[w]) for w in ids]
+        return pages | {"rows": rows, "reading": self.unread > 0}
+
+    def before(self, workflow_id: str, kind: str, now: float) -> dict:
+        """What the topics say of a workflow no orchestrator has state of (under the lock)."""
+        state, stuck = self.flow.status(workflow_id, now)
+        started = self.flow.times[workflow_id].get(WORKFLOWS[kind].starts_with, now)
+        if stuck is not None and (self.unread > 0 or state != "waiting"):
+            stuck = None  # (still reading: it may have been routed; or routed, and its state not read yet)
+        elif stuck is not None:
+            stuck |= {"since": workflows.stamp(started), "why": "no orchestrator has routed it (its event waits in Kafka)"}
+        return {"state": state if state in ("waiting", "dead_lettered") else "waiting", "type": kind, "started": started,
+                "stuck": stuck}
+
+    def many(self, wanted: Filter) -> list[str]:
+        """Every workflow the filter finds that the orchestrator has state of (a request can be made about it)."""
+        found, now = self.located(), time.time()
+        with self.state_lock:
+            self.index.update(found)
+            return self.index.find(wanted, lambda w: workflows.stuck_of(found[w].workflow, self.sla, now) is not None)
 
     def shown(self, wanted: str) -> dict:
         """workflows.py show --json's object, with its state entry, its messages in Kafka's order and its trace."""
-        found = self.located()
+        found, now = self.located(), time.time()
         with self.lock:
-            waiting = {w: waiting_row(w, kind) for w, kind in self.flow.kind.items() if w not in found}
+            waiting = {w: waiting_row(w, self.before(w, kind, now)) for w, kind in self.flow.kind.items()
+                       if w not in found}
         workflow_id = workflows.one({**waiting, **found}, wanted)  # (one the orchestrator has not routed yet, too)
         _, rows = flow.messages_of(workflow_id, self.settings)
-        shown = workflows.summary(found[workflow_id].workflow) if workflow_id in found else waiting[workflow_id]
+        shown = workflows.summary(found[workflow_id].workflow) | {"stuck": workflows.stuck_of(
+            found[workflow_id].workflow, self.sla, now)} if workflow_id in found else waiting[workflow_id]
         return shown | {
             "entry": found[workflow_id].workflow if workflow_id in found else None,
             "trace": tracing.zipkin_trace(workflows.trace_of(found[workflow_id].raw)) if workflow_id in found else None,
@@ -136,11 +166,11 @@ class Watch:
                           "note": note(m)} for at, topic, m, repeat in rows]}
 
 
-def waiting_row(workflow_id: str, kind: str, started: float | None = None) -> dict:
-    """A workflow the topics show but no orchestrator has routed yet, in workflows.py list --json's shape."""
-    return {"workflow_id": workflow_id, "type": kind, "state": "waiting", "retries": 0, "stage": None,
-            "started_at": None if started is None else workflows.stamp(started), "finished_at": None, "steps": [],
-            "retry_refused": None}
+def waiting_row(workflow_id: str, before: dict) -> dict:
+    """A workflow the topics show but no orchestrator has routed, in workflows.py list --json's shape."""
+    return {"workflow_id": workflow_id, "type": before["type"], "state": before["state"], "retries": 0, "stage": None,
+            "started_at": workflows.stamp(before["started"]), "finished_at": None, "steps": [], "retry_refused": None,
+            "stuck": before["stuck"]}
 
 
 def note(message) -> str:
@@ -176,6 +206,7 @@ def actions_off(settings: Settings) -> str | None:
     return None
 
 
+BULK_LIMIT = 10_000  # workflows a bulk cancel or retry asks about at once
 BODY_LIMIT = 16 * 1024  # bytes: an action's body is a reason and a name; a longer one is refused before it is read
 
 
@@ -269,11 +300,38 @@ def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette
                                       for name, w in WORKFLOWS.items()]})
 
     async def listing(request: Request):
-        state, limit = request.query_params.get("state") or None, request.query_params.get("limit", "500")
-        if state not in (None, *STATES, "waiting", "stuck") or not (limit.isascii() and limit.isdecimal()):
-            return JSONResponse({"error": f"state is one of {', '.join((*STATES, 'waiting', 'stuck'))}; limit a "
-                                          "number"}, status_code=400)
-        return await answered(watch.listed, state, int(limit))
+        asked = dict(request.query_params)
+        page, per_page = asked.pop("page", "1"), asked.pop("per_page", str(PER_PAGE))
+        if not all(n.isascii() and n.isdecimal() and 0 < int(n) <= 10_000 for n in (page, per_page)):
+            return JSONResponse({"error": "page and per_page are numbers from 1 (per_page at most 10000)"},
+                                status_code=400)
+        return await answered(lambda: watch.listed(Filter.of(asked, list(WORKFLOWS)), int(page), int(per_page)))
+
+    async def bulk(request: Request):
+        """A cancel or retry of every workflow a filter finds: {"filter": {...}} says how many (and the first); with
+        the count the person agreed to and a reason, one request each, and each answer."""
+        kind, asked = request.path_params["kind"], await body(request)
+        if off := actions_off(settings):
+            return JSONResponse({"error": off}, status_code=403)
+        if kind not in ("cancel", "retry") or asked is None or not isinstance(asked.get("filter"), dict):
+            return JSONResponse({"error": "POST /api/bulk/cancel or /retry with {\"filter\": {...}} (to count), then "
+                                          "with \"count\" and \"reason\" (to send)"}, status_code=400)
+        by = request.scope.get("state", {}).get("login") or str(asked.get("by") or "console")
+
+        def ask() -> dict:
+            ids = watch.many(Filter.of(asked["filter"], list(WORKFLOWS)))
+            if "count" not in asked:
+                return {"count": len(ids), "first": ids[:5]}
+            if asked["count"] != len(ids):
+                raise search.BadFilter(f"the filter finds {len(ids)} now, not {asked['count']}: count them again")
+            if len(ids) > BULK_LIMIT:
+                raise search.BadFilter(f"at most {BULK_LIMIT} at once: narrow the filter")
+            if why := refusal(asked, "reason"):
+                raise requests.BadRequest(why)
+            said = requests.requests(kind, ids, str(asked["reason"]).strip(), by, 10.0, settings, watch.located())
+            return {"count": len(ids), "granted": sum(g for _, g, _ in said),
+                    "answers": [{"workflow_id": w, "granted": g, "answer": a} for w, g, a in said]}
+        return await answered(ask)
 
     async def showing(request: Request):
         return await answered(watch.shown, request.path_params["id"])
@@ -315,6 +373,7 @@ def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette
                                  Middleware(Guard, login=login)], routes=[
         Route("/", page), Route("/api/config", config), Route("/api/workflows", listing),
         Route("/api/workflows/{id}", showing), Route("/api/workflows/{id}/{kind:str}", acting, methods=["POST"]),
+        Route("/api/bulk/{kind:str}", bulk, methods=["POST"]),
         Route("/api/dead-letters", dead), Route("/api/dead-letters/replay", replay, methods=["POST"]),
         Route("/api/events", events), Mount("/web", StaticFiles(directory=WEB))])
 
@@ -326,7 +385,7 @@ async def answered(function, *args) -> JSONResponse:
         return JSONResponse(await run_in_threadpool(function, *args))
     except workflows.NotFound as error:
         return JSONResponse({"error": str(error)}, status_code=404)
-    except requests.BadRequest as error:
+    except (requests.BadRequest, search.BadFilter) as error:
         return JSONResponse({"error": str(error)}, status_code=400)
     except SystemExit as error:  # (common.refused: a right refused, exit code 3; read_from: a read that made no progress)
         if isinstance(error.code, str):

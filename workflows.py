@@ -4,12 +4,16 @@ from the beginning; joins no group and commits nothing, so it never disturbs the
 
 Run:  python workflows.py list                      # every workflow the orchestrator remembers, newest last
       python workflows.py list --state failed --json
+      python workflows.py list --type unit --entity unit-7 --since 2026-12-08T09:00 --page 1   # find, 50 a page
       python workflows.py show WORKFLOW_ID [--json]  # one workflow, step by step (a unique beginning of the id will do)
       python workflows.py cancel WORKFLOW_ID --reason "sensor replaced"   # a running one ends, cancelled
       python workflows.py retry WORKFLOW_ID --reason "actuator fixed"     # a failed one tries its failed step again
+      python workflows.py retry --state failed --type security --reason "actuator fixed"   # every one the filter finds
 cancel and retry send a request (an event, written to message_stream.operator) that the orchestrator routes like any
-other, and print its answer. The id: the whole id, or a beginning of 8 or more characters that only it has. On a
-secured cluster the request is sent as the user in KAFKA_OPERATOR_USERNAME/_PASSWORD (else as KAFKA_SASL_USERNAME).
+other, and print its answer. The id: the whole id, or a beginning of 8 or more characters that only it has. Given a
+filter instead (the list's), they say how many they will ask about, ask once (--yes: do not ask), send one request per
+workflow and print each answer. On a secured cluster the requests are sent as the user in
+KAFKA_OPERATOR_USERNAME/_PASSWORD (else as KAFKA_SASL_USERNAME).
 """
 
 import argparse
@@ -18,32 +22,17 @@ import json
 import logging
 import signal
 import sys
+import time
 
 import common  # noqa: F401 -- (first: outside the virtual environment it says so in one line, not a traceback)
 
-from common import STATES, Stopper, setup_logging, wait_for_kafka
-from views.requests import BadRequest, request
-from views.workflows import NotFound, stamp, summary, workflows
+from common import SETTINGS, Stopper, setup_logging, wait_for_kafka
+from orchestrator import WORKFLOWS
+from views.requests import BadRequest, request, requests
+from views.search import SHOWN, BadFilter, Filter, Index, paged
+from views.workflows import NotFound, clock, located, stamp, stuck_of, summary
 
 log = logging.getLogger("workflows")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def login_name() -> str:
@@ -52,20 +41,6 @@ def login_name() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "someone"
-
-
-
-
-
-
-
-
-
-
-
-
-def clock(iso: str | None) -> str:
-    return "-" if iso is None else iso[11:23]
 
 
 def show(found: dict[str, dict], wanted: str, as_json: bool) -> int:
@@ -103,48 +78,99 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", allow_abbrev=False, help="every workflow the orchestrator remembers")
-    listing.add_argument("--state", choices=STATES, help="only workflows in this state")
+    listing = commands.add_parser("list", allow_abbrev=False, help="the workflows the orchestrator remembers")
+    filters(listing)
+    listing.add_argument("--page", type=int, help="only this page of the matches, newest first (50 a page)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     showing = commands.add_parser("show", allow_abbrev=False, help="one workflow, step by step")
     showing.add_argument("workflow_id")
     showing.add_argument("--json", action="store_true", help="one JSON object")
-    for kind, what in (("cancel", "end a running workflow, cancelled"),
-                       ("retry", "try a failed workflow's failed step again")):
+    for kind, what in (("cancel", "end a running workflow (or every one a filter finds), cancelled"),
+                       ("retry", "try a failed workflow's failed step again (or every one's a filter finds)")):
         acting = commands.add_parser(kind, allow_abbrev=False, help=what)
-        acting.add_argument("workflow_id")
+        acting.add_argument("workflow_id", nargs="?", help="the one workflow (else: give a filter)")
+        filters(acting)
         acting.add_argument("--reason", required=True, help="why (kept in the workflow's history)")
         acting.add_argument("--by", help="who asks (default: your login name)")
-        acting.add_argument("--wait", type=float, default=5.0, metavar="S", help="seconds to wait for the answer")
+        acting.add_argument("--wait", type=float, default=5.0, metavar="S", help="seconds to wait for the answers")
+        acting.add_argument("--yes", action="store_true", help="with a filter: do not ask before sending")
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (`workflows.py list | head` ends quietly, as other commands do)
     setup_logging()
-    wait_for_kafka(Stopper(), "workflows", wait=False).close()
     try:
-        if args.command in ("cancel", "retry"):
+        wanted = Filter.of({name: getattr(args, name, None) for name in Filter.__struct_fields__}, list(WORKFLOWS))
+        if args.command in ("cancel", "retry") and (args.workflow_id is None) == (wanted == Filter()):
+            raise SystemExit("workflows: give one workflow's id, or a filter (--id, --type, --state, --entity, "
+                             "--since, --until) for every one it finds, not both")
+        wait_for_kafka(Stopper(), "workflows", wait=False).close()
+        if args.command in ("cancel", "retry") and args.workflow_id is not None:
             granted, said = request(args.command, args.workflow_id, args.reason, args.by or login_name(), args.wait)
             print(said)
             return 0 if granted else 1
-        found = workflows()
+        found = located()
         if args.command == "show":
-            return show(found, args.workflow_id, args.json)
-    except BadRequest as error:  # (said as the flags say it)
+            return show({id_: f.workflow for id_, f in found.items()}, args.workflow_id, args.json)
+        index = Index()
+        index.update(found)
+        ids = index.find(wanted, lambda w: stuck_of(found[w].workflow, args.sla, time.time()) is not None)
+        if args.command == "list":
+            return listed(found, ids, args)
+        return acted_on_many(args, found, ids)
+    except (BadRequest, BadFilter) as error:  # (said as the flags say it)
         raise SystemExit(f"workflows: --{error}") from None
     except NotFound as error:
         raise SystemExit(f"workflows: {error}") from None
-    chosen = sorted((w for w in found.values() if args.state in (None, w["state"])), key=lambda w: w["started_at"])
-    for workflow in chosen:
+
+
+def filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", metavar="BEGINNING", help="only workflows whose id begins so")
+    parser.add_argument("--type", help=f"only workflows of this type ({', '.join(WORKFLOWS)})")
+    parser.add_argument("--state", choices=SHOWN, help="only workflows in this state (stuck: running past --sla)")
+    parser.add_argument("--entity", help="only workflows whose key or commands name it (sensor-3, zone-1, unit-7)")
+    parser.add_argument("--since", metavar="TIME", help="only workflows started then or later (ISO 8601, UTC if no zone)")
+    parser.add_argument("--until", metavar="TIME", help="only workflows started before then")
+    parser.add_argument("--sla", type=float, default=5.0, help="seconds a step may wait before its workflow is stuck")
+
+
+def listed(found: dict, ids: list[str], args) -> int:
+    """The list: every match, newest last; or one page of them, newest first."""
+    shown, pages = paged(ids, args.page) if args.page else (ids[::-1], None)
+    now = time.time()
+    for workflow_id in shown:
+        workflow = found[workflow_id].workflow
         if args.json:
-            print(json.dumps(summary(workflow)))
+            print(json.dumps(summary(workflow) | {"stuck": stuck_of(workflow, args.sla, now)}))
             continue
         steps = ", ".join(f"{name} {step['state']}" + (f" ({step['attempts']} attempts)" if step["attempts"] > 1 else "")
                           for name, step in workflow["steps"].items())
         print(f"{workflow['workflow_id']}  {workflow['type']:<8} {workflow['state']:<9} started "
               f"{clock(stamp(workflow['started_at']))} (example {workflow['stage']})  {steps or '-'}")
     if not args.json:
-        print(f"{len(chosen)} workflow{'s' * (len(chosen) != 1)}" + (f" {args.state}" if args.state else "") +
-              f" (of {len(found)} in the orchestrator's state)")
+        print(f"{len(ids)} workflow{'s' * (len(ids) != 1)}" + (f" {args.state}" if args.state else "") +
+              f" (of {len(found)} in the orchestrator's state)" +
+              (f"; page {pages['page']} of {pages['pages']}" if pages else ""))
     return 0
+
+
+def acted_on_many(args, found: dict, ids: list[str]) -> int:
+    """A cancel or retry of every workflow a filter found: how many, asked once, one request each, each answer."""
+    if not ids:
+        print("workflows: no workflow matches; nothing was sent", file=sys.stderr)
+        return 1
+    print(f"{args.command} {len(ids)} workflow{'s' * (len(ids) != 1)}: {', '.join(w[:8] for w in ids[:5])}"
+          f"{' ...' if len(ids) > 5 else ''}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise SystemExit("workflows: not asked (no terminal to ask in): add --yes to send them")
+        if input("send? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing was sent")
+            return 1
+    answers = requests(args.command, ids, args.reason, args.by or login_name(), args.wait, SETTINGS, found)
+    for _, _, said in answers:
+        print(said)
+    granted = sum(granted for _, granted, _ in answers)
+    print(f"{len(answers)} asked: {granted} granted, {len(answers) - granted} not")
+    return 0 if granted == len(answers) else 1
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def test_a_workflow_added_runs_end_to_end_and_the_tools_show_it(project, env, tm
             ("inspected", "done", ""), ("announced", "sent", ""), ("repaired", "done", "inspected done")]
         # And the monitor counts them completed, none stuck
         seen = json.loads(scripts.run("monitor.py", "--once", "--json").stdout)
-        assert seen["workflows"] == {"started": 3, "completed": 3, "failed": 0, "cancelled": 0, "stuck": 0, "running": 0}
+        assert seen["workflows"] == {"started": 3, "completed": 3, "failed": 0, "cancelled": 0, "stuck": 0, "running": 0,
+        "dead_lettered": 0}
         assert seen["steps_followed"] == 3 and seen["duplicate_effects"] == 0
         # And an orchestrator of its own (--workflows maintenance) takes over from the one group that ran, only
         scripts.stop(orchestrator)

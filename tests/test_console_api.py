@@ -32,8 +32,12 @@ class Watch:
     def located(self):
         return self.found
 
-    def listed(self, state, limit):
-        return [{"workflow_id": self.workflow_id, "state": "running"}][:limit]
+    def listed(self, wanted, page, per_page):
+        rows = [{"workflow_id": self.workflow_id, "state": "running"}] if wanted.state in (None, "running") else []
+        return {"rows": rows[(page - 1) * per_page: page * per_page], "total": len(rows)}
+
+    def many(self, wanted):
+        return [self.workflow_id, "c0ffee00-0000-4000-8000-000000000002"] if wanted.type == "security" else []
 
     def snapshot(self):
         return {"read": 0}
@@ -48,7 +52,7 @@ def basic(name: str, password: str) -> dict:
 
 
 def test_on_loopback_it_answers_as_today_and_refuses_a_name_it_does_not_serve():
-    assert client().get("/api/workflows").json() == [{"workflow_id": Watch.workflow_id, "state": "running"}]
+    assert client().get("/api/workflows").json()["rows"] == [{"workflow_id": Watch.workflow_id, "state": "running"}]
     assert client(base="http://evil.example").get("/api/workflows").status_code == 400  # (DNS rebinding)
 
 
@@ -137,3 +141,28 @@ def test_off_loopback_without_a_login_it_refuses_to_start_in_one_line(argv, said
     monkeypatch.delenv("CONSOLE_TOKEN", raising=False)
     result = subprocess.run([sys.executable, "console.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (1, said + "\n")
+
+
+def test_a_search_is_checked_as_it_is_asked():
+    assert client().get("/api/workflows?state=failed&page=1").json() == {"rows": [], "total": 0}
+    for query, said in (("state=lost", "state: one of"), ("since=yesterday", "since: 'yesterday' is not a time"),
+                        ("colour=red", "no such filter: colour"), ("page=0", "page and per_page are numbers")):
+        answer = client().get(f"/api/workflows?{query}")
+        assert answer.status_code == 400 and said in answer.json()["error"], query
+
+
+def test_a_bulk_action_counts_first_then_sends_one_request_per_workflow_as_the_signed_in_name(monkeypatch):
+    sent = []
+    monkeypatch.setattr(requests, "requests", lambda kind, ids, reason, by, *_: sent.append((kind, ids, reason, by)) or
+                        [(w, i == 0, f"workflow {w}: ...") for i, w in enumerate(ids)])
+    console_ = client(console.Login({"ann": "s3cret"}))
+    post = lambda body: console_.post("/api/bulk/retry", json=body, headers=basic("ann", "s3cret"))  # noqa: E731
+    assert post({"filter": {"type": "security"}}).json() == {"count": 2, "first": [
+        Watch.workflow_id, "c0ffee00-0000-4000-8000-000000000002"]}
+    assert sent == []  # (counting sends nothing)
+    changed = post({"filter": {"type": "security"}, "count": 3, "reason": "fixed"})
+    assert changed.status_code == 400 and "finds 2 now, not 3" in changed.json()["error"] and sent == []
+    assert post({"filter": {"type": "security"}, "count": 2}).json() == {"error": "reason is required"}
+    done = post({"filter": {"type": "security"}, "count": 2, "reason": "fixed", "by": "mallory"}).json()
+    assert (done["count"], done["granted"], [a["granted"] for a in done["answers"]]) == (2, 1, [True, False])
+    assert sent == [("retry", [Watch.workflow_id, "c0ffee00-0000-4000-8000-000000000002"], "fixed", "ann")]

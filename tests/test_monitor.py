@@ -142,7 +142,8 @@ def test_a_failed_step_fails_its_workflow_and_counts_as_an_sla_breach():
     assert flow.state("w1", time.time()) == "failed"
     assert flow.sla_report()["security"] == {"count": 1, "completed": 0, "failed": 1, "p50": None, "p95": None,
                                              "p99": None, "sla_s": 5.0, "breaches": 1}
-    assert flow.figures()["workflows"] == {"started": 1, "completed": 0, "failed": 1, "cancelled": 0, "stuck": 0, "running": 0}
+    assert flow.figures()["workflows"] == {"started": 1, "completed": 0, "failed": 1, "cancelled": 0, "stuck": 0, "running": 0,
+        "dead_lettered": 0}
 
 
 @pytest.mark.no_broker
@@ -171,7 +172,33 @@ def test_a_cancelled_workflow_is_cancelled_not_stuck_and_a_retried_one_runs_agai
     flow.add(MESSAGE_STREAM, envelope("workflow_completed", "w2", 1, ".completed"))
     assert flow.state("w2", time.time()) == "completed"
     assert flow.figures()["workflows"] == {"started": 2, "completed": 1, "failed": 0, "cancelled": 1, "stuck": 0,
-                                           "running": 0}
+                                           "running": 0, "dead_lettered": 0}
+
+
+@pytest.mark.no_broker
+def test_a_workflow_retried_that_fails_again_is_failed_as_the_orchestrator_says_not_stuck():
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 30)),
+                   (SEC_COMMAND, envelope("security_command", "w1", 30, ".security")),
+                   (MESSAGE_STREAM, envelope("workflow_failed", "w1", 25, ".security.timeout-1.failed")),
+                   (MESSAGE_STREAM, retried("w1", 20, "acted")),
+                   (SEC_COMMAND, envelope("security_command", "w1", 20, ".acted.retry-1")),
+                   (MESSAGE_STREAM, envelope("workflow_failed", "w1", 15, ".acted.retry-1.timeout-1.failed")))
+    assert flow.status("w1", time.time()) == ("failed", None)
+
+
+@pytest.mark.no_broker
+def test_the_orchestrators_word_on_how_a_workflow_ended_is_its_state_and_a_dead_lettered_event_is_not_waiting():
+    from common import dead_letter
+    # (its end is read before the step's report, as a monitor reading the topics side by side may)
+    flow = flow_of((MESSAGE_STREAM, envelope("security_detection", "w1", 9)),
+                   (MESSAGE_STREAM, envelope("workflow_completed", "w1", 8, ".completed")))
+    assert flow.status("w1", time.time()) == ("completed", None)
+    bad = envelope("security_detection", "w2", 9)
+    flow.add(MESSAGE_STREAM, bad)
+    assert flow.status("w2", time.time()) == ("waiting", {"step": "routed", "service": "orchestrator"})
+    flow.add("dead_letter.orchestrator", dead_letter(bad.to_bytes(), "payload: sensor_id missing", "orchestrator"))
+    assert flow.status("w2", time.time()) == ("dead_lettered", None)
+    assert flow.figures()["workflows"]["dead_lettered"] == 1
 
 
 @pytest.mark.no_broker
@@ -186,7 +213,8 @@ def test_a_command_sent_again_after_a_timeout_is_a_resend_and_a_failed_workflow_
     screen.print(render(flow, None))
     text = screen.export_text()
     assert "failed (1 timed out)" in text and "commands re-sent 1" in text and "steps timed out 1" in text
-    assert flow.figures() == {"workflows": {"started": 1, "completed": 0, "failed": 1, "cancelled": 0, "stuck": 0, "running": 0},
+    assert flow.figures() == {"workflows": {"started": 1, "completed": 0, "failed": 1, "cancelled": 0, "stuck": 0, "running": 0,
+        "dead_lettered": 0},
                               "duplicate_effects": 0, "resent_ignored": 1, "steps_timed_out": 1, "steps_followed": 0,
                               "dead_letters": 0, "clock_skew": 0}
 
@@ -253,7 +281,8 @@ def test_once_shows_completed_failed_and_stuck_workflows(scripts, producer):
     assert "workflows: 3 started, 1 completed, 1 failed, 0 cancelled, 1 stuck, 0 running" in screen
     # And --json gives those figures as one object
     figures = json.loads(scripts.run("monitor.py", "--once", "--json", "--sla", "5").stdout)
-    assert figures["workflows"] == {"started": 3, "completed": 1, "failed": 1, "cancelled": 0, "stuck": 1, "running": 0}
+    assert figures["workflows"] == {"started": 3, "completed": 1, "failed": 1, "cancelled": 0, "stuck": 1, "running": 0,
+        "dead_lettered": 0}
     assert (figures["duplicate_effects"], figures["resent_ignored"]) == (0, 0)
 
 
@@ -396,7 +425,7 @@ def test_workflows_leaving_the_window_before_their_commands_are_read_count_as_th
     for w in ids:
         flow.add(UNIT_COMMAND, envelope("unit_command", w, 1, ".unit"))
     assert flow.figures()["workflows"] == {"started": 60, "completed": 60, "failed": 0, "cancelled": 0, "stuck": 0,
-                                           "running": 0}
+                                           "running": 0, "dead_lettered": 0}
     assert len(flow.times) <= 2 * 10
 
 

@@ -3,6 +3,7 @@ group, commits nothing) into a Flow, which keeps when each message type of each 
 times), the rates, the duplicates, the dead letters; and one workflow's messages in the order Kafka got them. The
 monitor, the console and the demo read it."""
 
+import base64
 import math
 import random
 import re
@@ -105,10 +106,12 @@ class Flow:
         self.timeouts_total = 0
         self.followed: dict[str, int] = defaultdict(int)      # workflow id -> commands of steps that followed a step
         self.retried: dict[str, tuple[float, str]] = {}       # workflow id -> (its last retry's time, the step retried)
+        self.again: dict[str, dict[str, float]] = defaultdict(dict)  # workflow id -> type -> when last seen, if later
         self.followed_total = 0
         self.commands = {step.topic for workflow in WORKFLOWS.values() for step in workflow.steps}
         self.arrivals: dict[str, deque] = defaultdict(deque)  # topic -> recent arrival times, for rates
         self.dead_letters, self.last_reason = 0, "-"
+        self.lettered: dict[str, None] = {}                   # workflows an original of a dead letter belongs to
         self.folded: dict[str, Folded] = defaultdict(Folded)  # kind -> the workflows that left the window
         self.unknown_fate = 0                                 # left the window before they finished
         self.gone: OrderedDict[str, None] = OrderedDict()     # recent workflows that left the window (late messages
@@ -124,6 +127,8 @@ class Flow:
         if family == DEAD_LETTER:
             self.dead_letters += 1
             self.last_reason = str(message.payload.get("reason", "(no reason given)"))[:200]
+            if (original := lettered(message)) is not None:
+                self.lettered[original] = None  # (its starting event, if never routed, is dead-lettered: status())
             return
         first = (topic_name, message.id) not in self.seen
         if not first and message.type not in self.starts:  # (a replayed event: no effect)
@@ -153,7 +158,9 @@ class Flow:
             when = written if at is None else at
             if when >= self.retried.get(message.workflow_id, (0.0, ""))[0]:
                 self.retried[message.workflow_id] = (when, str(message.payload.get("step", "")))
-        self.times[message.workflow_id].setdefault(message.type, written if at is None else at)
+        when, times = written if at is None else at, self.times[message.workflow_id]
+        if first and when > times.setdefault(message.type, when):  # (a type seen again under a new id: a retried step's
+            self.again[message.workflow_id][message.type] = when  # report, the workflow's end again; see standing())
         if len(self.times) > self.next_fold:
             self.fold()
             self.next_fold = len(self.times) + self.window // 5  # (a scan every window/5 adds at most)
@@ -166,6 +173,7 @@ class Flow:
         times = self.times.get(workflow, {})
         if workflow not in self.retried or workflow not in self.kind:
             return times
+        times = {**times, **self.again.get(workflow, {})}  # (after a retry, what was said last counts)
         retried_at, name = self.retried[workflow]
         workflow_ = WORKFLOWS[self.kind[workflow]]
         first = {step.name for step in first_steps(workflow_)}  # (a later step's report may be an earlier one's too)
@@ -193,6 +201,7 @@ class Flow:
             self.timeouts.pop(workflow, None)
             self.followed.pop(workflow, None)
             self.retried.pop(workflow, None)
+            self.again.pop(workflow, None)
             self.skewed.discard(workflow)
 
     def step_times(self, workflow: str) -> list[tuple[str, float | None, str, bool]]:
@@ -213,20 +222,34 @@ class Flow:
         said = [end for message, end in VERDICTS.items() if message in times]
         return state if state in ENDED or not said else said[0]
 
-    def state(self, workflow: str, now: float) -> str:
+    def status(self, workflow: str, now: float) -> tuple[str, dict | None]:
+        """A workflow's state in the views' one vocabulary, and why it is stuck as data ({"step", "service"}) or None.
+        The orchestrator's last word on how it ended, once read, is its state; before, what the topics show: a failed
+        step, every needed step done, or still running; "waiting" while no orchestrator has routed its first event,
+        "dead_lettered" if that event is a dead letter. Stuck: running (or waiting) past the SLA since it began (again)."""
         times = self.standing(workflow)
-        if "workflow_cancelled" in times:  # (a person ended it)
-            return "cancelled"
+        said = max(((at, end) for message, end in VERDICTS.items() if (at := times.get(message)) is not None),
+                   default=None)
+        if said is not None:
+            return said[1], None
         if self.failed(workflow):
-            return "failed"
+            return "failed", None
         steps = self.step_times(workflow)
         missing = [(name, service) for name, at, service, needed in steps if needed and at is None]
         if not missing:
-            return "completed"
+            return "completed", None
+        if steps[1][1] is None and workflow in self.lettered:  # (never routed: its event went to dead_letter)
+            return "dead_lettered", None
+        state = "running" if steps[1][1] is not None else "waiting"
         if now - max(steps[0][1], self.retried.get(workflow, (0.0, ""))[0]) > self.sla:  # (since it began again)
             name, service = missing[0]
-            return f"STUCK: no '{name}' from {service}"
-        return "running"
+            return state, {"step": name, "service": service}
+        return state, None
+
+    def state(self, workflow: str, now: float) -> str:
+        """status() in a word for the board: STUCK and why, when it is stuck."""
+        state, stuck = self.status(workflow, now)
+        return f"STUCK: no '{stuck['step']}' from {stuck['service']}" if stuck else state
 
     def completed(self, workflow: str) -> bool:
         return self.state(workflow, time.time()) == "completed"
@@ -250,13 +273,14 @@ class Flow:
     def figures(self) -> dict:
         """Every count, as `--once --json` prints it. A workflow that left the window unfinished counts as running."""
         now, folded = time.time(), self.folded.values()
-        states = Counter("stuck" if state.startswith("STUCK") else state for state in
-                         (self.state(w, now) for w in self.kind))
+        states = Counter("stuck" if stuck else "running" if state == "waiting" else state for state, stuck in
+                         (self.status(w, now) for w in self.kind))
         workflows = {"started": self.counts()[0],
                      "completed": states["completed"] + sum(f.completed for f in folded),
                      "failed": states["failed"] + sum(f.failed for f in folded),
                      "cancelled": states["cancelled"] + sum(f.cancelled for f in folded),
-                     "stuck": states["stuck"], "running": states["running"] + self.unknown_fate}
+                     "stuck": states["stuck"], "running": states["running"] + self.unknown_fate,
+                     "dead_lettered": states["dead_lettered"]}
         return {"workflows": workflows, "duplicate_effects": self.duplicates, "resent_ignored": self.resent,
                 "steps_timed_out": self.timeouts_total, "steps_followed": self.followed_total,
                 "dead_letters": self.dead_letters, "clock_skew": self.skew}
@@ -389,6 +413,16 @@ class Tail:
         except KafkaError as error:
             return f"not known now: Kafka does not answer ({type(error).__name__})"
 
+    def unread(self) -> int | None:
+        """Records on the topics this Tail has still to read (0: it has read to their end); None if Kafka does not
+        answer now."""
+        assigned = list(self.consumer.assignment())
+        try:
+            end = self.consumer.end_offsets(assigned, timeout_ms=2000) if assigned else {}
+            return sum(max(0, end[tp] - (self.consumer.position(tp, timeout_ms=2000) or 0)) for tp in assigned) if assigned else 1
+        except KafkaError:
+            return None
+
     def behind(self, tp: TopicPartition, committed: int, end: dict) -> int:
         """Records a group has still to read on a partition: none once it is past the last record there (what
         follows is a transaction's commit marker, which takes an offset but is no message); else up to the end."""
@@ -399,6 +433,14 @@ class Tail:
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
+
+
+def lettered(letter: Envelope) -> str | None:
+    """The workflow of a dead letter's original, when the original is an envelope that says one (else None)."""
+    try:
+        return Envelope.model_validate_json(base64.b64decode(letter.payload.get("original_b64") or "")).workflow_id
+    except (ValidationError, ValueError, TypeError):  # (not an envelope, or cut to fit)
+        return None
 
 
 def messages_of(wanted: str, settings: Settings = SETTINGS) -> tuple[set[str], list[tuple]]:

@@ -11,7 +11,7 @@ from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
-from common import MESSAGE_STREAM, OPERATOR, SETTINGS, Settings, about, derived_id, make_producer, refused, written_by
+from common import MESSAGE_STREAM, OPERATOR, SETTINGS, Envelope, Settings, about, derived_id, make_producer, refused, written_by
 from views.workflows import Located, located, one, trace_of
 
 
@@ -21,20 +21,20 @@ class BadRequest(ValueError):
 
 def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0, settings: Settings = SETTINGS,
             found: dict[str, Located] | None = None) -> tuple[bool, str]:
-    """Ask the orchestrator to cancel or retry one workflow: the request goes to message_stream.operator, in the
-    partition of the workflow's state (so to the orchestrator that holds it); (granted, its answer said in a line)
-    once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka all the same). `found`:
-    the workflows, if read already."""
+    """Ask the orchestrator to cancel or retry one workflow (its id, or a beginning only it has): (granted, its
+    answer said in a line) once it answers, or (False, why not) after `wait_s` seconds (the request waits in Kafka
+    all the same). `found`: the workflows, if read already."""
     located_ = located(settings) if found is None else found
-    workflow_id = one(located_, wanted)
-    state_partition, workflow, raw = located_[workflow_id]
-    trace = trace_of(raw)
-    try:
-        event = about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": workflow["type"]},
-                      OPERATOR)
-    except ValidationError as error:  # (an empty or overlong reason, say)
-        wrong = error.errors()[0]
-        raise BadRequest(f"{wrong['loc'][0]}: {wrong['msg']}; nothing was sent") from None
+    [(_, granted, said)] = requests(kind, [one(located_, wanted)], reason, by, wait_s, settings, located_)
+    return granted, said
+
+
+def requests(kind: str, ids: list[str], reason: str, by: str, wait_s: float, settings: Settings,
+             found: dict[str, Located]) -> list[tuple[str, bool, str]]:
+    """One request per workflow, each to message_stream.operator in the partition of the workflow's state (so to the
+    orchestrator that holds it), all sent before any answer is awaited: (workflow id, granted, its answer said in a
+    line) for each, in the order asked; one not answered within `wait_s` seconds says so (it waits in Kafka)."""
+    events = {workflow_id: asked(kind, workflow_id, found[workflow_id].workflow["type"], reason, by) for workflow_id in ids}
     answers = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, isolation_level="read_committed")
     producer = make_producer(settings=operator_settings(settings))
     try:
@@ -43,33 +43,52 @@ def request(kind: str, wanted: str, reason: str, by: str, wait_s: float = 5.0, s
         answers.assign(partitions)
         answers.seek_to_end(*partitions)
         for partition in partitions:
-            answers.position(partition)  # (from here: its answer comes after the request)
-        topic = settings.topic(written_by(MESSAGE_STREAM, OPERATOR))
-        key = (workflow.get("key") or "").encode(errors="surrogateescape") or None
-        headers = [("traceparent", trace.encode())] if trace else None  # (tracing on: the request joins its trace)
-        producer.send(topic, event.to_bytes(), key=key, partition=state_partition, headers=headers).get(timeout=30)
-        return awaited(answers, derived_id(event.id, "answer"), workflow_id, wait_s)
+            answers.position(partition)  # (from here: their answers come after the requests)
+        topic, sent = settings.topic(written_by(MESSAGE_STREAM, OPERATOR)), []
+        for workflow_id, event in events.items():
+            state_partition, workflow, raw = found[workflow_id]
+            key = (workflow.get("key") or "").encode(errors="surrogateescape") or None
+            trace = trace_of(raw)
+            headers = [("traceparent", trace.encode())] if trace else None  # (tracing on: the request joins its trace)
+            sent.append(producer.send(topic, event.to_bytes(), key=key, partition=state_partition, headers=headers))
+        for future in sent:
+            future.get(timeout=30)
+        said = awaited(answers, {derived_id(event.id, "answer"): workflow_id for workflow_id, event in events.items()},
+                       wait_s)
     except KafkaError as error:
-        raise refused(f"asking the orchestrator to {kind} {workflow_id}", error, settings) from None
+        raise refused(f"asking the orchestrator to {kind} {', '.join(ids[:3])}{' ...' * (len(ids) > 3)}", error,
+                      settings) from None
     finally:
         producer.close(timeout=5)
         answers.close(autocommit=False)
+    return [(workflow_id, *said.get(workflow_id, (False, (
+        f"workflow {workflow_id}: the request was sent, but the orchestrator did not answer within {wait_s:.0f} s (is "
+        f"it running?); it waits in Kafka and is answered when the orchestrator reads it")))) for workflow_id in ids]
 
 
-def awaited(answers: KafkaConsumer, answer_id: str, workflow_id: str, wait_s: float) -> tuple[bool, str]:
-    """The orchestrator's answer to a request, said in a line: (granted, the line)."""
-    until = time.monotonic() + wait_s
-    while time.monotonic() < until:
+def asked(kind: str, workflow_id: str, type_: str, reason: str, by: str) -> Envelope:
+    """A request event; BadRequest if its reason or name cannot be sent (empty, overlong)."""
+    try:
+        return about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": type_}, OPERATOR)
+    except ValidationError as error:
+        wrong = error.errors()[0]
+        raise BadRequest(f"{wrong['loc'][0]}: {wrong['msg']}; nothing was sent") from None
+
+
+def awaited(answers: KafkaConsumer, wanted: dict[str, str], wait_s: float) -> dict[str, tuple[bool, str]]:
+    """The orchestrator's answers to requests (`wanted`: answer id -> workflow id), each said in a line: workflow id
+    -> (granted, the line), for those answered within `wait_s` seconds."""
+    until, said = time.monotonic() + wait_s, {}
+    while time.monotonic() < until and len(said) < len(wanted):
         for records in answers.poll(timeout_ms=200).values():
             for record in records:
                 answer = json.loads(record.value)
-                if answer.get("id") == answer_id:
-                    said = answer["payload"]
+                if (workflow_id := wanted.get(answer.get("id"))) is not None:
+                    payload = answer["payload"]
                     granted = answer["type"] != "operator_request_refused"
-                    return granted, (f"workflow {workflow_id}: {'done' if granted else 'refused'}: {said['detail']} "
-                                     f"(asked by {said['by']}: {said['reason']})")
-    return False, (f"workflow {workflow_id}: the request was sent, but the orchestrator did not answer within "
-                   f"{wait_s:.0f} s (is it running?); it waits in Kafka and is answered when the orchestrator reads it")
+                    said[workflow_id] = granted, (f"workflow {workflow_id}: {'done' if granted else 'refused'}: "
+                                                  f"{payload['detail']} (asked by {payload['by']}: {payload['reason']})")
+    return said
 
 
 def operator_settings(settings: Settings = SETTINGS) -> Settings:

@@ -18,12 +18,6 @@ from common import (SETTINGS, WORKFLOW, Latest, Settings, changelog, is_workflow
 from orchestrator import WORKFLOWS
 
 
-def workflows(settings=SETTINGS) -> dict[str, dict]:
-    """Every workflow in the orchestrators' state (the single one's and each split one's), by id: the last entry
-    written for it (a later one wins); those past the retention are gone."""
-    return {id_: found.workflow for id_, found in located(settings).items()}
-
-
 class Located(NamedTuple):
     partition: int        # of the state topic that holds it (and of the topics its events come on)
     workflow: dict        # the workflow, as its state entry holds it
@@ -83,6 +77,20 @@ def summary(workflow: dict) -> dict:
                       for name, step in workflow["steps"].items()]}
 
 
+def stuck_of(workflow: dict, sla: float, now: float) -> dict | None:
+    """Why a running workflow is stuck, as data, or None: its first step still awaited `sla` seconds after it was
+    sent (a retry sends it again), and the service that should answer it."""
+    if workflow["state"] != "running":
+        return None
+    defined = {step.name: step for step in WORKFLOWS[workflow["type"]].steps}
+    for name, step in workflow["steps"].items():
+        if step["state"] == "pending" and now - step["sent_at"] > sla:
+            service = defined[name].service if name in defined else "?"
+            return {"step": name, "service": service, "since": stamp(step["sent_at"]),
+                    "why": f"no '{name}' from {service} since {clock(stamp(step['sent_at']))}"}
+    return None
+
+
 def meaning(type_: str, step) -> str:
     """What an answer that came late says of its step's action."""
     if type_ == "command_expired":
@@ -99,6 +107,10 @@ def follows(step) -> str:
 
 def stamp(seconds: float | None) -> str | None:
     return None if seconds is None else datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="milliseconds")
+
+
+def clock(iso: str | None) -> str:
+    return "-" if iso is None else iso[11:23]
 
 
 class Following:

@@ -48,31 +48,91 @@ function answer(where, text, refused) {  // an answer in the view, kept as the v
 }
 
 function stateOf(row) {
-  return row.stuck ? `<span class="state stuck" title="${escape(row.monitor)}">stuck</span>` :
-    `<span class="state ${escape(row.state)}">${escape(row.state)}</span>`;
+  return row.stuck ? `<span class="state stuck" title="${escape(row.stuck.why)}">stuck</span>` :
+    `<span class="state ${escape(row.state)}">${escape(row.state.replace("_", "-"))}</span>`;
 }
 
 function stepsOf(row) {
+  if (row.state === "dead_lettered") return "<small>its event is a dead letter: see Dead letters</small>";
   if (row.state === "waiting") {
-    return `<small>${row.stuck ? escape(row.monitor) + ": " : ""}its event waits in Kafka until an orchestrator routes it</small>`;
+    return `<small>${row.stuck ? escape(row.stuck.why) : "its event waits in Kafka until an orchestrator routes it"}</small>`;
   }
   return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}${
     s.late.length ? " · " + escape(s.late.at(-1).meaning) : ""}</span>
     <small>×${escape(s.attempts)} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
 }
 
-async function showWorkflows(state) {
-  const rows = await api("/api/workflows" + (state ? "?state=" + encodeURIComponent(state) : ""));
+const STATES = ["", "waiting", "running", "completed", "failed", "cancelled", "stuck", "dead_lettered"];
+
+function listed(params, changes) {  // the list's address with some of its filter changed (and back to page 1)
+  const next = new URLSearchParams(params);
+  for (const [name, value] of Object.entries(changes)) value ? next.set(name, value) : next.delete(name);
+  if (!("page" in changes)) next.delete("page");
+  return "#/" + (next.toString() ? "?" + next : "");
+}
+
+async function showWorkflows(params) {
+  const found = await api("/api/workflows?" + params);
+  const rows = found.rows, state = params.get("state") || "";
   const totals = snapshot ? snapshot.figures.workflows : {};
-  const filters = ["", "waiting", "running", "completed", "failed", "cancelled", "stuck"].map((s) =>
-    `<a href="#/${s ? "state/" + s : ""}" class="${s === (state || "") ? "on" : ""}">${s || "all"}</a>`).join("");
+  const filters = STATES.map((s) => `<a href="${listed(params, {state: s})}" class="${s === state ? "on" : ""}">${
+    s ? s.replace("_", "-") : "all"}</a>`).join("");
+  const filtered = [...params.keys()].some((k) => k !== "page");
+  const bulkWhy = config.actions_off || (found.total ? "" : "nothing to act on");
+  const types = ["", ...config.workflows].map((t) => `<option ${t === (params.get("type") || "") ? "selected" : ""}>${escape(t)}</option>`);
+  const local = (name) => params.get(name) ? new Date(params.get(name)).toISOString().slice(0, 16) : "";
   $("#view").innerHTML = `<p class="counts">${Object.entries(totals).map(([k, v]) => `<span>${escape(k)} ${escape(v)}</span>`).join("")}</p>
     <p class="filters">${filters}</p>
+    <form id="search" class="filters">
+      <input name="id" placeholder="id begins" size="12" value="${escape(params.get("id") || "")}">
+      <select name="type" title="workflow type">${types.join("")}</select>
+      <input name="entity" placeholder="sensor, zone or unit" size="16" value="${escape(params.get("entity") || "")}">
+      <label>from <input name="since" type="datetime-local" value="${local("since")}"></label>
+      <label>to <input name="until" type="datetime-local" value="${local("until")}"></label>
+      <button>Find</button> <a href="#/">clear</a></form>
+    <p class="pages">${found.total} workflow${found.total === 1 ? "" : "s"}${found.reading ? " (still reading the topics)" : ""} ·
+      page ${found.page} of ${found.pages}
+      ${found.page > 1 ? `<a href="${listed(params, {page: found.page - 1})}">newer</a>` : ""}
+      ${found.page < found.pages ? `<a href="${listed(params, {page: found.page + 1})}">older</a>` : ""}
+      ${filtered ? `<button id="bulk-cancel" ${bulkWhy ? "disabled" : ""} title="${escape(bulkWhy)}">Cancel all ${found.total}…</button>
+        <button id="bulk-retry" ${bulkWhy ? "disabled" : ""} title="${escape(bulkWhy)}">Retry all ${found.total}…</button>` : ""}</p>
+    <p id="answer" class="answer" hidden></p>
     <table id="workflows"><thead><tr><th>workflow</th><th>type</th><th>state</th><th>started</th><th>steps</th></tr></thead>
     <tbody>${rows.map((r) => `<tr data-id="${escape(r.workflow_id)}"><td class="id"><a href="#/workflow/${escape(r.workflow_id)}">
       ${escape(r.workflow_id.slice(0, 8))}</a></td><td>${escape(r.type)}</td><td>${stateOf(r)}</td><td>${clock(r.started_at)}</td>
       <td>${stepsOf(r)}</td></tr>`).join("")}</tbody></table>
-    ${rows.length ? "" : "<p>No workflow in the orchestrator's state" + (state ? " is " + escape(state) : "") + ".</p>"}`;
+    ${rows.length ? "" : "<p>No workflow" + (filtered ? " matches." : " yet.") + "</p>"}`;
+  answer("list");
+  $("#search").onsubmit = (event) => {
+    event.preventDefault();
+    const asked = Object.fromEntries(new FormData(event.target));
+    for (const name of ["since", "until"]) if (asked[name]) asked[name] = new Date(asked[name]).toISOString();
+    location.hash = listed(params, asked);
+  };
+  if (filtered) {
+    $("#bulk-cancel").onclick = () => bulk("cancel", params);
+    $("#bulk-retry").onclick = () => bulk("retry", params);
+  }
+}
+
+async function bulk(kind, params) {  // a cancel or retry of every workflow the filter finds: counted, asked once, sent
+  busy = true;
+  const post = (body) => ({method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  try {
+    const filter = Object.fromEntries([...params].filter(([name]) => name !== "page"));
+    const counted = await api("/api/bulk/" + kind, post({filter}));
+    const asked = await ask(`${kind === "cancel" ? "Cancel" : "Retry"} ${counted.count} workflows?`,
+      `One request each; the orchestrator answers each (one ${kind === "cancel" ? "not running" : "not failed"} is refused, with why).`);
+    if (!asked) return;
+    const reply = await api("/api/bulk/" + kind, post({filter, count: counted.count, ...asked}));
+    const refused = reply.answers.filter((a) => !a.granted).map((a) => a.answer);
+    answer("list", `${kind}: ${reply.granted} of ${reply.count} granted` + (refused.length ? "; " + refused.slice(0, 5).join("; ") +
+      (refused.length > 5 ? ` (and ${refused.length - 5} more)` : "") : ""), refused.length > 0);
+  } catch (error) {
+    answer("list", error.message, true);
+  } finally {
+    busy = false;
+  }
 }
 
 async function showWorkflow(id) {
@@ -183,7 +243,8 @@ async function show() {  // the view the address names
   try {
     if (route[0] === "workflow" && route[1]) await showWorkflow(decodeURIComponent(route[1]));
     else if (route[0] === "dead-letters") await showDeadLetters();
-    else await showWorkflows(route[0] === "state" ? route[1] : "");
+    else await showWorkflows(route[0] === "state" ? new URLSearchParams({state: route[1]}) :
+      new URLSearchParams(location.hash.includes("?") ? location.hash.slice(location.hash.indexOf("?") + 1) : ""));
   } catch (error) {
     $("#view").innerHTML = `<p class="problem">${escape(error.message)}</p>`;
   }
@@ -196,7 +257,9 @@ async function start() {
   const events = new EventSource("/api/events");
   events.onmessage = async (event) => {
     snapshot = JSON.parse(event.data);
-    $("#live").textContent = "live · " + new Date().toLocaleTimeString([], {hour12: false});
+    $("#live").textContent = (snapshot.problem ? "old · as of " : "live · ") +
+      new Date(snapshot.problem ? snapshot.answered_at * 1000 : Date.now()).toLocaleTimeString([], {hour12: false});
+    $("#live").classList.toggle("old", Boolean(snapshot.problem));
     $("#problem").hidden = !snapshot.problem;
     $("#problem").textContent = snapshot.problem || "";
     drawFlow();
@@ -205,7 +268,8 @@ async function start() {
     // (drawn again when the topics said something new, and once more 2 s after: the state a view shows may become
     // visible a moment after the messages that told of it)
     const settled = drawnAt < changedAt + 2000 && Date.now() >= changedAt + 2000;
-    if ((snapshot.read !== lastRead || settled) && !busy && !drawing && !$("#ask").open &&
+    const typing = document.activeElement && document.activeElement.closest("#search");  // (not redrawn under a hand)
+    if ((snapshot.read !== lastRead || settled) && !busy && !drawing && !typing && !$("#ask").open &&
         (!slow || Date.now() - drawnAt > SLOW_VIEW_MS)) {
       lastRead = snapshot.read;
       drawing = true;  // (one drawing at a time: a slow one is not asked for again meanwhile)

@@ -4,6 +4,7 @@ Reads: every project topic from the beginning (joins no group, commits nothing)
 Run:   python monitor.py                    # live view, refreshed every second; Ctrl-C to leave
        python monitor.py --once             # one snapshot of everything on the topics now, then exit
        python monitor.py --once --json      # the counts only, as one JSON object
+       python monitor.py --once --json --workflows   # each workflow in the window: one JSON object a line
        python monitor.py --sla-report       # per workflow type: count, failed, p50/p95/p99 latency, SLA breaches
        python monitor.py --workflow ID      # one workflow's messages in order: time, topic, type, service, repeats
 A workflow is STUCK when it is still running past its SLA (--sla seconds): the view names the missing step and the
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--sla-report", action="store_true", help="print latency percentiles and SLA breaches, exit")
     parser.add_argument("--json", action="store_true", help="with --once or --sla-report: one JSON object")
+    parser.add_argument("--workflows", action="store_true", help="with --once --json: each workflow's state (and why "
+                                                                     "it is stuck), one JSON object a line")
     parser.add_argument("--workflow", metavar="ID", help="print one workflow's timeline (a unique beginning of its id)")
     parser.add_argument("--sla", type=float, default=5.0, help="seconds a workflow may take (default 5)")
     parser.add_argument("--window", type=float, help="with --sla-report: only workflows started in the last N s")
@@ -90,6 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.json and not (args.once or args.sla_report):
         parser.error("--json goes with --once or --sla-report")
+    if args.workflows and not (args.once and args.json):
+        parser.error("--workflows goes with --once --json")
     if args.sla <= 0 or (args.window is not None and args.window <= 0) or args.keep < 10:
         parser.error("--sla and --window must be above 0, --keep at least 10")
     setup_logging()
@@ -107,6 +112,11 @@ def main() -> None:
             raise SystemExit("monitor: stopped before reading to the end of the topics; no figures printed")
         if args.sla_report:
             print_sla_report(flow.sla_report(args.window), args.json)
+        elif args.once and args.json and args.workflows:
+            now = time.time()
+            for workflow, kind in flow.kind.items():
+                state, stuck = flow.status(workflow, now)
+                print(json.dumps({"workflow_id": workflow, "type": kind, "state": state, "stuck": stuck}))
         elif args.once and args.json:
             print(json.dumps(flow.figures(), sort_keys=True))
         elif args.once:

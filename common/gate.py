@@ -5,6 +5,7 @@ the service's log and changes nothing; one past its deadline is also reported to
 to the service's member of message_stream, when it writes there), which keeps it beside its step. A handler raises
 Expired where the deadline passes at the moment of the effect itself (common/effects.py)."""
 
+import contextlib
 import logging
 import time
 from datetime import timezone
@@ -38,7 +39,18 @@ class Revocations:
         self.next: dict[TopicPartition, int] = {}
 
     def read(self) -> None:
-        """Everything revoked until now; KafkaError if that cannot be read now (then no command may be acted on)."""
+        """Everything revoked until now; KafkaError if that cannot be read now (then no command may be acted on).
+        After a failure the next read starts with a new consumer, from where the last read ended (a consumer whose
+        leader was killed can keep failing after the cluster has moved on: tests/test_cluster.py)."""
+        try:
+            self.read_to_end()
+        except KafkaError:
+            with contextlib.suppress(KafkaError):
+                self.close()
+            self.consumer = None
+            raise
+
+    def read_to_end(self) -> None:
         if self.consumer is None:
             self.consumer = KafkaConsumer(**self.settings.kafka_config(), enable_auto_commit=False,
                                           isolation_level="read_committed",

@@ -98,6 +98,16 @@ class Scripts:
             time.sleep(0.1)
 
 
+def wait_until(probe, timeout: float = 60, what: str = "the condition"):
+    """Ask `probe()` again until it answers something other than None (its answer), or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (answer := probe()) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not hold within {timeout:.0f} s")
+        time.sleep(0.2)
+    return answer
+
+
 class TopicReader:
     """Reads one of this test's topics (a family: all its members, even those made later) from the beginning,
     keeping what it has read (committed messages only)."""

@@ -82,6 +82,23 @@ def test_the_page_shows_a_new_workflow_its_state_changes_live_and_a_cancel_reach
     stream.read_until(lambda ms: third.workflow_id in ids_of(ms, "workflow_cancelled"))
     assert [m.payload["by"] for m in stream.messages() if m.type == "workflow_cancel_requested"] == ["ann"]
     assert f"workflow_cancel_requested {third.workflow_id[:8]} by ann (a drill)" in scripts.output(orchestrator)
+    # And when two more wait for their action, and a person finds the running ones of sensor-4 and cancels them all
+    fourth, fifth = detection(), detection()
+    for event in (fourth, fifth):
+        producer(MESSAGE_STREAM, event.model_copy(update={"payload": {**event.payload, "sensor_id": "sensor-4"}}),
+                 key=b"sensor-4")
+    page.locator("nav a", has_text="Workflows").click()
+    page.locator("a", has_text="running").first.click()
+    page.locator('#search input[name="entity"]').fill("sensor-4")
+    page.locator("#search button").click()
+    expect(page.locator(".pages")).to_contain_text("2 workflows", timeout=30_000)
+    page.locator("#bulk-cancel").click()
+    expect(page.locator("#ask-title")).to_have_text("Cancel 2 workflows?")
+    page.locator("#ask-reason").fill("sensor-4 replaced")
+    page.locator("#ask-go").click()
+    # Then one request went for each, and the page says both were granted
+    expect(page.locator("#answer")).to_contain_text("cancel: 2 of 2 granted", timeout=90_000)
+    stream.read_until(lambda ms: {fourth.workflow_id, fifth.workflow_id} <= ids_of(ms, "workflow_cancelled"))
 
 
 def test_the_console_refuses_a_port_in_use_with_one_line(scripts):

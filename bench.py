@@ -804,6 +804,66 @@ def profile(count: int = 20_000) -> dict:
     return {"handling_us_per_detection": round(micros, 1)}
 
 
+def views(count: int = 100_000) -> dict:
+    """The console's list and search over `count` workflows, without Kafka: entries made by the engine from
+    detections (a tenth failed), then what a look at the list does (the state as views.workflows.located reads it,
+    the index brought up to date, a search, one page of rows), each the median of three; and the memory a workflow
+    takes in the views (its entry as followed, and its facts in the index)."""
+    import tracemalloc
+
+    from views.search import Filter, Index, paged
+    from views.workflows import located, stuck_of, summary
+
+    engine, now = Orchestration(WORKFLOWS, route, 2, Limits(step_timeout=3600)), time.time()
+    store = Store("orchestrator", durable=False)
+    store.restore({0})
+    made = []
+    for i in range(count):  # (each workflow's entry as the engine makes it for its detection; none committed)
+        event = common.Envelope.model_validate_json(detection_bytes(i)[1])
+        view = store.view(0, b"s")
+        engine.decide(event, view, now - count + i)
+        made.append((event.workflow_id, view.get(common.WORKFLOW + event.workflow_id)))
+    tracemalloc.start()
+    entries = {}
+    for i, (workflow_id, made_) in enumerate(made):
+        workflow = json.loads(json.dumps(made_))  # (as followed: its own copy, read from its bytes)
+        if i % 10 == 0:
+            workflow["state"] = "failed"
+        key = (common.WORKFLOW + workflow_id).encode()
+        entries[(i % 3, key)] = (now, "orchestrator", json.dumps(workflow).encode(), workflow)
+    held = tracemalloc.get_traced_memory()[0]
+    checked = {}  # (kept between looks, as the console keeps it)
+    found = located(common.Settings(), quiet=True, entries=entries, checked=checked)
+    index = Index()
+    index.update(found)
+    indexed = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    some = next(iter(found))
+
+    def timed(function) -> float:
+        runs = []
+        for _ in range(3):
+            began = time.perf_counter()
+            function()
+            runs.append((time.perf_counter() - began) * 1000)
+        return round(statistics.median(runs), 1)
+
+    def look(wanted: Filter) -> None:  # (what the console's GET /api/workflows does)
+        state = located(common.Settings(), quiet=True, entries=entries, checked=checked)
+        index.update(state)
+        ids, _ = paged(index.find(wanted, lambda w: stuck_of(state[w].workflow, 5.0, now) is not None), 1)
+        [summary(state[w].workflow) for w in ids]
+    figures = {"workflows": count,
+               "list_page_ms": timed(lambda: look(Filter())),
+               "find_by_id_ms": timed(lambda: look(Filter(id=some[:8]))),
+               "find_by_entity_and_state_ms": timed(lambda: look(Filter(entity="sensor-3", state="failed"))),
+               "index_update_unchanged_ms": timed(lambda: index.update(found)),
+               "memory_per_workflow_bytes": {"entry_followed": round(held / count),
+                                             "index": round((indexed - held) / count)}}
+    console.print(f"views over {count} workflows: {figures}")
+    return figures
+
+
 def broker() -> tuple[str, Path | None]:
     """A broker address: KAFKA_BOOTSTRAP_SERVERS if it answers, else a local_kafka started here."""
     address = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
@@ -825,6 +885,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="only the orchestrator's own handling, profiled (no Kafka)")
     parser.add_argument("--peers", action="store_true", help="only the comparison with Quix Streams, Kafka Streams "
                                                              "and a raw exactly-once pipe")
+    parser.add_argument("--views", type=int, metavar="N", help="only the console's list and search over N workflows "
+                                                                "(no Kafka)")
     parser.add_argument("--role", choices=["raw-pipe", "raw-eos-pipe", "confluent-router"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -832,6 +894,11 @@ def main() -> int:
         return {"raw-pipe": raw_pipe, "raw-eos-pipe": raw_eos_pipe, "confluent-router": confluent_router}[args.role]()
     if args.profile:
         return not profile()
+    if args.views:
+        figures = views(args.views)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"views": figures}, indent=2) + "\n")
+        return 0
     n = args.messages or (20_000 if args.quick else 100_000)
     address, data_dir = broker()
     bench = Bench(address)

@@ -60,7 +60,7 @@ class Watch:
 
     def __init__(self, settings: Settings, sla: float):
         self.settings, self.sla, self.flow = settings, sla, flow.Flow(sla, settings)
-        self.index, self.unread, self.answered_at = search.Index(), 1, time.time()
+        self.index, self.checked, self.unread, self.answered_at = search.Index(), {}, 1, time.time()
         self.tail, self.admin = flow.Tail(self.flow), KafkaAdminClient(**settings.kafka_config())
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.read, self.lag, self.problem = 0, {}, None
@@ -106,7 +106,8 @@ class Watch:
         with self.state_lock:
             if time.monotonic() - self.states_at > EVERY_S or self.states_read != self.read:
                 self.states_read = self.read
-                self.states = workflows.located(self.settings, quiet=True, entries=self.following.entries())
+                self.states = workflows.located(self.settings, quiet=True, entries=self.following.entries(),
+                                                checked=self.checked)
                 self.states_at = time.monotonic()
             return self.states
 

@@ -17,6 +17,8 @@ from common import (SETTINGS, WORKFLOW, Latest, Settings, changelog, is_workflow
                     orchestrator_groups)
 from orchestrator import WORKFLOWS
 
+WORKFLOW_KEY = WORKFLOW.encode()
+
 
 class Located(NamedTuple):
     partition: int        # of the state topic that holds it (and of the topics its events come on)
@@ -24,21 +26,35 @@ class Located(NamedTuple):
     raw: bytes            # its entry as stored (the trace context of the record that wrote it last: trace_of)
 
 
-def located(settings=SETTINGS, quiet: bool = False, entries: dict | None = None) -> dict[str, Located]:
+def located(settings=SETTINGS, quiet: bool = False, entries: dict | None = None,
+            checked: dict | None = None) -> dict[str, Located]:
     """Every workflow, by id, with where its state is (quiet: entries set aside are not said). `entries`: the state
-    as latest_entries gives it, if read already (the console follows it)."""
-    cutoff = time.time() - settings.state_retention_s
+    as latest_entries gives it, if read already (the console follows it). `checked`: what an earlier call found of
+    each entry, kept by the caller (then only an entry that changed since is checked again)."""
+    cutoff, found, unreadable = time.time() - settings.state_retention_s, {}, []
     entries = latest_entries(orchestrator_groups(WORKFLOWS), settings) if entries is None else entries
-    found = {key.decode(errors="replace").removeprefix(WORKFLOW): Located(partition, value, raw)
-             for (partition, key), (at, _, raw, value) in entries.items()
-             if key.startswith(WORKFLOW.encode()) and at >= cutoff}
-    unreadable = [id_ for id_, found_ in found.items() if not is_workflow(WORKFLOWS, found_.workflow)]
+    checked = {} if checked is None else checked
+    for slot, (at, _, raw, value) in entries.items():
+        partition, key = slot
+        if at < cutoff or not key.startswith(WORKFLOW_KEY):
+            continue
+        kept = checked.get(slot)
+        if kept is None or kept[0] is not raw:
+            workflow_id = key.decode(errors="replace").removeprefix(WORKFLOW)
+            kept = checked[slot] = (raw, workflow_id, Located(partition, value, raw) if is_workflow(WORKFLOWS, value)
+                                    else None)
+        if kept[2] is None:
+            unreadable.append(kept[1])
+        else:
+            found[kept[1]] = kept[2]
+    for gone in checked.keys() - entries.keys():
+        del checked[gone]
     if unreadable and not quiet:
         print(f"workflows: {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} of the state set aside as "
               f"unreadable, e.g. {unreadable[0]}: what each held is lost (the orchestrator dead-letters it, or else the next "
               f"event of its workflow; see dead_letters.py list)",
               file=sys.stderr)
-    return {id_: found[id_] for id_ in found if id_ not in unreadable}
+    return found
 
 
 def trace_of(raw: bytes) -> str | None:

@@ -4,6 +4,9 @@ dead letter, one that waits for a later example), `monitor.py --once --json --wo
 and the console's API say the same state of each."""
 
 import json
+import os
+import signal
+import time
 import urllib.request
 
 from helpers import detection, ids_of, unit_event, wait_until
@@ -83,3 +86,40 @@ def console_rows(port: int) -> dict[str, dict]:
         page = api(port, "/api/workflows?per_page=1000")
         return None if page["reading"] else {row["workflow_id"]: row for row in page["rows"]}
     return wait_until(read, timeout=60, what="the console read the topics to their end")
+
+
+def test_when_kafka_does_not_answer_the_console_says_so_and_marks_its_figures_old(scripts, env, tmp_path):
+    # Given a broker of this test's own, a workflow on it, and the console reading it
+    started, _ = local_kafka.start(local_kafka.free_port(), tmp_path / "kafka")
+    env.update(KAFKA_BOOTSTRAP_SERVERS=started.address)
+    try:
+        scripts.start("orchestrator.py", "--example", "1", "--step-timeout", "300")
+        scripts.run("security_detector.py", "--count", "1")
+        port = local_kafka.free_port()
+        scripts.wait_for_output(scripts.start("console.py", "--port", str(port)), f"console: http://127.0.0.1:{port}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/events", timeout=60) as events:
+            next_event(events, lambda said: said["figures"]["workflows"]["started"] == 1 and said["problem"] is None)
+            # When the broker stops answering (SIGSTOP: its connections stay open, nothing comes back)
+            os.killpg(started.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                stale = next_event(events, lambda said: said["problem"] is not None)
+                took = time.monotonic() - stopped
+            finally:
+                os.killpg(started.pid, signal.SIGCONT)
+            # Then the page is told so, with the time its figures are from, and keeps them
+            assert stale["problem"].startswith("Kafka does not answer: the figures are as of ")
+            assert stale["answered_at"] <= time.time() and stale["figures"]["workflows"]["started"] == 1
+            print(f"console: said Kafka does not answer {took:.1f} s after the broker stopped")
+            # And once it answers again, the problem is gone
+            assert next_event(events, lambda said: said["problem"] is None)["figures"]["workflows"]["started"] == 1
+    finally:
+        local_kafka.stop(tmp_path / "kafka")
+
+
+def next_event(events, wanted) -> dict:
+    """The next server-sent event of the console's that `wanted` holds for (the stream sends one a second)."""
+    for line in events:
+        if line.startswith(b"data: ") and wanted(said := json.loads(line[6:])):
+            return said
+    raise AssertionError("the console's events ended")

@@ -10,11 +10,10 @@ from datetime import datetime
 from typing import NamedTuple
 
 from kafka import KafkaConsumer
-from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from common import (SETTINGS, WORKFLOW, Latest, Settings, changelog, is_workflow, latest_entries, not_retriable,
-                    orchestrator_groups)
+                    orchestrator_groups, read_from)
 from orchestrator import WORKFLOWS
 
 WORKFLOW_KEY = WORKFLOW.encode()
@@ -140,23 +139,22 @@ class Following:
             self.latest.kept[group] = {}
         self.consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False,
                                       isolation_level="read_committed")
+        self.next: dict[TopicPartition, int | None] = {}  # where the last look ended (None: the beginning)
 
     def entries(self) -> dict:
-        """The state now, as latest_entries gives it (a state topic made since is read from its beginning)."""
+        """The state now, as latest_entries gives it (a state topic made since is read from its beginning). A read
+        that stalls ends in one line (common.read_from)."""
         wanted = [TopicPartition(t, p) for t in sorted(set(self.consumer.topics()) & set(self.groups))
                   for p in self.consumer.partitions_for_topic(t) or ()]
-        end, assigned = self.consumer.end_offsets(wanted), self.consumer.assignment()
-        if set(wanted) != assigned or any(self.consumer.position(tp) > end[tp] for tp in assigned if tp in end):
+        end = self.consumer.end_offsets(wanted)
+        if set(wanted) != set(self.next) or any((self.next[tp] or 0) > end[tp] for tp in wanted):
             for group in self.latest.kept:  # (a state topic made, or deleted and made again: all read anew)
                 self.latest.kept[group] = {}
-            self.consumer.assign(wanted)
-            if wanted:
-                self.consumer.seek_to_beginning(*wanted)
-        stalled_at = time.monotonic() + 30
-        while any(self.consumer.position(tp) < end[tp] for tp in wanted):
-            if time.monotonic() > stalled_at:
-                raise KafkaError("reading the orchestrators' state made no progress for 30 s")
-            for tp, records in self.consumer.poll(timeout_ms=200).items():
-                self.latest.add(self.groups[tp.topic], records)
-                stalled_at = time.monotonic() + 30  # (a long topic may take long; a stuck read may not)
+            self.next = dict.fromkeys(wanted)
+        read: dict[str, list] = {}
+        for record in read_from(self.consumer, self.next, "the orchestrators' state"):
+            read.setdefault(record.topic, []).append(record)
+        for topic, records in read.items():
+            self.latest.add(self.groups[topic], records)
+        self.next = {tp: self.consumer.position(tp) for tp in wanted}
         return self.latest.entries()

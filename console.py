@@ -15,6 +15,7 @@ Its files: web/.
 import argparse
 import asyncio
 import base64
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -486,13 +487,25 @@ def loopback(host: str) -> bool:
         return False
 
 
+def machine_names() -> list[str]:
+    """This machine's names and the addresses they resolve to (the names a browser on the network may use)."""
+    names, found = [socket.gethostname(), socket.getfqdn()], set()
+    with contextlib.suppress(OSError):  # (a name that does not resolve: not that one)
+        found |= {info[4][0] for name in names for info in socket.getaddrinfo(name, None)}
+    for family, somewhere in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((somewhere, 9))  # (no packet is sent: it asks which address reaches the network)
+            found.add(probe.getsockname()[0])
+    return names + sorted(f"[{a}]" if ":" in a else a for a in found if not ipaddress.ip_address(a).is_loopback)
+
+
 def answers_to(host: str, allowed: list[str]) -> list[str]:
     """The names the console answers to (a Host header of another is refused): this machine's loopback names; off
     loopback the address it serves on, or for every address (0.0.0.0, ::) the machine's names; and those allowed."""
     names = ["127.0.0.1", "localhost", "[::1]"]
     if not loopback(host):
         wildcard = host in ("0.0.0.0", "::", "[::]")
-        names += [socket.gethostname(), socket.getfqdn()] if wildcard else [f"[{host}]" if ":" in host else host]
+        names += machine_names() if wildcard else [f"[{host}]" if ":" in host else host]
     return list(dict.fromkeys(names + allowed))
 
 

@@ -16,6 +16,7 @@ of the latency percentiles.
 
 import argparse
 import json
+import signal
 import sys
 import time
 from datetime import datetime
@@ -97,6 +98,7 @@ def main() -> None:
         parser.error("--workflows goes with --once --json")
     if args.sla <= 0 or (args.window is not None and args.window <= 0) or args.keep < 10:
         parser.error("--sla and --window must be above 0, --keep at least 10")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (`monitor.py --once --json --workflows | head` ends quietly)
     setup_logging()
     stop = Stopper()
     admin = wait_for_kafka(stop, "monitor")

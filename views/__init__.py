@@ -7,4 +7,6 @@ other.
   workflows  the orchestrators' state: each workflow as one object, found by id, why it is stuck
   requests   a person's cancel or retry, sent and its answer awaited
   letters    the dead letters, their originals, and their replay
+  search     finding many: a filter, an index over the state, pages
+  live       what the console keeps live: the topics tailed, the state followed, a page of workflows found
 """

@@ -14,7 +14,7 @@ from kafka.errors import AuthorizationError
 from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
-from common import (SETTINGS, DeadLetterPayload, Envelope, discard, make_producer, read_from,
+from common import (DEAD_LETTER, SETTINGS, DeadLetterPayload, Envelope, Settings, discard, make_producer, read_all, read_from,
                     readers_and_writers, refused, tracing, wait_for_acks)
 from orchestrator import WORKFLOWS
 
@@ -169,3 +169,21 @@ def replay(originals: list[tuple[str, bytes | None, bytes | None, list | None]])
     finally:
         discard(producer, timeout=10)
     return len(futures)
+
+
+def rows(settings: Settings) -> list[dict]:
+    """dead_letters.py list's letters, newest first: where each came from, why, and whether and when it was replayed."""
+    found, _ = load(read_all(DEAD_LETTER, settings=settings))
+    replayed = replays(found)
+    return [{"letter": which, "at": made.timestamp(), "service": which.split(":")[0],
+             "workflow": workflow_of(letter), "reason": letter.reason,
+             "from": f"{letter.topic}:{letter.partition}:{letter.offset}",
+             "replayed": sorted(replayed.get(original_of(letter), []))}
+            for which, letter, made in sorted(found, key=lambda row: row[2], reverse=True)]
+
+
+def replay_one(which: str, settings: Settings) -> int:
+    """Replay one letter's original (the console's Replay button): how many were sent (0 or 1)."""
+    found, _ = load(read_all(DEAD_LETTER, settings=settings))
+    todo = originals(chosen(found, None, None, [which]))
+    return replay(todo) if todo else 0

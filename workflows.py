@@ -139,7 +139,7 @@ def listed(found: dict, ids: list[str], args) -> int:
     for workflow_id in shown:
         workflow = found[workflow_id].workflow
         if args.json:
-            print(json.dumps(summary(workflow) | {"stuck": stuck_of(workflow, args.sla, now)}))
+            print(json.dumps(summary(workflow, args.sla, now)))
             continue
         steps = ", ".join(f"{name} {step['state']}" + (f" ({step['attempts']} attempts)" if step["attempts"] > 1 else "")
                           for name, step in workflow["steps"].items())

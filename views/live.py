@@ -96,8 +96,8 @@ class Watch:
                     if wanted.holds(search.Facts(row["started"], w, row["type"], row["state"], frozenset()),
                                     row["stuck"] is not None)]
         ids, pages = search.paged([w for _, w in sorted(routed + unrouted, reverse=True)], page, per_page)
-        rows = [workflows.summary(found[w].workflow) | {"stuck": workflows.stuck_of(found[w].workflow, self.sla, now)}
-                if w in found else waiting_row(w, before[w]) for w in ids]
+        rows = [workflows.summary(found[w].workflow, self.sla, now) if w in found else waiting_row(w, before[w])
+                for w in ids]
         return pages | {"rows": rows, "reading": self.unread > 0}
 
     def before(self, workflow_id: str, kind: str, now: float) -> dict:
@@ -126,8 +126,8 @@ class Watch:
                        if w not in found}
         workflow_id = workflows.one({**waiting, **found}, wanted)  # (one the orchestrator has not routed yet, too)
         _, rows = flow.messages_of(workflow_id, self.settings)
-        shown = workflows.summary(found[workflow_id].workflow) | {"stuck": workflows.stuck_of(
-            found[workflow_id].workflow, self.sla, now)} if workflow_id in found else waiting[workflow_id]
+        shown = workflows.summary(found[workflow_id].workflow, self.sla, now) if workflow_id in found \
+            else waiting[workflow_id]
         return shown | {
             "entry": found[workflow_id].workflow if workflow_id in found else None,
             "trace": tracing.zipkin_trace(workflows.trace_of(found[workflow_id].raw)) if workflow_id in found else None,
@@ -135,11 +135,11 @@ class Watch:
                           "note": note(m)} for at, topic, m, repeat in rows]}
 
 
-def waiting_row(workflow_id: str, before: dict) -> dict:
-    """A workflow the topics show but no orchestrator has routed, in workflows.py list --json's shape."""
-    return {"workflow_id": workflow_id, "type": before["type"], "state": before["state"], "retries": 0, "stage": None,
-            "started_at": workflows.stamp(before["started"]), "finished_at": None, "steps": [], "retry_refused": None,
-            "stuck": before["stuck"]}
+def waiting_row(workflow_id: str, before: dict) -> workflows.Row:
+    """A workflow the topics show but no orchestrator has routed, as every view shows a workflow."""
+    return workflows.Row(workflow_id=workflow_id, type=before["type"], state=before["state"], retries=0, stage=None,
+                         started_at=workflows.stamp(before["started"]), finished_at=None, steps=[],
+                         retry_refused=None, stuck=before["stuck"])
 
 
 def note(message) -> str:

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
@@ -76,23 +76,49 @@ def one(found: dict, wanted: str) -> str:
     return matches[0]
 
 
-def summary(workflow: dict) -> dict:
+class Stuck(TypedDict):
+    """Why a workflow is stuck: the step awaited (routed: not yet routed), who should answer, since when."""
+    step: str
+    service: str
+    since: str | None
+    why: str
+
+
+class Row(TypedDict):
+    """A workflow as every view shows it (workflows.py list --json and show --json, the console's API): its state in
+    one vocabulary (the orchestrator's, STATES; or, before it routed one, waiting or dead_lettered), why it is stuck
+    as data (None: it is not), its steps in the order they were sent."""
+    workflow_id: str
+    type: str
+    state: str
+    retries: int
+    stage: int | None
+    started_at: str | None
+    finished_at: str | None
+    retry_refused: str | None
+    steps: list[dict]
+    stuck: Stuck | None
+
+
+def summary(workflow: dict, sla: float = 5.0, now: float | None = None) -> Row:
     """One workflow as show --json prints it: its steps in the order they were sent, each with what it follows and
     the answers that came too late to change it (an outcome after its time limit; a service's word that it did not
-    act on a command read after its deadline); and why it cannot be retried now, if it cannot."""
+    act on a command read after its deadline); why it cannot be retried now, if it cannot; why it is stuck (a step
+    awaited longer than `sla` seconds), if it is."""
     defined = {step.name: step for step in WORKFLOWS[workflow["type"]].steps}
-    return {"workflow_id": workflow["workflow_id"], "type": workflow["type"], "state": workflow["state"],
-            "retries": workflow.get("retries", 0), "stage": workflow["stage"], "started_at": stamp(workflow["started_at"]),
-            "finished_at": stamp(workflow["finished_at"]), "retry_refused": not_retriable(workflow, defined),
-            "steps": [{"name": name, "state": step["state"], "attempts": step["attempts"],
+    return Row(workflow_id=workflow["workflow_id"], type=workflow["type"], state=workflow["state"],
+               retries=workflow.get("retries", 0), stage=workflow["stage"], started_at=stamp(workflow["started_at"]),
+               finished_at=stamp(workflow["finished_at"]), retry_refused=not_retriable(workflow, defined),
+               steps=[{"name": name, "state": step["state"], "attempts": step["attempts"],
                        "sent_at": stamp(step["sent_at"]), "finished_at": stamp(step["finished_at"]),
                        "deadline": stamp(step["deadline"]), "follows": step.get("after") or follows(defined.get(name)),
                        "late": [{"type": type_, "at": stamp(at), "meaning": meaning(type_, defined.get(name))}
                                 for type_, at in step.get("late", ())]}
-                      for name, step in workflow["steps"].items()]}
+                      for name, step in workflow["steps"].items()],
+               stuck=stuck_of(workflow, sla, time.time() if now is None else now))
 
 
-def stuck_of(workflow: dict, sla: float, now: float) -> dict | None:
+def stuck_of(workflow: dict, sla: float, now: float) -> Stuck | None:
     """Why a running workflow is stuck, as data, or None: its first step still awaited `sla` seconds after it was
     sent (a retry sends it again), and the service that should answer it."""
     if workflow["state"] != "running":
@@ -101,8 +127,8 @@ def stuck_of(workflow: dict, sla: float, now: float) -> dict | None:
     for name, step in workflow["steps"].items():
         if step["state"] == "pending" and now - step["sent_at"] > sla:
             service = defined[name].service if name in defined else "?"
-            return {"step": name, "service": service, "since": stamp(step["sent_at"]),
-                    "why": f"no '{name}' from {service} since {clock(stamp(step['sent_at']))}"}
+            return Stuck(step=name, service=service, since=stamp(step["sent_at"]),
+                         why=f"no '{name}' from {service} since {clock(stamp(step['sent_at']))}")
     return None
 
 

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -170,11 +171,16 @@ def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette
         by = request.scope.get("state", {}).get("login") or str(asked.get("by") or "console")
 
         def ask() -> dict:
-            ids = watch.many(Filter.of(asked["filter"], list(WORKFLOWS)))
+            wanted = Filter.of(asked["filter"], list(WORKFLOWS))
+            if wanted == Filter():
+                raise search.BadFilter("a bulk action needs a filter (every workflow is not one)")
+            ids = watch.many(wanted)
+            found = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]  # (which ones, not only how many)
             if "count" not in asked:
-                return {"count": len(ids), "first": ids[:5]}
-            if asked["count"] != len(ids):
-                raise search.BadFilter(f"the filter finds {len(ids)} now, not {asked['count']}: count them again")
+                return {"count": len(ids), "first": ids[:5], "found": found}
+            if not isinstance(asked["count"], int) or asked["count"] != len(ids) or asked.get("found") != found:
+                raise search.BadFilter(f"the filter finds {len(ids)} workflows now, not the {asked['count']} counted "
+                                       "(or not the same ones): count them again")
             if len(ids) > BULK_LIMIT:
                 raise search.BadFilter(f"at most {BULK_LIMIT} at once: narrow the filter")
             if why := refusal(asked, "reason"):
@@ -281,8 +287,9 @@ class Serving(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started:
-            log.info("console: %s://%s:%d (Ctrl-C stops it)", "https" if self.config.ssl_certfile else "http",
-                     self.config.host, self.config.port)
+            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+            log.info("console: %s://%s:%d (Ctrl-C stops it)", "https" if self.config.ssl_certfile else "http", host,
+                     self.config.port)
 
 
 def main() -> int:

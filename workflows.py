@@ -100,8 +100,10 @@ def main() -> int:
     try:
         wanted = Filter.of({name: getattr(args, name, None) for name in Filter.__struct_fields__}, list(WORKFLOWS))
         if args.command in ("cancel", "retry") and (args.workflow_id is None) == (wanted == Filter()):
-            raise SystemExit("workflows: give one workflow's id, or a filter (--id, --type, --state, --entity, "
-                             "--since, --until) for every one it finds, not both")
+            raise SystemExit(f"workflows: {args.command} one workflow (its id) or every one a filter finds (--id, "
+                             f"--type, --state, --entity, --since, --until): {'not both' if args.workflow_id else 'which?'}")
+        if getattr(args, "page", None) is not None and args.page < 1:
+            raise BadFilter("page: pages count from 1")
         wait_for_kafka(Stopper(), "workflows", wait=False).close()
         if args.command in ("cancel", "retry") and args.workflow_id is not None:
             granted, said = request(args.command, args.workflow_id, args.reason, args.by or login_name(), args.wait)
@@ -134,7 +136,7 @@ def filters(parser: argparse.ArgumentParser) -> None:
 
 def listed(found: dict, ids: list[str], args) -> int:
     """The list: every match, newest last; or one page of them, newest first."""
-    shown, pages = paged(ids, args.page) if args.page else (ids[::-1], None)
+    shown, pages = paged(ids, args.page) if args.page is not None else (ids[::-1], None)
     now = time.time()
     for workflow_id in shown:
         workflow = found[workflow_id].workflow
@@ -143,8 +145,10 @@ def listed(found: dict, ids: list[str], args) -> int:
             continue
         steps = ", ".join(f"{name} {step['state']}" + (f" ({step['attempts']} attempts)" if step["attempts"] > 1 else "")
                           for name, step in workflow["steps"].items())
-        print(f"{workflow['workflow_id']}  {workflow['type']:<8} {workflow['state']:<9} started "
-              f"{clock(stamp(workflow['started_at']))} (example {workflow['stage']})  {steps or '-'}")
+        stuck = stuck_of(workflow, args.sla, now)
+        print(f"{workflow['workflow_id']}  {workflow['type']:<8} {'stuck' if stuck else workflow['state']:<9} started "
+              f"{clock(stamp(workflow['started_at']))} (example {workflow['stage']})  {steps or '-'}"
+              f"{'  (' + stuck['why'] + ')' if stuck else ''}")
     if not args.json:
         print(f"{len(ids)} workflow{'s' * (len(ids) != 1)}" + (f" {args.state}" if args.state else "") +
               f" (of {len(found)} in the orchestrator's state)" +

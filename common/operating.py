@@ -35,7 +35,7 @@ def refusal(event: Envelope, workflow: dict | None, definitions: dict[str, Step]
     if workflow is None:
         return "no such workflow here (never started, expired, or its state removed)"
     if event.type == "workflow_cancel_requested" and workflow["state"] != "running":
-        return f"the workflow has already {workflow['state']}: only a running one can be cancelled"
+        return f"the workflow is {workflow['state']} already: only a running one can be cancelled"
     if event.type == "workflow_retry_requested":
         return not_retriable(workflow, definitions)
     return None

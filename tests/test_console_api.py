@@ -157,12 +157,15 @@ def test_a_bulk_action_counts_first_then_sends_one_request_per_workflow_as_the_s
                         [(w, i == 0, f"workflow {w}: ...") for i, w in enumerate(ids)])
     console_ = client(console.Login({"ann": "s3cret"}))
     post = lambda body: console_.post("/api/bulk/retry", json=body, headers=basic("ann", "s3cret"))  # noqa: E731
-    assert post({"filter": {"type": "security"}}).json() == {"count": 2, "first": [
-        Watch.workflow_id, "c0ffee00-0000-4000-8000-000000000002"]}
+    counted = post({"filter": {"type": "security"}}).json()
+    assert (counted["count"], counted["first"]) == (2, [Watch.workflow_id, "c0ffee00-0000-4000-8000-000000000002"])
     assert sent == []  # (counting sends nothing)
-    changed = post({"filter": {"type": "security"}, "count": 3, "reason": "fixed"})
-    assert changed.status_code == 400 and "finds 2 now, not 3" in changed.json()["error"] and sent == []
-    assert post({"filter": {"type": "security"}, "count": 2}).json() == {"error": "reason is required"}
-    done = post({"filter": {"type": "security"}, "count": 2, "reason": "fixed", "by": "mallory"}).json()
+    for changed in ({"count": 3, "found": counted["found"]}, {"count": 2, "found": "other ones"}, {"count": "2"}):
+        refused = post({"filter": {"type": "security"}, "reason": "fixed", **changed})
+        assert refused.status_code == 400 and "count them again" in refused.json()["error"] and sent == []
+    assert post({"filter": {}}).json() == {"error": "a bulk action needs a filter (every workflow is not one)"}
+    agreed = {"count": 2, "found": counted["found"]}
+    assert post({"filter": {"type": "security"}, **agreed}).json() == {"error": "reason is required"}
+    done = post({"filter": {"type": "security"}, **agreed, "reason": "fixed", "by": "mallory"}).json()
     assert (done["count"], done["granted"], [a["granted"] for a in done["answers"]]) == (2, 1, [True, False])
     assert sent == [("retry", [Watch.workflow_id, "c0ffee00-0000-4000-8000-000000000002"], "fixed", "ann")]

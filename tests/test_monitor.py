@@ -195,7 +195,9 @@ def test_the_orchestrators_word_on_how_a_workflow_ended_is_its_state_and_a_dead_
     assert flow.status("w1", time.time()) == ("completed", None)
     bad = envelope("security_detection", "w2", 9)
     flow.add(MESSAGE_STREAM, bad)
-    assert flow.status("w2", time.time()) == ("waiting", {"step": "routed", "service": "orchestrator"})
+    state, stuck = flow.status("w2", time.time())
+    assert (state, stuck["step"], stuck["service"]) == ("waiting", "routed", "orchestrator")
+    assert stuck["why"].startswith("no 'routed' from orchestrator since ")
     flow.add("dead_letter.orchestrator", dead_letter(bad.to_bytes(), "payload: sensor_id missing", "orchestrator"))
     assert flow.status("w2", time.time()) == ("dead_lettered", None)
     assert flow.figures()["workflows"]["dead_lettered"] == 1

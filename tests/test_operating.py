@@ -70,7 +70,7 @@ def test_a_running_workflow_is_cancelled_and_its_pending_steps_no_longer_awaited
     assert orchestrator.time_out(T0 + 10) == []  # (its timer stopped)
 
 
-@pytest.mark.parametrize("kind, why", [("cancel", "the workflow has already failed: only a running one can be cancelled"),
+@pytest.mark.parametrize("kind, why", [("cancel", "the workflow is failed already: only a running one can be cancelled"),
                                        ("retry", None)])
 def test_a_failed_workflow_may_be_retried_but_not_cancelled(failed, kind, why):
     orchestrator, workflow_id = failed

@@ -47,11 +47,11 @@ def test_a_cancelled_workflow_ends_once_its_timers_stop_and_no_service_acts_on_i
     producer(written_by(MESSAGE_STREAM, OPERATOR), request, key=b"sensor-1")
     again = scripts.run("workflows.py", "cancel", first.workflow_id, "--reason", "twice", check=False)
     # Then the repeat had no effect, and the second cancel was refused with the reason
-    assert again.returncode == 1 and "refused: the workflow has already cancelled" in again.stdout
+    assert again.returncode == 1 and "refused: the workflow is cancelled already" in again.stdout
     stream.read_until(lambda ms: len(answers_in(ms, first.workflow_id)) >= 2)
     assert answers(stream, first.workflow_id) == [
         ("workflow_cancelled", "cancelled; acted no longer awaited"),
-        ("operator_request_refused", "the workflow has already cancelled: only a running one can be cancelled")]
+        ("operator_request_refused", "the workflow is cancelled already: only a running one can be cancelled")]
     # And when the security service starts, it reads the command sent before the cancel and does not act on it
     security = scripts.start("security_service.py")
     scripts.wait_for_output(security, f"not acted on: its workflow was cancelled (by ann: sensor replaced) (workflow "
@@ -94,7 +94,7 @@ def test_a_failed_workflow_retried_sends_its_step_again_under_a_new_id_and_compl
     # it, and the workflow completed; cancelling it while it had failed was refused
     retried = f"{event.workflow_id}.acted.retry-1"
     assert f"workflow {event.workflow_id}: done: acted sent again as {retried} (retry 1)" in done.stdout
-    assert refused.returncode == 1 and "refused: the workflow has already failed" in refused.stdout
+    assert refused.returncode == 1 and "refused: the workflow is failed already" in refused.stdout
     assert [c.id for c in topics(SEC_COMMAND).read_count(2)] == [f"{event.workflow_id}.security", retried]
     assert [m.type for m in stream.messages() if m.type.startswith("security_action_")] == [
         "security_action_failed", "security_action_completed"]

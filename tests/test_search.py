@@ -1,10 +1,14 @@
 """Finding many workflows without Kafka (views/search.py): each part of a filter, the index kept up to date as the
 state changes, pages newest first, and a filter asked wrongly said so."""
 
+import subprocess
+import sys
+
 import pytest
+from helpers import ROOT
 
 from views.search import BadFilter, Filter, Index, paged
-from views.workflows import Located
+from views.workflows import Located, NotFound, one
 
 pytestmark = pytest.mark.no_broker  # runs in `make check`
 TYPES = ["security", "unit"]
@@ -48,7 +52,10 @@ def test_the_index_looks_again_only_at_an_entry_that_changed_and_forgets_one_gon
                                          ({"state": "lost"}, "state: one of running"),
                                          ({"since": "last week"}, "since: 'last week' is not a time"),
                                          ({"entity": "x" * 201}, "entity: at most 200 characters"),
-                                         ({"colour": "red"}, "no such filter: colour")])
+                                         ({"colour": "red"}, "no such filter: colour"),
+                                         ({"since": "nan"}, "not a time in epoch seconds"),
+                                         ({"until": "inf"}, "not a time in epoch seconds"),
+                                         ({"since": "1796700450000"}, r"milliseconds\? divide by 1000")])
 def test_a_filter_asked_wrongly_says_which_part_and_what_it_takes(asked, said):
     with pytest.raises(BadFilter, match=said):
         Filter.of(asked, TYPES)
@@ -60,3 +67,12 @@ def test_pages_count_from_one_and_say_how_many_there_are():
     assert paged([], 1) == ([], {"total": 0, "page": 1, "pages": 1, "per_page": 50})
     with pytest.raises(BadFilter):
         paged(ids, 0)
+
+
+def test_a_page_that_is_none_and_an_id_too_short_are_said_in_one_line():
+    result = subprocess.run([sys.executable, "workflows.py", "list", "--page", "0"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, "workflows: --page: pages count from 1\n")
+    with pytest.raises(NotFound, match="'0e8f' is too short: give the whole id, or 8 characters or more "
+                                       r"\(1 workflow begins so\)"):
+        one({"0e8f1234-aaaa": None, "ffff0000-bbbb": None}, "0e8f")

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from common import (DEAD_LETTER, FINISHED, SETTINGS, Envelope, Settings, ensure_topics, family_of, first_steps,
                     group_for, read_all, refused, replaced, services, single_writer_topics, topics)
 from orchestrator import WORKFLOWS
+from views.workflows import Stuck, clock, stamp
 
 
 TOPICS = topics(WORKFLOWS)  # every topic of the application: what the monitor reads
@@ -223,7 +224,7 @@ class Flow:
         return state if state in ENDED or not said else said[0]
 
     def status(self, workflow: str, now: float) -> tuple[str, dict | None]:
-        """A workflow's state in the views' one vocabulary, and why it is stuck as data ({"step", "service"}) or None.
+        """A workflow's state in the views' one vocabulary, and why it is stuck as data (views.workflows.Stuck) or None.
         The orchestrator's last word on how it ended, once read, is its state; before, what the topics show: a failed
         step, every needed step done, or still running; "waiting" while no orchestrator has routed its first event,
         "dead_lettered" if that event is a dead letter. Stuck: running (or waiting) past the SLA since it began (again)."""
@@ -241,9 +242,11 @@ class Flow:
         if steps[1][1] is None and workflow in self.lettered:  # (never routed: its event went to dead_letter)
             return "dead_lettered", None
         state = "running" if steps[1][1] is not None else "waiting"
-        if now - max(steps[0][1], self.retried.get(workflow, (0.0, ""))[0]) > self.sla:  # (since it began again)
+        began = max(steps[0][1], self.retried.get(workflow, (0.0, ""))[0])  # (since it began, or began again)
+        if now - began > self.sla:
             name, service = missing[0]
-            return state, {"step": name, "service": service}
+            return state, Stuck(step=name, service=service, since=stamp(began),
+                                why=f"no '{name}' from {service} since {clock(stamp(began))}")
         return state, None
 
     def state(self, workflow: str, now: float) -> str:

@@ -72,7 +72,8 @@ def asked(kind: str, workflow_id: str, type_: str, reason: str, by: str) -> Enve
         return about(workflow_id, f"workflow_{kind}_requested", {"reason": reason, "by": by, "workflow": type_}, OPERATOR)
     except ValidationError as error:
         wrong = error.errors()[0]
-        raise BadRequest(f"{wrong['loc'][0]}: {wrong['msg']}; nothing was sent") from None
+        said = "give one (it is kept in the workflow's history)" if wrong["type"] == "string_too_short" else wrong["msg"]
+        raise BadRequest(f"{wrong['loc'][0]}: {said}; nothing was sent") from None
 
 
 def awaited(answers: KafkaConsumer, wanted: dict[str, str], wait_s: float) -> dict[str, tuple[bool, str]]:

@@ -15,6 +15,7 @@ SHOWN = (*STATES, "stuck")  # a state to filter by: the orchestrator's, or stuck
 BEFORE = ("waiting", "dead_lettered")  # a workflow no orchestrator has state of: its first event waits in Kafka, or
 # is a dead letter (the console shows them, from the topics)
 PER_PAGE = 50
+LAST = 253402300799.0  # 9999-12-31T23:59:59Z, the last moment a time filter may name
 
 
 class BadFilter(ValueError):
@@ -68,14 +69,18 @@ class Filter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def moment(name: str, said: str) -> float:
     """Epoch seconds from ISO 8601 (a time without a zone is UTC) or from epoch seconds."""
     try:
-        return float(said)
+        seconds = float(said)
     except ValueError:
-        pass
-    try:
-        at = datetime.fromisoformat(said)
-    except ValueError:
-        raise BadFilter(f"{name}: {said!r} is not a time (ISO 8601, as 2026-12-08T10:00:00Z, or epoch seconds)") from None
-    return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+        try:
+            at = datetime.fromisoformat(said)
+        except ValueError:
+            raise BadFilter(f"{name}: {said!r} is not a time (ISO 8601, as 2026-12-08T10:00:00Z, or epoch "
+                            "seconds)") from None
+        return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+    if not 0 <= seconds <= LAST:  # (nan and inf too)
+        raise BadFilter(f"{name}: {said!r} is not a time in epoch seconds" +
+                        (" (milliseconds? divide by 1000)" if LAST < seconds < LAST * 1000 else ""))
+    return seconds
 
 
 def facts_of(workflow_id: str, workflow: dict) -> Facts:

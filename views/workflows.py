@@ -69,6 +69,9 @@ class NotFound(LookupError):
 def one(found: dict, wanted: str) -> str:
     """The id of the one workflow `wanted` names (its id, or a beginning of 8 or more characters only it has)."""
     matches = [w for w in found if w == wanted or (len(wanted) >= 8 and w.startswith(wanted))]
+    if not matches and len(wanted) < 8 and (begin := sum(w.startswith(wanted) for w in found)):
+        raise NotFound(f"{wanted!r} is too short: give the whole id, or 8 characters or more ({begin} "
+                       f"{'workflow begins' if begin == 1 else 'workflows begin'} so)")
     if len(matches) != 1:
         raise NotFound(f"{len(matches) or 'no'} workflows have an id {wanted!r}"
                          f"{' or starting so' if len(wanted) >= 8 else ' (give the whole id, or 8 characters or more)'}"

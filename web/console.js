@@ -58,7 +58,7 @@ function stepsOf(row) {
     return `<small>${row.stuck ? escape(row.stuck.why) : "its event waits in Kafka until an orchestrator routes it"}</small>`;
   }
   return row.steps.map((s) => `<span class="step">${escape(s.name)} <span class="${escape(s.state)}">${escape(s.state)}${
-    s.late.length ? " · " + escape(s.late.at(-1).meaning) : ""}</span>
+    s.late.length && s.state !== "done" ? " · " + escape(s.late.at(-1).meaning) : ""}</span>
     <small>×${escape(s.attempts)} sent ${clock(s.sent_at)}${s.deadline ? " due " + clock(s.deadline) : ""}</small></span>`).join("") || "–";
 }
 
@@ -80,15 +80,18 @@ async function showWorkflows(params) {
   const filtered = [...params.keys()].some((k) => k !== "page");
   const bulkWhy = config.actions_off || (found.total ? "" : "nothing to act on");
   const types = ["", ...config.workflows].map((t) => `<option ${t === (params.get("type") || "") ? "selected" : ""}>${escape(t)}</option>`);
-  const local = (name) => params.get(name) ? new Date(params.get(name)).toISOString().slice(0, 16) : "";
+  const local = (name) => {  // (a time of the address, ISO or epoch seconds, as the viewer's clock shows it)
+    const said = params.get(name), at = /^\d+(\.\d+)?$/.test(said || "") ? new Date(Number(said) * 1000) : new Date(said);
+    return said && !isNaN(at) ? new Date(at - at.getTimezoneOffset() * 60000).toISOString().slice(0, 19) : "";
+  };
   $("#view").innerHTML = `<p class="counts">${Object.entries(totals).map(([k, v]) => `<span>${escape(k)} ${escape(v)}</span>`).join("")}</p>
     <p class="filters">${filters}</p>
     <form id="search" class="filters">
       <input name="id" placeholder="id begins" size="12" value="${escape(params.get("id") || "")}">
       <select name="type" title="workflow type">${types.join("")}</select>
       <input name="entity" placeholder="sensor, zone or unit" size="16" value="${escape(params.get("entity") || "")}">
-      <label>from <input name="since" type="datetime-local" value="${local("since")}"></label>
-      <label>to <input name="until" type="datetime-local" value="${local("until")}"></label>
+      <label>from <input name="since" type="datetime-local" step="1" value="${local("since")}"></label>
+      <label>to <input name="until" type="datetime-local" step="1" value="${local("until")}"></label>
       <button>Find</button> <a href="#/">clear</a></form>
     <p class="pages">${found.total} workflow${found.total === 1 ? "" : "s"}${found.reading ? " (still reading the topics)" : ""} ·
       page ${found.page} of ${found.pages}
@@ -102,7 +105,7 @@ async function showWorkflows(params) {
       ${escape(r.workflow_id.slice(0, 8))}</a></td><td>${escape(r.type)}</td><td>${stateOf(r)}</td><td>${clock(r.started_at)}</td>
       <td>${stepsOf(r)}</td></tr>`).join("")}</tbody></table>
     ${rows.length ? "" : "<p>No workflow" + (filtered ? " matches." : " yet.") + "</p>"}`;
-  answer("list");
+  answer("list:" + params);  // (an answer to a bulk action shows with the filter it was made with)
   $("#search").onsubmit = (event) => {
     event.preventDefault();
     const asked = Object.fromEntries(new FormData(event.target));
@@ -124,12 +127,12 @@ async function bulk(kind, params) {  // a cancel or retry of every workflow the 
     const asked = await ask(`${kind === "cancel" ? "Cancel" : "Retry"} ${counted.count} workflows?`,
       `One request each; the orchestrator answers each (one ${kind === "cancel" ? "not running" : "not failed"} is refused, with why).`);
     if (!asked) return;
-    const reply = await api("/api/bulk/" + kind, post({filter, count: counted.count, ...asked}));
+    const reply = await api("/api/bulk/" + kind, post({filter, count: counted.count, found: counted.found, ...asked}));
     const refused = reply.answers.filter((a) => !a.granted).map((a) => a.answer);
-    answer("list", `${kind}: ${reply.granted} of ${reply.count} granted` + (refused.length ? "; " + refused.slice(0, 5).join("; ") +
+    answer("list:" + params, `${kind}: ${reply.granted} of ${reply.count} granted` + (refused.length ? "; " + refused.slice(0, 5).join("; ") +
       (refused.length > 5 ? ` (and ${refused.length - 5} more)` : "") : ""), refused.length > 0);
   } catch (error) {
-    answer("list", error.message, true);
+    answer("list:" + params, error.message, true);
   } finally {
     busy = false;
   }

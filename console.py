@@ -78,8 +78,9 @@ class Login:
         except (OSError, ValueError) as error:
             raise SystemExit(f"console: cannot read the users of {path}: {error}") from None
         if not isinstance(users, dict) or not users or \
-                not all(isinstance(v, str) and v and isinstance(k, str) and k for k, v in users.items()):
-            raise SystemExit(f"console: {path} is not a JSON object of user names and their passwords")
+                not all(isinstance(v, str) and v and isinstance(k, str) and fit_name(k) for k, v in users.items()):
+            raise SystemExit(f"console: {path} is not a JSON object of user names (printable, at most 64 characters, "
+                             "no space at either end) and their passwords")
         return cls(users, token)
 
     def who(self, authorization: str | None) -> str | None:
@@ -89,14 +90,19 @@ class Login:
             name, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        if scheme.lower() != "basic" or not name.strip() or len(name) > 64:
+        if scheme.lower() != "basic" or not fit_name(name):
             return None
         known = self.users.get(name)
-        if known is not None and hmac.compare_digest(known.encode(), password.encode()):
-            return name
+        if known is not None:  # (a user of the file signs in with that user's password only)
+            return name if hmac.compare_digest(known.encode(), password.encode()) else None
         if self.token and hmac.compare_digest(self.token.encode(), password.encode()):
             return name
         return None
+
+
+def fit_name(name: str) -> bool:
+    """Whether a name may be one a request is made by: printable, at most 64 characters, no space at either end."""
+    return 0 < len(name) <= 64 and name.isprintable() and name == name.strip()
 
 
 class Guard:
@@ -123,8 +129,9 @@ class Guard:
                     (origin is not None and origin.split("://", 1)[-1] != host):
                 return await refuse(scope, receive, send, 403, "an action comes from the console's own page (JSON, "
                                                                 "same origin)")
-            if not (length.isascii() and length.isdecimal()):
-                return await refuse(scope, receive, send, 411, "an action says its length (Content-Length)")
+            if "transfer-encoding" in headers or not (length.isascii() and length.isdecimal()):
+                return await refuse(scope, receive, send, 411, "an action says its length (Content-Length), and is "
+                                                                "not sent in chunks")
             if int(length) > BODY_LIMIT:
                 return await refuse(scope, receive, send, 413, f"an action's body is at most {BODY_LIMIT} bytes")
         return await self.app(scope, receive, send)
@@ -168,7 +175,7 @@ def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette
         if kind not in ("cancel", "retry") or asked is None or not isinstance(asked.get("filter"), dict):
             return JSONResponse({"error": "POST /api/bulk/cancel or /retry with {\"filter\": {...}} (to count), then "
                                           "with \"count\" and \"reason\" (to send)"}, status_code=400)
-        by = request.scope.get("state", {}).get("login") or str(asked.get("by") or "console")
+        by = request.scope.get("state", {}).get("login") or said_by(asked)
 
         def ask() -> dict:
             wanted = Filter.of(asked["filter"], list(WORKFLOWS))
@@ -200,7 +207,7 @@ def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette
         if why := refusal(asked, "reason") or (kind not in ("cancel", "retry") and f"no such action: {kind} (cancel or retry)"):
             return JSONResponse({"error": why}, status_code=400)
 
-        by = request.scope.get("state", {}).get("login") or str(asked.get("by") or "console")  # (signed in: that name)
+        by = request.scope.get("state", {}).get("login") or said_by(asked)  # (signed in: that name)
 
         def ask() -> dict:  # (a reason over 500 characters, a name over 64: views.requests says so)
             granted, said = requests.request(kind, request.path_params["id"], str(asked["reason"]).strip(), by, 5.0,
@@ -240,7 +247,7 @@ async def answered(function, *args) -> JSONResponse:
     that cannot be sent as asked), a 403 (a right Kafka refused: said in the console's log) or a 503 (Kafka away)."""
     try:
         return JSONResponse(await run_in_threadpool(function, *args))
-    except workflows.NotFound as error:
+    except (workflows.NotFound, letters.NoSuchLetter) as error:
         return JSONResponse({"error": str(error)}, status_code=404)
     except (requests.BadRequest, search.BadFilter) as error:
         return JSONResponse({"error": str(error)}, status_code=400)
@@ -257,16 +264,24 @@ async def body(request: Request) -> dict | None:
     """A POST's JSON object, or None (not JSON, or not an object)."""
     try:
         asked = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # (not JSON; or nested deeper than the parser goes)
         return None
     return asked if isinstance(asked, dict) else None
+
+
+def said_by(asked: dict) -> str:
+    """Who a request from a console without a login says it is made by (its page's name field), or "console"."""
+    by = asked.get("by")
+    return by if isinstance(by, str) and by.strip() else "console"
 
 
 def refusal(asked: dict | None, needed: str) -> str | None:
     """What is wrong with a POST's body, or None."""
     if asked is None:
         return "the body is a JSON object"
-    if not str(asked.get(needed) or "").strip():
+    if asked.get(needed) is not None and not isinstance(asked[needed], str):
+        return f"{needed} is text"
+    if not (asked.get(needed) or "").strip():
         return f"{needed} is required"
     return None
 
@@ -306,6 +321,7 @@ def main() -> int:
     parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--sla", type=float, default=5.0, help="seconds a workflow may take before it is stuck")
     args = parser.parse_args()
+    args.host = args.host.removeprefix("[").removesuffix("]")  # ([::1] as an address is written: ::1)
     setup_logging()
     token = os.environ.get("CONSOLE_TOKEN") or None
     login = Login.from_file(args.users, token) if args.users else Login(token=token) if token else None

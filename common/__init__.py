@@ -49,7 +49,7 @@ from common.settings import (DEAD_LETTER, FAMILIES, MESSAGE_STREAM, REVOKED, SET
 from common.state import State, Store
 from common.takeover import replaced
 from common.waiting import Stopper
-from common.workarounds import discard
+from common.workarounds import discard, resumed
 from common.workflow import (ANSWERS, FINISHED, OPERATOR, REQUESTS, Step, Workflow, command_topics, first_steps,
                              group_for, orchestrator_groups, owns, problems, readers_and_writers, reports_done,
                              senders, services, single_writer_topics, stages, step_sent, topics)
@@ -64,6 +64,6 @@ __all__ = ["Effects", "Expired", "Gate", "Revocations", "Latest", "Record", "cha
            "run_orchestrator",
            "Pacer", "run_producer", "Service", "run_service", "serve", "DEAD_LETTER", "FAMILIES",
            "MESSAGE_STREAM", "REVOKED", "SETTINGS", "Settings", "family_of", "setup_logging", "topic", "written_by", "State",
-           "Store", "replaced", "Stopper", "discard", "Step", "Workflow", "command_topics", "first_steps", "group_for",
+           "Store", "replaced", "Stopper", "discard", "resumed", "Step", "Workflow", "command_topics", "first_steps", "group_for",
            "orchestrator_groups", "owns", "problems", "readers_and_writers", "reports_done", "senders", "services",
            "single_writer_topics", "stages", "step_sent", "topics", "FINISHED", "ANSWERS", "OPERATOR", "REQUESTS"]

@@ -270,3 +270,14 @@ class ClientWarningsOncePer(logging.Filter):
             record.msg = f"{record.msg} (and {self.hidden} more client warnings in the last {self.seconds:.0f} s)"
         self.last, self.hidden = record.created, 0
         return True
+
+
+def resumed(consumer, partitions: list) -> None:
+    """Resume paused partitions so that they are fetched again. kafka-python 3.0.12 parks the records of a partition
+    paused mid-batch, and puts them back on resume only when its in-line slot is None; an exhausted batch of a
+    partition still paused is falsy but not None, so a resumed partition stays parked, is never fetched again, and a
+    read to the end waits for ever (`monitor.py --once` over 30 000 workflows). The exhausted batch is let go."""
+    consumer.resume(*partitions)
+    fetcher = consumer._fetcher
+    if fetcher._next_partition_records is not None and not fetcher._next_partition_records:
+        fetcher._next_partition_records = None

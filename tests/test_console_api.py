@@ -119,6 +119,7 @@ def test_a_large_body_or_one_of_no_declared_length_is_refused_before_it_is_read(
     assert asgi(app, [(b"content-length", b"200000000")]) == 413
     assert asgi(app, []) == 411
     assert asgi(app, [(b"content-length", b"-1")]) == 411
+    assert asgi(app, [(b"content-length", b"10"), (b"transfer-encoding", b"chunked")]) == 411  # (the parser reads chunks)
 
 
 def test_errors_are_statuses_with_the_line_a_script_prints():
@@ -169,3 +170,20 @@ def test_a_bulk_action_counts_first_then_sends_one_request_per_workflow_as_the_s
     done = post({"filter": {"type": "security"}, **agreed, "reason": "fixed", "by": "mallory"}).json()
     assert (done["count"], done["granted"], [a["granted"] for a in done["answers"]]) == (2, 1, [True, False])
     assert sent == [("retry", [Watch.workflow_id, "c0ffee00-0000-4000-8000-000000000002"], "fixed", "ann")]
+
+
+def test_a_token_does_not_sign_in_as_a_user_of_the_file_and_a_name_is_printable():
+    login = console.Login({"alice": "hers"}, token="shared")
+    assert client(login).get("/api/config", headers=basic("alice", "shared")).status_code == 401
+    assert client(login).get("/api/config", headers=basic("bob", "shared")).json()["signed_in"] == "bob"
+    for name in ("bo\nb", " bob", "\x1b[31mbob", "b" * 65):
+        assert client(login).get("/api/config", headers=basic(name, "shared")).status_code == 401, name
+
+
+def test_a_body_too_deep_or_of_the_wrong_kind_is_a_bad_request_not_an_error():
+    watch_id = Watch.workflow_id
+    deep = client().post(f"/api/workflows/{watch_id}/cancel", content=b"[" * 8000 + b"]" * 8000,
+                         headers={"Content-Type": "application/json"})
+    assert (deep.status_code, deep.json()) == (400, {"error": "the body is a JSON object"})
+    listed = client().post(f"/api/workflows/{watch_id}/cancel", json={"reason": ["x"]})
+    assert (listed.status_code, listed.json()) == (400, {"error": "reason is text"})

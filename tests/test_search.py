@@ -55,7 +55,9 @@ def test_the_index_looks_again_only_at_an_entry_that_changed_and_forgets_one_gon
                                          ({"colour": "red"}, "no such filter: colour"),
                                          ({"since": "nan"}, "not a time in epoch seconds"),
                                          ({"until": "inf"}, "not a time in epoch seconds"),
-                                         ({"since": "1796700450000"}, r"milliseconds\? divide by 1000")])
+                                         ({"since": "1796700450000"}, r"milliseconds\? divide by 1000"),
+                                         ({"since": "2000", "until": "1000"}, "since: after until"),
+                                         ({"id": ["a"]}, "id: a text or a number")])
 def test_a_filter_asked_wrongly_says_which_part_and_what_it_takes(asked, said):
     with pytest.raises(BadFilter, match=said):
         Filter.of(asked, TYPES)

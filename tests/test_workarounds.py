@@ -233,3 +233,24 @@ def test_a_commit_window_gathers_polls_in_order_and_keeps_only_what_is_still_rea
     # And without a window, one poll is one batch
     assert Poller(Consumer([({p1: records(p1, 1)}, False)]), "t", Running(), Settings()).gathered(
         100, window_s=0)[p1][0].offset == 1
+
+
+def test_a_resumed_partition_is_not_left_parked_behind_an_exhausted_batch(kafka):
+    # (kafka-python 3.0.12 restores a resumed partition's parked records only when its in-line slot is None; an
+    # exhausted batch there is falsy, not None: over 30 000 workflows `monitor.py --once` then waited for ever)
+    from kafka import KafkaConsumer
+    from kafka.structs import TopicPartition
+
+    from common import resumed
+    consumer = KafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False)
+    try:
+        fetcher, parked = consumer._fetcher, TopicPartition("t", 0)
+        exhausted = type("Exhausted", (), {"__bool__": lambda self: False, "topic_partition": TopicPartition("u", 0)})()
+        fetcher._next_partition_records = exhausted
+        resumed(consumer, [])
+        assert fetcher._next_partition_records is None  # (so that the parked partition is put back on the next poll)
+        fetcher._paused_partition_records[parked] = "its records"
+        assert parked not in fetcher._fetchable_partitions()  # (parked: never fetched until it is put back)
+    finally:
+        fetcher._paused_partition_records.clear()
+        consumer.close()

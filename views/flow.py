@@ -16,8 +16,8 @@ from kafka.errors import AuthorizationError, KafkaError
 from kafka.structs import TopicPartition
 from pydantic import ValidationError
 
-from common import (DEAD_LETTER, FINISHED, SETTINGS, Envelope, Settings, ensure_topics, family_of, first_steps,
-                    group_for, read_all, refused, replaced, services, single_writer_topics, topics)
+from common import (DEAD_LETTER, FINISHED, SETTINGS, Envelope, Settings, ensure_topics, family_of, first_steps, group_for,
+                    read_all, refused, replaced, resumed, services, single_writer_topics, topics)
 from orchestrator import WORKFLOWS
 from views.workflows import Stuck, clock, stamp
 
@@ -377,7 +377,7 @@ class Tail:
                 return False
             self.in_step(behind)
             self.poll()
-        self.consumer.resume(*self.consumer.assignment())
+        resumed(self.consumer, list(self.consumer.assignment()))
         return True
 
     def in_step(self, behind: dict) -> None:
@@ -386,7 +386,7 @@ class Tail:
         slowest = min(behind.values())
         ahead = [p for p, at in behind.items() if at > slowest + 200]
         self.consumer.pause(*ahead)
-        self.consumer.resume(*[p for p in behind if p not in ahead])
+        resumed(self.consumer, [p for p in behind if p not in ahead])
 
     def wait(self, condition, timeout: float) -> bool:
         """Keep reading until condition() holds or timeout seconds pass."""

@@ -182,8 +182,15 @@ def rows(settings: Settings) -> list[dict]:
             for which, letter, made in sorted(found, key=lambda row: row[2], reverse=True)]
 
 
+class NoSuchLetter(LookupError):
+    """A letter asked for that the dead letters do not hold (the text says which)."""
+
+
 def replay_one(which: str, settings: Settings) -> int:
-    """Replay one letter's original (the console's Replay button): how many were sent (0 or 1)."""
+    """Replay one letter's original (the console's Replay button): how many were sent (0: it cannot be, as logged);
+    NoSuchLetter if there is no such letter."""
     found, _ = load(read_all(DEAD_LETTER, settings=settings))
-    todo = originals(chosen(found, None, None, [which]))
+    if not (picked := chosen(found, None, None, [which])):
+        raise NoSuchLetter(f"no dead letter {which} (a letter is SERVICE:PARTITION:OFFSET, as listed)")
+    todo = originals(picked)
     return replay(todo) if todo else 0

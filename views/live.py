@@ -98,7 +98,7 @@ class Watch:
         ids, pages = search.paged([w for _, w in sorted(routed + unrouted, reverse=True)], page, per_page)
         rows = [workflows.summary(found[w].workflow, self.sla, now) if w in found else waiting_row(w, before[w])
                 for w in ids]
-        return pages | {"rows": rows, "reading": self.unread > 0}
+        return pages | {"rows": rows, "reading": self.unread > 0, "actionable": len(routed)}  # (a request needs state)
 
     def before(self, workflow_id: str, kind: str, now: float) -> dict:
         """What the topics say of a workflow no orchestrator has state of (under the lock)."""
@@ -108,7 +108,7 @@ class Watch:
             stuck = None  # (still reading: it may have been routed; or routed, and its state not read yet)
         elif stuck is not None:
             stuck |= {"since": workflows.stamp(started), "why": "no orchestrator has routed it (its event waits in Kafka)"}
-        return {"state": state if state in ("waiting", "dead_lettered") else "waiting", "type": kind, "started": started,
+        return {"state": state, "type": kind, "started": started,  # (an ended one: its state entry expired)
                 "stuck": stuck}
 
     def many(self, wanted: Filter) -> list[str]:

@@ -47,6 +47,8 @@ class Filter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         unknown = set(asked) - set(cls.__struct_fields__)
         if unknown:
             raise BadFilter(f"no such filter: {', '.join(sorted(unknown))} (id, type, state, entity, since, until)")
+        if wrong := [name for name, value in asked.items() if not isinstance(value, str | int | float | None)]:
+            raise BadFilter(f"{wrong[0]}: a text or a number")
         given = {name: str(value).strip() for name, value in asked.items() if value not in (None, "")}
         if given.get("type") not in (None, *types):
             raise BadFilter(f"type: one of {', '.join(types)}")
@@ -55,6 +57,8 @@ class Filter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if long := [name for name, value in given.items() if len(value) > 200]:
             raise BadFilter(f"{long[0]}: at most 200 characters")
         times = {name: moment(name, given[name]) for name in ("since", "until") if name in given}
+        if times.get("since", 0) > times.get("until", LAST):
+            raise BadFilter("since: after until (nothing starts between them)")
         return cls(**{**given, **times})
 
     def holds(self, facts: Facts, stuck: bool) -> bool:

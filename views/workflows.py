@@ -175,13 +175,13 @@ class Following:
         that stalls ends in one line (common.read_from)."""
         wanted = [TopicPartition(t, p) for t in sorted(set(self.consumer.topics()) & set(self.groups))
                   for p in self.consumer.partitions_for_topic(t) or ()]
-        end = self.consumer.end_offsets(wanted)
+        end = self.consumer.end_offsets(wanted, timeout_ms=5000)
         if set(wanted) != set(self.next) or any((self.next[tp] or 0) > end[tp] for tp in wanted):
             for group in self.latest.kept:  # (a state topic made, or deleted and made again: all read anew)
                 self.latest.kept[group] = {}
             self.next = dict.fromkeys(wanted)
         read: dict[str, list] = {}
-        for record in read_from(self.consumer, self.next, "the orchestrators' state"):
+        for record in read_from(self.consumer, self.next, "the orchestrators' state", timeout=5):
             read.setdefault(record.topic, []).append(record)
         for topic, records in read.items():
             self.latest.add(self.groups[topic], records)

@@ -78,7 +78,7 @@ async function showWorkflows(params) {
   const filters = STATES.map((s) => `<a href="${listed(params, {state: s})}" class="${s === state ? "on" : ""}">${
     s ? s.replace("_", "-") : "all"}</a>`).join("");
   const filtered = [...params.keys()].some((k) => k !== "page");
-  const bulkWhy = config.actions_off || (found.total ? "" : "nothing to act on");
+  const bulkWhy = config.actions_off || (found.actionable ? "" : "nothing the orchestrator holds to act on");
   const types = ["", ...config.workflows].map((t) => `<option ${t === (params.get("type") || "") ? "selected" : ""}>${escape(t)}</option>`);
   const local = (name) => {  // (a time of the address, ISO or epoch seconds, as the viewer's clock shows it)
     const said = params.get(name), at = /^\d+(\.\d+)?$/.test(said || "") ? new Date(Number(said) * 1000) : new Date(said);
@@ -97,8 +97,8 @@ async function showWorkflows(params) {
       page ${found.page} of ${found.pages}
       ${found.page > 1 ? `<a href="${listed(params, {page: found.page - 1})}">newer</a>` : ""}
       ${found.page < found.pages ? `<a href="${listed(params, {page: found.page + 1})}">older</a>` : ""}
-      ${filtered ? `<button id="bulk-cancel" ${bulkWhy ? "disabled" : ""} title="${escape(bulkWhy)}">Cancel all ${found.total}…</button>
-        <button id="bulk-retry" ${bulkWhy ? "disabled" : ""} title="${escape(bulkWhy)}">Retry all ${found.total}…</button>` : ""}</p>
+      ${filtered ? `<button id="bulk-cancel" ${bulkWhy ? "disabled" : ""} title="${escape(bulkWhy)}">Cancel all ${found.actionable}…</button>
+        <button id="bulk-retry" ${bulkWhy ? "disabled" : ""} title="${escape(bulkWhy)}">Retry all ${found.actionable}…</button>` : ""}</p>
     <p id="answer" class="answer" hidden></p>
     <table id="workflows"><thead><tr><th>workflow</th><th>type</th><th>state</th><th>started</th><th>steps</th></tr></thead>
     <tbody>${rows.map((r) => `<tr data-id="${escape(r.workflow_id)}"><td class="id"><a href="#/workflow/${escape(r.workflow_id)}">
@@ -122,7 +122,7 @@ async function bulk(kind, params) {  // a cancel or retry of every workflow the 
   busy = true;
   const post = (body) => ({method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
   try {
-    const filter = Object.fromEntries([...params].filter(([name]) => name !== "page"));
+    const filter = Object.fromEntries([...params].filter(([name]) => !["page", "per_page"].includes(name)));
     const counted = await api("/api/bulk/" + kind, post({filter}));
     const asked = await ask(`${kind === "cancel" ? "Cancel" : "Retry"} ${counted.count} workflows?`,
       `One request each; the orchestrator answers each (one ${kind === "cancel" ? "not running" : "not failed"} is refused, with why).`);

@@ -181,7 +181,7 @@ def app(watch: Watch, hosts: list[str], login: Login | None = None) -> Starlette
             wanted = Filter.of(asked["filter"], list(WORKFLOWS))
             if wanted == Filter():
                 raise search.BadFilter("a bulk action needs a filter (every workflow is not one)")
-            ids = watch.many(wanted)
+            _, ids, _ = watch.many(wanted)
             found = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]  # (which ones, not only how many)
             if "count" not in asked:
                 return {"count": len(ids), "first": ids[:5], "found": found}

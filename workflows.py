@@ -30,7 +30,7 @@ from common import SETTINGS, Stopper, setup_logging, wait_for_kafka
 from orchestrator import WORKFLOWS
 from views.requests import BadRequest, request, requests
 from views.search import SHOWN, BadFilter, Filter, Index, paged
-from views.workflows import NotFound, clock, located, stamp, stuck_of, summary
+from views.workflows import NotFound, clock, located, stamp, stuck_among, stuck_of, summary
 
 log = logging.getLogger("workflows")
 
@@ -114,7 +114,7 @@ def main() -> int:
             return show({id_: f.workflow for id_, f in found.items()}, args.workflow_id, args.json)
         index = Index()
         index.update(found)
-        ids = index.find(wanted, lambda w: stuck_of(found[w].workflow, args.sla, time.time()) is not None)
+        ids = index.find(wanted, stuck_among(found, args.sla, time.time()))
         if args.command == "list":
             return listed(found, ids, args)
         return acted_on_many(args, found, ids)

@@ -37,7 +37,8 @@ class Watch:
         return {"rows": rows[(page - 1) * per_page: page * per_page], "total": len(rows)}
 
     def many(self, wanted):
-        return [self.workflow_id, "c0ffee00-0000-4000-8000-000000000002"] if wanted.type == "security" else []
+        return self.found, [self.workflow_id, "c0ffee00-0000-4000-8000-000000000002"] if wanted.type == "security" \
+            else [], 0.0
 
     def snapshot(self):
         return {"read": 0}

@@ -245,8 +245,9 @@ class Flow:
         began = max(steps[0][1], self.retried.get(workflow, (0.0, ""))[0])  # (since it began, or began again)
         if now - began > self.sla:
             name, service = missing[0]
-            return state, Stuck(step=name, service=service, since=stamp(began),
-                                why=f"no '{name}' from {service} since {clock(stamp(began))}")
+            why = f"no '{name}' from {service} since {clock(stamp(began))}" + \
+                (" (its event waits in Kafka until an orchestrator routes it)" if state == "waiting" else "")
+            return state, Stuck(step=name, service=service, since=stamp(began), why=why)
         return state, None
 
     def state(self, workflow: str, now: float) -> str:

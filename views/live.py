@@ -85,11 +85,8 @@ class Watch:
         state says; one whose first event the topics show but no orchestrator has routed is "waiting" (or
         "dead_lettered": its event is a dead letter). While the topics are still being read to their end, a waiting
         one is not called stuck."""
-        found, now = self.located(), time.time()
-        with self.state_lock:
-            self.index.update(found)
-            routed = [(self.index.facts[w][1].started_at, w) for w in
-                      self.index.find(wanted, lambda w: workflows.stuck_of(found[w].workflow, self.sla, now) is not None)]
+        found, ids, now = self.many(wanted)
+        routed = [(found[w].workflow["started_at"], w) for w in ids]
         with self.lock:
             before = {w: self.before(w, kind, now) for w, kind in self.flow.kind.items() if w not in found}
         unrouted = [(row["started"], w) for w, row in before.items()
@@ -106,17 +103,16 @@ class Watch:
         started = self.flow.times[workflow_id].get(WORKFLOWS[kind].starts_with, now)
         if stuck is not None and (self.unread > 0 or state != "waiting"):
             stuck = None  # (still reading: it may have been routed; or routed, and its state not read yet)
-        elif stuck is not None:
-            stuck |= {"since": workflows.stamp(started), "why": "no orchestrator has routed it (its event waits in Kafka)"}
         return {"state": state, "type": kind, "started": started,  # (an ended one: its state entry expired)
                 "stuck": stuck}
 
-    def many(self, wanted: Filter) -> list[str]:
-        """Every workflow the filter finds that the orchestrator has state of (a request can be made about it)."""
+    def many(self, wanted: Filter) -> tuple[dict[str, workflows.Located], list[str], float]:
+        """The orchestrators' state now, the ids in it the filter finds (newest first: a request can be made about
+        each), and when that was."""
         found, now = self.located(), time.time()
         with self.state_lock:
             self.index.update(found)
-            return self.index.find(wanted, lambda w: workflows.stuck_of(found[w].workflow, self.sla, now) is not None)
+            return found, self.index.find(wanted, workflows.stuck_among(found, self.sla, now)), now
 
     def shown(self, wanted: str) -> dict:
         """workflows.py show --json's object, with its state entry, its messages in Kafka's order and its trace."""

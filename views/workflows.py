@@ -135,6 +135,11 @@ def stuck_of(workflow: dict, sla: float, now: float) -> Stuck | None:
     return None
 
 
+def stuck_among(found: dict[str, Located], sla: float, now: float):
+    """A test of whether the workflow of an id is stuck now (what views.search.Index.find asks of a running one)."""
+    return lambda workflow_id: stuck_of(found[workflow_id].workflow, sla, now) is not None
+
+
 def meaning(type_: str, step) -> str:
     """What an answer that came late says of its step's action."""
     if type_ == "command_expired":
